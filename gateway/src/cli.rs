@@ -1,0 +1,285 @@
+//! The `switchboard` command line: `dev`, `serve`, `check`, `pub`, `sub`.
+//!
+//! This is the only place that prints to the terminal.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::{self, SubEvent};
+use crate::config::Config;
+use crate::server::Gateway;
+
+/// Default gateway URL for `pub` and `sub` (the local dev gateway).
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
+/// Switchboard: a multi-protocol real-time edge gateway.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Listener address overrides shared by `dev` (and later `serve`).
+#[derive(Debug, Clone, clap::Args, Default)]
+pub struct ListenArgs {
+    /// HTTP listener (WebSocket, REST, demo page), IP:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    pub http: Option<String>,
+    /// HTTPS listener, IP:PORT (not served by this version).
+    #[arg(long, value_name = "IP:PORT")]
+    pub https: Option<String>,
+    /// MQTT listener, IP:PORT (not served by this version).
+    #[arg(long, value_name = "IP:PORT")]
+    pub mqtt: Option<String>,
+    /// MQTTS listener, IP:PORT (not served by this version).
+    #[arg(long, value_name = "IP:PORT")]
+    pub mqtts: Option<String>,
+    /// QUIC / WebTransport listener, IP:PORT (not served by this version).
+    #[arg(long, value_name = "IP:PORT")]
+    pub quic: Option<String>,
+    /// Admin listener (metrics, health, admin API), IP:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin: Option<String>,
+}
+
+/// Protocols `sub` can use.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Via {
+    /// WebSocket (JSON subprotocol).
+    Ws,
+    /// Server-Sent Events (not in this version).
+    Sse,
+    /// Long polling (not in this version).
+    Poll,
+    /// MQTT (not in this version).
+    Mqtt,
+    /// WebTransport (not in this version).
+    Wt,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything on loopback with embedded defaults and open auth.
+    Dev {
+        /// Listener overrides.
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Run with a configuration file.
+    Serve {
+        /// TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    Check {
+        /// TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Publish one message.
+    Pub {
+        /// Channel name.
+        channel: String,
+        /// Payload (use @FILE to read a file, - for stdin).
+        data: String,
+        /// Gateway URL: http://HOST:PORT publishes over REST, ws://HOST:PORT over WebSocket.
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+        /// Idempotency key.
+        #[arg(long)]
+        id: Option<String>,
+        /// REST API key (X-Api-Key).
+        #[arg(long, env = "SWITCHBOARD_API_KEY")]
+        api_key: Option<String>,
+    },
+    /// Subscribe and print messages, one per line.
+    Sub {
+        /// Channel name or MQTT filter.
+        filter: String,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = Via::Ws)]
+        via: Via,
+        /// Gateway URL (ws://HOST:PORT or http://HOST:PORT for WebSocket).
+        #[arg(long, default_value = DEFAULT_URL)]
+        url: String,
+        /// Replay the last N messages first.
+        #[arg(long)]
+        rewind: Option<u32>,
+        /// Exit after N messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print each message as its JSON frame.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn ws_base(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        url.to_string()
+    }
+}
+
+fn read_data(data: &str) -> anyhow::Result<Bytes> {
+    if data == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        return Ok(buf.into());
+    }
+    if let Some(path) = data.strip_prefix('@') {
+        return Ok(std::fs::read(path)?.into());
+    }
+    Ok(Bytes::copy_from_slice(data.as_bytes()))
+}
+
+fn apply_listen(cfg: &mut Config, l: &ListenArgs) {
+    let set = |slot: &mut String, v: &Option<String>| {
+        if let Some(v) = v {
+            *slot = v.clone();
+        }
+    };
+    set(&mut cfg.listen.http, &l.http);
+    set(&mut cfg.listen.admin, &l.admin);
+}
+
+fn banner(gw: &Gateway, l: &ListenArgs) {
+    println!("switchboard {} — dev mode (open auth, loopback only)", env!("CARGO_PKG_VERSION"));
+    if let Some(a) = gw.http_addr {
+        println!("  WebSocket   ws://{a}/v1/ws   (subprotocols switchboard.v1.json, switchboard.v1.proto)");
+        println!("  REST        http://{a}/v1/channels/{{channel}}/messages | history | presence");
+        println!("  WS echo     ws://{a}/v1/ws-echo   (RFC 6455 conformance)");
+        println!("  demo page   http://{a}/");
+    }
+    if let Some(a) = gw.admin_addr {
+        println!("  admin       http://{a}/metrics  /healthz  /readyz  /v1/sessions  /v1/stats");
+    }
+    for (name, v) in [("HTTPS", &l.https), ("MQTT", &l.mqtt), ("MQTTS", &l.mqtts), ("QUIC/WebTransport", &l.quic)] {
+        let addr = v.as_deref().unwrap_or("default");
+        println!("  {name:<11} {addr}: not served by this version");
+    }
+    println!("Try:  switchboard sub demo    and    switchboard pub demo hello");
+}
+
+async fn run_gateway(cfg: Config, dev: Option<&ListenArgs>) -> anyhow::Result<()> {
+    let gw = Gateway::start(cfg).await?;
+    match dev {
+        Some(l) => banner(&gw, l),
+        None => tracing::info!(http = ?gw.http_addr, admin = ?gw.admin_addr, "switchboard serving"),
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    gw.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn print_envelope(env: &switchboard_proto::Envelope, json: bool) {
+    if json {
+        println!("{}", switchboard_proto::json::encode_message_frame(env));
+        return;
+    }
+    let payload = match std::str::from_utf8(&env.payload) {
+        Ok(t) => t.to_string(),
+        Err(_) => format!("base64:{}", switchboard_proto::payload::encode_b64(&env.payload)),
+    };
+    println!("{} {}:{} {}", env.channel, env.epoch, env.serial, payload);
+}
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev { listen } => {
+            let mut cfg = Config::dev_defaults()?;
+            apply_listen(&mut cfg, &listen);
+            for (name, addr) in [("http", &cfg.listen.http), ("admin", &cfg.listen.admin)] {
+                let ip: std::net::SocketAddr = addr.parse().map_err(|_| anyhow::anyhow!("--{name} {addr:?} is not IP:PORT"))?;
+                if !ip.ip().is_loopback() {
+                    anyhow::bail!("dev mode binds loopback only; --{name} {addr} is not a loopback address (use `serve`)");
+                }
+            }
+            cfg.validate()?;
+            run_gateway(cfg, Some(&listen)).await
+        }
+        Command::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            run_gateway(cfg, None).await
+        }
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            println!(
+                "{}: ok (http {}, admin {}, {} channel rules)",
+                config.display(),
+                if cfg.listen.http.is_empty() { "off" } else { &cfg.listen.http },
+                if cfg.listen.admin.is_empty() { "off" } else { &cfg.listen.admin },
+                cfg.channels.rules.len()
+            );
+            Ok(())
+        }
+        Command::Pub { channel, data, url, id, api_key } => {
+            let payload = read_data(&data)?;
+            if url.starts_with("ws://") || url.starts_with("wss://") {
+                let ack = client::publish_ws(&url, &channel, payload, id.as_deref()).await?;
+                println!("{} {}:{}{}", ack.channel, ack.epoch, ack.serial, if ack.duplicate { " (duplicate)" } else { "" });
+            } else if url.starts_with("http://") || url.starts_with("https://") {
+                let ack = client::publish_rest(&url, &channel, payload, id.as_deref(), api_key.as_deref()).await?;
+                let dup = ack["duplicate"].as_bool().unwrap_or(false);
+                println!("{} {}:{}{}", ack["channel"].as_str().unwrap_or(""), ack["epoch"].as_str().unwrap_or(""), ack["serial"], if dup { " (duplicate)" } else { "" });
+            } else {
+                anyhow::bail!("--url must start with http://, https://, ws:// or wss://");
+            }
+            Ok(())
+        }
+        Command::Sub { filter, via, url, rewind, count, json } => {
+            if via != Via::Ws {
+                anyhow::bail!("--via {via:?} is not available in this version; use --via ws");
+            }
+            let base = ws_base(&url);
+            let mut seen = 0u64;
+            client::subscribe_ws(&base, &filter, rewind, |ev| match ev {
+                SubEvent::Message(env) => {
+                    print_envelope(&env, json);
+                    seen += 1;
+                    count.is_none_or(|c| seen < c)
+                }
+                SubEvent::Gap(g) => {
+                    eprintln!("gap on {}: history no longer holds what was missed ({})", g.channel, g.reason);
+                    true
+                }
+                SubEvent::Subscribed(s) => {
+                    eprintln!("subscribed to {}", s.filter);
+                    true
+                }
+                SubEvent::Reconnecting(why) => {
+                    eprintln!("reconnecting: {why}");
+                    true
+                }
+            })
+            .await?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Clients of a Switchboard gateway, used by `switchboard pub` and
+//! `switchboard sub`: REST publish, WebSocket publish, and a WebSocket
+//! subscriber that reconnects and recovers from its last positions.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use switchboard_proto::{self as proto, client_frame, server_frame};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// HTTP transport failure.
+    #[error("HTTP: {0}")]
+    Http(#[from] reqwest::Error),
+    /// WebSocket transport failure.
+    #[error("WebSocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The gateway answered with an error.
+    #[error("gateway error {code}: {message}")]
+    Gateway {
+        /// Error code name.
+        code: String,
+        /// Detail.
+        message: String,
+    },
+    /// The gateway closed the connection.
+    #[error("connection closed{0}")]
+    Closed(String),
+    /// Something unexpected came back.
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+    /// A bad URL or argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Publishes over REST; returns the JSON acknowledgement.
+pub async fn publish_rest(
+    base: &str,
+    channel: &str,
+    payload: Bytes,
+    id: Option<&str>,
+    api_key: Option<&str>,
+) -> Result<serde_json::Value, ClientError> {
+    let encoded: String = channel
+        .split('/')
+        .map(|l| percent_encoding::utf8_percent_encode(l, percent_encoding::NON_ALPHANUMERIC).to_string())
+        .collect::<Vec<_>>()
+        .join("/");
+    let url = format!("{}/v1/channels/{encoded}/messages", base.trim_end_matches('/'));
+    let mut req = reqwest::Client::new().post(url).header("content-type", "application/octet-stream").body(payload);
+    if let Some(id) = id {
+        req = req.header("idempotency-key", id);
+    }
+    if let Some(k) = api_key {
+        req = req.header("x-api-key", k);
+    }
+    let resp = req.send().await?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await?;
+    if !status.is_success() {
+        let code = body["error"]["code"].as_str().unwrap_or("unknown").to_string();
+        let message = body["error"]["message"].as_str().unwrap_or_default().to_string();
+        return Err(ClientError::Gateway { code, message });
+    }
+    Ok(body)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(base: &str, client_id: &str) -> Result<Ws, ClientError> {
+    let url = format!("{}/v1/ws", base.trim_end_matches('/'));
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert("sec-websocket-protocol", http::HeaderValue::from_static("switchboard.v1.json"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+    let connect = proto::ClientFrame {
+        req: 1,
+        frame: Some(client_frame::Frame::Connect(proto::Connect { token: String::new(), client_id: client_id.into() })),
+    };
+    send(&mut ws, &connect).await?;
+    match recv(&mut ws).await?.frame {
+        Some(server_frame::Frame::Connected(_)) => Ok(ws),
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+fn client_frame_json(f: &proto::ClientFrame) -> String {
+    use serde_json::json;
+    let Some(frame) = &f.frame else { return "{}".into() };
+    let mut v = match frame {
+        client_frame::Frame::Connect(c) => json!({"type": "connect", "client_id": c.client_id, "token": c.token}),
+        client_frame::Frame::Subscribe(s) => {
+            let positions: BTreeMap<_, _> =
+                s.positions.iter().map(|(k, p)| (k.clone(), json!({"epoch": p.epoch, "serial": p.serial}))).collect();
+            let mut v = json!({"type": "subscribe", "filter": s.filter, "positions": positions, "presence": s.presence, "retained": s.retained});
+            if let Some(r) = &s.rewind {
+                v["rewind"] = json!({"count": r.count, "duration_ms": r.duration_ms});
+            }
+            v
+        }
+        client_frame::Frame::Publish(p) => {
+            // Serialised through a struct so a JSON payload stays verbatim.
+            #[derive(serde::Serialize)]
+            struct PublishJson<'a> {
+                #[serde(rename = "type")]
+                ty: &'static str,
+                req: u64,
+                channel: &'a str,
+                #[serde(skip_serializing_if = "str::is_empty")]
+                id: &'a str,
+                #[serde(flatten)]
+                payload: proto::json::JsonPayload<'a>,
+            }
+            let body = PublishJson { ty: "publish", req: f.req, channel: &p.channel, id: &p.id, payload: proto::json::JsonPayload::new(&p.payload) };
+            return serde_json::to_string(&body).unwrap_or_default();
+        }
+        other => return format!("{{\"type\":\"unsupported\",\"debug\":{:?}}}", format!("{other:?}")),
+    };
+    v["req"] = f.req.into();
+    v.to_string()
+}
+
+async fn send(ws: &mut Ws, f: &proto::ClientFrame) -> Result<(), ClientError> {
+    ws.send(Message::text(client_frame_json(f))).await?;
+    Ok(())
+}
+
+async fn recv(ws: &mut Ws) -> Result<proto::ServerFrame, ClientError> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return proto::json::decode_server_frame(t.as_str()).map_err(|e| ClientError::Unexpected(e.to_string()));
+            }
+            Some(Ok(Message::Close(c))) => {
+                return Err(ClientError::Closed(c.map(|c| format!(": {} {}", u16::from(c.code), c.reason)).unwrap_or_default()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ClientError::Closed(String::new())),
+        }
+    }
+}
+
+/// Publishes over WebSocket; returns the ack.
+pub async fn publish_ws(base: &str, channel: &str, payload: Bytes, id: Option<&str>) -> Result<proto::PublishAck, ClientError> {
+    let mut ws = ws_connect(base, "").await?;
+    let f = proto::ClientFrame {
+        req: 2,
+        frame: Some(client_frame::Frame::Publish(proto::Publish {
+            channel: channel.into(),
+            payload,
+            id: id.unwrap_or_default().into(),
+            ..Default::default()
+        })),
+    };
+    send(&mut ws, &f).await?;
+    let reply = recv(&mut ws).await?;
+    let _ = ws.close(None).await;
+    match reply.frame {
+        Some(server_frame::Frame::PublishAck(a)) => Ok(a),
+        Some(server_frame::Frame::Error(e)) => Err(ClientError::Gateway { code: e.code().slug().into(), message: e.message }),
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// What `sub` does with each event.
+#[derive(Debug, Clone)]
+pub enum SubEvent {
+    /// A message or presence event.
+    Message(proto::Envelope),
+    /// A recovery gap.
+    Gap(proto::Gap),
+    /// Connected (or reconnected) and subscribed.
+    Subscribed(proto::Subscribed),
+    /// The connection dropped; reconnecting.
+    Reconnecting(String),
+}
+
+/// Subscribes over WebSocket until `on_event` returns false. On a dropped
+/// connection it reconnects (with backoff) and resubscribes from the last
+/// position of every channel seen, so nothing is lost or repeated while
+/// history holds the gap.
+pub async fn subscribe_ws(
+    base: &str,
+    filter: &str,
+    rewind: Option<u32>,
+    mut on_event: impl FnMut(SubEvent) -> bool,
+) -> Result<(), ClientError> {
+    let mut positions: BTreeMap<String, proto::Position> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let attempt = async {
+            let mut ws = ws_connect(base, "").await?;
+            let sub = proto::Subscribe {
+                filter: filter.into(),
+                positions: positions.clone(),
+                rewind: if first { rewind.map(|count| proto::Rewind { count, duration_ms: 0 }) } else { None },
+                ..Default::default()
+            };
+            send(&mut ws, &proto::ClientFrame { req: 2, frame: Some(client_frame::Frame::Subscribe(sub)) }).await?;
+            Ok::<_, ClientError>(ws)
+        };
+        let mut ws = match attempt.await {
+            Ok(ws) => ws,
+            Err(ClientError::Gateway { code, message }) => return Err(ClientError::Gateway { code, message }),
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                if !on_event(SubEvent::Reconnecting(e.to_string())) {
+                    return Ok(());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        first = false;
+        backoff = Duration::from_millis(100);
+        let err = loop {
+            let frame = match recv(&mut ws).await {
+                Ok(f) => f,
+                Err(e) => break e,
+            };
+            let keep_going = match frame.frame {
+                Some(server_frame::Frame::Message(env)) => {
+                    positions.insert(env.channel.clone(), proto::Position { epoch: env.epoch.clone(), serial: env.serial });
+                    on_event(SubEvent::Message(env))
+                }
+                Some(server_frame::Frame::Gap(g)) => {
+                    if let Some(to) = &g.to {
+                        positions.insert(g.channel.clone(), to.clone());
+                    }
+                    on_event(SubEvent::Gap(g))
+                }
+                Some(server_frame::Frame::Subscribed(s)) => {
+                    for c in &s.channels {
+                        positions.entry(c.channel.clone()).or_insert(proto::Position { epoch: c.epoch.clone(), serial: c.serial });
+                    }
+                    on_event(SubEvent::Subscribed(s))
+                }
+                Some(server_frame::Frame::Error(e)) => {
+                    return Err(ClientError::Gateway { code: e.code().slug().into(), message: e.message });
+                }
+                _ => true,
+            };
+            if !keep_going {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+        };
+        if !on_event(SubEvent::Reconnecting(err.to_string())) {
+            return Ok(());
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}

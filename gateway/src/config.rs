@@ -1,0 +1,504 @@
+//! Configuration: one serde tree read from TOML, overridden by
+//! `SWITCHBOARD_*` environment variables, validated once at start.
+//!
+//! An override names a key path with `__` between levels:
+//! `SWITCHBOARD_LIMITS__MAX_MESSAGE_SIZE=131072` sets `[limits]
+//! max_message_size`. The value is read as a TOML value when it parses as
+//! one (numbers, booleans, arrays) and as a string otherwise.
+//! `deploy/switchboard.example.toml` documents every key and default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use switchboard_protocols::port::SlowPolicy;
+
+use crate::engine::{ChannelPolicy, ChannelRule, EngineConfig};
+use crate::router::RouterLimits;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a key has the wrong type or is unknown.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| t.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {text:?} (use e.g. 500ms, 10s, 2m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name stamped on envelopes and connection ids.
+    pub name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { name: "node-1".into() }
+    }
+}
+
+/// `[listen]`: listener addresses; an empty string disables a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// HTTP: WebSocket, REST, demo page.
+    pub http: String,
+    /// Admin: metrics, health, admin API.
+    pub admin: String,
+    /// HTTPS (TLS; not served by this version — reserved).
+    pub https: String,
+    /// MQTT (reserved).
+    pub mqtt: String,
+    /// MQTTS (reserved).
+    pub mqtts: String,
+    /// QUIC / WebTransport (reserved).
+    pub quic: String,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            http: "127.0.0.1:8080".into(),
+            admin: "127.0.0.1:9090".into(),
+            https: String::new(),
+            mqtt: String::new(),
+            mqtts: String::new(),
+            quic: String::new(),
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest publish payload in bytes.
+    pub max_message_size: usize,
+    /// Largest WebSocket frame/message in bytes.
+    pub max_frame_size: usize,
+    /// Subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Bytes a session's outbound queue may hold.
+    pub outbox_bytes: usize,
+    /// Largest REST request body in bytes.
+    pub max_body_size: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: 64 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_subscriptions: 256,
+            outbox_bytes: 1024 * 1024,
+            max_body_size: 1024 * 1024,
+        }
+    }
+}
+
+/// `[websocket]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Time allowed for the connect frame.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// A flush slower than this drops the connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
+    /// Ping an idle connection this often.
+    #[serde(deserialize_with = "de_duration")]
+    pub ping_interval: Duration,
+    /// Read buffer per connection in bytes.
+    pub read_buffer: usize,
+    /// Write buffer per connection in bytes.
+    pub write_buffer: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            read_buffer: 4096,
+            write_buffer: 64 * 1024,
+        }
+    }
+}
+
+/// Slow-consumer policy names in config.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumer {
+    /// Close with code 4000.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued messages.
+    DropOldest,
+    /// Keep only the latest message per channel.
+    Conflate,
+}
+
+impl From<SlowConsumer> for SlowPolicy {
+    fn from(s: SlowConsumer) -> Self {
+        match s {
+            SlowConsumer::Disconnect => SlowPolicy::Disconnect,
+            SlowConsumer::DropOldest => SlowPolicy::DropOldest,
+            SlowConsumer::Conflate => SlowPolicy::Conflate,
+        }
+    }
+}
+
+/// `[channels]` defaults and `[[channels.rules]]` per pattern.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// Messages kept per channel.
+    pub history_size: usize,
+    /// Oldest message age kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub history_ttl: Duration,
+    /// Default slow-consumer policy.
+    pub slow_consumer: SlowConsumer,
+    /// How long a publish id is remembered.
+    #[serde(deserialize_with = "de_duration")]
+    pub dedupe_window: Duration,
+    /// How long an abruptly disconnected presence member stays.
+    #[serde(deserialize_with = "de_duration")]
+    pub presence_grace: Duration,
+    /// Most presence members per channel.
+    pub presence_max_members: usize,
+    /// Largest history page.
+    pub history_page_max: usize,
+    /// Per-pattern overrides, first match wins.
+    pub rules: Vec<ChannelRuleConfig>,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            history_size: 1000,
+            history_ttl: Duration::from_secs(600),
+            slow_consumer: SlowConsumer::Disconnect,
+            dedupe_window: Duration::from_secs(120),
+            presence_grace: Duration::from_secs(5),
+            presence_max_members: 10_000,
+            history_page_max: 1000,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One `[[channels.rules]]` entry; unset fields take the defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRuleConfig {
+    /// MQTT filter the rule applies to.
+    pub pattern: String,
+    /// Messages kept.
+    pub history_size: Option<usize>,
+    /// Oldest age kept.
+    pub history_ttl: Option<String>,
+    /// Slow-consumer policy.
+    pub slow_consumer: Option<SlowConsumer>,
+}
+
+/// `[rest]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestConfig {
+    /// Keys accepted in `X-Api-Key` for the REST API. Empty: open (dev).
+    pub api_keys: Vec<String>,
+}
+
+/// `[echo]`: the RFC 6455 conformance echo route `/v1/ws-echo`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EchoConfig {
+    /// Serve the route (always on in `dev`).
+    pub enabled: bool,
+    /// Largest frame and message in bytes (up to 16 MiB).
+    pub max_message_size: usize,
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        EchoConfig { enabled: false, max_message_size: 16 * 1024 * 1024 }
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest wait for connections to close after SIGTERM/SIGINT.
+    #[serde(deserialize_with = "de_duration")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace: Duration::from_secs(10) }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[node]`.
+    pub node: NodeConfig,
+    /// `[listen]`.
+    pub listen: ListenConfig,
+    /// `[limits]`.
+    pub limits: LimitsConfig,
+    /// `[websocket]`.
+    pub websocket: WebSocketConfig,
+    /// `[channels]`.
+    pub channels: ChannelsConfig,
+    /// `[rest]`.
+    pub rest: RestConfig,
+    /// `[echo]`.
+    pub echo: EchoConfig,
+    /// `[shutdown]`.
+    pub shutdown: ShutdownConfig,
+}
+
+const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// Applies `SWITCHBOARD_A__B=value` overrides to a TOML tree.
+pub fn apply_env_overrides(
+    root: &mut toml::Table,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (key, value) in vars {
+        let Some(path) = key.strip_prefix(ENV_PREFIX) else { continue };
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if parts.iter().any(String::is_empty) {
+            return Err(ConfigError::Invalid(format!("bad override variable {key}")));
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        let (last, dirs) = parts.split_last().expect("at least one part");
+        let mut table = &mut *root;
+        for d in dirs {
+            let entry = table.entry(d.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Invalid(format!("{key}: {d} is not a table")))?;
+        }
+        table.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parses TOML text, applies overrides from `vars`, validates.
+    pub fn from_toml(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        apply_env_overrides(&mut table, vars)?;
+        let cfg: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a file, applies the process environment's overrides, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// The embedded defaults plus environment overrides (for `dev`).
+    pub fn dev_defaults() -> Result<Self, ConfigError> {
+        let mut cfg = Self::from_toml("", std::env::vars())?;
+        cfg.echo.enabled = true;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (name, addr) in [("listen.http", &self.listen.http), ("listen.admin", &self.listen.admin)] {
+            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
+                return bad(format!("{name} = {addr:?} is not IP:PORT"));
+            }
+        }
+        for (name, addr) in [
+            ("listen.https", &self.listen.https),
+            ("listen.mqtt", &self.listen.mqtt),
+            ("listen.mqtts", &self.listen.mqtts),
+            ("listen.quic", &self.listen.quic),
+        ] {
+            if !addr.is_empty() {
+                return bad(format!("{name}: this version does not serve that listener yet; leave it empty"));
+            }
+        }
+        let l = &self.limits;
+        if l.max_message_size == 0 || l.max_message_size > 16 * 1024 * 1024 {
+            return bad("limits.max_message_size must be 1..=16777216".into());
+        }
+        if l.max_frame_size < l.max_message_size {
+            return bad("limits.max_frame_size must be at least limits.max_message_size".into());
+        }
+        if l.outbox_bytes < 2 * l.max_message_size {
+            return bad("limits.outbox_bytes must be at least twice limits.max_message_size".into());
+        }
+        if l.max_subscriptions == 0 {
+            return bad("limits.max_subscriptions must be at least 1".into());
+        }
+        if self.echo.max_message_size == 0 || self.echo.max_message_size > 16 * 1024 * 1024 {
+            return bad("echo.max_message_size must be 1..=16777216".into());
+        }
+        if self.websocket.read_buffer < 512 || self.websocket.read_buffer > 1024 * 1024 {
+            return bad("websocket.read_buffer must be 512..=1048576".into());
+        }
+        if self.node.name.is_empty() || self.node.name.len() > 64 {
+            return bad("node.name must be 1..=64 bytes".into());
+        }
+        for r in &self.channels.rules {
+            crate::channel::validate_filter(&r.pattern)
+                .map_err(|e| ConfigError::Invalid(format!("channels.rules pattern {:?}: {e}", r.pattern)))?;
+            if let Some(t) = &r.history_ttl {
+                parse_duration(t).map_err(|e| ConfigError::Invalid(format!("channels.rules {:?}: {e}", r.pattern)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's configuration.
+    pub fn engine(&self) -> EngineConfig {
+        let c = &self.channels;
+        let default_policy = ChannelPolicy {
+            history_size: c.history_size,
+            history_ttl: c.history_ttl,
+            slow_policy: c.slow_consumer.into(),
+        };
+        let rules = c
+            .rules
+            .iter()
+            .map(|r| ChannelRule {
+                pattern: r.pattern.clone(),
+                policy: ChannelPolicy {
+                    history_size: r.history_size.unwrap_or(c.history_size),
+                    history_ttl: r.history_ttl.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(c.history_ttl),
+                    slow_policy: r.slow_consumer.unwrap_or(c.slow_consumer).into(),
+                },
+            })
+            .collect();
+        EngineConfig {
+            node: self.node.name.clone(),
+            rules,
+            default_policy,
+            dedupe_window: c.dedupe_window,
+            presence_grace: c.presence_grace,
+            presence_max_members: c.presence_max_members,
+            history_page_max: c.history_page_max,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// The router's limits.
+    pub fn router_limits(&self) -> RouterLimits {
+        RouterLimits {
+            max_message_size: self.limits.max_message_size,
+            max_subscriptions: self.limits.max_subscriptions,
+            outbox_capacity: self.limits.outbox_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let vars = vec![
+            ("SWITCHBOARD_LIMITS__MAX_MESSAGE_SIZE".to_string(), "1000".to_string()),
+            ("SWITCHBOARD_LISTEN__HTTP".to_string(), "127.0.0.1:1".to_string()),
+            ("SWITCHBOARD_CHANNELS__DEDUPE_WINDOW".to_string(), "30s".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let cfg = Config::from_toml("[node]\nname = \"n\"\n", vars).unwrap();
+        assert_eq!(cfg.limits.max_message_size, 1000);
+        assert_eq!(cfg.listen.http, "127.0.0.1:1");
+        assert_eq!(cfg.channels.dedupe_window, Duration::from_secs(30));
+        assert_eq!(cfg.node.name, "n");
+        assert_eq!(cfg.limits.outbox_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn rules_and_errors() {
+        let cfg = Config::from_toml(
+            "[[channels.rules]]\npattern = \"sensors/#\"\nslow_consumer = \"conflate\"\nhistory_ttl = \"1m\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        let e = cfg.engine();
+        assert_eq!(e.policy_for("sensors/1").slow_policy, SlowPolicy::Conflate);
+        assert_eq!(e.policy_for("sensors/1").history_ttl, Duration::from_secs(60));
+        assert_eq!(e.policy_for("chat").slow_policy, SlowPolicy::Disconnect);
+        assert!(Config::from_toml("[nope]\n", Vec::new()).is_err());
+        assert!(Config::from_toml("[limits]\nmax_message_size = 0\n", Vec::new()).is_err());
+        assert!(Config::from_toml("[listen]\nhttp = \"nowhere\"\n", Vec::new()).is_err());
+        assert!(Config::from_toml("[[channels.rules]]\npattern = \"a/#/b\"\n", Vec::new()).is_err());
+        assert!(Config::from_toml("[channels]\nhistory_ttl = \"ten\"\n", Vec::new()).is_err());
+    }
+
+    /// The example config in deploy/ must parse and match the defaults it documents.
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../deploy/switchboard.example.toml");
+        Config::from_toml(text, Vec::new()).unwrap();
+    }
+}

@@ -1,0 +1,149 @@
+//! The engine seam: where channel state lives.
+//!
+//! The [`crate::router::Router`] validates, authorises, counts and keeps
+//! sessions; an [`Engine`] sequences publications, keeps history, dedupe
+//! windows, retained values and presence, and fans out to local sessions'
+//! outboxes. `memory` is the embedded single-node engine. A NATS JetStream
+//! engine implements the same trait (subjects for channels, JetStream for
+//! history and dedupe) without the front ends or the router changing.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_proto as proto;
+use switchboard_protocols::port::{CloseKind, CoreError, Outbox, SessionId, SlowPolicy, SubscribeOutcome};
+
+/// Who is acting: the session and its identity.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Session id (0 for requests without a session, e.g. REST).
+    pub session: SessionId,
+    /// Client identity; empty when anonymous.
+    pub client_id: Arc<str>,
+    /// Connection id (unique per session).
+    pub connection_id: Arc<str>,
+    /// Front end.
+    pub protocol: proto::Protocol,
+}
+
+/// Per-channel policy, chosen by the first matching rule in config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelPolicy {
+    /// Messages kept in history (0 disables history and recovery).
+    pub history_size: usize,
+    /// Oldest age kept in history.
+    pub history_ttl: Duration,
+    /// What a full outbox does with this channel's messages.
+    pub slow_policy: SlowPolicy,
+}
+
+impl Default for ChannelPolicy {
+    fn default() -> Self {
+        ChannelPolicy { history_size: 1000, history_ttl: Duration::from_secs(600), slow_policy: SlowPolicy::Disconnect }
+    }
+}
+
+/// A channel policy applied to channels matching `pattern` (an MQTT filter).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelRule {
+    /// Validated MQTT filter.
+    pub pattern: String,
+    /// Policy for matching channels.
+    pub policy: ChannelPolicy,
+}
+
+/// What every engine needs to know.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This node's name (stamped on envelopes).
+    pub node: String,
+    /// Rules, first match wins; `default_policy` otherwise.
+    pub rules: Vec<ChannelRule>,
+    /// Policy of channels no rule matches.
+    pub default_policy: ChannelPolicy,
+    /// How long a publish id is remembered.
+    pub dedupe_window: Duration,
+    /// Most ids remembered per channel (oldest forgotten first).
+    pub dedupe_max_per_channel: usize,
+    /// How long an abruptly disconnected member stays present.
+    pub presence_grace: Duration,
+    /// Most members per channel.
+    pub presence_max_members: usize,
+    /// How long an empty, inactive channel keeps its position (so a caught-up
+    /// client still recovers without a false gap).
+    pub idle_channel_ttl: Duration,
+    /// Largest history page.
+    pub history_page_max: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            node: "node-1".into(),
+            rules: Vec::new(),
+            default_policy: ChannelPolicy::default(),
+            dedupe_window: Duration::from_secs(120),
+            dedupe_max_per_channel: 10_000,
+            presence_grace: Duration::from_secs(5),
+            presence_max_members: 10_000,
+            idle_channel_ttl: Duration::from_secs(3600),
+            history_page_max: 1000,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The policy of `channel` (presence channels follow their base channel).
+    pub fn policy_for(&self, channel: &str) -> &ChannelPolicy {
+        let base = channel.strip_prefix(crate::channel::PRESENCE_PREFIX).unwrap_or(channel);
+        self.rules
+            .iter()
+            .find(|r| crate::channel::filter_matches(&r.pattern, base))
+            .map(|r| &r.policy)
+            .unwrap_or(&self.default_policy)
+    }
+}
+
+/// Counts for metrics and the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Channels with state.
+    pub channels: usize,
+    /// (filter, session) subscriptions.
+    pub subscriptions: usize,
+    /// Presence members over all channels.
+    pub presence_members: usize,
+}
+
+/// Channel state and fan-out. Methods take `now_ms` (Unix milliseconds) so
+/// engines are testable without clocks.
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Registers a local session's outbox.
+    fn attach(&self, caller: &Caller, outbox: Arc<Outbox>);
+    /// Removes a session: its subscriptions now, its presence now (clean) or
+    /// after the grace period (abrupt).
+    fn detach(&self, session: SessionId, kind: CloseKind, now_ms: i64);
+    /// Sequences, dedupes, stores and fans out one publication.
+    async fn publish(&self, caller: &Caller, req: proto::Publish, now_ms: i64) -> Result<proto::PublishAck, CoreError>;
+    /// Registers a subscription and computes what to replay first.
+    async fn subscribe(&self, session: SessionId, req: &proto::Subscribe, now_ms: i64) -> Result<SubscribeOutcome, CoreError>;
+    /// Removes a subscription (and its presence companion).
+    async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError>;
+    /// Enters or updates presence.
+    async fn presence_enter(&self, caller: &Caller, channel: &str, data: Bytes, update: bool, now_ms: i64) -> Result<(), CoreError>;
+    /// Leaves presence.
+    async fn presence_leave(&self, caller: &Caller, channel: &str, now_ms: i64) -> Result<(), CoreError>;
+    /// Lists members.
+    async fn presence_members(&self, channel: &str) -> Result<proto::PresenceMembers, CoreError>;
+    /// Reads history.
+    async fn history(&self, req: &proto::History, now_ms: i64) -> Result<proto::HistoryResult, CoreError>;
+    /// Periodic housekeeping: trims history by age, forgets old ids, ends
+    /// presence whose grace ran out, drops idle empty channels.
+    fn sweep(&self, now_ms: i64);
+    /// Current counts.
+    fn stats(&self) -> EngineStats;
+}

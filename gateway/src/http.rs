@@ -1,0 +1,363 @@
+//! The HTTP listener's routes: WebSocket upgrade at `/v1/ws`, the echo route
+//! `/v1/ws-echo`, the REST API under `/v1/channels/`, and the demo page.
+//!
+//! REST (all bodies JSON; errors are `{"error":{"code","message"}}` with the
+//! codes of docs/protocol.md):
+//!
+//! | method and path | does | success |
+//! |---|---|---|
+//! | `POST /v1/channels/{channel}/messages` | publish (`X-Api-Key` if keys are configured; `Idempotency-Key` honoured) | 200 `{"channel","epoch","serial","duplicate"}` |
+//! | `GET /v1/channels/{channel}/history?since=EPOCH:SERIAL&limit=N&reverse=1` | read history | 200 `{"channel","epoch","serial","messages":[...]}` |
+//! | `GET /v1/channels/{channel}/presence` | list members | 200 `{"channel","members":[...]}` |
+//!
+//! `{channel}` is the channel name with its `/` kept (`/v1/channels/sensors/1/messages`)
+//! or percent-encoded. The handlers only translate HTTP to router calls.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use switchboard_proto::{self as proto, ErrorCode};
+use switchboard_protocols::port::{Core, CoreError};
+use switchboard_protocols::ws;
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::config::Config;
+use crate::router::Router;
+
+/// Response body type of every route.
+pub type Body = Full<Bytes>;
+
+/// What every HTTP handler shares.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The router.
+    pub router: Arc<Router>,
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// WebSocket front-end settings.
+    pub ws: ws::WsConfig,
+    /// Serve `/v1/ws-echo`.
+    pub echo: bool,
+    /// Flips to true on shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The HTTP status for a core error code.
+pub fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied | ErrorCode::ReservedChannel => StatusCode::FORBIDDEN,
+        ErrorCode::BadPosition => StatusCode::CONFLICT,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An error response in the documented shape.
+pub fn error_response(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response<Body> {
+    json_response(status, &json!({"error": {"code": code, "message": message.to_string()}}))
+}
+
+fn core_error(e: &CoreError) -> Response<Body> {
+    error_response(status_for(e.code), e.code.slug(), &e.message)
+}
+
+fn raw_json(text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Routes one request.
+pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, "/v1/ws") => upgrade(state, peer, req, false),
+        (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, req, true),
+        (&Method::GET, "/") => demo_page(),
+        (_, p) if p.starts_with("/v1/channels/") => rest(state, req).await,
+        (_, "/v1/ws") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET with a WebSocket upgrade"),
+        _ => error_response(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
+    };
+    Ok(resp)
+}
+
+fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo: bool) -> Response<Body> {
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return error_response(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "this endpoint needs a WebSocket upgrade");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+        let mut r = error_response(StatusCode::BAD_REQUEST, "bad_websocket_version", "Sec-WebSocket-Version must be 13");
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+        return error_response(StatusCode::BAD_REQUEST, "bad_websocket_key", "Sec-WebSocket-Key is missing");
+    };
+    let offered: Option<String> = {
+        let all: Vec<&str> = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).collect();
+        (!all.is_empty()).then(|| all.join(","))
+    };
+    let codec = if echo {
+        None
+    } else {
+        match ws::negotiate(offered.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "refused WebSocket subprotocol");
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_subprotocol",
+                    format!("{e}; supported: {}, {}", ws::SUBPROTOCOL_JSON, ws::SUBPROTOCOL_PROTO),
+                );
+            }
+        }
+    };
+    let query = query_pairs(&req);
+    let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let info = ws::ConnInfo { peer: Some(peer), token: get("token"), client_id: get("client_id") };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let mut ws_cfg = state.ws.clone();
+    if echo {
+        ws_cfg.max_frame_size = state.config.echo.max_message_size;
+    }
+    let shutdown = state.shutdown.clone();
+    let router = state.router.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let stream = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg))).await;
+        if echo {
+            ws::serve_echo(stream, shutdown).await;
+        } else {
+            let core: Arc<dyn Core> = router;
+            ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown).await;
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(c) = codec
+        && offered.is_some()
+    {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(c.subprotocol()));
+    }
+    r
+}
+
+/// Splits `/v1/channels/{channel}/{action}` into the decoded channel and action.
+fn channel_route(path: &str) -> Option<(String, &str)> {
+    let rest = path.strip_prefix("/v1/channels/")?;
+    let (raw, action) = rest.rsplit_once('/')?;
+    let channel = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?.into_owned();
+    Some((channel, action))
+}
+
+fn header_str<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn rest(state: HttpState, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let Some((channel, action)) = channel_route(&path) else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "use /v1/channels/{channel}/messages|history|presence");
+    };
+    let keys = &state.config.rest.api_keys;
+    if !keys.is_empty() {
+        match header_str(&req, "x-api-key") {
+            Some(k) if keys.iter().any(|known| known == k) => {}
+            Some(_) => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"),
+            None => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "X-Api-Key header required"),
+        }
+    }
+    match (req.method().clone(), action) {
+        (Method::POST, "messages") => rest_publish(state, channel, req).await,
+        (Method::GET, "history") => rest_history(state, channel, &req).await,
+        (Method::GET, "presence") => match state.router.members_of(&channel).await {
+            Ok(m) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
+                req: 0,
+                frame: Some(proto::server_frame::Frame::Presence(m)),
+            })),
+            Err(e) => core_error(&e),
+        },
+        (_, "messages" | "history" | "presence") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST messages; GET history and presence")
+        }
+        _ => error_response(StatusCode::NOT_FOUND, "not_found", format!("unknown channel action {action:?}")),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody<'a> {
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+    text: Option<String>,
+    data_b64: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    retain: bool,
+}
+
+async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    let limit = state.config.limits.max_body_size;
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::MessageTooLarge.slug(),
+            format!("request body over {limit} bytes"),
+        )),
+        Err(e) => Err(error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read body: {e}"))),
+    }
+}
+
+async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>) -> Response<Body> {
+    let idem = header_str(&req, "idempotency-key").map(str::to_string);
+    let content_type = header_str(&req, "content-type").unwrap_or("").to_string();
+    let is_json = content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut publish = if is_json {
+        let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), format!("bad JSON body: {e}")),
+        };
+        let payload = match proto::json::decode_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e),
+        };
+        proto::Publish {
+            channel: channel.clone(),
+            payload,
+            id: parsed.id.unwrap_or_default(),
+            content_type: parsed.content_type,
+            headers: parsed.headers,
+            retain: parsed.retain,
+        }
+    } else {
+        proto::Publish { channel: channel.clone(), payload: body, content_type, ..Default::default() }
+    };
+    if let Some(k) = idem {
+        publish.id = k;
+    }
+    if publish.id.len() > 256 {
+        return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest.slug(), "idempotency key over 256 bytes");
+    }
+    let caller = Router::rest_caller("");
+    match state.router.publish_as(&caller, publish).await {
+        Ok(ack) => json_response(
+            StatusCode::OK,
+            &json!({"channel": ack.channel, "epoch": ack.epoch, "serial": ack.serial, "duplicate": ack.duplicate}),
+        ),
+        Err(e) => core_error(&e),
+    }
+}
+
+async fn rest_history(state: HttpState, channel: String, req: &Request<Incoming>) -> Response<Body> {
+    let mut h = proto::History { channel, ..Default::default() };
+    for (k, v) in query_pairs(req) {
+        match k.as_str() {
+            "since" => {
+                let Some((epoch, serial)) = v.rsplit_once(':').and_then(|(e, s)| Some((e, s.parse::<u64>().ok()?))) else {
+                    return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadPosition.slug(), "since must be EPOCH:SERIAL");
+                };
+                h.since = Some(proto::Position { epoch: epoch.to_string(), serial });
+            }
+            "limit" => match v.parse() {
+                Ok(n) => h.limit = n,
+                Err(_) => return error_response(StatusCode::BAD_REQUEST, "bad_request", "limit must be a number"),
+            },
+            "reverse" => h.reverse = matches!(v.as_str(), "1" | "true"),
+            _ => return error_response(StatusCode::BAD_REQUEST, "bad_request", format!("unknown query parameter {k:?}")),
+        }
+    }
+    match state.router.history_of(h).await {
+        Ok(r) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
+            req: 0,
+            frame: Some(proto::server_frame::Frame::History(r)),
+        })),
+        Err(e) => core_error(&e),
+    }
+}
+
+fn demo_page() -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(include_bytes!("demo.html"))));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_routes() {
+        assert_eq!(channel_route("/v1/channels/a/messages"), Some(("a".into(), "messages")));
+        assert_eq!(channel_route("/v1/channels/a/b/c/history"), Some(("a/b/c".into(), "history")));
+        assert_eq!(channel_route("/v1/channels/a%2Fb/presence"), Some(("a/b".into(), "presence")));
+        assert_eq!(channel_route("/v1/channels/x/messages/messages"), Some(("x/messages".into(), "messages")));
+        assert_eq!(channel_route("/v1/channels/messages"), None);
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(status_for(ErrorCode::InvalidChannel), StatusCode::BAD_REQUEST);
+        assert_eq!(status_for(ErrorCode::MessageTooLarge), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(status_for(ErrorCode::ReservedChannel), StatusCode::FORBIDDEN);
+        assert_eq!(status_for(ErrorCode::BadPosition), StatusCode::CONFLICT);
+    }
+}

@@ -1,0 +1,16 @@
+//! Switchboard, the gateway: router, channels, history, presence, config,
+//! listeners, CLI and admin.
+//!
+//! The front ends live in `switchboard-protocols` and only translate; this
+//! crate decides. [`router::Router`] implements their port; the
+//! [`engine::Engine`] behind it holds channel state.
+
+pub mod admin;
+pub mod channel;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod router;
+pub mod server;

@@ -1,0 +1,174 @@
+//! Starting and stopping the gateway: listeners, the router, housekeeping,
+//! graceful shutdown.
+//!
+//! [`Gateway::start`] binds every configured listener (port 0 picks a free
+//! port; the bound addresses are reported back), and [`Gateway::shutdown`]
+//! stops accepting, tells every client to reconnect elsewhere (WebSocket
+//! close 1001), and waits at most the configured grace for sessions to end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use switchboard_protocols::port::CloseReason;
+use switchboard_protocols::ws;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::engine::memory::MemoryEngine;
+use crate::http::HttpState;
+use crate::router::Router;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Bind {
+        /// Listener name.
+        name: &'static str,
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Bound HTTP address, if enabled.
+    pub http_addr: Option<SocketAddr>,
+    /// Bound admin address, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// The router (for in-process inspection).
+    pub router: Arc<Router>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+async fn bind(name: &'static str, addr: &str) -> Result<Option<TcpListener>, ServerError> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| ServerError::Bind { name, addr: addr.to_string(), source })
+}
+
+impl Gateway {
+    /// Binds the listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, ServerError> {
+        let config = Arc::new(config);
+        crate::admin::metrics_handle();
+        let engine = Arc::new(MemoryEngine::new(config.engine()));
+        let router = Router::new(engine, config.router_limits(), config.node.name.clone());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
+
+        let http = bind("http", &config.listen.http).await?;
+        let admin = bind("admin", &config.listen.admin).await?;
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+
+        if let Some(listener) = http {
+            let w = &config.websocket;
+            let state = HttpState {
+                router: router.clone(),
+                config: config.clone(),
+                ws: ws::WsConfig {
+                    handshake_timeout: w.handshake_timeout,
+                    write_timeout: w.write_timeout,
+                    ping_interval: w.ping_interval,
+                    max_frame_size: config.limits.max_frame_size,
+                    read_buffer_size: w.read_buffer,
+                    write_buffer_size: w.write_buffer,
+                },
+                echo: config.echo.enabled,
+                shutdown: shutdown_rx.clone(),
+            };
+            tasks.push(tokio::spawn(accept_loop(listener, shutdown_rx.clone(), move |peer| {
+                let state = state.clone();
+                service_fn(move |req| crate::http::handle(state.clone(), peer, req))
+            })));
+        }
+        if let Some(listener) = admin {
+            let router = router.clone();
+            let rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(accept_loop(listener, shutdown_rx.clone(), move |_peer| {
+                let router = router.clone();
+                let rx = rx.clone();
+                service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
+            })));
+        }
+        Ok(Gateway { http_addr, admin_addr, router, shutdown_tx, tasks, grace: config.shutdown.grace })
+    }
+
+    /// Stops accepting, closes every session with 1001, waits up to the
+    /// grace period for them to end, then stops everything.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        self.router.close_all(CloseReason::SHUTDOWN);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while self.router.session_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.router.session_count();
+        if left > 0 {
+            tracing::warn!(sessions = left, "shutdown grace ran out with sessions still open");
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Accepts TCP connections and serves HTTP/1.1 and HTTP/2 (with upgrades)
+/// on each until shutdown.
+async fn accept_loop<S, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, make_service: F)
+where
+    F: Fn(SocketAddr) -> S + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<crate::http::Body>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = make_service(peer);
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    }
+                }
+                _ = conn_shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,9 @@
+//! Switchboard's front ends.
+//!
+//! Each module translates one wire protocol to and from the envelope and
+//! drives the [`port::Core`] that the gateway implements. A front end never
+//! routes, authorises or stores: it decodes, asks the core, and writes what
+//! the core hands back.
+
+pub mod port;
+pub mod ws;
