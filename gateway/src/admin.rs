@@ -40,16 +40,26 @@ fn describe() {
     metrics::describe_gauge!("switchboard_channels", "Channels with state");
     metrics::describe_gauge!("switchboard_presence_members", "Presence members over all channels");
     metrics::describe_counter!("switchboard_messages_in_total", "Messages published, by protocol");
-    metrics::describe_counter!("switchboard_publish_duplicates_total", "Publishes acknowledged as duplicates, by protocol");
+    metrics::describe_counter!(
+        "switchboard_publish_duplicates_total",
+        "Publishes acknowledged as duplicates, by protocol"
+    );
     metrics::describe_counter!("switchboard_messages_out_total", "Messages delivered to subscribers, by protocol");
     metrics::describe_counter!("switchboard_bytes_in_total", "Bytes received, by protocol");
     metrics::describe_counter!("switchboard_bytes_out_total", "Bytes sent, by protocol");
-    metrics::describe_counter!("switchboard_slow_consumer_closes_total", "Sessions closed as slow consumers, by protocol");
+    metrics::describe_counter!(
+        "switchboard_slow_consumer_closes_total",
+        "Sessions closed as slow consumers, by protocol"
+    );
     metrics::describe_counter!("switchboard_protocol_errors_total", "Bad frames received, by protocol and code");
 }
 
 /// Routes one admin request.
-pub async fn handle(router: Arc<Router>, shutdown: watch::Receiver<bool>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    router: Arc<Router>,
+    shutdown: watch::Receiver<bool>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
@@ -62,7 +72,8 @@ pub async fn handle(router: Arc<Router>, shutdown: watch::Receiver<bool>, req: R
         (&Method::GET, "/metrics") => {
             let text = metrics_handle().render();
             let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
-            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
             r
         }
         (&Method::GET, "/v1/sessions") => json_response(StatusCode::OK, &json!({"sessions": router.sessions()})),

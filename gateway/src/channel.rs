@@ -102,23 +102,7 @@ pub fn presence_channel(channel: &str) -> String {
     format!("{PRESENCE_PREFIX}{channel}")
 }
 
-/// Whether `filter` matches `channel` (the same rule the trie applies).
-pub fn filter_matches(filter: &str, channel: &str) -> bool {
-    if is_reserved(channel) && filter.starts_with(['+', '#']) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut c = channel.split('/');
-    loop {
-        match (f.next(), c.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(cl)) if fl == cl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub use switchboard_proto::topic::filter_matches;
 
 /// Validation failures as the core's protocol-level error.
 pub fn channel_error(name: &str, e: NameError) -> CoreError {

@@ -216,9 +216,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = Config::dev_defaults()?;
             apply_listen(&mut cfg, &listen);
             for (name, addr) in [("http", &cfg.listen.http), ("admin", &cfg.listen.admin)] {
-                let ip: std::net::SocketAddr = addr.parse().map_err(|_| anyhow::anyhow!("--{name} {addr:?} is not IP:PORT"))?;
+                let ip: std::net::SocketAddr =
+                    addr.parse().map_err(|_| anyhow::anyhow!("--{name} {addr:?} is not IP:PORT"))?;
                 if !ip.ip().is_loopback() {
-                    anyhow::bail!("dev mode binds loopback only; --{name} {addr} is not a loopback address (use `serve`)");
+                    anyhow::bail!(
+                        "dev mode binds loopback only; --{name} {addr} is not a loopback address (use `serve`)"
+                    );
                 }
             }
             cfg.validate()?;
@@ -243,11 +246,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let payload = read_data(&data)?;
             if url.starts_with("ws://") || url.starts_with("wss://") {
                 let ack = client::publish_ws(&url, &channel, payload, id.as_deref()).await?;
-                println!("{} {}:{}{}", ack.channel, ack.epoch, ack.serial, if ack.duplicate { " (duplicate)" } else { "" });
+                println!(
+                    "{} {}:{}{}",
+                    ack.channel,
+                    ack.epoch,
+                    ack.serial,
+                    if ack.duplicate { " (duplicate)" } else { "" }
+                );
             } else if url.starts_with("http://") || url.starts_with("https://") {
                 let ack = client::publish_rest(&url, &channel, payload, id.as_deref(), api_key.as_deref()).await?;
                 let dup = ack["duplicate"].as_bool().unwrap_or(false);
-                println!("{} {}:{}{}", ack["channel"].as_str().unwrap_or(""), ack["epoch"].as_str().unwrap_or(""), ack["serial"], if dup { " (duplicate)" } else { "" });
+                println!(
+                    "{} {}:{}{}",
+                    ack["channel"].as_str().unwrap_or(""),
+                    ack["epoch"].as_str().unwrap_or(""),
+                    ack["serial"],
+                    if dup { " (duplicate)" } else { "" }
+                );
             } else {
                 anyhow::bail!("--url must start with http://, https://, ws:// or wss://");
             }

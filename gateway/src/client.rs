@@ -116,7 +116,13 @@ fn client_frame_json(f: &proto::ClientFrame) -> String {
                 #[serde(flatten)]
                 payload: proto::json::JsonPayload<'a>,
             }
-            let body = PublishJson { ty: "publish", req: f.req, channel: &p.channel, id: &p.id, payload: proto::json::JsonPayload::new(&p.payload) };
+            let body = PublishJson {
+                ty: "publish",
+                req: f.req,
+                channel: &p.channel,
+                id: &p.id,
+                payload: proto::json::JsonPayload::new(&p.payload),
+            };
             return serde_json::to_string(&body).unwrap_or_default();
         }
         other => return format!("{{\"type\":\"unsupported\",\"debug\":{:?}}}", format!("{other:?}")),
@@ -134,10 +140,13 @@ async fn recv(ws: &mut Ws) -> Result<proto::ServerFrame, ClientError> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
-                return proto::json::decode_server_frame(t.as_str()).map_err(|e| ClientError::Unexpected(e.to_string()));
+                return proto::json::decode_server_frame(t.as_str())
+                    .map_err(|e| ClientError::Unexpected(e.to_string()));
             }
             Some(Ok(Message::Close(c))) => {
-                return Err(ClientError::Closed(c.map(|c| format!(": {} {}", u16::from(c.code), c.reason)).unwrap_or_default()));
+                return Err(ClientError::Closed(
+                    c.map(|c| format!(": {} {}", u16::from(c.code), c.reason)).unwrap_or_default(),
+                ));
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(e.into()),
@@ -147,7 +156,12 @@ async fn recv(ws: &mut Ws) -> Result<proto::ServerFrame, ClientError> {
 }
 
 /// Publishes over WebSocket; returns the ack.
-pub async fn publish_ws(base: &str, channel: &str, payload: Bytes, id: Option<&str>) -> Result<proto::PublishAck, ClientError> {
+pub async fn publish_ws(
+    base: &str,
+    channel: &str,
+    payload: Bytes,
+    id: Option<&str>,
+) -> Result<proto::PublishAck, ClientError> {
     let mut ws = ws_connect(base, "").await?;
     let f = proto::ClientFrame {
         req: 2,
@@ -163,7 +177,9 @@ pub async fn publish_ws(base: &str, channel: &str, payload: Bytes, id: Option<&s
     let _ = ws.close(None).await;
     match reply.frame {
         Some(server_frame::Frame::PublishAck(a)) => Ok(a),
-        Some(server_frame::Frame::Error(e)) => Err(ClientError::Gateway { code: e.code().slug().into(), message: e.message }),
+        Some(server_frame::Frame::Error(e)) => {
+            Err(ClientError::Gateway { code: e.code().slug().into(), message: e.message })
+        }
         other => Err(ClientError::Unexpected(format!("{other:?}"))),
     }
 }
@@ -228,7 +244,8 @@ pub async fn subscribe_ws(
             };
             let keep_going = match frame.frame {
                 Some(server_frame::Frame::Message(env)) => {
-                    positions.insert(env.channel.clone(), proto::Position { epoch: env.epoch.clone(), serial: env.serial });
+                    positions
+                        .insert(env.channel.clone(), proto::Position { epoch: env.epoch.clone(), serial: env.serial });
                     on_event(SubEvent::Message(env))
                 }
                 Some(server_frame::Frame::Gap(g)) => {
@@ -239,7 +256,9 @@ pub async fn subscribe_ws(
                 }
                 Some(server_frame::Frame::Subscribed(s)) => {
                     for c in &s.channels {
-                        positions.entry(c.channel.clone()).or_insert(proto::Position { epoch: c.epoch.clone(), serial: c.serial });
+                        positions
+                            .entry(c.channel.clone())
+                            .or_insert(proto::Position { epoch: c.epoch.clone(), serial: c.serial });
                     }
                     on_event(SubEvent::Subscribed(s))
                 }

@@ -322,9 +322,7 @@ pub fn apply_env_overrides(
         let mut table = &mut *root;
         for d in dirs {
             let entry = table.entry(d.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
-            table = entry
-                .as_table_mut()
-                .ok_or_else(|| ConfigError::Invalid(format!("{key}: {d} is not a table")))?;
+            table = entry.as_table_mut().ok_or_else(|| ConfigError::Invalid(format!("{key}: {d} is not a table")))?;
         }
         table.insert(last.clone(), parsed);
     }
@@ -336,14 +334,16 @@ impl Config {
     pub fn from_toml(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         apply_env_overrides(&mut table, vars)?;
-        let cfg: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        let cfg: Config =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Reads a file, applies the process environment's overrides, validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::from_toml(&text, std::env::vars())
     }
 

@@ -97,17 +97,16 @@ pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) 
         (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, req, true),
         (&Method::GET, "/") => demo_page(),
         (_, p) if p.starts_with("/v1/channels/") => rest(state, req).await,
-        (_, "/v1/ws") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET with a WebSocket upgrade"),
+        (_, "/v1/ws") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET with a WebSocket upgrade")
+        }
         _ => error_response(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
     };
     Ok(resp)
 }
 
 fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
-    req.uri()
-        .query()
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+    req.uri().query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
 fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo: bool) -> Response<Body> {
@@ -121,10 +120,15 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return error_response(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "this endpoint needs a WebSocket upgrade");
+        return error_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint needs a WebSocket upgrade",
+        );
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
-        let mut r = error_response(StatusCode::BAD_REQUEST, "bad_websocket_version", "Sec-WebSocket-Version must be 13");
+        let mut r =
+            error_response(StatusCode::BAD_REQUEST, "bad_websocket_version", "Sec-WebSocket-Version must be 13");
         r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return r;
     }
@@ -132,7 +136,8 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
         return error_response(StatusCode::BAD_REQUEST, "bad_websocket_key", "Sec-WebSocket-Key is missing");
     };
     let offered: Option<String> = {
-        let all: Vec<&str> = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).collect();
+        let all: Vec<&str> =
+            headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).collect();
         (!all.is_empty()).then(|| all.join(","))
     };
     let codec = if echo {
@@ -168,7 +173,9 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
                 return;
             }
         };
-        let stream = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg))).await;
+        let stream =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg)))
+                .await;
         if echo {
             ws::serve_echo(stream, shutdown).await;
         } else {
@@ -207,7 +214,11 @@ fn header_str<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 async fn rest(state: HttpState, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let Some((channel, action)) = channel_route(&path) else {
-        return error_response(StatusCode::NOT_FOUND, "not_found", "use /v1/channels/{channel}/messages|history|presence");
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "use /v1/channels/{channel}/messages|history|presence",
+        );
     };
     let keys = &state.config.rest.api_keys;
     if !keys.is_empty() {
@@ -227,9 +238,11 @@ async fn rest(state: HttpState, req: Request<Incoming>) -> Response<Body> {
             })),
             Err(e) => core_error(&e),
         },
-        (_, "messages" | "history" | "presence") => {
-            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST messages; GET history and presence")
-        }
+        (_, "messages" | "history" | "presence") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "POST messages; GET history and presence",
+        ),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", format!("unknown channel action {action:?}")),
     }
 }
@@ -274,9 +287,16 @@ async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>)
     let mut publish = if is_json {
         let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
             Ok(p) => p,
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), format!("bad JSON body: {e}")),
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadFrame.slug(),
+                    format!("bad JSON body: {e}"),
+                );
+            }
         };
-        let payload = match proto::json::decode_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref()) {
+        let payload = match proto::json::decode_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref())
+        {
             Ok(p) => p,
             Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e),
         };
@@ -312,8 +332,13 @@ async fn rest_history(state: HttpState, channel: String, req: &Request<Incoming>
     for (k, v) in query_pairs(req) {
         match k.as_str() {
             "since" => {
-                let Some((epoch, serial)) = v.rsplit_once(':').and_then(|(e, s)| Some((e, s.parse::<u64>().ok()?))) else {
-                    return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadPosition.slug(), "since must be EPOCH:SERIAL");
+                let Some((epoch, serial)) = v.rsplit_once(':').and_then(|(e, s)| Some((e, s.parse::<u64>().ok()?)))
+                else {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadPosition.slug(),
+                        "since must be EPOCH:SERIAL",
+                    );
                 };
                 h.since = Some(proto::Position { epoch: epoch.to_string(), serial });
             }
@@ -322,7 +347,13 @@ async fn rest_history(state: HttpState, channel: String, req: &Request<Incoming>
                 Err(_) => return error_response(StatusCode::BAD_REQUEST, "bad_request", "limit must be a number"),
             },
             "reverse" => h.reverse = matches!(v.as_str(), "1" | "true"),
-            _ => return error_response(StatusCode::BAD_REQUEST, "bad_request", format!("unknown query parameter {k:?}")),
+            _ => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("unknown query parameter {k:?}"),
+                );
+            }
         }
     }
     match state.router.history_of(h).await {

@@ -185,12 +185,7 @@ impl Router {
 
     /// A caller for requests without a session (REST).
     pub fn rest_caller(client_id: &str) -> Caller {
-        Caller {
-            session: 0,
-            client_id: client_id.into(),
-            connection_id: "".into(),
-            protocol: proto::Protocol::Rest,
-        }
+        Caller { session: 0, client_id: client_id.into(), connection_id: "".into(), protocol: proto::Protocol::Rest }
     }
 
     fn check_publish(&self, req: &proto::Publish) -> Result<(), CoreError> {
@@ -204,7 +199,11 @@ impl Router {
         if req.payload.len() > self.limits.max_message_size {
             return Err(CoreError::new(
                 ErrorCode::MessageTooLarge,
-                format!("payload of {} bytes exceeds the limit of {} bytes", req.payload.len(), self.limits.max_message_size),
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes",
+                    req.payload.len(),
+                    self.limits.max_message_size
+                ),
             ));
         }
         Ok(())
@@ -244,7 +243,13 @@ impl Router {
     }
 
     /// Enters/updates presence as a caller (REST uplink for SSE/poll later).
-    pub async fn presence_enter_as(&self, caller: &Caller, channel_name: &str, data: Bytes, update: bool) -> Result<(), CoreError> {
+    pub async fn presence_enter_as(
+        &self,
+        caller: &Caller,
+        channel_name: &str,
+        data: Bytes,
+        update: bool,
+    ) -> Result<(), CoreError> {
         Self::check_presence_channel(channel_name)?;
         if data.len() > self.limits.max_message_size {
             return Err(CoreError::new(ErrorCode::MessageTooLarge, "presence data exceeds the message size limit"));
@@ -269,9 +274,12 @@ impl Core for Router {
         };
         let outbox = Outbox::new(self.limits.outbox_capacity);
         self.engine.attach(&caller, outbox.clone());
-        self.sessions.lock().insert(id, SessionEntry { caller, outbox: outbox.clone(), subscriptions: 0, opened_ms: now_ms() });
+        self.sessions
+            .lock()
+            .insert(id, SessionEntry { caller, outbox: outbox.clone(), subscriptions: 0, opened_ms: now_ms() });
         metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
-        metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol)).increment(1);
+        metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol))
+            .increment(1);
         Ok(SessionHandle { id, client_id: req.client_id, connection_id, node: self.node.clone(), outbox })
     }
 
@@ -285,7 +293,8 @@ impl Core for Router {
         }
         {
             let sessions = self.sessions.lock();
-            let s = sessions.get(&session).ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
+            let s =
+                sessions.get(&session).ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
             if s.subscriptions >= self.limits.max_subscriptions {
                 return Err(CoreError::new(
                     ErrorCode::TooManySubscriptions,
@@ -314,7 +323,13 @@ impl Core for Router {
         self.publish_as(&caller, req).await
     }
 
-    async fn presence_enter(&self, session: SessionId, channel_name: &str, data: Bytes, update: bool) -> Result<(), CoreError> {
+    async fn presence_enter(
+        &self,
+        session: SessionId,
+        channel_name: &str,
+        data: Bytes,
+        update: bool,
+    ) -> Result<(), CoreError> {
         let caller = self.caller(session)?;
         self.presence_enter_as(&caller, channel_name, data, update).await
     }
@@ -325,7 +340,11 @@ impl Core for Router {
         self.engine.presence_leave(&caller, channel_name, now_ms()).await
     }
 
-    async fn presence_members(&self, session: SessionId, channel_name: &str) -> Result<proto::PresenceMembers, CoreError> {
+    async fn presence_members(
+        &self,
+        session: SessionId,
+        channel_name: &str,
+    ) -> Result<proto::PresenceMembers, CoreError> {
         self.caller(session)?;
         self.members_of(channel_name).await
     }

@@ -55,10 +55,7 @@ async fn bind(name: &'static str, addr: &str) -> Result<Option<TcpListener>, Ser
     if addr.is_empty() {
         return Ok(None);
     }
-    TcpListener::bind(addr)
-        .await
-        .map(Some)
-        .map_err(|source| ServerError::Bind { name, addr: addr.to_string(), source })
+    TcpListener::bind(addr).await.map(Some).map_err(|source| ServerError::Bind { name, addr: addr.to_string(), source })
 }
 
 impl Gateway {
@@ -133,8 +130,11 @@ impl Gateway {
 async fn accept_loop<S, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, make_service: F)
 where
     F: Fn(SocketAddr) -> S + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<crate::http::Body>, Error = std::convert::Infallible>
-        + Send
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::http::Body>,
+            Error = std::convert::Infallible,
+        > + Send
         + 'static,
     S::Future: Send + 'static,
 {

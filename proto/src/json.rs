@@ -102,6 +102,8 @@ struct RawClientFrame<'a> {
     presence: bool,
     #[serde(default)]
     retained: bool,
+    #[serde(default)]
+    since_ms: u64,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     text: Option<String>,
@@ -132,11 +134,7 @@ impl RawClientFrame<'_> {
 }
 
 /// Turns the three payload fields into bytes (at most one may be present).
-pub fn decode_payload(
-    data: Option<&RawValue>,
-    text: Option<&str>,
-    data_b64: Option<&str>,
-) -> Result<Bytes, JsonError> {
+pub fn decode_payload(data: Option<&RawValue>, text: Option<&str>, data_b64: Option<&str>) -> Result<Bytes, JsonError> {
     match (data, text, data_b64) {
         (None, None, None) => Ok(Bytes::new()),
         (Some(raw), None, None) => Ok(Bytes::copy_from_slice(raw.get().as_bytes())),
@@ -144,9 +142,7 @@ pub fn decode_payload(
         (None, None, Some(b)) => payload::decode_b64(b)
             .map(Bytes::from)
             .map_err(|e| JsonError::BadPayload(format!("data_b64 is not base64: {e}"))),
-        _ => Err(JsonError::BadPayload(
-            "give at most one of data, text, data_b64".into(),
-        )),
+        _ => Err(JsonError::BadPayload("give at most one of data, text, data_b64".into())),
     }
 }
 
@@ -155,16 +151,16 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, JsonError> {
     let raw: RawClientFrame<'_> = serde_json::from_str(text)?;
     let ty = raw.ty.clone().unwrap_or_default();
     let frame = match ty.as_str() {
-        "connect" => client_frame::Frame::Connect(Connect {
-            token: raw.token.clone(),
-            client_id: raw.client_id.clone(),
-        }),
+        "connect" => {
+            client_frame::Frame::Connect(Connect { token: raw.token.clone(), client_id: raw.client_id.clone() })
+        }
         "subscribe" => client_frame::Frame::Subscribe(Subscribe {
             filter: RawClientFrame::need(&raw.filter, "subscribe", "filter")?,
             positions: raw.positions.clone().into_iter().map(|(k, v)| (k, v.into())).collect(),
             rewind: raw.rewind.as_ref().map(|r| Rewind { count: r.count, duration_ms: r.duration_ms }),
             presence: raw.presence,
             retained: raw.retained,
+            since_ms: raw.since_ms,
         }),
         "unsubscribe" => client_frame::Frame::Unsubscribe(Unsubscribe {
             filter: RawClientFrame::need(&raw.filter, "unsubscribe", "filter")?,
@@ -232,9 +228,7 @@ impl<'a> JsonPayload<'a> {
         match payload::classify(bytes) {
             PayloadForm::Json(raw) => JsonPayload { data: Some(raw), ..Default::default() },
             PayloadForm::Text(t) => JsonPayload { text: Some(t), ..Default::default() },
-            PayloadForm::Binary => {
-                JsonPayload { data_b64: Some(payload::encode_b64(bytes)), ..Default::default() }
-            }
+            PayloadForm::Binary => JsonPayload { data_b64: Some(payload::encode_b64(bytes)), ..Default::default() },
         }
     }
 }
@@ -379,9 +373,7 @@ pub fn encode_server_frame(frame: &ServerFrame) -> String {
                 .collect();
             to_string("subscribed", req, &json!({"filter": s.filter, "channels": channels}))
         }
-        server_frame::Frame::Unsubscribed(u) => {
-            to_string("unsubscribed", req, &json!({"filter": u.filter}))
-        }
+        server_frame::Frame::Unsubscribed(u) => to_string("unsubscribed", req, &json!({"filter": u.filter})),
         server_frame::Frame::PublishAck(a) => to_string(
             "publish_ack",
             req,
@@ -420,16 +412,12 @@ pub fn encode_server_frame(frame: &ServerFrame) -> String {
             )
         }
         server_frame::Frame::Pong(_) => to_string("pong", req, &json!({})),
-        server_frame::Frame::Error(e) => to_string(
-            "error",
-            req,
-            &json!({"code": e.code().slug(), "message": e.message}),
-        ),
-        server_frame::Frame::Disconnect(d) => to_string(
-            "disconnect",
-            req,
-            &json!({"code": d.code, "reason": d.reason, "reconnect": d.reconnect}),
-        ),
+        server_frame::Frame::Error(e) => {
+            to_string("error", req, &json!({"code": e.code().slug(), "message": e.message}))
+        }
+        server_frame::Frame::Disconnect(d) => {
+            to_string("disconnect", req, &json!({"code": d.code, "reason": d.reason, "reconnect": d.reconnect}))
+        }
         server_frame::Frame::Refreshed(_) => to_string("refreshed", req, &json!({})),
     }
 }
@@ -482,8 +470,7 @@ impl RawEnvelope<'_> {
     fn into_envelope(self) -> Result<Envelope, JsonError> {
         let kind = match self.kind.as_deref() {
             None => Kind::Message,
-            Some(k) => Kind::from_slug(k)
-                .ok_or_else(|| JsonError::UnknownValue { field: "kind", value: k.into() })?,
+            Some(k) => Kind::from_slug(k).ok_or_else(|| JsonError::UnknownValue { field: "kind", value: k.into() })?,
         };
         let payload = decode_payload(self.data, self.text.as_deref(), self.data_b64.as_deref())?;
         let publisher = match self.publisher {
@@ -624,11 +611,7 @@ pub fn decode_server_frame(text: &str) -> Result<ServerFrame, JsonError> {
                 messages: Vec<RawEnvelope<'a>>,
             }
             let raw: RawHistory<'_> = serde_json::from_str(text)?;
-            let messages = raw
-                .messages
-                .into_iter()
-                .map(RawEnvelope::into_envelope)
-                .collect::<Result<_, _>>()?;
+            let messages = raw.messages.into_iter().map(RawEnvelope::into_envelope).collect::<Result<_, _>>()?;
             server_frame::Frame::History(HistoryResult {
                 channel: raw.channel,
                 epoch: raw.epoch,
@@ -683,15 +666,7 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_every_payload_form() {
-        for p in [
-            &b"{\"a\": 1}"[..],
-            b"hello\nworld",
-            b"",
-            b"null",
-            b" 5",
-            b"\x00\x01\xfe\xff",
-            b"\"quoted\"",
-        ] {
+        for p in [&b"{\"a\": 1}"[..], b"hello\nworld", b"", b"null", b" 5", b"\x00\x01\xfe\xff", b"\"quoted\""] {
             let e = env(Box::leak(p.to_vec().into_boxed_slice()));
             let text = encode_message_frame(&e);
             let back = decode_server_frame(&text).unwrap();
@@ -736,10 +711,7 @@ mod tests {
         assert!(matches!(decode_client_frame("[]"), Err(JsonError::Malformed(_))));
         assert!(matches!(decode_client_frame(r#"{"type":"nope"}"#), Err(JsonError::UnknownType(_))));
         assert!(matches!(decode_client_frame(r#"{"req":1}"#), Err(JsonError::UnknownType(_))));
-        assert!(matches!(
-            decode_client_frame(r#"{"type":"publish"}"#),
-            Err(JsonError::MissingField { .. })
-        ));
+        assert!(matches!(decode_client_frame(r#"{"type":"publish"}"#), Err(JsonError::MissingField { .. })));
         assert!(matches!(
             decode_client_frame(r#"{"type":"publish","channel":"a","text":"x","data":1}"#),
             Err(JsonError::BadPayload(_))
@@ -748,10 +720,7 @@ mod tests {
             decode_client_frame(r#"{"type":"publish","channel":"a","data_b64":"!!"}"#),
             Err(JsonError::BadPayload(_))
         ));
-        assert!(matches!(
-            decode_client_frame(r#"{"type":"subscribe","filter":5}"#),
-            Err(JsonError::Malformed(_))
-        ));
+        assert!(matches!(decode_client_frame(r#"{"type":"subscribe","filter":5}"#), Err(JsonError::Malformed(_))));
     }
 
     #[test]

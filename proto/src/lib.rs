@@ -12,6 +12,7 @@ mod generated {
 
 pub mod json;
 pub mod payload;
+pub mod topic;
 
 pub use generated::*;
 
@@ -65,14 +66,13 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::BadCursor => "bad_cursor",
         }
     }
 
     /// Parses a snake_case name back into a code.
     pub fn from_slug(slug: &str) -> Option<Self> {
-        (0..=18)
-            .filter_map(|n| ErrorCode::try_from(n).ok())
-            .find(|c| c.slug() == slug)
+        (0..=19).filter_map(|n| ErrorCode::try_from(n).ok()).find(|c| c.slug() == slug)
     }
 }
 
@@ -112,9 +112,7 @@ impl Protocol {
 
     /// Parses a short protocol name.
     pub fn from_slug(slug: &str) -> Option<Self> {
-        (0..=7)
-            .filter_map(|n| Protocol::try_from(n).ok())
-            .find(|p| p.slug() == slug)
+        (0..=7).filter_map(|n| Protocol::try_from(n).ok()).find(|p| p.slug() == slug)
     }
 }
 
@@ -132,10 +130,8 @@ mod tests {
             prev_serial: 6,
             ..Default::default()
         };
-        let generic = encode_server_frame(&ServerFrame {
-            req: 0,
-            frame: Some(server_frame::Frame::Message(env.clone())),
-        });
+        let generic =
+            encode_server_frame(&ServerFrame { req: 0, frame: Some(server_frame::Frame::Message(env.clone())) });
         assert_eq!(encode_message_frame(&env), generic);
         let back = ServerFrame::decode(generic).unwrap();
         assert_eq!(back.frame, Some(server_frame::Frame::Message(env)));
@@ -143,7 +139,7 @@ mod tests {
 
     #[test]
     fn slugs_round_trip() {
-        for n in 0..=18 {
+        for n in 0..=19 {
             let c = ErrorCode::try_from(n).unwrap();
             assert_eq!(ErrorCode::from_slug(c.slug()), Some(c));
         }

@@ -33,10 +33,7 @@ pub fn classify(payload: &[u8]) -> PayloadForm<'_> {
     let Ok(text) = std::str::from_utf8(payload) else {
         return PayloadForm::Binary;
     };
-    let starts_like_json = matches!(
-        payload.first(),
-        Some(b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f')
-    );
+    let starts_like_json = matches!(payload.first(), Some(b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f'));
     if starts_like_json
         && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
         && raw.get().len() == text.len()

@@ -5,5 +5,9 @@
 //! routes, authorises or stores: it decodes, asks the core, and writes what
 //! the core hands back.
 
+pub mod cursor;
+pub mod poll;
 pub mod port;
+pub mod sse;
+pub mod stream;
 pub mod ws;

@@ -55,8 +55,7 @@ impl Delivery {
 
     /// `{"type":"message",...}` as JSON text, encoded on first use.
     pub fn json_frame(&self) -> &Utf8Bytes {
-        self.json_frame
-            .get_or_init(|| Utf8Bytes::from(proto::json::encode_message_frame(&self.envelope)))
+        self.json_frame.get_or_init(|| Utf8Bytes::from(proto::json::encode_message_frame(&self.envelope)))
     }
 
     /// The channel this delivery belongs to.

@@ -116,9 +116,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::{Instrument, Span, debug, error};
 
-use crate::port::{
-    CloseKind, CloseReason, Core, CoreError, OpenSession, Outbound, Outbox, SessionHandle,
-};
+use crate::port::{CloseKind, CloseReason, Core, CoreError, OpenSession, Outbound, Outbox, SessionHandle};
 
 /// Subprotocol of the JSON codec (text messages).
 pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
@@ -164,11 +162,7 @@ impl Codec {
 /// The client offered subprotocols, none of which this server speaks. The
 /// gateway answers the upgrade with an HTTP error naming them.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unsupported WebSocket subprotocol(s) {offered:?}; supported: {}, {}",
-    SUBPROTOCOL_JSON,
-    SUBPROTOCOL_PROTO
-)]
+#[error("unsupported WebSocket subprotocol(s) {offered:?}; supported: {}, {}", SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO)]
 pub struct NegotiateError {
     /// The offers, trimmed, in the client's order.
     pub offered: Vec<String>,
@@ -187,19 +181,13 @@ pub fn negotiate(offered: Option<&str>) -> Result<Option<Codec>, NegotiateError>
     let Some(header) = offered else {
         return Ok(None);
     };
-    let offers: Vec<&str> = header
-        .split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .collect();
+    let offers: Vec<&str> = header.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
     if offers.is_empty() {
         return Ok(None);
     }
     match offers.iter().find_map(|o| Codec::from_subprotocol(o)) {
         Some(codec) => Ok(Some(codec)),
-        None => Err(NegotiateError {
-            offered: offers.into_iter().map(String::from).collect(),
-        }),
+        None => Err(NegotiateError { offered: offers.into_iter().map(String::from).collect() }),
     }
 }
 
@@ -270,14 +258,7 @@ impl std::fmt::Debug for ConnInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnInfo")
             .field("peer", &self.peer)
-            .field(
-                "token",
-                &if self.token.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
             .field("client_id", &self.client_id)
             .finish()
     }
@@ -285,11 +266,7 @@ impl std::fmt::Debug for ConnInfo {
 
 /// Sent when the peer has been silent for two ping intervals.
 // Proposed for `port::CloseReason` (owned elsewhere); local until then.
-const PING_TIMEOUT: CloseReason = CloseReason {
-    code: 4004,
-    reason: "ping timeout",
-    reconnect: true,
-};
+const PING_TIMEOUT: CloseReason = CloseReason { code: 4004, reason: "ping timeout", reconnect: true };
 
 /// How long to wait for the peer's close reply after sending our close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -310,10 +287,7 @@ fn refusal(code: ErrorCode) -> CloseReason {
         code: 1008,
         reason: code.slug(),
         // Only transient refusals are worth retrying.
-        reconnect: matches!(
-            code,
-            ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::Internal
-        ),
+        reconnect: matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::Internal),
     }
 }
 
@@ -354,15 +328,11 @@ fn read_error(e: WsError) -> Stop {
 
 fn protocol_error(code: &'static str) {
     // Rare, so looking the handle up here is fine.
-    metrics::counter!("switchboard_protocol_errors_total", "protocol" => "ws", "code" => code)
-        .increment(1);
+    metrics::counter!("switchboard_protocol_errors_total", "protocol" => "ws", "code" => code).increment(1);
 }
 
 fn close_message(code: CloseCode, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
 /// Feeds `msgs` and flushes once, all within `limit`.
@@ -379,9 +349,7 @@ where
     };
     match tokio::time::timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(
-            e @ (WsError::AlreadyClosed | WsError::Protocol(ProtocolError::SendAfterClosing)),
-        )) => {
+        Ok(Err(e @ (WsError::AlreadyClosed | WsError::Protocol(ProtocolError::SendAfterClosing)))) => {
             // Writing after a close is a bug here, not the peer's doing.
             error!(error = %e, "write on a closed WebSocket");
             Err(Stop::Gone)
@@ -400,10 +368,7 @@ where
 /// After our close frame: read (and discard) until the peer's close reply or
 /// EOF, for at most [`CLOSE_LINGER`], then shut the transport down.
 async fn linger_and_shutdown<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
+    let _ = tokio::time::timeout(CLOSE_LINGER, async { while let Some(Ok(_)) = ws.next().await {} }).await;
     shutdown_transport(ws).await;
 }
 
@@ -591,11 +556,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Some(s) => s.handle.outbox.drain(&mut self.drained).err(),
             None => None,
         };
-        if closed.is_none()
-            && self.replies.is_empty()
-            && self.drained.is_empty()
-            && !self.flush_pending
-        {
+        if closed.is_none() && self.replies.is_empty() && self.drained.is_empty() && !self.flush_pending {
             return Ok(());
         }
         self.flush_pending = false;
@@ -668,10 +629,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.count_in(text.len());
                 if self.codec != Codec::Json {
                     protocol_error("unsupported_data");
-                    return Err(Stop::Violation(
-                        CloseCode::Unsupported,
-                        "text messages need switchboard.v1.json",
-                    ));
+                    return Err(Stop::Violation(CloseCode::Unsupported, "text messages need switchboard.v1.json"));
                 }
                 match proto::json::decode_client_frame(text.as_str()) {
                     Ok(frame) => self.on_frame(frame).await,
@@ -688,17 +646,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.count_in(data.len());
                 if self.codec != Codec::Proto {
                     protocol_error("unsupported_data");
-                    return Err(Stop::Violation(
-                        CloseCode::Unsupported,
-                        "binary messages need switchboard.v1.proto",
-                    ));
+                    return Err(Stop::Violation(CloseCode::Unsupported, "binary messages need switchboard.v1.proto"));
                 }
                 match proto::decode_client_frame(&data) {
                     Ok(frame) => self.on_frame(frame).await,
-                    Err(e) => self.bad_frame(
-                        ErrorCode::BadFrame,
-                        format!("malformed protobuf frame: {e}"),
-                    ),
+                    Err(e) => self.bad_frame(ErrorCode::BadFrame, format!("malformed protobuf frame: {e}")),
                 }
             }
             Message::Ping(_) => {
@@ -741,26 +693,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             if let client_frame::Frame::Connect(c) = frame {
                 return self.open(req, c.client_id, c.token).await;
             }
-            self.push_error(
-                req,
-                ErrorCode::NotConnected,
-                "the first frame must be connect".into(),
-            );
+            self.push_error(req, ErrorCode::NotConnected, "the first frame must be connect".into());
             return Err(Stop::Disconnect(CloseReason::CONNECT_EXPECTED));
         };
         let id = session.handle.id;
         let core = &self.core;
-        let ack = |channel: String| {
-            Reply::PublishAck(proto::PublishAck {
-                channel,
-                ..Default::default()
-            })
-        };
+        let ack = |channel: String| Reply::PublishAck(proto::PublishAck { channel, ..Default::default() });
         let reply = match frame {
-            client_frame::Frame::Connect(_) => Err(CoreError::new(
-                ErrorCode::AlreadyConnected,
-                "the session is already open",
-            )),
+            client_frame::Frame::Connect(_) => {
+                Err(CoreError::new(ErrorCode::AlreadyConnected, "the session is already open"))
+            }
             client_frame::Frame::Subscribe(s) => match core.subscribe(id, s).await {
                 Ok(outcome) => {
                     // Reply, then replay, both ahead of the outbox drain that
@@ -781,27 +723,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 .await
                 .map(|()| Reply::Unsubscribed(proto::Unsubscribed { filter: u.filter })),
             client_frame::Frame::Publish(p) => core.publish(id, p).await.map(Reply::PublishAck),
-            client_frame::Frame::PresenceEnter(p) => core
-                .presence_enter(id, &p.channel, p.data, false)
-                .await
-                .map(|()| ack(p.channel)),
-            client_frame::Frame::PresenceUpdate(p) => core
-                .presence_enter(id, &p.channel, p.data, true)
-                .await
-                .map(|()| ack(p.channel)),
-            client_frame::Frame::PresenceLeave(p) => core
-                .presence_leave(id, &p.channel)
-                .await
-                .map(|()| ack(p.channel)),
-            client_frame::Frame::PresenceGet(p) => core
-                .presence_members(id, &p.channel)
-                .await
-                .map(Reply::Presence),
+            client_frame::Frame::PresenceEnter(p) => {
+                core.presence_enter(id, &p.channel, p.data, false).await.map(|()| ack(p.channel))
+            }
+            client_frame::Frame::PresenceUpdate(p) => {
+                core.presence_enter(id, &p.channel, p.data, true).await.map(|()| ack(p.channel))
+            }
+            client_frame::Frame::PresenceLeave(p) => core.presence_leave(id, &p.channel).await.map(|()| ack(p.channel)),
+            client_frame::Frame::PresenceGet(p) => core.presence_members(id, &p.channel).await.map(Reply::Presence),
             client_frame::Frame::History(h) => core.history(id, h).await.map(Reply::History),
-            client_frame::Frame::Refresh(_) => Err(CoreError::new(
-                ErrorCode::BadRequest,
-                "token refresh needs auth configured",
-            )),
+            client_frame::Frame::Refresh(_) => {
+                Err(CoreError::new(ErrorCode::BadRequest, "token refresh needs auth configured"))
+            }
             client_frame::Frame::Ping(_) => Ok(Reply::Pong(proto::Pong {})),
         };
         match reply {
@@ -816,12 +749,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Asks the core for a session; a refusal ends the connection.
     async fn open(&mut self, req: u64, client_id: String, token: String) -> Result<(), Stop> {
-        let request = OpenSession {
-            protocol: proto::Protocol::Ws,
-            client_id,
-            token,
-            peer: self.info.peer,
-        };
+        let request = OpenSession { protocol: proto::Protocol::Ws, client_id, token, peer: self.info.peer };
         match self.core.open(request).await {
             Ok(handle) => {
                 self.span.record("client_id", handle.client_id.as_str());
@@ -835,18 +763,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         version: env!("CARGO_PKG_VERSION").into(),
                     }),
                 );
-                self.session = Some(Session {
-                    handle,
-                    core: Arc::clone(&self.core),
-                    end: CloseKind::Abrupt,
-                });
+                self.session = Some(Session { handle, core: Arc::clone(&self.core), end: CloseKind::Abrupt });
                 // The timer switches from the handshake deadline to pings.
                 self.last_seen = Instant::now();
                 self.timer_armed = !self.cfg.ping_interval.is_zero();
                 if self.timer_armed {
-                    self.timer
-                        .as_mut()
-                        .reset(self.last_seen + self.cfg.ping_interval);
+                    self.timer.as_mut().reset(self.last_seen + self.cfg.ping_interval);
                 }
                 Ok(())
             }
@@ -860,32 +782,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     fn push_reply(&mut self, req: u64, body: Reply) {
-        let frame = proto::ServerFrame {
-            req,
-            frame: Some(body),
-        };
+        let frame = proto::ServerFrame { req, frame: Some(body) };
         self.replies.push(encode(self.codec, &frame));
     }
 
     fn push_error(&mut self, req: u64, code: ErrorCode, message: String) {
-        self.push_reply(
-            req,
-            Reply::Error(proto::Error {
-                code: code as i32,
-                message,
-            }),
-        );
+        self.push_reply(req, Reply::Error(proto::Error { code: code as i32, message }));
     }
 
     /// Writes whatever ends the connection, then shuts the transport down.
     async fn finish(&mut self, stop: Stop) {
         match stop {
             Stop::Disconnect(reason) => {
-                debug!(
-                    code = reason.code,
-                    reason = reason.reason,
-                    "closing connection"
-                );
+                debug!(code = reason.code, reason = reason.reason, "closing connection");
                 let disconnect = proto::ServerFrame {
                     req: 0,
                     frame: Some(Reply::Disconnect(proto::Disconnect {
@@ -894,15 +803,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         reconnect: reason.reconnect,
                     })),
                 };
-                let tail = [
-                    encode(self.codec, &disconnect),
-                    close_message(reason.code.into(), reason.reason),
-                ];
+                let tail = [encode(self.codec, &disconnect), close_message(reason.code.into(), reason.reason)];
                 let msgs = self.replies.drain(..).chain(tail);
-                if send_batch(&mut self.ws, msgs, self.cfg.write_timeout)
-                    .await
-                    .is_ok()
-                {
+                if send_batch(&mut self.ws, msgs, self.cfg.write_timeout).await.is_ok() {
                     linger_and_shutdown(&mut self.ws).await;
                 } else {
                     shutdown_transport(&mut self.ws).await;
@@ -910,10 +813,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
             Stop::Violation(code, reason) => {
                 let msgs = self.replies.drain(..).chain([close_message(code, reason)]);
-                if send_batch(&mut self.ws, msgs, self.cfg.write_timeout)
-                    .await
-                    .is_ok()
-                {
+                if send_batch(&mut self.ws, msgs, self.cfg.write_timeout).await.is_ok() {
                     linger_and_shutdown(&mut self.ws).await;
                 } else {
                     shutdown_transport(&mut self.ws).await;
@@ -955,13 +855,7 @@ fn outbound_message(codec: Codec, item: Outbound) -> Message {
     match (item, codec) {
         (Outbound::Message(d), Codec::Json) => Message::Text(d.json_frame().clone()),
         (Outbound::Message(d), Codec::Proto) => Message::Binary(d.proto_frame().clone()),
-        (Outbound::Gap(g), codec) => encode(
-            codec,
-            &proto::ServerFrame {
-                req: 0,
-                frame: Some(Reply::Gap(g)),
-            },
-        ),
+        (Outbound::Gap(g), codec) => encode(codec, &proto::ServerFrame { req: 0, frame: Some(Reply::Gap(g)) }),
     }
 }
 
@@ -978,10 +872,7 @@ pub async fn serve_echo<S: AsyncRead + AsyncWrite + Unpin + Send>(
     async move {
         let mut stop = None;
         if *shutdown.borrow_and_update() {
-            stop = Some(Stop::Violation(
-                CloseCode::Away,
-                CloseReason::SHUTDOWN.reason,
-            ));
+            stop = Some(Stop::Violation(CloseCode::Away, CloseReason::SHUTDOWN.reason));
         }
         while stop.is_none() {
             let msg = tokio::select! {
@@ -1083,50 +974,33 @@ mod tests {
         }
 
         fn closes(&self) -> Vec<String> {
-            self.calls()
-                .into_iter()
-                .filter(|c| c.starts_with("close"))
-                .collect()
+            self.calls().into_iter().filter(|c| c.starts_with("close")).collect()
         }
     }
 
     #[async_trait::async_trait]
     impl Core for FakeCore {
         async fn open(&self, req: OpenSession) -> Result<SessionHandle, CoreError> {
-            self.record(format!(
-                "open {:?} {} {}",
-                req.protocol, req.client_id, req.token
-            ));
+            self.record(format!("open {:?} {} {}", req.protocol, req.client_id, req.token));
             if let Some(e) = &self.open_error {
                 return Err(e.clone());
             }
             Ok(SessionHandle {
                 id: 7,
-                client_id: if req.client_id.is_empty() {
-                    "anon".into()
-                } else {
-                    req.client_id
-                },
+                client_id: if req.client_id.is_empty() { "anon".into() } else { req.client_id },
                 connection_id: "c1".into(),
                 node: "n1".into(),
                 outbox: Arc::clone(&self.outbox),
             })
         }
 
-        async fn subscribe(
-            &self,
-            session: SessionId,
-            req: proto::Subscribe,
-        ) -> Result<SubscribeOutcome, CoreError> {
+        async fn subscribe(&self, session: SessionId, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError> {
             self.record(format!("subscribe {session} {}", req.filter));
             for item in self.live_on_subscribe.lock().drain(..) {
                 self.outbox.push(item, SlowPolicy::Disconnect);
             }
             Ok(SubscribeOutcome {
-                subscribed: proto::Subscribed {
-                    filter: req.filter,
-                    channels: vec![],
-                },
+                subscribed: proto::Subscribed { filter: req.filter, channels: vec![] },
                 replay: std::mem::take(&mut *self.replay.lock()),
             })
         }
@@ -1136,24 +1010,12 @@ mod tests {
             Ok(())
         }
 
-        async fn publish(
-            &self,
-            session: SessionId,
-            req: proto::Publish,
-        ) -> Result<proto::PublishAck, CoreError> {
-            self.record(format!(
-                "publish {session} {} {:?}",
-                req.channel, req.payload
-            ));
+        async fn publish(&self, session: SessionId, req: proto::Publish) -> Result<proto::PublishAck, CoreError> {
+            self.record(format!("publish {session} {} {:?}", req.channel, req.payload));
             if req.channel == "bad" {
                 return Err(CoreError::new(ErrorCode::InvalidChannel, "bad channel"));
             }
-            Ok(proto::PublishAck {
-                channel: req.channel,
-                epoch: "E".into(),
-                serial: 1,
-                duplicate: false,
-            })
+            Ok(proto::PublishAck { channel: req.channel, epoch: "E".into(), serial: 1, duplicate: false })
         }
 
         async fn presence_enter(
@@ -1163,9 +1025,7 @@ mod tests {
             data: Bytes,
             update: bool,
         ) -> Result<(), CoreError> {
-            self.record(format!(
-                "presence_enter {session} {channel} {data:?} {update}"
-            ));
+            self.record(format!("presence_enter {session} {channel} {data:?} {update}"));
             Ok(())
         }
 
@@ -1182,25 +1042,13 @@ mod tests {
             self.record(format!("presence_members {session} {channel}"));
             Ok(proto::PresenceMembers {
                 channel: channel.into(),
-                members: vec![proto::Member {
-                    client_id: "u".into(),
-                    ..Default::default()
-                }],
+                members: vec![proto::Member { client_id: "u".into(), ..Default::default() }],
             })
         }
 
-        async fn history(
-            &self,
-            session: SessionId,
-            req: proto::History,
-        ) -> Result<proto::HistoryResult, CoreError> {
+        async fn history(&self, session: SessionId, req: proto::History) -> Result<proto::HistoryResult, CoreError> {
             self.record(format!("history {session} {}", req.channel));
-            Ok(proto::HistoryResult {
-                channel: req.channel,
-                epoch: "E".into(),
-                serial: 3,
-                messages: vec![],
-            })
+            Ok(proto::HistoryResult { channel: req.channel, epoch: "E".into(), serial: 3, messages: vec![] })
         }
 
         fn close(&self, session: SessionId, kind: CloseKind) {
@@ -1227,33 +1075,19 @@ mod tests {
         core: Arc<FakeCore>,
     }
 
-    async fn pipe(
-        cfg: &WsConfig,
-    ) -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+    async fn pipe(cfg: &WsConfig) -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
         let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let server =
-            WebSocketStream::from_raw_socket(server_io, Role::Server, Some(websocket_config(cfg)))
-                .await;
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(websocket_config(cfg))).await;
         let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         (server, client)
     }
 
-    async fn start_with(
-        codec: Codec,
-        core: Arc<FakeCore>,
-        info: ConnInfo,
-        cfg: WsConfig,
-    ) -> Harness {
+    async fn start_with(codec: Codec, core: Arc<FakeCore>, info: ConnInfo, cfg: WsConfig) -> Harness {
         let (server, client) = pipe(&cfg).await;
         let (shutdown, rx) = watch::channel(false);
         let dyn_core: Arc<dyn Core> = core.clone();
         let task = tokio::spawn(serve(server, codec, dyn_core, info, cfg, rx));
-        Harness {
-            client,
-            task,
-            shutdown,
-            core,
-        }
+        Harness { client, task, shutdown, core }
     }
 
     async fn start(codec: Codec, core: Arc<FakeCore>) -> Harness {
@@ -1262,10 +1096,7 @@ mod tests {
 
     impl Harness {
         async fn send(&mut self, m: Message) {
-            tokio::time::timeout(WAIT, self.client.send(m))
-                .await
-                .expect("send timed out")
-                .expect("send failed");
+            tokio::time::timeout(WAIT, self.client.send(m)).await.expect("send timed out").expect("send failed");
         }
 
         async fn send_json(&mut self, text: &str) {
@@ -1273,20 +1104,14 @@ mod tests {
         }
 
         async fn send_proto(&mut self, req: u64, frame: client_frame::Frame) {
-            let bytes = proto::ClientFrame {
-                req,
-                frame: Some(frame),
-            }
-            .encode_to_vec();
+            let bytes = proto::ClientFrame { req, frame: Some(frame) }.encode_to_vec();
             self.send(Message::binary(bytes)).await;
         }
 
         /// The next message that is not a ping or pong; `None` at the end.
         async fn recv(&mut self) -> Option<Message> {
             loop {
-                let next = tokio::time::timeout(WAIT, self.client.next())
-                    .await
-                    .expect("receive timed out");
+                let next = tokio::time::timeout(WAIT, self.client.next()).await.expect("receive timed out");
                 match next {
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(m)) => return Some(m),
@@ -1297,18 +1122,14 @@ mod tests {
 
         async fn recv_json(&mut self) -> proto::ServerFrame {
             match self.recv().await {
-                Some(Message::Text(t)) => {
-                    proto::json::decode_server_frame(t.as_str()).expect("server sent bad JSON")
-                }
+                Some(Message::Text(t)) => proto::json::decode_server_frame(t.as_str()).expect("server sent bad JSON"),
                 other => panic!("expected a text message, got {other:?}"),
             }
         }
 
         async fn recv_proto(&mut self) -> proto::ServerFrame {
             match self.recv().await {
-                Some(Message::Binary(b)) => {
-                    proto::ServerFrame::decode(b).expect("server sent bad protobuf")
-                }
+                Some(Message::Binary(b)) => proto::ServerFrame::decode(b).expect("server sent bad protobuf"),
                 other => panic!("expected a binary message, got {other:?}"),
             }
         }
@@ -1322,8 +1143,7 @@ mod tests {
         }
 
         async fn connect(&mut self) {
-            self.send_json(r#"{"type":"connect","req":1,"client_id":"alice"}"#)
-                .await;
+            self.send_json(r#"{"type":"connect","req":1,"client_id":"alice"}"#).await;
             let f = self.recv_json().await;
             assert!(matches!(f.frame, Some(Reply::Connected(_))), "{f:?}");
         }
@@ -1333,10 +1153,7 @@ mod tests {
             // Keep reading so the close handshake can finish.
             let drain = async { while let Some(Ok(_)) = self.client.next().await {} };
             let _ = tokio::time::timeout(WAIT, drain).await;
-            tokio::time::timeout(WAIT, self.task)
-                .await
-                .expect("server task hung")
-                .expect("server task panicked");
+            tokio::time::timeout(WAIT, self.task).await.expect("server task hung").expect("server task panicked");
             self.core.calls()
         }
     }
@@ -1365,39 +1182,22 @@ mod tests {
     #[tokio::test]
     async fn connect_then_publish_acks_with_req() {
         let mut h = start(Codec::Json, FakeCore::new()).await;
-        h.send_json(r#"{"type":"connect","req":5,"client_id":"alice","token":"t"}"#)
-            .await;
+        h.send_json(r#"{"type":"connect","req":5,"client_id":"alice","token":"t"}"#).await;
         let f = h.recv_json().await;
         assert_eq!(f.req, 5);
-        let Some(Reply::Connected(c)) = f.frame else {
-            panic!("{f:?}")
-        };
-        assert_eq!(
-            (
-                c.client_id.as_str(),
-                c.connection_id.as_str(),
-                c.node.as_str()
-            ),
-            ("alice", "c1", "n1")
-        );
+        let Some(Reply::Connected(c)) = f.frame else { panic!("{f:?}") };
+        assert_eq!((c.client_id.as_str(), c.connection_id.as_str(), c.node.as_str()), ("alice", "c1", "n1"));
         assert_eq!(c.version, env!("CARGO_PKG_VERSION"));
 
-        h.send_json(r#"{"type":"publish","req":6,"channel":"a/b","text":"hi"}"#)
-            .await;
+        h.send_json(r#"{"type":"publish","req":6,"channel":"a/b","text":"hi"}"#).await;
         let f = h.recv_json().await;
         assert_eq!(f.req, 6);
-        let Some(Reply::PublishAck(ack)) = f.frame else {
-            panic!("{f:?}")
-        };
+        let Some(Reply::PublishAck(ack)) = f.frame else { panic!("{f:?}") };
         assert_eq!((ack.channel.as_str(), ack.serial), ("a/b", 1));
 
         // A core error is answered and the connection stays.
-        h.send_json(r#"{"type":"publish","req":7,"channel":"bad"}"#)
-            .await;
-        assert_eq!(
-            error_of(&h.recv_json().await),
-            (7, ErrorCode::InvalidChannel)
-        );
+        h.send_json(r#"{"type":"publish","req":7,"channel":"bad"}"#).await;
+        assert_eq!(error_of(&h.recv_json().await), (7, ErrorCode::InvalidChannel));
         h.send_json(r#"{"type":"ping","req":8}"#).await;
         let f = h.recv_json().await;
         assert_eq!((f.req, f.frame), (8, Some(Reply::Pong(proto::Pong {}))));
@@ -1414,71 +1214,33 @@ mod tests {
     async fn every_request_maps_to_its_reply() {
         let mut h = start(Codec::Json, FakeCore::new()).await;
         h.connect().await;
-        h.send_json(r#"{"type":"presence.enter","req":2,"channel":"room","text":"x"}"#)
-            .await;
-        h.send_json(r#"{"type":"presence.update","req":3,"channel":"room","text":"y"}"#)
-            .await;
-        h.send_json(r#"{"type":"presence.leave","req":4,"channel":"room"}"#)
-            .await;
+        h.send_json(r#"{"type":"presence.enter","req":2,"channel":"room","text":"x"}"#).await;
+        h.send_json(r#"{"type":"presence.update","req":3,"channel":"room","text":"y"}"#).await;
+        h.send_json(r#"{"type":"presence.leave","req":4,"channel":"room"}"#).await;
         for req in 2..=4 {
             let f = h.recv_json().await;
             assert_eq!(f.req, req);
-            let Some(Reply::PublishAck(ack)) = f.frame else {
-                panic!("{f:?}")
-            };
-            assert_eq!(
-                ack,
-                proto::PublishAck {
-                    channel: "room".into(),
-                    ..Default::default()
-                }
-            );
+            let Some(Reply::PublishAck(ack)) = f.frame else { panic!("{f:?}") };
+            assert_eq!(ack, proto::PublishAck { channel: "room".into(), ..Default::default() });
         }
-        h.send_json(r#"{"type":"presence.get","req":5,"channel":"room"}"#)
-            .await;
+        h.send_json(r#"{"type":"presence.get","req":5,"channel":"room"}"#).await;
         let f = h.recv_json().await;
-        assert!(
-            matches!(&f.frame, Some(Reply::Presence(p)) if p.members.len() == 1),
-            "{f:?}"
-        );
-        h.send_json(r#"{"type":"history","req":6,"channel":"room"}"#)
-            .await;
+        assert!(matches!(&f.frame, Some(Reply::Presence(p)) if p.members.len() == 1), "{f:?}");
+        h.send_json(r#"{"type":"history","req":6,"channel":"room"}"#).await;
         let f = h.recv_json().await;
-        assert!(
-            matches!(&f.frame, Some(Reply::History(r)) if r.serial == 3),
-            "{f:?}"
-        );
-        h.send_json(r#"{"type":"unsubscribe","req":7,"filter":"a/#"}"#)
-            .await;
+        assert!(matches!(&f.frame, Some(Reply::History(r)) if r.serial == 3), "{f:?}");
+        h.send_json(r#"{"type":"unsubscribe","req":7,"filter":"a/#"}"#).await;
         let f = h.recv_json().await;
-        assert_eq!(
-            f.frame,
-            Some(Reply::Unsubscribed(proto::Unsubscribed {
-                filter: "a/#".into()
-            }))
-        );
-        h.send_json(r#"{"type":"refresh","req":8,"token":"t2"}"#)
-            .await;
+        assert_eq!(f.frame, Some(Reply::Unsubscribed(proto::Unsubscribed { filter: "a/#".into() })));
+        h.send_json(r#"{"type":"refresh","req":8,"token":"t2"}"#).await;
         assert_eq!(error_of(&h.recv_json().await), (8, ErrorCode::BadRequest));
         h.send_json(r#"{"type":"connect","req":9}"#).await;
-        assert_eq!(
-            error_of(&h.recv_json().await),
-            (9, ErrorCode::AlreadyConnected)
-        );
+        assert_eq!(error_of(&h.recv_json().await), (9, ErrorCode::AlreadyConnected));
 
         let calls = h.core.calls();
-        assert!(
-            calls.contains(&"presence_enter 7 room b\"x\" false".to_string()),
-            "{calls:?}"
-        );
-        assert!(
-            calls.contains(&"presence_enter 7 room b\"y\" true".to_string()),
-            "{calls:?}"
-        );
-        assert!(
-            calls.contains(&"presence_leave 7 room".to_string()),
-            "{calls:?}"
-        );
+        assert!(calls.contains(&"presence_enter 7 room b\"x\" false".to_string()), "{calls:?}");
+        assert!(calls.contains(&"presence_enter 7 room b\"y\" true".to_string()), "{calls:?}");
+        assert!(calls.contains(&"presence_leave 7 room".to_string()), "{calls:?}");
         assert_eq!(calls.iter().filter(|c| c.starts_with("open")).count(), 1);
         h.send(Message::Close(None)).await;
         h.end().await;
@@ -1487,16 +1249,12 @@ mod tests {
     #[tokio::test]
     async fn frame_before_connect_closes_4002() {
         let mut h = start(Codec::Json, FakeCore::new()).await;
-        h.send_json(r#"{"type":"publish","req":3,"channel":"a"}"#)
-            .await;
+        h.send_json(r#"{"type":"publish","req":3,"channel":"a"}"#).await;
         assert_eq!(error_of(&h.recv_json().await), (3, ErrorCode::NotConnected));
         assert_eq!(disconnect_of(&h.recv_json().await), (4002, false));
         assert_eq!(h.recv_close().await, 4002);
         let calls = h.end().await;
-        assert!(
-            calls.is_empty(),
-            "no session may be opened or closed: {calls:?}"
-        );
+        assert!(calls.is_empty(), "no session may be opened or closed: {calls:?}");
     }
 
     #[tokio::test]
@@ -1511,10 +1269,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_connect_in_time_closes_4002() {
-        let cfg = WsConfig {
-            handshake_timeout: Duration::from_millis(100),
-            ..WsConfig::default()
-        };
+        let cfg = WsConfig { handshake_timeout: Duration::from_millis(100), ..WsConfig::default() };
         let mut h = start_with(Codec::Json, FakeCore::new(), ConnInfo::default(), cfg).await;
         assert_eq!(disconnect_of(&h.recv_json().await), (4002, false));
         assert_eq!(h.recv_close().await, 4002);
@@ -1531,18 +1286,11 @@ mod tests {
         assert_eq!(error_of(&h.recv_json().await), (0, ErrorCode::BadFrame));
         h.send_json(r#"{"type":"nope","req":3}"#).await;
         assert_eq!(error_of(&h.recv_json().await), (0, ErrorCode::UnknownFrame));
-        h.send_json(r#"{"type":"publish","req":4,"channel":"a"}"#)
-            .await;
+        h.send_json(r#"{"type":"publish","req":4,"channel":"a"}"#).await;
         let f = h.recv_json().await;
-        assert!(
-            matches!(f.frame, Some(Reply::PublishAck(_))) && f.req == 4,
-            "{f:?}"
-        );
+        assert!(matches!(f.frame, Some(Reply::PublishAck(_))) && f.req == 4, "{f:?}");
         h.send(Message::Close(None)).await;
-        assert_eq!(
-            h.end().await.last().map(String::as_str),
-            Some("close 7 Clean")
-        );
+        assert_eq!(h.end().await.last().map(String::as_str), Some("close 7 Clean"));
     }
 
     #[tokio::test]
@@ -1551,30 +1299,18 @@ mod tests {
         h.connect().await;
         h.send(Message::binary(vec![1, 2, 3])).await;
         assert_eq!(h.recv_close().await, 1003);
-        assert_eq!(
-            h.end().await.last().map(String::as_str),
-            Some("close 7 Abrupt")
-        );
+        assert_eq!(h.end().await.last().map(String::as_str), Some("close 7 Abrupt"));
     }
 
     #[tokio::test]
     async fn oversize_message_closes_1009() {
-        let cfg = WsConfig {
-            max_frame_size: 1024,
-            ..WsConfig::default()
-        };
+        let cfg = WsConfig { max_frame_size: 1024, ..WsConfig::default() };
         let mut h = start_with(Codec::Json, FakeCore::new(), ConnInfo::default(), cfg).await;
         h.connect().await;
-        let big = format!(
-            r#"{{"type":"publish","channel":"a","text":"{}"}}"#,
-            "x".repeat(2000)
-        );
+        let big = format!(r#"{{"type":"publish","channel":"a","text":"{}"}}"#, "x".repeat(2000));
         h.send_json(&big).await;
         assert_eq!(h.recv_close().await, 1009);
-        assert_eq!(
-            h.end().await.last().map(String::as_str),
-            Some("close 7 Abrupt")
-        );
+        assert_eq!(h.end().await.last().map(String::as_str), Some("close 7 Abrupt"));
     }
 
     #[tokio::test]
@@ -1582,30 +1318,19 @@ mod tests {
         let core = FakeCore::new();
         *core.replay.lock() = vec![
             Outbound::Message(delivery("a", 1)),
-            Outbound::Gap(proto::Gap {
-                channel: "a".into(),
-                reason: "trimmed".into(),
-                ..Default::default()
-            }),
+            Outbound::Gap(proto::Gap { channel: "a".into(), reason: "trimmed".into(), ..Default::default() }),
             Outbound::Message(delivery("a", 2)),
         ];
         *core.live_on_subscribe.lock() = vec![Outbound::Message(delivery("a", 3))];
         let mut h = start(Codec::Json, core).await;
         h.connect().await;
-        h.send_json(r#"{"type":"subscribe","req":2,"filter":"a"}"#)
-            .await;
+        h.send_json(r#"{"type":"subscribe","req":2,"filter":"a"}"#).await;
         let f = h.recv_json().await;
         assert_eq!(f.req, 2);
-        assert!(
-            matches!(f.frame, Some(Reply::Subscribed(ref s)) if s.filter == "a"),
-            "{f:?}"
-        );
+        assert!(matches!(f.frame, Some(Reply::Subscribed(ref s)) if s.filter == "a"), "{f:?}");
         assert_eq!(serial_of(&h.recv_json().await), 1);
         let f = h.recv_json().await;
-        assert!(
-            matches!(f.frame, Some(Reply::Gap(ref g)) if g.reason == "trimmed"),
-            "{f:?}"
-        );
+        assert!(matches!(f.frame, Some(Reply::Gap(ref g)) if g.reason == "trimmed"), "{f:?}");
         assert_eq!(serial_of(&h.recv_json().await), 2);
         assert_eq!(serial_of(&h.recv_json().await), 3);
         h.send(Message::Close(None)).await;
@@ -1618,8 +1343,7 @@ mod tests {
         let mut h = start(Codec::Json, core.clone()).await;
         h.connect().await;
         let d = delivery("a", 9);
-        core.outbox
-            .push(Outbound::Message(d.clone()), SlowPolicy::Disconnect);
+        core.outbox.push(Outbound::Message(d.clone()), SlowPolicy::Disconnect);
         match h.recv().await {
             Some(Message::Text(t)) => assert_eq!(t, *d.json_frame()),
             other => panic!("{other:?}"),
@@ -1638,26 +1362,14 @@ mod tests {
             payload: Bytes::from(vec![b'x'; 1000]),
             ..Default::default()
         });
-        assert_eq!(
-            core.outbox
-                .push(Outbound::Message(big), SlowPolicy::Disconnect),
-            crate::port::PushOutcome::Closed
-        );
+        assert_eq!(core.outbox.push(Outbound::Message(big), SlowPolicy::Disconnect), crate::port::PushOutcome::Closed);
         let f = h.recv_json().await;
-        let Some(Reply::Disconnect(d)) = f.frame else {
-            panic!("{f:?}")
-        };
-        assert_eq!(
-            (d.code, d.reason.as_str(), d.reconnect),
-            (4000, "slow consumer", true)
-        );
+        let Some(Reply::Disconnect(d)) = f.frame else { panic!("{f:?}") };
+        assert_eq!((d.code, d.reason.as_str(), d.reconnect), (4000, "slow consumer", true));
         assert_eq!(h.recv_close().await, 4000);
         let closes = {
             let calls = h.end().await;
-            calls
-                .into_iter()
-                .filter(|c| c.starts_with("close"))
-                .collect::<Vec<_>>()
+            calls.into_iter().filter(|c| c.starts_with("close")).collect::<Vec<_>>()
         };
         assert_eq!(closes, vec!["close 7 Abrupt"]);
     }
@@ -1689,10 +1401,7 @@ mod tests {
         let mut h = start(Codec::Json, FakeCore::new()).await;
         h.connect().await;
         h.client
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "bye".into(),
-            })))
+            .send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })))
             .await
             .expect("send close");
         // The server echoes the close.
@@ -1708,100 +1417,61 @@ mod tests {
         h.connect().await;
         let core = h.core.clone();
         drop(h.client);
-        tokio::time::timeout(WAIT, h.task)
-            .await
-            .expect("server task hung")
-            .expect("panicked");
+        tokio::time::timeout(WAIT, h.task).await.expect("server task hung").expect("panicked");
         assert_eq!(core.closes(), vec!["close 7 Abrupt"]);
     }
 
     #[tokio::test]
     async fn refused_open_closes_4001_or_1008() {
-        for (code, close) in [
-            (ErrorCode::Unauthorized, 4001),
-            (ErrorCode::PermissionDenied, 1008),
-        ] {
+        for (code, close) in [(ErrorCode::Unauthorized, 4001), (ErrorCode::PermissionDenied, 1008)] {
             let core = FakeCore::with(Outbox::new(1024), Some(CoreError::new(code, "no")));
             let mut h = start(Codec::Json, core).await;
-            h.send_json(r#"{"type":"connect","req":1,"token":"bad"}"#)
-                .await;
+            h.send_json(r#"{"type":"connect","req":1,"token":"bad"}"#).await;
             assert_eq!(error_of(&h.recv_json().await), (1, code));
             assert_eq!(disconnect_of(&h.recv_json().await), (close, false));
             assert_eq!(h.recv_close().await, close as u16);
             let calls = h.end().await;
-            assert_eq!(
-                calls,
-                vec!["open Ws  bad"],
-                "a refused session is never closed"
-            );
+            assert_eq!(calls, vec!["open Ws  bad"], "a refused session is never closed");
         }
     }
 
     #[tokio::test]
     async fn query_credentials_open_without_connect() {
-        let info = ConnInfo {
-            peer: None,
-            token: String::new(),
-            client_id: "q".into(),
-        };
+        let info = ConnInfo { peer: None, token: String::new(), client_id: "q".into() };
         let mut h = start_with(Codec::Json, FakeCore::new(), info, WsConfig::default()).await;
         let f = h.recv_json().await;
         assert_eq!(f.req, 0);
-        assert!(
-            matches!(f.frame, Some(Reply::Connected(ref c)) if c.client_id == "q"),
-            "{f:?}"
-        );
-        h.send_json(r#"{"type":"publish","req":2,"channel":"a"}"#)
-            .await;
-        assert!(matches!(
-            h.recv_json().await.frame,
-            Some(Reply::PublishAck(_))
-        ));
+        assert!(matches!(f.frame, Some(Reply::Connected(ref c)) if c.client_id == "q"), "{f:?}");
+        h.send_json(r#"{"type":"publish","req":2,"channel":"a"}"#).await;
+        assert!(matches!(h.recv_json().await.frame, Some(Reply::PublishAck(_))));
         h.send(Message::Close(None)).await;
         assert_eq!(h.end().await[0], "open Ws q ");
     }
 
     #[tokio::test]
     async fn idle_peer_is_pinged_then_dropped_4004() {
-        let cfg = WsConfig {
-            ping_interval: Duration::from_millis(100),
-            ..WsConfig::default()
-        };
+        let cfg = WsConfig { ping_interval: Duration::from_millis(100), ..WsConfig::default() };
         let mut h = start_with(Codec::Json, FakeCore::new(), ConnInfo::default(), cfg).await;
         h.connect().await;
         // Read the ping, then stay silent (the automatic pong is only sent
         // on the next read, which comes after the server gave up).
-        let ping = tokio::time::timeout(WAIT, h.client.next())
-            .await
-            .expect("no ping");
+        let ping = tokio::time::timeout(WAIT, h.client.next()).await.expect("no ping");
         assert!(matches!(ping, Some(Ok(Message::Ping(_)))), "{ping:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(disconnect_of(&h.recv_json().await), (4004, true));
         assert_eq!(h.recv_close().await, 4004);
-        assert_eq!(
-            h.end().await.last().map(String::as_str),
-            Some("close 7 Abrupt")
-        );
+        assert_eq!(h.end().await.last().map(String::as_str), Some("close 7 Abrupt"));
     }
 
     #[tokio::test]
     async fn proto_codec_round_trip() {
         let core = FakeCore::new();
         let mut h = start(Codec::Proto, core.clone()).await;
-        h.send_proto(
-            1,
-            client_frame::Frame::Connect(proto::Connect {
-                token: String::new(),
-                client_id: "bob".into(),
-            }),
-        )
-        .await;
+        h.send_proto(1, client_frame::Frame::Connect(proto::Connect { token: String::new(), client_id: "bob".into() }))
+            .await;
         let f = h.recv_proto().await;
         assert_eq!(f.req, 1);
-        assert!(
-            matches!(f.frame, Some(Reply::Connected(ref c)) if c.client_id == "bob"),
-            "{f:?}"
-        );
+        assert!(matches!(f.frame, Some(Reply::Connected(ref c)) if c.client_id == "bob"), "{f:?}");
         h.send_proto(
             2,
             client_frame::Frame::Publish(proto::Publish {
@@ -1813,20 +1483,11 @@ mod tests {
         .await;
         let f = h.recv_proto().await;
         assert_eq!(f.req, 2);
-        assert!(
-            matches!(f.frame, Some(Reply::PublishAck(ref a)) if a.channel == "a"),
-            "{f:?}"
-        );
-        assert!(
-            core.calls()
-                .contains(&"publish 7 a b\"\\0\\xff\"".to_string()),
-            "{:?}",
-            core.calls()
-        );
+        assert!(matches!(f.frame, Some(Reply::PublishAck(ref a)) if a.channel == "a"), "{f:?}");
+        assert!(core.calls().contains(&"publish 7 a b\"\\0\\xff\"".to_string()), "{:?}", core.calls());
 
         let d = delivery("a", 4);
-        core.outbox
-            .push(Outbound::Message(d.clone()), SlowPolicy::Disconnect);
+        core.outbox.push(Outbound::Message(d.clone()), SlowPolicy::Disconnect);
         match h.recv().await {
             Some(Message::Binary(b)) => {
                 assert_eq!(b, *d.proto_frame());
@@ -1841,23 +1502,13 @@ mod tests {
         // Garbage and an empty frame are answered; the connection stays.
         h.send(Message::binary(vec![0xff, 0xff, 0xff])).await;
         assert_eq!(error_of(&h.recv_proto().await), (0, ErrorCode::BadFrame));
-        h.send(Message::binary(
-            proto::ClientFrame {
-                req: 3,
-                frame: None,
-            }
-            .encode_to_vec(),
-        ))
-        .await;
+        h.send(Message::binary(proto::ClientFrame { req: 3, frame: None }.encode_to_vec())).await;
         assert_eq!(error_of(&h.recv_proto().await).1, ErrorCode::UnknownFrame);
 
         // Text on the proto codec is the wrong kind of data.
         h.send_json(r#"{"type":"ping"}"#).await;
         assert_eq!(h.recv_close().await, 1003);
-        assert_eq!(
-            h.end().await.last().map(String::as_str),
-            Some("close 7 Abrupt")
-        );
+        assert_eq!(h.end().await.last().map(String::as_str), Some("close 7 Abrupt"));
     }
 
     #[tokio::test]
@@ -1866,39 +1517,22 @@ mod tests {
         let cfg = WsConfig::default();
         let (server, _client) = pipe(&cfg).await;
         let core: Arc<dyn Core> = FakeCore::new();
-        let fut = serve(
-            server,
-            Codec::Json,
-            core,
-            ConnInfo::default(),
-            cfg,
-            watch::channel(false).1,
-        );
+        let fut = serve(server, Codec::Json, core, ConnInfo::default(), cfg, watch::channel(false).1);
         is_send(&fut);
         let (server, _client) = pipe(&WsConfig::default()).await;
         let echo = serve_echo(server, watch::channel(false).1);
         is_send(&echo);
     }
 
-    async fn start_echo() -> (
-        WebSocketStream<DuplexStream>,
-        JoinHandle<()>,
-        watch::Sender<bool>,
-    ) {
-        let cfg = WsConfig {
-            max_frame_size: 4096,
-            ..WsConfig::default()
-        };
+    async fn start_echo() -> (WebSocketStream<DuplexStream>, JoinHandle<()>, watch::Sender<bool>) {
+        let cfg = WsConfig { max_frame_size: 4096, ..WsConfig::default() };
         let (server, client) = pipe(&cfg).await;
         let (tx, rx) = watch::channel(false);
         (client, tokio::spawn(serve_echo(server, rx)), tx)
     }
 
     async fn next(client: &mut WebSocketStream<DuplexStream>) -> Option<Message> {
-        match tokio::time::timeout(WAIT, client.next())
-            .await
-            .expect("receive timed out")
-        {
+        match tokio::time::timeout(WAIT, client.next()).await.expect("receive timed out") {
             Some(Ok(m)) => Some(m),
             _ => None,
         }
@@ -1917,25 +1551,13 @@ mod tests {
         client.send(Message::text("héllo")).await.expect("send");
         assert_eq!(next(&mut client).await, Some(Message::text("héllo")));
         let binary = vec![0u8, 0xff, 0x80, b'a'];
-        client
-            .send(Message::binary(binary.clone()))
-            .await
-            .expect("send");
+        client.send(Message::binary(binary.clone())).await.expect("send");
         assert_eq!(next(&mut client).await, Some(Message::binary(binary)));
-        client
-            .send(Message::Ping(Bytes::from_static(b"p1")))
-            .await
-            .expect("send");
-        assert_eq!(
-            next(&mut client).await,
-            Some(Message::Pong(Bytes::from_static(b"p1")))
-        );
+        client.send(Message::Ping(Bytes::from_static(b"p1"))).await.expect("send");
+        assert_eq!(next(&mut client).await, Some(Message::Pong(Bytes::from_static(b"p1"))));
         client.send(Message::Close(None)).await.expect("send");
         assert!(matches!(next(&mut client).await, Some(Message::Close(_))));
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("echo task hung")
-            .expect("panicked");
+        tokio::time::timeout(WAIT, task).await.expect("echo task hung").expect("panicked");
     }
 
     #[tokio::test]
@@ -1943,17 +1565,10 @@ mod tests {
         let (mut client, task, _tx) = start_echo().await;
         // tungstenite will not build an invalid text message, so send a raw
         // (masked by the client) text frame.
-        let frame = Frame::message(
-            Bytes::from_static(b"ok\xff\xfe"),
-            OpCode::Data(OpData::Text),
-            true,
-        );
+        let frame = Frame::message(Bytes::from_static(b"ok\xff\xfe"), OpCode::Data(OpData::Text), true);
         client.send(Message::Frame(frame)).await.expect("send");
         assert_eq!(close_code(next(&mut client).await), 1007);
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("echo task hung")
-            .expect("panicked");
+        tokio::time::timeout(WAIT, task).await.expect("echo task hung").expect("panicked");
     }
 
     #[tokio::test]
@@ -1961,9 +1576,7 @@ mod tests {
         // The same with bytes written by hand: FIN+text, masked, length 2.
         let cfg = WsConfig::default();
         let (server_io, mut client_io) = tokio::io::duplex(64 * 1024);
-        let server =
-            WebSocketStream::from_raw_socket(server_io, Role::Server, Some(websocket_config(&cfg)))
-                .await;
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(websocket_config(&cfg))).await;
         // Keep the sender: a dropped one means the gateway is stopping.
         let (_tx, rx) = watch::channel(false);
         let task = tokio::spawn(serve_echo(server, rx));
@@ -1974,39 +1587,24 @@ mod tests {
         raw.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         client_io.write_all(&raw).await.expect("write");
         let mut head = [0u8; 4];
-        tokio::time::timeout(WAIT, client_io.read_exact(&mut head))
-            .await
-            .expect("timed out")
-            .expect("read");
+        tokio::time::timeout(WAIT, client_io.read_exact(&mut head)).await.expect("timed out").expect("read");
         assert_eq!(head[0], 0x88, "an unmasked, final close frame");
         assert_eq!(u16::from_be_bytes([head[2], head[3]]), 1007);
         drop(client_io);
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("echo task hung")
-            .expect("panicked");
+        tokio::time::timeout(WAIT, task).await.expect("echo task hung").expect("panicked");
     }
 
     #[tokio::test]
     async fn echo_oversize_closes_1009_and_shutdown_1001() {
         let (mut client, task, _tx) = start_echo().await;
-        client
-            .send(Message::binary(vec![0u8; 5000]))
-            .await
-            .expect("send");
+        client.send(Message::binary(vec![0u8; 5000])).await.expect("send");
         assert_eq!(close_code(next(&mut client).await), 1009);
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("echo task hung")
-            .expect("panicked");
+        tokio::time::timeout(WAIT, task).await.expect("echo task hung").expect("panicked");
 
         let (mut client, task, tx) = start_echo().await;
         tx.send(true).expect("echo holds the receiver");
         assert_eq!(close_code(next(&mut client).await), 1001);
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("echo task hung")
-            .expect("panicked");
+        tokio::time::timeout(WAIT, task).await.expect("echo task hung").expect("panicked");
     }
 
     #[test]
@@ -2014,22 +1612,10 @@ mod tests {
         assert_eq!(negotiate(None), Ok(None));
         assert_eq!(negotiate(Some("")), Ok(None));
         assert_eq!(negotiate(Some(" , ")), Ok(None));
-        assert_eq!(
-            negotiate(Some("switchboard.v1.json")),
-            Ok(Some(Codec::Json))
-        );
-        assert_eq!(
-            negotiate(Some("switchboard.v1.proto")),
-            Ok(Some(Codec::Proto))
-        );
-        assert_eq!(
-            negotiate(Some("foo, switchboard.v1.proto ,switchboard.v1.json")),
-            Ok(Some(Codec::Proto))
-        );
-        assert_eq!(
-            negotiate(Some("switchboard.v1.json, switchboard.v1.proto")),
-            Ok(Some(Codec::Json))
-        );
+        assert_eq!(negotiate(Some("switchboard.v1.json")), Ok(Some(Codec::Json)));
+        assert_eq!(negotiate(Some("switchboard.v1.proto")), Ok(Some(Codec::Proto)));
+        assert_eq!(negotiate(Some("foo, switchboard.v1.proto ,switchboard.v1.json")), Ok(Some(Codec::Proto)));
+        assert_eq!(negotiate(Some("switchboard.v1.json, switchboard.v1.proto")), Ok(Some(Codec::Json)));
         let err = negotiate(Some("mqtt, Switchboard.v1.JSON")).unwrap_err();
         assert_eq!(err.offered, vec!["mqtt", "Switchboard.v1.JSON"]);
         assert!(err.to_string().contains("switchboard.v1.proto"), "{err}");
@@ -2047,13 +1633,7 @@ mod tests {
         assert_eq!(ws.max_message_size, Some(1024 * 1024));
         assert_eq!(ws.max_frame_size, Some(1024 * 1024));
         assert!(ws.max_write_buffer_size > ws.write_buffer_size);
-        let dbg = format!(
-            "{:?}",
-            ConnInfo {
-                token: "secret".into(),
-                ..ConnInfo::default()
-            }
-        );
+        let dbg = format!("{:?}", ConnInfo { token: "secret".into(), ..ConnInfo::default() });
         assert!(!dbg.contains("secret"), "{dbg}");
     }
 }

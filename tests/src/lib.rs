@@ -120,8 +120,16 @@ pub struct WsClient {
 /// JSON text of a client frame (the documented JSON mapping).
 pub fn client_frame_json(f: &proto::ClientFrame) -> String {
     use serde_json::json;
-    let payload = |b: &Bytes| serde_json::to_value(proto::json::JsonPayload::new(b)).expect("payload json");
+    // Payload fields are spliced in as text at the end so that a JSON
+    // payload stays verbatim (a serde_json::Value would re-format it).
     let frame = f.frame.as_ref().expect("frame");
+    let raw_payload: Option<&Bytes> = match frame {
+        client_frame::Frame::Publish(p) => Some(&p.payload),
+        client_frame::Frame::PresenceEnter(p) => Some(&p.data),
+        client_frame::Frame::PresenceUpdate(p) => Some(&p.data),
+        _ => None,
+    };
+    let payload = |_: &Bytes| json!({});
     let mut v = match frame {
         client_frame::Frame::Connect(c) => json!({"type": "connect", "client_id": c.client_id, "token": c.token}),
         client_frame::Frame::Subscribe(s) => {
@@ -169,7 +177,15 @@ pub fn client_frame_json(f: &proto::ClientFrame) -> String {
         client_frame::Frame::Ping(_) => json!({"type": "ping"}),
     };
     v["req"] = f.req.into();
-    v.to_string()
+    let text = v.to_string();
+    match raw_payload {
+        None => text,
+        Some(b) => {
+            let fields = serde_json::to_string(&proto::json::JsonPayload::new(b)).expect("payload json");
+            let inner = &fields[1..fields.len() - 1];
+            if inner.is_empty() { text } else { format!("{},{inner}}}", &text[..text.len() - 1]) }
+        }
+    }
 }
 
 impl WsClient {
@@ -180,14 +196,8 @@ impl WsClient {
             Codec::Proto => "switchboard.v1.proto",
         };
         let ws = raw_ws(base, Some(sub)).await?;
-        let mut c = WsClient {
-            ws,
-            codec,
-            next_req: 0,
-            pending: VecDeque::new(),
-            connected: Default::default(),
-            close: None,
-        };
+        let mut c =
+            WsClient { ws, codec, next_req: 0, pending: VecDeque::new(), connected: Default::default(), close: None };
         let reply = c
             .request(client_frame::Frame::Connect(proto::Connect { token: String::new(), client_id: client_id.into() }))
             .await?;
@@ -219,11 +229,13 @@ impl WsClient {
     /// Receives the next server frame from the socket (not from `pending`).
     pub async fn recv_frame(&mut self) -> anyhow::Result<proto::ServerFrame> {
         loop {
-            let m = tokio::time::timeout(WAIT, self.ws.next()).await.map_err(|_| anyhow!("no frame within {WAIT:?}"))?;
+            let m =
+                tokio::time::timeout(WAIT, self.ws.next()).await.map_err(|_| anyhow!("no frame within {WAIT:?}"))?;
             match m {
                 Some(Ok(Message::Text(t))) => {
                     assert_eq!(self.codec, Codec::Json, "text frame on the proto subprotocol");
-                    return proto::json::decode_server_frame(t.as_str()).map_err(|e| anyhow!("bad JSON from server: {e}: {t}"));
+                    return proto::json::decode_server_frame(t.as_str())
+                        .map_err(|e| anyhow!("bad JSON from server: {e}: {t}"));
                 }
                 Some(Ok(Message::Binary(b))) => {
                     assert_eq!(self.codec, Codec::Proto, "binary frame on the JSON subprotocol");
@@ -301,7 +313,12 @@ impl WsClient {
 
     /// Publishes and expects an ack.
     pub async fn publish(&mut self, channel: &str, payload: &[u8], id: &str) -> anyhow::Result<proto::PublishAck> {
-        let p = proto::Publish { channel: channel.into(), payload: Bytes::copy_from_slice(payload), id: id.into(), ..Default::default() };
+        let p = proto::Publish {
+            channel: channel.into(),
+            payload: Bytes::copy_from_slice(payload),
+            id: id.into(),
+            ..Default::default()
+        };
         match self.publish_frame(p).await?.frame {
             Some(server_frame::Frame::PublishAck(a)) => Ok(a),
             other => bail!("publish failed: {other:?}"),
@@ -315,7 +332,9 @@ impl WsClient {
             if let Some(c) = &self.close {
                 return Ok(u16::from(c.code));
             }
-            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| anyhow!("not closed within {WAIT:?}"))?;
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("not closed within {WAIT:?}"))?;
             match m {
                 Some(Ok(Message::Close(Some(c)))) => return Ok(u16::from(c.code)),
                 Some(Ok(Message::Close(None))) => return Ok(1005),

@@ -54,6 +54,9 @@ struct Channel {
     policy: ChannelPolicy,
     history: VecDeque<Arc<Delivery>>,
     retained: Option<Arc<Delivery>>,
+    /// Timestamp of the newest message trimmed from history: a resume by
+    /// time from before it cannot be complete.
+    trimmed_ts: Option<i64>,
     /// Publish ids seen recently → (serial, expiry).
     dedupe: HashMap<String, (u64, i64)>,
     /// Ids in expiry order, to forget them without scanning.
@@ -70,6 +73,7 @@ impl Channel {
             policy,
             history: VecDeque::new(),
             retained: None,
+            trimmed_ts: None,
             dedupe: HashMap::new(),
             dedupe_order: VecDeque::new(),
             members: BTreeMap::new(),
@@ -86,7 +90,9 @@ impl Channel {
         while self.history.len() > self.policy.history_size
             || self.history.front().is_some_and(|d| d.envelope.timestamp < min_ts)
         {
-            self.history.pop_front();
+            if let Some(d) = self.history.pop_front() {
+                self.trimmed_ts = Some(d.envelope.timestamp);
+            }
         }
     }
 
@@ -122,8 +128,13 @@ impl Channel {
 struct Session {
     caller: Caller,
     outbox: Arc<Outbox>,
-    /// Filters in the trie for this session (presence companions included).
+    /// Filters the client subscribed to.
     filters: HashSet<String>,
+    /// Filters whose `$presence/<filter>` companion this session holds
+    /// because it subscribed with `presence: true`. Kept apart from
+    /// `filters` so that an explicit `$presence/...` subscription survives
+    /// unsubscribing the base filter.
+    companions: HashSet<String>,
     /// Channels whose presence this session entered.
     presence: HashSet<String>,
 }
@@ -169,7 +180,13 @@ impl MemoryState {
     pub fn attach(&mut self, caller: &Caller, outbox: Arc<Outbox>) {
         self.sessions.insert(
             caller.session,
-            Session { caller: caller.clone(), outbox, filters: HashSet::new(), presence: HashSet::new() },
+            Session {
+                caller: caller.clone(),
+                outbox,
+                filters: HashSet::new(),
+                companions: HashSet::new(),
+                presence: HashSet::new(),
+            },
         );
     }
 
@@ -178,6 +195,9 @@ impl MemoryState {
         let Some(s) = self.sessions.remove(&session) else { return };
         for f in &s.filters {
             self.trie.remove(f, session);
+        }
+        for f in &s.companions {
+            self.trie.remove(&channel::presence_channel(f), session);
         }
         for ch in s.presence {
             let key: MemberKey = (s.caller.client_id.clone(), s.caller.connection_id.clone());
@@ -277,11 +297,21 @@ impl MemoryState {
             ch.dedupe_order.push_back((exp, id));
             ch.forget_ids(now, max_ids);
         }
-        proto::PublishAck { channel: delivery.envelope.channel.clone(), epoch: pos.epoch, serial: pos.serial, duplicate: false }
+        proto::PublishAck {
+            channel: delivery.envelope.channel.clone(),
+            epoch: pos.epoch,
+            serial: pos.serial,
+            duplicate: false,
+        }
     }
 
     /// Subscribes (see [`Engine::subscribe`]). The router validated the filter.
-    pub fn subscribe(&mut self, session: SessionId, req: &proto::Subscribe, now: i64) -> Result<SubscribeOutcome, CoreError> {
+    pub fn subscribe(
+        &mut self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        now: i64,
+    ) -> Result<SubscribeOutcome, CoreError> {
         if !self.sessions.contains_key(&session) {
             return Err(err(ErrorCode::NotConnected, "no such session"));
         }
@@ -293,7 +323,10 @@ impl MemoryState {
             let in_scope = channel::filter_matches(filter, name)
                 || companion.as_deref().is_some_and(|c| channel::filter_matches(c, name));
             if !in_scope {
-                return Err(err(ErrorCode::BadPosition, format!("position for {name:?} does not match filter {filter:?}")));
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("position for {name:?} does not match filter {filter:?}"),
+                ));
             }
             if pos.epoch.is_empty() {
                 return Err(err(ErrorCode::BadPosition, format!("position for {name:?} has an empty epoch")));
@@ -304,7 +337,10 @@ impl MemoryState {
             {
                 return Err(err(
                     ErrorCode::BadPosition,
-                    format!("position {}:{} of {name:?} is ahead of the channel ({})", pos.epoch, pos.serial, ch.serial),
+                    format!(
+                        "position {}:{} of {name:?} is ahead of the channel ({})",
+                        pos.epoch, pos.serial, ch.serial
+                    ),
                 ));
             }
         }
@@ -316,22 +352,41 @@ impl MemoryState {
             targets.push(filter.to_string());
         }
         targets.extend(req.positions.keys().filter(|k| k.as_str() != filter).cloned());
-        if !channel::is_concrete(filter) && (rewind.is_some() || req.retained) {
+        let since = (req.since_ms > 0).then_some(req.since_ms as i64);
+        if let (true, Some(since_companion), Some(_)) = (channel::is_concrete(filter), companion.as_ref(), since)
+            && self.channels.contains_key(since_companion)
+            && !req.positions.contains_key(since_companion)
+        {
+            targets.push(since_companion.clone());
+        }
+        if !channel::is_concrete(filter) && (rewind.is_some() || req.retained || since.is_some()) {
             let mut matching: Vec<String> = self
                 .channels
                 .keys()
-                .filter(|k| channel::filter_matches(filter, k) && !req.positions.contains_key(*k))
+                .filter(|k| {
+                    let in_scope = channel::filter_matches(filter, k)
+                        || companion.as_deref().is_some_and(|c| since.is_some() && channel::filter_matches(c, k));
+                    in_scope && !req.positions.contains_key(*k)
+                })
                 .cloned()
                 .collect();
             matching.sort();
             targets.extend(matching);
         }
 
-        let mut out = SubscribeOutcome { subscribed: proto::Subscribed { filter: filter.to_string(), channels: Vec::new() }, replay: Vec::new() };
+        let mut out = SubscribeOutcome {
+            subscribed: proto::Subscribed { filter: filter.to_string(), channels: Vec::new() },
+            replay: Vec::new(),
+        };
         for name in targets {
             let ch = self.channel_mut(&name, now);
             ch.trim(now);
-            let mut state = proto::ChannelState { channel: name.clone(), epoch: ch.epoch.to_string(), serial: ch.serial, recovered: false };
+            let mut state = proto::ChannelState {
+                channel: name.clone(),
+                epoch: ch.epoch.to_string(),
+                serial: ch.serial,
+                recovered: false,
+            };
             let mut replay: Vec<Arc<Delivery>> = Vec::new();
             let mut want_retained = req.retained;
             if let Some(pos) = req.positions.get(&name) {
@@ -352,10 +407,32 @@ impl MemoryState {
                         }));
                     }
                 }
+            } else if let Some(since) = since {
+                // Resume by time: everything accepted at or after `since`,
+                // or a gap when history already dropped some of it.
+                let lost = ch.trimmed_ts.is_some_and(|t| t >= since)
+                    || (ch.policy.history_size == 0 && ch.last_active >= since && ch.serial > 0);
+                if lost {
+                    out.replay.push(Outbound::Gap(proto::Gap {
+                        channel: name.clone(),
+                        from: None,
+                        to: Some(ch.position()),
+                        reason: "trimmed".into(),
+                    }));
+                } else {
+                    replay = ch.history.iter().filter(|d| d.envelope.timestamp >= since).cloned().collect();
+                }
             } else if let Some(rw) = rewind {
                 let min_ts = if rw.duration_ms > 0 { now.saturating_sub(rw.duration_ms as i64) } else { i64::MIN };
                 let count = if rw.count > 0 { rw.count as usize } else { usize::MAX };
-                let recent: Vec<_> = ch.history.iter().rev().take_while(|d| d.envelope.timestamp >= min_ts).take(count).cloned().collect();
+                let recent: Vec<_> = ch
+                    .history
+                    .iter()
+                    .rev()
+                    .take_while(|d| d.envelope.timestamp > min_ts)
+                    .take(count)
+                    .cloned()
+                    .collect();
                 replay = recent.into_iter().rev().collect();
             }
             if want_retained
@@ -368,31 +445,62 @@ impl MemoryState {
             out.subscribed.channels.push(state);
         }
 
-        // Register last: nothing above can fail after this point.
+        // Register last: nothing above can fail after this point. A repeated
+        // subscribe to the same filter replaces its options (MQTT semantics),
+        // so `presence: false` drops an earlier companion.
         let s = self.sessions.get_mut(&session).expect("checked above");
         let outbox = s.outbox.clone();
-        for f in std::iter::once(filter.to_string()).chain(companion) {
-            self.trie.insert(&f, session, outbox.clone());
-            s.filters.insert(f);
+        self.trie.insert(filter, session, outbox.clone());
+        s.filters.insert(filter.to_string());
+        match companion {
+            Some(c) => {
+                self.trie.insert(&c, session, outbox);
+                s.companions.insert(filter.to_string());
+            }
+            None => {
+                if s.companions.remove(filter) {
+                    let c = channel::presence_channel(filter);
+                    if !s.filters.contains(&c) {
+                        self.trie.remove(&c, session);
+                    }
+                }
+            }
         }
         Ok(out)
     }
 
-    /// Unsubscribes a filter and its presence companion.
+    /// Unsubscribes a filter and its presence companion (an explicit
+    /// `$presence/...` subscription of the same session stays).
     pub fn unsubscribe(&mut self, session: SessionId, filter: &str) -> Result<(), CoreError> {
         let s = self.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
-        let companion = channel::presence_channel(filter);
-        let mut found = false;
-        for f in [filter, companion.as_str()] {
-            if s.filters.remove(f) {
-                self.trie.remove(f, session);
-                found = true;
+        if !s.filters.remove(filter) {
+            return Err(err(ErrorCode::NotSubscribed, format!("not subscribed to {filter:?}")));
+        }
+        // The trie holds one entry per (filter, session): keep it while the
+        // same filter is still held as someone's presence companion.
+        let held_as_companion =
+            filter.strip_prefix(channel::PRESENCE_PREFIX).is_some_and(|base| s.companions.contains(base));
+        if !held_as_companion {
+            self.trie.remove(filter, session);
+        }
+        if s.companions.remove(filter) {
+            let c = channel::presence_channel(filter);
+            if !s.filters.contains(&c) {
+                self.trie.remove(&c, session);
             }
         }
-        if found { Ok(()) } else { Err(err(ErrorCode::NotSubscribed, format!("not subscribed to {filter:?}"))) }
+        Ok(())
     }
 
-    fn presence_event(&mut self, channel: &str, kind: proto::Kind, key: &MemberKey, protocol: proto::Protocol, data: Bytes, now: i64) {
+    fn presence_event(
+        &mut self,
+        channel: &str,
+        kind: proto::Kind,
+        key: &MemberKey,
+        protocol: proto::Protocol,
+        data: Bytes,
+        now: i64,
+    ) {
         let env = proto::Envelope {
             channel: channel::presence_channel(channel),
             payload: data,
@@ -409,12 +517,23 @@ impl MemoryState {
     }
 
     fn remove_member(&mut self, channel: &str, key: &MemberKey, now: i64) {
-        let Some(m) = self.channels.get_mut(channel).and_then(|c| c.members.remove(key)) else { return };
+        let Some(c) = self.channels.get_mut(channel) else { return };
+        let Some(m) = c.members.remove(key) else { return };
+        // A leave is activity: the channel keeps its position for another
+        // idle period, so a caught-up client recovers without a false gap.
+        c.last_active = now;
         self.presence_event(channel, proto::Kind::PresenceLeave, key, m.protocol, m.data, now);
     }
 
     /// Enters or updates presence (see [`Engine::presence_enter`]).
-    pub fn presence_enter(&mut self, caller: &Caller, name: &str, data: Bytes, update: bool, now: i64) -> Result<(), CoreError> {
+    pub fn presence_enter(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        data: Bytes,
+        update: bool,
+        now: i64,
+    ) -> Result<(), CoreError> {
         if caller.client_id.is_empty() {
             return Err(err(ErrorCode::NoIdentity, "presence needs a client id"));
         }
@@ -500,8 +619,13 @@ impl MemoryState {
     pub fn history(&mut self, req: &proto::History, now: i64) -> Result<proto::HistoryResult, CoreError> {
         let page_max = self.cfg.history_page_max;
         let Some(ch) = self.channels.get_mut(&req.channel) else {
-            if let Some(p) = &req.since && p.serial > 0 {
-                return Err(err(ErrorCode::BadPosition, format!("channel {:?} has no epoch {:?}", req.channel, p.epoch)));
+            if let Some(p) = &req.since
+                && p.serial > 0
+            {
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("channel {:?} has no epoch {:?}", req.channel, p.epoch),
+                ));
             }
             return Ok(proto::HistoryResult { channel: req.channel.clone(), ..Default::default() });
         };
@@ -509,10 +633,16 @@ impl MemoryState {
         let since = match &req.since {
             None => 0,
             Some(p) if p.epoch != ch.epoch.as_ref() => {
-                return Err(err(ErrorCode::BadPosition, format!("epoch {:?} is not the channel's epoch {:?}", p.epoch, ch.epoch)));
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("epoch {:?} is not the channel's epoch {:?}", p.epoch, ch.epoch),
+                ));
             }
             Some(p) if p.serial > ch.serial => {
-                return Err(err(ErrorCode::BadPosition, format!("serial {} is ahead of the channel ({})", p.serial, ch.serial)));
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("serial {} is ahead of the channel ({})", p.serial, ch.serial),
+                ));
             }
             Some(p) => p.serial,
         };
@@ -523,7 +653,12 @@ impl MemoryState {
         } else {
             range.take(limit).map(|d| d.envelope.clone()).collect()
         };
-        Ok(proto::HistoryResult { channel: req.channel.clone(), epoch: ch.epoch.to_string(), serial: ch.serial, messages })
+        Ok(proto::HistoryResult {
+            channel: req.channel.clone(),
+            epoch: ch.epoch.to_string(),
+            serial: ch.serial,
+            messages,
+        })
     }
 
     /// Housekeeping (see [`Engine::sweep`]).
@@ -585,7 +720,12 @@ impl Engine for MemoryEngine {
         Ok(self.state.lock().publish(caller, req, now_ms))
     }
 
-    async fn subscribe(&self, session: SessionId, req: &proto::Subscribe, now_ms: i64) -> Result<SubscribeOutcome, CoreError> {
+    async fn subscribe(
+        &self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        now_ms: i64,
+    ) -> Result<SubscribeOutcome, CoreError> {
         self.state.lock().subscribe(session, req, now_ms)
     }
 
@@ -593,7 +733,14 @@ impl Engine for MemoryEngine {
         self.state.lock().unsubscribe(session, filter)
     }
 
-    async fn presence_enter(&self, caller: &Caller, channel: &str, data: Bytes, update: bool, now_ms: i64) -> Result<(), CoreError> {
+    async fn presence_enter(
+        &self,
+        caller: &Caller,
+        channel: &str,
+        data: Bytes,
+        update: bool,
+        now_ms: i64,
+    ) -> Result<(), CoreError> {
         self.state.lock().presence_enter(caller, channel, data, update, now_ms)
     }
 

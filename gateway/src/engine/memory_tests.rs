@@ -25,18 +25,11 @@ fn caller(session: SessionId, client: &str) -> Caller {
 }
 
 fn policy(history_size: usize, history_ttl_secs: u64, slow_policy: SlowPolicy) -> ChannelPolicy {
-    ChannelPolicy {
-        history_size,
-        history_ttl: Duration::from_secs(history_ttl_secs),
-        slow_policy,
-    }
+    ChannelPolicy { history_size, history_ttl: Duration::from_secs(history_ttl_secs), slow_policy }
 }
 
 fn rule(pattern: &str, policy: ChannelPolicy) -> ChannelRule {
-    ChannelRule {
-        pattern: pattern.into(),
-        policy,
-    }
+    ChannelRule { pattern: pattern.into(), policy }
 }
 
 fn state() -> MemoryState {
@@ -44,10 +37,7 @@ fn state() -> MemoryState {
 }
 
 fn state_with_rules(rules: Vec<ChannelRule>) -> MemoryState {
-    MemoryState::new(EngineConfig {
-        rules,
-        ..EngineConfig::default()
-    })
+    MemoryState::new(EngineConfig { rules, ..EngineConfig::default() })
 }
 
 /// Attaches session `id` (client `client`) with an outbox of `cap` bytes.
@@ -58,11 +48,7 @@ fn attach(st: &mut MemoryState, id: SessionId, client: &str, cap: usize) -> Arc<
 }
 
 fn publish_req(channel: &str, payload: &str) -> proto::Publish {
-    proto::Publish {
-        channel: channel.into(),
-        payload: Bytes::from(payload.to_owned()),
-        ..Default::default()
-    }
+    proto::Publish { channel: channel.into(), payload: Bytes::from(payload.to_owned()), ..Default::default() }
 }
 
 /// Publishes `payload` on `channel` as session 99.
@@ -70,73 +56,38 @@ fn publish(st: &mut MemoryState, channel: &str, payload: &str, now: i64) -> prot
     st.publish(&caller(99, "publisher"), publish_req(channel, payload), now)
 }
 
-fn publish_with_id(
-    st: &mut MemoryState,
-    channel: &str,
-    payload: &str,
-    id: &str,
-    now: i64,
-) -> proto::PublishAck {
-    let req = proto::Publish {
-        id: id.into(),
-        ..publish_req(channel, payload)
-    };
+fn publish_with_id(st: &mut MemoryState, channel: &str, payload: &str, id: &str, now: i64) -> proto::PublishAck {
+    let req = proto::Publish { id: id.into(), ..publish_req(channel, payload) };
     st.publish(&caller(99, "publisher"), req, now)
 }
 
-fn publish_retained(
-    st: &mut MemoryState,
-    channel: &str,
-    payload: &str,
-    now: i64,
-) -> proto::PublishAck {
-    let req = proto::Publish {
-        retain: true,
-        ..publish_req(channel, payload)
-    };
+fn publish_retained(st: &mut MemoryState, channel: &str, payload: &str, now: i64) -> proto::PublishAck {
+    let req = proto::Publish { retain: true, ..publish_req(channel, payload) };
     st.publish(&caller(99, "publisher"), req, now)
 }
 
 fn sub(filter: &str) -> proto::Subscribe {
-    proto::Subscribe {
-        filter: filter.into(),
-        ..Default::default()
-    }
+    proto::Subscribe { filter: filter.into(), ..Default::default() }
 }
 
 fn sub_from(filter: &str, positions: &[(&str, proto::Position)]) -> proto::Subscribe {
     proto::Subscribe {
         filter: filter.into(),
-        positions: positions
-            .iter()
-            .map(|(c, p)| (c.to_string(), p.clone()))
-            .collect(),
+        positions: positions.iter().map(|(c, p)| (c.to_string(), p.clone())).collect(),
         ..Default::default()
     }
 }
 
 fn sub_rewind(filter: &str, count: u32, duration_ms: u64) -> proto::Subscribe {
-    proto::Subscribe {
-        filter: filter.into(),
-        rewind: Some(proto::Rewind { count, duration_ms }),
-        ..Default::default()
-    }
+    proto::Subscribe { filter: filter.into(), rewind: Some(proto::Rewind { count, duration_ms }), ..Default::default() }
 }
 
-fn subscribe(
-    st: &mut MemoryState,
-    session: SessionId,
-    req: &proto::Subscribe,
-    now: i64,
-) -> SubscribeOutcome {
+fn subscribe(st: &mut MemoryState, session: SessionId, req: &proto::Subscribe, now: i64) -> SubscribeOutcome {
     st.subscribe(session, req, now).expect("subscribe succeeds")
 }
 
 fn pos(epoch: &str, serial: u64) -> proto::Position {
-    proto::Position {
-        epoch: epoch.into(),
-        serial,
-    }
+    proto::Position { epoch: epoch.into(), serial }
 }
 
 /// Everything queued in `ob` (which must be open).
@@ -162,46 +113,27 @@ fn serials(items: &[Outbound]) -> Vec<u64> {
 }
 
 fn channel_serials(items: &[Outbound]) -> Vec<(String, u64)> {
-    envelopes(items)
-        .into_iter()
-        .map(|e| (e.channel, e.serial))
-        .collect()
+    envelopes(items).into_iter().map(|e| (e.channel, e.serial)).collect()
 }
 
 fn payloads(items: &[Outbound]) -> Vec<String> {
-    envelopes(items)
-        .iter()
-        .map(|e| String::from_utf8(e.payload.to_vec()).expect("utf-8"))
-        .collect()
+    envelopes(items).iter().map(|e| String::from_utf8(e.payload.to_vec()).expect("utf-8")).collect()
 }
 
 fn history(st: &mut MemoryState, channel: &str, now: i64) -> proto::HistoryResult {
-    let req = proto::History {
-        channel: channel.into(),
-        ..Default::default()
-    };
+    let req = proto::History { channel: channel.into(), ..Default::default() };
     st.history(&req, now).expect("history succeeds")
 }
 
 fn history_serials(st: &mut MemoryState, channel: &str, now: i64) -> Vec<u64> {
-    history(st, channel, now)
-        .messages
-        .iter()
-        .map(|e| e.serial)
-        .collect()
+    history(st, channel, now).messages.iter().map(|e| e.serial).collect()
 }
 
 fn member_ids(st: &MemoryState, channel: &str) -> Vec<(String, String, String)> {
     st.presence_members(channel)
         .members
         .into_iter()
-        .map(|m| {
-            (
-                m.client_id,
-                m.connection_id,
-                String::from_utf8(m.data.to_vec()).expect("utf-8"),
-            )
-        })
+        .map(|m| (m.client_id, m.connection_id, String::from_utf8(m.data.to_vec()).expect("utf-8")))
         .collect()
 }
 
@@ -210,26 +142,13 @@ fn presence_events(items: &[Outbound]) -> Vec<(proto::Kind, String, String, Stri
     envelopes(items)
         .into_iter()
         .map(|e| {
-            let p = e
-                .publisher
-                .clone()
-                .expect("presence events carry a publisher");
-            (
-                e.kind(),
-                p.client_id,
-                p.connection_id,
-                String::from_utf8(e.payload.to_vec()).expect("utf-8"),
-            )
+            let p = e.publisher.clone().expect("presence events carry a publisher");
+            (e.kind(), p.client_id, p.connection_id, String::from_utf8(e.payload.to_vec()).expect("utf-8"))
         })
         .collect()
 }
 
-fn ev(
-    kind: proto::Kind,
-    client: &str,
-    conn: &str,
-    data: &str,
-) -> (proto::Kind, String, String, String) {
+fn ev(kind: proto::Kind, client: &str, conn: &str, data: &str) -> (proto::Kind, String, String, String) {
     (kind, client.into(), conn.into(), data.into())
 }
 
@@ -250,18 +169,10 @@ fn serials_increase_by_one_with_unbroken_prev_serial_chain() {
         if i == 1 {
             epoch = ack.epoch.clone();
         }
-        assert_eq!(
-            ack.epoch, epoch,
-            "the epoch never changes within a channel's life"
-        );
+        assert_eq!(ack.epoch, epoch, "the epoch never changes within a channel's life");
     }
     assert_eq!(epoch.len(), 10);
-    assert!(
-        epoch
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()),
-        "{epoch}"
-    );
+    assert!(epoch.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()), "{epoch}");
 
     let got = envelopes(&drain(&ob));
     assert_eq!(got.len(), 50);
@@ -287,10 +198,7 @@ fn envelope_carries_publisher_and_request_fields() {
         headers: [("k".to_string(), "v".to_string())].into_iter().collect(),
         ..publish_req("a", "hello")
     };
-    let publisher = Caller {
-        protocol: proto::Protocol::Mqtt,
-        ..caller(7, "alice")
-    };
+    let publisher = Caller { protocol: proto::Protocol::Mqtt, ..caller(7, "alice") };
     st.publish(&publisher, req, T0);
 
     let got = envelopes(&drain(&ob));
@@ -317,29 +225,15 @@ fn channels_have_independent_serials_and_epochs() {
         let channel = if i % 3 == 0 { "b" } else { "a" };
         acks.push(publish(&mut st, channel, "x", T0 + i));
     }
-    let a: Vec<u64> = acks
-        .iter()
-        .filter(|k| k.channel == "a")
-        .map(|k| k.serial)
-        .collect();
-    let b: Vec<u64> = acks
-        .iter()
-        .filter(|k| k.channel == "b")
-        .map(|k| k.serial)
-        .collect();
+    let a: Vec<u64> = acks.iter().filter(|k| k.channel == "a").map(|k| k.serial).collect();
+    let b: Vec<u64> = acks.iter().filter(|k| k.channel == "b").map(|k| k.serial).collect();
     assert_eq!(a, vec![1, 2, 3, 4]);
     assert_eq!(b, vec![1, 2]);
-    assert_ne!(
-        acks[0].epoch, acks[1].epoch,
-        "each channel has its own epoch"
-    );
+    assert_ne!(acks[0].epoch, acks[1].epoch, "each channel has its own epoch");
 
     let got = envelopes(&drain(&ob));
     let chain = |ch: &str| -> Vec<(u64, u64)> {
-        got.iter()
-            .filter(|e| e.channel == ch)
-            .map(|e| (e.prev_serial, e.serial))
-            .collect()
+        got.iter().filter(|e| e.channel == ch).map(|e| (e.prev_serial, e.serial)).collect()
     };
     assert_eq!(chain("a"), vec![(0, 1), (1, 2), (2, 3), (3, 4)]);
     assert_eq!(chain("b"), vec![(0, 1), (1, 2)]);
@@ -374,10 +268,7 @@ fn fanout_matches_exact_plus_and_hash_filters() {
         &["a/b", "x/b"],
     ];
     for ((filter, ob), want) in filters.iter().zip(&outboxes).zip(expected) {
-        let got: Vec<String> = envelopes(&drain(ob))
-            .into_iter()
-            .map(|e| e.channel)
-            .collect();
+        let got: Vec<String> = envelopes(&drain(ob)).into_iter().map(|e| e.channel).collect();
         assert_eq!(got, want, "filter {filter}");
     }
 }
@@ -424,19 +315,9 @@ fn unsubscribe_errors() {
     let e = st.unsubscribe(1, "never").unwrap_err();
     assert_eq!(e.code, ErrorCode::NotSubscribed);
     st.unsubscribe(1, "a").expect("subscribed");
-    assert_eq!(
-        st.unsubscribe(1, "a").unwrap_err().code,
-        ErrorCode::NotSubscribed,
-        "twice"
-    );
-    assert_eq!(
-        st.unsubscribe(42, "a").unwrap_err().code,
-        ErrorCode::NotConnected
-    );
-    assert_eq!(
-        st.subscribe(42, &sub("a"), T0).unwrap_err().code,
-        ErrorCode::NotConnected
-    );
+    assert_eq!(st.unsubscribe(1, "a").unwrap_err().code, ErrorCode::NotSubscribed, "twice");
+    assert_eq!(st.unsubscribe(42, "a").unwrap_err().code, ErrorCode::NotConnected);
+    assert_eq!(st.subscribe(42, &sub("a"), T0).unwrap_err().code, ErrorCode::NotConnected);
     assert_eq!(st.stats().subscriptions, 0);
 }
 
@@ -445,20 +326,8 @@ fn detach_removes_subscriptions() {
     let mut st = state();
     let ob = attach(&mut st, 1, "sub", BIG);
     subscribe(&mut st, 1, &sub("a"), T0);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("b/#")
-        },
-        T0,
-    );
-    assert_eq!(
-        st.stats().subscriptions,
-        3,
-        "b/# and its presence companion"
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("b/#") }, T0);
+    assert_eq!(st.stats().subscriptions, 3, "b/# and its presence companion");
 
     st.detach(1, CloseKind::Clean, T0);
     assert_eq!(st.stats().subscriptions, 0);
@@ -466,36 +335,44 @@ fn detach_removes_subscriptions() {
     assert!(drain(&ob).is_empty());
 }
 
+/// MQTT clients subscribe to `$presence/<channel>` themselves (the router
+/// allows it), independently of `<channel>`; the two must not be one.
+#[test]
+fn unsubscribing_a_channel_keeps_an_explicit_presence_subscription() {
+    let mut st = state();
+    let ob = attach(&mut st, 1, "mqtt", BIG);
+    subscribe(&mut st, 1, &sub("$presence/chat"), T0);
+    subscribe(&mut st, 1, &sub("chat"), T0);
+    st.unsubscribe(1, "chat").expect("subscribed");
+    assert_eq!(st.stats().subscriptions, 1, "$presence/chat is still subscribed");
+
+    attach(&mut st, 2, "alice", BIG);
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
+    assert_eq!(presence_events(&drain(&ob)), vec![ev(proto::Kind::PresenceEnter, "alice", "conn-2", "d")]);
+
+    // And "chat" itself was never subscribed by this session.
+    attach(&mut st, 3, "mqtt", BIG);
+    subscribe(&mut st, 3, &sub("$presence/chat"), T0);
+    assert_eq!(st.unsubscribe(3, "chat").unwrap_err().code, ErrorCode::NotSubscribed);
+}
+
 // ---------------------------------------------------------------- history
 
 #[test]
 fn history_is_bounded_by_count() {
-    let mut st = state_with_rules(vec![rule(
-        "capped/#",
-        policy(3, 600, SlowPolicy::Disconnect),
-    )]);
+    let mut st = state_with_rules(vec![rule("capped/#", policy(3, 600, SlowPolicy::Disconnect))]);
     for i in 1..=5 {
         publish(&mut st, "capped/x", &format!("m{i}"), T0);
         publish(&mut st, "free", &format!("m{i}"), T0);
     }
     let h = history(&mut st, "capped/x", T0);
     assert_eq!(h.serial, 5);
+    assert_eq!(h.messages.iter().map(|e| e.serial).collect::<Vec<_>>(), vec![3, 4, 5]);
     assert_eq!(
-        h.messages.iter().map(|e| e.serial).collect::<Vec<_>>(),
-        vec![3, 4, 5]
-    );
-    assert_eq!(
-        h.messages
-            .iter()
-            .map(|e| e.payload.clone())
-            .collect::<Vec<_>>(),
+        h.messages.iter().map(|e| e.payload.clone()).collect::<Vec<_>>(),
         vec![Bytes::from("m3"), Bytes::from("m4"), Bytes::from("m5")]
     );
-    assert_eq!(
-        history_serials(&mut st, "free", T0),
-        vec![1, 2, 3, 4, 5],
-        "the default policy keeps 1000"
-    );
+    assert_eq!(history_serials(&mut st, "free", T0), vec![1, 2, 3, 4, 5], "the default policy keeps 1000");
 }
 
 #[test]
@@ -515,21 +392,13 @@ fn history_is_bounded_by_age() {
 
 #[test]
 fn history_since_limit_and_reverse() {
-    let mut st = MemoryState::new(EngineConfig {
-        history_page_max: 4,
-        ..EngineConfig::default()
-    });
+    let mut st = MemoryState::new(EngineConfig { history_page_max: 4, ..EngineConfig::default() });
     let mut epoch = String::new();
     for i in 1..=10 {
         epoch = publish(&mut st, "h", &i.to_string(), T0).epoch;
     }
     let query = |st: &mut MemoryState, since: Option<u64>, limit: u32, reverse: bool| -> Vec<u64> {
-        let req = proto::History {
-            channel: "h".into(),
-            since: since.map(|s| pos(&epoch, s)),
-            limit,
-            reverse,
-        };
+        let req = proto::History { channel: "h".into(), since: since.map(|s| pos(&epoch, s)), limit, reverse };
         let res = st.history(&req, T0).expect("history");
         assert_eq!(res.channel, "h");
         assert_eq!(res.epoch, epoch);
@@ -537,27 +406,15 @@ fn history_since_limit_and_reverse() {
         res.messages.iter().map(|e| e.serial).collect()
     };
 
-    assert_eq!(
-        query(&mut st, None, 0, false),
-        vec![1, 2, 3, 4],
-        "page max applies"
-    );
-    assert_eq!(
-        query(&mut st, None, 100, false),
-        vec![1, 2, 3, 4],
-        "limit is capped by the page max"
-    );
+    assert_eq!(query(&mut st, None, 0, false), vec![1, 2, 3, 4], "page max applies");
+    assert_eq!(query(&mut st, None, 100, false), vec![1, 2, 3, 4], "limit is capped by the page max");
     assert_eq!(query(&mut st, None, 2, false), vec![1, 2]);
     assert_eq!(query(&mut st, Some(4), 3, false), vec![5, 6, 7]);
     assert_eq!(query(&mut st, Some(7), 0, false), vec![8, 9, 10]);
     assert_eq!(query(&mut st, Some(0), 0, true), vec![10, 9, 8, 7]);
     assert_eq!(query(&mut st, Some(4), 3, true), vec![10, 9, 8]);
     assert_eq!(query(&mut st, Some(8), 0, true), vec![10, 9]);
-    assert_eq!(
-        query(&mut st, Some(10), 0, false),
-        Vec::<u64>::new(),
-        "at the top"
-    );
+    assert_eq!(query(&mut st, Some(10), 0, false), Vec::<u64>::new(), "at the top");
 }
 
 #[test]
@@ -567,40 +424,15 @@ fn history_rejects_bad_positions() {
     publish(&mut st, "h", "2", T0);
 
     let bad = |st: &mut MemoryState, channel: &str, since: proto::Position| -> ErrorCode {
-        let req = proto::History {
-            channel: channel.into(),
-            since: Some(since),
-            ..Default::default()
-        };
+        let req = proto::History { channel: channel.into(), since: Some(since), ..Default::default() };
         st.history(&req, T0).unwrap_err().code
     };
-    assert_eq!(
-        bad(&mut st, "h", pos("otherepoch", 1)),
-        ErrorCode::BadPosition,
-        "wrong epoch"
-    );
-    assert_eq!(
-        bad(&mut st, "h", pos(&epoch, 3)),
-        ErrorCode::BadPosition,
-        "serial ahead"
-    );
-    assert_eq!(
-        bad(&mut st, "nothing", pos("e", 3)),
-        ErrorCode::BadPosition,
-        "unknown channel, serial ahead"
-    );
+    assert_eq!(bad(&mut st, "h", pos("otherepoch", 1)), ErrorCode::BadPosition, "wrong epoch");
+    assert_eq!(bad(&mut st, "h", pos(&epoch, 3)), ErrorCode::BadPosition, "serial ahead");
+    assert_eq!(bad(&mut st, "nothing", pos("e", 3)), ErrorCode::BadPosition, "unknown channel, serial ahead");
 
-    let ok = proto::History {
-        channel: "h".into(),
-        since: Some(pos(&epoch, 2)),
-        ..Default::default()
-    };
-    assert!(
-        st.history(&ok, T0)
-            .expect("top is fine")
-            .messages
-            .is_empty()
-    );
+    let ok = proto::History { channel: "h".into(), since: Some(pos(&epoch, 2)), ..Default::default() };
+    assert!(st.history(&ok, T0).expect("top is fine").messages.is_empty());
     let unknown = history(&mut st, "nothing", T0);
     assert_eq!(unknown.channel, "nothing");
     assert_eq!(unknown.serial, 0);
@@ -622,22 +454,12 @@ fn history_disabled_keeps_serials() {
 
     // Behind the top without history: an explicit gap, never a silent skip.
     attach(&mut st, 2, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        2,
-        &sub_from("live/x", &[("live/x", pos(&ack.epoch, 1))]),
-        T0,
-    );
+    let out = subscribe(&mut st, 2, &sub_from("live/x", &[("live/x", pos(&ack.epoch, 1))]), T0);
     assert!(!out.subscribed.channels[0].recovered);
     assert!(matches!(&out.replay[..], [Outbound::Gap(g)] if g.reason == "trimmed"));
     // At the top: recovered, nothing to send.
     attach(&mut st, 3, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        3,
-        &sub_from("live/x", &[("live/x", pos(&ack.epoch, 2))]),
-        T0,
-    );
+    let out = subscribe(&mut st, 3, &sub_from("live/x", &[("live/x", pos(&ack.epoch, 2))]), T0);
     assert!(out.subscribed.channels[0].recovered);
     assert!(out.replay.is_empty());
 }
@@ -652,22 +474,12 @@ fn recovery_replays_exactly_the_missed_messages_then_live() {
         epoch = publish(&mut st, "r", &format!("m{i}"), T0 + i).epoch;
     }
     let ob = attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        1,
-        &sub_from("r", &[("r", pos(&epoch, 2))]),
-        T0 + 10,
-    );
+    let out = subscribe(&mut st, 1, &sub_from("r", &[("r", pos(&epoch, 2))]), T0 + 10);
 
     assert_eq!(out.subscribed.filter, "r");
     assert_eq!(
         out.subscribed.channels,
-        vec![proto::ChannelState {
-            channel: "r".into(),
-            epoch: epoch.clone(),
-            serial: 5,
-            recovered: true
-        }]
+        vec![proto::ChannelState { channel: "r".into(), epoch: epoch.clone(), serial: 5, recovered: true }]
     );
     assert_eq!(serials(&out.replay), vec![3, 4, 5]);
     assert_eq!(payloads(&out.replay), vec!["m3", "m4", "m5"]);
@@ -675,12 +487,7 @@ fn recovery_replays_exactly_the_missed_messages_then_live() {
 
     publish(&mut st, "r", "m6", T0 + 11);
     let live = envelopes(&drain(&ob));
-    assert_eq!(
-        live.iter()
-            .map(|e| (e.prev_serial, e.serial))
-            .collect::<Vec<_>>(),
-        vec![(5, 6)]
-    );
+    assert_eq!(live.iter().map(|e| (e.prev_serial, e.serial)).collect::<Vec<_>>(), vec![(5, 6)]);
 }
 
 #[test]
@@ -706,16 +513,9 @@ fn recovery_from_trimmed_history_is_one_gap() {
     // History holds 4..=6.
     for from in [0, 1, 2] {
         attach(&mut st, from + 1, "sub", BIG);
-        let out = subscribe(
-            &mut st,
-            from + 1,
-            &sub_from("t", &[("t", pos(&epoch, from))]),
-            T0,
-        );
+        let out = subscribe(&mut st, from + 1, &sub_from("t", &[("t", pos(&epoch, from))]), T0);
         assert_eq!(out.replay.len(), 1, "from {from}: {:?}", out.replay);
-        let Outbound::Gap(gap) = &out.replay[0] else {
-            panic!("from {from}: expected a gap")
-        };
+        let Outbound::Gap(gap) = &out.replay[0] else { panic!("from {from}: expected a gap") };
         assert_eq!(
             gap,
             &proto::Gap {
@@ -741,22 +541,10 @@ fn recovery_after_age_trim_is_a_gap() {
     publish(&mut st, "t", "2", T0 + 5_000);
     attach(&mut st, 1, "sub", BIG);
     // At T0 + 12s message 1 has aged out, 2 has not.
-    let out = subscribe(
-        &mut st,
-        1,
-        &sub_from("t", &[("t", pos(&epoch, 1))]),
-        T0 + 12_000,
-    );
+    let out = subscribe(&mut st, 1, &sub_from("t", &[("t", pos(&epoch, 1))]), T0 + 12_000);
     assert_eq!(serials(&out.replay), vec![2]);
-    let out = subscribe(
-        &mut st,
-        1,
-        &sub_from("t", &[("t", pos(&epoch, 0))]),
-        T0 + 12_000,
-    );
-    assert!(
-        matches!(&out.replay[..], [Outbound::Gap(g)] if g.reason == "trimmed" && g.to == Some(pos(&epoch, 2)))
-    );
+    let out = subscribe(&mut st, 1, &sub_from("t", &[("t", pos(&epoch, 0))]), T0 + 12_000);
+    assert!(matches!(&out.replay[..], [Outbound::Gap(g)] if g.reason == "trimmed" && g.to == Some(pos(&epoch, 2))));
 }
 
 #[test]
@@ -766,16 +554,9 @@ fn recovery_with_another_epoch_is_an_epoch_changed_gap() {
     let epoch = publish(&mut st, "e", "2", T0).epoch;
     attach(&mut st, 1, "sub", BIG);
     // An old epoch, even with a serial beyond the current one, is not "ahead".
-    let out = subscribe(
-        &mut st,
-        1,
-        &sub_from("e", &[("e", pos("oldepoch00", 7))]),
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), T0);
     assert_eq!(out.replay.len(), 1);
-    let Outbound::Gap(gap) = &out.replay[0] else {
-        panic!("expected a gap")
-    };
+    let Outbound::Gap(gap) = &out.replay[0] else { panic!("expected a gap") };
     assert_eq!(gap.channel, "e");
     assert_eq!(gap.from, Some(pos("oldepoch00", 7)));
     assert_eq!(gap.to, Some(pos(&epoch, 2)));
@@ -788,15 +569,8 @@ fn recovery_with_another_epoch_is_an_epoch_changed_gap() {
 fn recovery_of_an_unknown_channel_is_an_epoch_changed_gap() {
     let mut st = state();
     attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        1,
-        &sub_from("gone", &[("gone", pos("oldepoch00", 3))]),
-        T0,
-    );
-    let [Outbound::Gap(gap)] = &out.replay[..] else {
-        panic!("expected one gap: {:?}", out.replay)
-    };
+    let out = subscribe(&mut st, 1, &sub_from("gone", &[("gone", pos("oldepoch00", 3))]), T0);
+    let [Outbound::Gap(gap)] = &out.replay[..] else { panic!("expected one gap: {:?}", out.replay) };
     assert_eq!(gap.reason, "epoch_changed");
     let state = &out.subscribed.channels[0];
     assert_eq!(gap.to, Some(pos(&state.epoch, 0)));
@@ -809,23 +583,15 @@ fn position_ahead_of_the_channel_is_rejected_without_subscribing() {
     let epoch = publish(&mut st, "a", "1", T0).epoch;
     let ob = attach(&mut st, 1, "sub", BIG);
 
-    let e = st
-        .subscribe(1, &sub_from("a", &[("a", pos(&epoch, 2))]), T0)
-        .unwrap_err();
+    let e = st.subscribe(1, &sub_from("a", &[("a", pos(&epoch, 2))]), T0).unwrap_err();
     assert_eq!(e.code, ErrorCode::BadPosition);
     assert_eq!(st.stats().subscriptions, 0);
 
     // One bad position among good ones rejects the whole subscribe.
     publish(&mut st, "w/1", "1", T0);
     let w2 = publish(&mut st, "w/2", "1", T0).epoch;
-    let req = sub_from(
-        "w/+",
-        &[("w/1", pos("whatever00", 0)), ("w/2", pos(&w2, 9))],
-    );
-    assert_eq!(
-        st.subscribe(1, &req, T0).unwrap_err().code,
-        ErrorCode::BadPosition
-    );
+    let req = sub_from("w/+", &[("w/1", pos("whatever00", 0)), ("w/2", pos(&w2, 9))]);
+    assert_eq!(st.subscribe(1, &req, T0).unwrap_err().code, ErrorCode::BadPosition);
     assert_eq!(st.stats().subscriptions, 0);
 
     publish(&mut st, "a", "2", T0);
@@ -841,31 +607,16 @@ fn position_outside_the_filter_or_without_epoch_is_rejected() {
     attach(&mut st, 1, "sub", BIG);
 
     let out_of_scope = sub_from("a", &[("b", pos(&epoch, 1))]);
-    assert_eq!(
-        st.subscribe(1, &out_of_scope, T0).unwrap_err().code,
-        ErrorCode::BadPosition
-    );
+    assert_eq!(st.subscribe(1, &out_of_scope, T0).unwrap_err().code, ErrorCode::BadPosition);
     let out_of_scope = sub_from("x/+", &[("x/y/z", pos(&epoch, 1))]);
-    assert_eq!(
-        st.subscribe(1, &out_of_scope, T0).unwrap_err().code,
-        ErrorCode::BadPosition
-    );
+    assert_eq!(st.subscribe(1, &out_of_scope, T0).unwrap_err().code, ErrorCode::BadPosition);
     let no_epoch = sub_from("a", &[("a", pos("", 0))]);
-    assert_eq!(
-        st.subscribe(1, &no_epoch, T0).unwrap_err().code,
-        ErrorCode::BadPosition
-    );
+    assert_eq!(st.subscribe(1, &no_epoch, T0).unwrap_err().code, ErrorCode::BadPosition);
     // A presence position needs presence=true.
     let presence = sub_from("a", &[("$presence/a", pos("e", 0))]);
-    assert_eq!(
-        st.subscribe(1, &presence, T0).unwrap_err().code,
-        ErrorCode::BadPosition
-    );
+    assert_eq!(st.subscribe(1, &presence, T0).unwrap_err().code, ErrorCode::BadPosition);
     let invalid = sub_from("#", &[("", pos("e", 0))]);
-    assert_eq!(
-        st.subscribe(1, &invalid, T0).unwrap_err().code,
-        ErrorCode::InvalidChannel
-    );
+    assert_eq!(st.subscribe(1, &invalid, T0).unwrap_err().code, ErrorCode::InvalidChannel);
     assert_eq!(st.stats().subscriptions, 0);
 }
 
@@ -884,39 +635,19 @@ fn wildcard_recovery_covers_each_channel_with_a_position() {
     publish(&mut st, "other", "o-1", T0);
 
     let ob = attach(&mut st, 1, "sub", BIG);
-    let req = sub_from(
-        "room/+",
-        &[("room/1", pos(&e1, 1)), ("room/2", pos(&e2, 4))],
-    );
+    let req = sub_from("room/+", &[("room/1", pos(&e1, 1)), ("room/2", pos(&e2, 4))]);
     let out = subscribe(&mut st, 1, &req, T0);
-    assert_eq!(
-        channel_serials(&out.replay),
-        vec![("room/1".into(), 2), ("room/1".into(), 3)]
-    );
-    let states: Vec<(String, u64, bool)> = out
-        .subscribed
-        .channels
-        .iter()
-        .map(|c| (c.channel.clone(), c.serial, c.recovered))
-        .collect();
-    assert_eq!(
-        states,
-        vec![("room/1".into(), 3, true), ("room/2".into(), 4, true)]
-    );
+    assert_eq!(channel_serials(&out.replay), vec![("room/1".into(), 2), ("room/1".into(), 3)]);
+    let states: Vec<(String, u64, bool)> =
+        out.subscribed.channels.iter().map(|c| (c.channel.clone(), c.serial, c.recovered)).collect();
+    assert_eq!(states, vec![("room/1".into(), 3, true), ("room/2".into(), 4, true)]);
     assert_eq!(out.subscribed.channels[0].epoch, e1);
     assert_eq!(out.subscribed.channels[1].epoch, e2);
 
     for ch in ["room/1", "room/2", "room/3", "other"] {
         publish(&mut st, ch, "live", T0);
     }
-    assert_eq!(
-        channel_serials(&drain(&ob)),
-        vec![
-            ("room/1".into(), 4),
-            ("room/2".into(), 5),
-            ("room/3".into(), 2)
-        ]
-    );
+    assert_eq!(channel_serials(&drain(&ob)), vec![("room/1".into(), 4), ("room/2".into(), 5), ("room/3".into(), 2)]);
 }
 
 #[test]
@@ -929,10 +660,7 @@ fn wildcard_recovery_mixes_recovered_and_gapped_channels() {
     publish(&mut st, "room/2", "3", T0);
 
     attach(&mut st, 1, "sub", BIG);
-    let req = sub_from(
-        "room/#",
-        &[("room/1", pos(&e1, 0)), ("room/2", pos(&e2, 1))],
-    );
+    let req = sub_from("room/#", &[("room/1", pos(&e1, 0)), ("room/2", pos(&e2, 1))]);
     let out = subscribe(&mut st, 1, &req, T0);
     let mut msgs = Vec::new();
     let mut gaps = Vec::new();
@@ -952,12 +680,7 @@ fn wildcard_recovery_mixes_recovered_and_gapped_channels() {
             reason: "trimmed".into()
         }]
     );
-    let recovered: Vec<bool> = out
-        .subscribed
-        .channels
-        .iter()
-        .map(|c| c.recovered)
-        .collect();
+    let recovered: Vec<bool> = out.subscribed.channels.iter().map(|c| c.recovered).collect();
     assert_eq!(recovered, vec![true, false]);
 }
 
@@ -1014,19 +737,9 @@ fn rewind_on_a_wildcard_returns_each_matching_channel() {
     let out = subscribe(&mut st, 1, &sub_rewind("w/+", 2, 0), T0);
     assert_eq!(
         channel_serials(&out.replay),
-        vec![
-            ("w/a".into(), 2),
-            ("w/a".into(), 3),
-            ("w/b".into(), 2),
-            ("w/b".into(), 3)
-        ]
+        vec![("w/a".into(), 2), ("w/a".into(), 3), ("w/b".into(), 2), ("w/b".into(), 3)]
     );
-    let names: Vec<&str> = out
-        .subscribed
-        .channels
-        .iter()
-        .map(|c| c.channel.as_str())
-        .collect();
+    let names: Vec<&str> = out.subscribed.channels.iter().map(|c| c.channel.as_str()).collect();
     assert_eq!(names, vec!["w/a", "w/b"]);
 }
 
@@ -1039,10 +752,7 @@ fn a_position_wins_over_rewind() {
     }
     attach(&mut st, 1, "sub", BIG);
     let req = proto::Subscribe {
-        rewind: Some(proto::Rewind {
-            count: 5,
-            duration_ms: 0,
-        }),
+        rewind: Some(proto::Rewind { count: 5, duration_ms: 0 }),
         ..sub_from("p", &[("p", pos(&epoch, 4))])
     };
     let out = subscribe(&mut st, 1, &req, T0);
@@ -1063,12 +773,7 @@ fn repeated_publish_id_is_acknowledged_once() {
     let again = publish_with_id(&mut st, "a", "x again", "k1", T0 + 1_000);
     assert_eq!(
         again,
-        proto::PublishAck {
-            channel: "a".into(),
-            epoch: first.epoch.clone(),
-            serial: 1,
-            duplicate: true
-        }
+        proto::PublishAck { channel: "a".into(), epoch: first.epoch.clone(), serial: 1, duplicate: true }
     );
     let next = publish(&mut st, "a", "no id", T0 + 2_000);
     assert_eq!((next.serial, next.duplicate), (2, false));
@@ -1077,10 +782,7 @@ fn repeated_publish_id_is_acknowledged_once() {
     assert_eq!((other.serial, other.duplicate), (1, false));
 
     let got = envelopes(&drain(&ob));
-    let summary: Vec<(&str, u64, &str)> = got
-        .iter()
-        .map(|e| (e.channel.as_str(), e.serial, e.id.as_str()))
-        .collect();
+    let summary: Vec<(&str, u64, &str)> = got.iter().map(|e| (e.channel.as_str(), e.serial, e.id.as_str())).collect();
     assert_eq!(summary, vec![("a", 1, "k1"), ("a", 2, ""), ("b", 1, "k1")]);
     assert_eq!(history_serials(&mut st, "a", T0 + 3_000), vec![1, 2]);
 }
@@ -1114,21 +816,14 @@ fn publish_id_is_new_again_after_the_dedupe_window() {
 
 #[test]
 fn dedupe_forgets_the_oldest_ids_beyond_the_per_channel_bound() {
-    let mut st = MemoryState::new(EngineConfig {
-        dedupe_max_per_channel: 2,
-        ..EngineConfig::default()
-    });
+    let mut st = MemoryState::new(EngineConfig { dedupe_max_per_channel: 2, ..EngineConfig::default() });
     publish_with_id(&mut st, "a", "x", "k1", T0);
     publish_with_id(&mut st, "a", "x", "k2", T0);
     publish_with_id(&mut st, "a", "x", "k3", T0);
     assert!(publish_with_id(&mut st, "a", "x", "k3", T0).duplicate);
     assert!(publish_with_id(&mut st, "a", "x", "k2", T0).duplicate);
     let k1 = publish_with_id(&mut st, "a", "x", "k1", T0);
-    assert_eq!(
-        (k1.serial, k1.duplicate),
-        (4, false),
-        "k1 was forgotten first"
-    );
+    assert_eq!((k1.serial, k1.duplicate), (4, false), "k1 was forgotten first");
 }
 
 // ---------------------------------------------------------------- retained
@@ -1140,35 +835,16 @@ fn retained_value_is_replayed_on_subscribe() {
     publish(&mut st, "r", "not retained", T0);
 
     attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            retained: true,
-            ..sub("r")
-        },
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &proto::Subscribe { retained: true, ..sub("r") }, T0);
     let got = envelopes(&out.replay);
     assert_eq!(got.len(), 1);
-    assert_eq!(
-        (got[0].serial, got[0].payload.clone(), got[0].retain),
-        (1, Bytes::from("v1"), true)
-    );
+    assert_eq!((got[0].serial, got[0].payload.clone(), got[0].retain), (1, Bytes::from("v1"), true));
 
     let out = subscribe(&mut st, 1, &sub("r"), T0);
     assert!(out.replay.is_empty(), "only when asked for");
 
     publish_retained(&mut st, "r", "v2", T0);
-    let out = subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            retained: true,
-            ..sub("r")
-        },
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &proto::Subscribe { retained: true, ..sub("r") }, T0);
     assert_eq!(serials(&out.replay), vec![3]);
     assert_eq!(payloads(&out.replay), vec!["v2"]);
 }
@@ -1180,22 +856,10 @@ fn empty_retained_publish_clears_the_value() {
     subscribe(&mut st, 1, &sub("r"), T0);
     publish_retained(&mut st, "r", "v1", T0);
     publish_retained(&mut st, "r", "", T0);
-    assert_eq!(
-        serials(&drain(&ob)),
-        vec![1, 2],
-        "the clearing publish is still delivered live"
-    );
+    assert_eq!(serials(&drain(&ob)), vec![1, 2], "the clearing publish is still delivered live");
 
     attach(&mut st, 2, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        2,
-        &proto::Subscribe {
-            retained: true,
-            ..sub("r")
-        },
-        T0,
-    );
+    let out = subscribe(&mut st, 2, &proto::Subscribe { retained: true, ..sub("r") }, T0);
     assert!(out.replay.is_empty(), "{:?}", out.replay);
 }
 
@@ -1210,20 +874,9 @@ fn retained_value_outlives_history_and_wildcards_get_each() {
     assert_eq!(history_serials(&mut st, "r/a", T0), vec![2]);
 
     attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            retained: true,
-            ..sub("r/+")
-        },
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &proto::Subscribe { retained: true, ..sub("r/+") }, T0);
     assert_eq!(payloads(&out.replay), vec!["a-retained", "b-retained"]);
-    assert_eq!(
-        channel_serials(&out.replay),
-        vec![("r/a".into(), 1), ("r/b".into(), 1)]
-    );
+    assert_eq!(channel_serials(&out.replay), vec![("r/a".into(), 1), ("r/b".into(), 1)]);
 }
 
 #[test]
@@ -1233,48 +886,27 @@ fn retained_value_is_not_duplicated_by_recovery_or_rewind() {
     let epoch = publish_retained(&mut st, "r", "retained-2", T0).epoch;
     publish(&mut st, "r", "3", T0);
     attach(&mut st, 1, "sub", BIG);
-    let with = |req: proto::Subscribe| proto::Subscribe {
-        retained: true,
-        ..req
-    };
+    let with = |req: proto::Subscribe| proto::Subscribe { retained: true, ..req };
 
     // Recovery that covers the retained message sends it once, in order.
-    let out = subscribe(
-        &mut st,
-        1,
-        &with(sub_from("r", &[("r", pos(&epoch, 1))])),
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos(&epoch, 1))])), T0);
     assert_eq!(serials(&out.replay), vec![2, 3]);
     // The client already has it: nothing.
-    let out = subscribe(
-        &mut st,
-        1,
-        &with(sub_from("r", &[("r", pos(&epoch, 2))])),
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos(&epoch, 2))])), T0);
     assert_eq!(serials(&out.replay), vec![3]);
-    let out = subscribe(
-        &mut st,
-        1,
-        &with(sub_from("r", &[("r", pos(&epoch, 3))])),
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos(&epoch, 3))])), T0);
     assert!(out.replay.is_empty());
 
     // Rewind covering it: once. Rewind not reaching it: first, then the rewind.
     let out = subscribe(&mut st, 1, &with(sub_rewind("r", 3, 0)), T0);
     assert_eq!(serials(&out.replay), vec![1, 2, 3]);
+    let out = subscribe(&mut st, 1, &with(sub_rewind("r", 2, 0)), T0);
+    assert_eq!(serials(&out.replay), vec![2, 3], "the rewind starts at the retained message");
     let out = subscribe(&mut st, 1, &with(sub_rewind("r", 1, 0)), T0);
     assert_eq!(serials(&out.replay), vec![2, 3]);
 
     // A gap still tells the client the last value.
-    let out = subscribe(
-        &mut st,
-        1,
-        &with(sub_from("r", &[("r", pos("oldepoch00", 1))])),
-        T0,
-    );
+    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos("oldepoch00", 1))])), T0);
     assert!(matches!(&out.replay[0], Outbound::Gap(g) if g.reason == "epoch_changed"));
     assert_eq!(serials(&out.replay[1..]), vec![2]);
     assert_eq!(out.replay.len(), 2);
@@ -1286,15 +918,7 @@ fn retained_value_is_not_duplicated_by_recovery_or_rewind() {
 fn presence_events_reach_only_presence_subscribers() {
     let mut st = state();
     let with_presence = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("chat")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
     let without = attach(&mut st, 2, "plain", BIG);
     subscribe(&mut st, 2, &sub("chat"), T0);
     let everything = attach(&mut st, 3, "all", BIG);
@@ -1302,36 +926,20 @@ fn presence_events_reach_only_presence_subscribers() {
     attach(&mut st, 4, "bob", BIG);
     let bob = caller(4, "bob");
 
-    st.presence_enter(&bob, "chat", Bytes::from("hi"), false, T0)
-        .expect("enter");
+    st.presence_enter(&bob, "chat", Bytes::from("hi"), false, T0).expect("enter");
     let items = drain(&with_presence);
     let got = envelopes(&items);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].channel, "$presence/chat");
     assert_eq!((got[0].serial, got[0].prev_serial), (1, 0));
-    assert_eq!(
-        presence_events(&items),
-        vec![ev(proto::Kind::PresenceEnter, "bob", "conn-4", "hi")]
-    );
-    assert_eq!(
-        member_ids(&st, "chat"),
-        vec![("bob".into(), "conn-4".into(), "hi".into())]
-    );
-    assert_eq!(
-        st.presence_members("chat").members[0].protocol(),
-        proto::Protocol::Ws
-    );
+    assert_eq!(presence_events(&items), vec![ev(proto::Kind::PresenceEnter, "bob", "conn-4", "hi")]);
+    assert_eq!(member_ids(&st, "chat"), vec![("bob".into(), "conn-4".into(), "hi".into())]);
+    assert_eq!(st.presence_members("chat").members[0].protocol(), proto::Protocol::Ws);
 
-    st.presence_enter(&bob, "chat", Bytes::from("busy"), true, T0 + 1)
-        .expect("update");
-    st.presence_enter(&bob, "chat", Bytes::from("busy"), true, T0 + 2)
-        .expect("same data");
-    st.presence_enter(&bob, "chat", Bytes::from("busy"), false, T0 + 2)
-        .expect("re-enter, same data");
-    assert_eq!(
-        member_ids(&st, "chat"),
-        vec![("bob".into(), "conn-4".into(), "busy".into())]
-    );
+    st.presence_enter(&bob, "chat", Bytes::from("busy"), true, T0 + 1).expect("update");
+    st.presence_enter(&bob, "chat", Bytes::from("busy"), true, T0 + 2).expect("same data");
+    st.presence_enter(&bob, "chat", Bytes::from("busy"), false, T0 + 2).expect("re-enter, same data");
+    assert_eq!(member_ids(&st, "chat"), vec![("bob".into(), "conn-4".into(), "busy".into())]);
     st.presence_leave(&bob, "chat", T0 + 3).expect("leave");
     assert!(member_ids(&st, "chat").is_empty());
 
@@ -1346,15 +954,11 @@ fn presence_events_reach_only_presence_subscribers() {
     assert_eq!(serials(&items), vec![2, 3]);
 
     assert!(drain(&without).is_empty());
-    assert!(
-        drain(&everything).is_empty(),
-        "'#' never matches $presence channels"
-    );
+    assert!(drain(&everything).is_empty(), "'#' never matches $presence channels");
 
     // Unsubscribing removes the presence companion too.
     st.unsubscribe(1, "chat").expect("subscribed");
-    st.presence_enter(&bob, "chat", Bytes::new(), false, T0 + 4)
-        .expect("enter");
+    st.presence_enter(&bob, "chat", Bytes::new(), false, T0 + 4).expect("enter");
     assert!(drain(&with_presence).is_empty());
 }
 
@@ -1362,79 +966,43 @@ fn presence_events_reach_only_presence_subscribers() {
 fn presence_of_wildcard_subscriptions_and_recovery() {
     let mut st = state();
     let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("rooms/+")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("rooms/+") }, T0);
     let alice = caller(2, "alice");
     attach(&mut st, 2, "alice", BIG);
-    st.presence_enter(&alice, "rooms/1", Bytes::from("a"), false, T0)
-        .expect("enter");
-    st.presence_enter(&alice, "rooms/2", Bytes::from("a"), false, T0)
-        .expect("enter");
-    st.presence_enter(&alice, "elsewhere", Bytes::from("a"), false, T0)
-        .expect("enter");
-    let got: Vec<String> = envelopes(&drain(&ob))
-        .into_iter()
-        .map(|e| e.channel)
-        .collect();
+    st.presence_enter(&alice, "rooms/1", Bytes::from("a"), false, T0).expect("enter");
+    st.presence_enter(&alice, "rooms/2", Bytes::from("a"), false, T0).expect("enter");
+    st.presence_enter(&alice, "elsewhere", Bytes::from("a"), false, T0).expect("enter");
+    let got: Vec<String> = envelopes(&drain(&ob)).into_iter().map(|e| e.channel).collect();
     assert_eq!(got, vec!["$presence/rooms/1", "$presence/rooms/2"]);
 
     // Presence events have positions and recover like messages.
     let epoch = history(&mut st, "$presence/rooms/1", T0).epoch;
     st.presence_leave(&alice, "rooms/1", T0 + 1).expect("leave");
     attach(&mut st, 3, "late", BIG);
-    let req = proto::Subscribe {
-        presence: true,
-        ..sub_from("rooms/+", &[("$presence/rooms/1", pos(&epoch, 1))])
-    };
+    let req = proto::Subscribe { presence: true, ..sub_from("rooms/+", &[("$presence/rooms/1", pos(&epoch, 1))]) };
     let out = subscribe(&mut st, 3, &req, T0 + 2);
-    assert_eq!(
-        presence_events(&out.replay),
-        vec![ev(proto::Kind::PresenceLeave, "alice", "conn-2", "a")]
-    );
+    assert_eq!(presence_events(&out.replay), vec![ev(proto::Kind::PresenceLeave, "alice", "conn-2", "a")]);
     assert!(out.subscribed.channels[0].recovered);
 }
 
 #[test]
 fn presence_errors() {
-    let mut st = MemoryState::new(EngineConfig {
-        presence_max_members: 1,
-        ..EngineConfig::default()
-    });
+    let mut st = MemoryState::new(EngineConfig { presence_max_members: 1, ..EngineConfig::default() });
     attach(&mut st, 1, "", BIG);
     let anonymous = caller(1, "");
-    let e = st
-        .presence_enter(&anonymous, "chat", Bytes::new(), false, T0)
-        .unwrap_err();
+    let e = st.presence_enter(&anonymous, "chat", Bytes::new(), false, T0).unwrap_err();
     assert_eq!(e.code, ErrorCode::NoIdentity);
 
     let alice = caller(2, "alice");
     attach(&mut st, 2, "alice", BIG);
-    let e = st
-        .presence_enter(&alice, "chat", Bytes::from("x"), true, T0)
-        .unwrap_err();
+    let e = st.presence_enter(&alice, "chat", Bytes::from("x"), true, T0).unwrap_err();
     assert_eq!(e.code, ErrorCode::BadRequest, "update before enter");
-    assert_eq!(
-        st.presence_leave(&alice, "chat", T0).unwrap_err().code,
-        ErrorCode::BadRequest
-    );
+    assert_eq!(st.presence_leave(&alice, "chat", T0).unwrap_err().code, ErrorCode::BadRequest);
 
-    st.presence_enter(&alice, "chat", Bytes::new(), false, T0)
-        .expect("enter");
+    st.presence_enter(&alice, "chat", Bytes::new(), false, T0).expect("enter");
     let bob = caller(3, "bob");
     attach(&mut st, 3, "bob", BIG);
-    assert_eq!(
-        st.presence_enter(&bob, "chat", Bytes::new(), false, T0)
-            .unwrap_err()
-            .code,
-        ErrorCode::Unavailable
-    );
+    assert_eq!(st.presence_enter(&bob, "chat", Bytes::new(), false, T0).unwrap_err().code, ErrorCode::Unavailable);
     assert_eq!(member_ids(&st, "chat").len(), 1);
     assert_eq!(st.stats().presence_members, 1);
 }
@@ -1443,20 +1011,10 @@ fn presence_errors() {
 fn clean_detach_leaves_at_once() {
     let mut st = state();
     let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("chat")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
     attach(&mut st, 2, "alice", BIG);
-    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0)
-        .expect("enter");
-    st.presence_enter(&caller(2, "alice"), "lobby", Bytes::from("d"), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
+    st.presence_enter(&caller(2, "alice"), "lobby", Bytes::from("d"), false, T0).expect("enter");
 
     st.detach(2, CloseKind::Clean, T0 + 10);
     assert!(member_ids(&st, "chat").is_empty());
@@ -1479,35 +1037,20 @@ fn abrupt_detach_leaves_after_the_grace_period() {
     let grace = 5_000;
     let mut st = state();
     let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("chat")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
     attach(&mut st, 2, "alice", BIG);
-    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     drain(&ob);
 
     let at = T0 + 1_000;
     st.detach(2, CloseKind::Abrupt, at);
-    assert_eq!(
-        member_ids(&st, "chat"),
-        vec![("alice".into(), "conn-2".into(), "d".into())]
-    );
+    assert_eq!(member_ids(&st, "chat"), vec![("alice".into(), "conn-2".into(), "d".into())]);
     st.sweep(at + grace - 1);
     assert!(drain(&ob).is_empty(), "still within the grace period");
     assert_eq!(st.stats().presence_members, 1);
 
     st.sweep(at + grace);
-    assert_eq!(
-        presence_events(&drain(&ob)),
-        vec![ev(proto::Kind::PresenceLeave, "alice", "conn-2", "d")]
-    );
+    assert_eq!(presence_events(&drain(&ob)), vec![ev(proto::Kind::PresenceLeave, "alice", "conn-2", "d")]);
     assert!(member_ids(&st, "chat").is_empty());
     st.sweep(at + 2 * grace);
     assert!(drain(&ob).is_empty(), "one leave only");
@@ -1518,35 +1061,16 @@ fn resuming_within_the_grace_period_keeps_presence() {
     let grace = 5_000;
     let mut st = state();
     let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("chat")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
     attach(&mut st, 2, "alice", BIG);
-    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     drain(&ob);
 
     st.detach(2, CloseKind::Abrupt, T0);
     attach(&mut st, 3, "alice", BIG);
-    st.presence_enter(
-        &caller(3, "alice"),
-        "chat",
-        Bytes::from("d"),
-        false,
-        T0 + 2_000,
-    )
-    .expect("resume");
+    st.presence_enter(&caller(3, "alice"), "chat", Bytes::from("d"), false, T0 + 2_000).expect("resume");
     assert!(drain(&ob).is_empty(), "no leave, no second enter");
-    assert_eq!(
-        member_ids(&st, "chat"),
-        vec![("alice".into(), "conn-3".into(), "d".into())]
-    );
+    assert_eq!(member_ids(&st, "chat"), vec![("alice".into(), "conn-3".into(), "d".into())]);
 
     st.sweep(T0 + grace + 1);
     assert!(drain(&ob).is_empty(), "the pending leave was cancelled");
@@ -1554,47 +1078,50 @@ fn resuming_within_the_grace_period_keeps_presence() {
 
     // The resumed membership ends with its own session.
     st.detach(3, CloseKind::Clean, T0 + 10_000);
-    assert_eq!(
-        presence_events(&drain(&ob)),
-        vec![ev(proto::Kind::PresenceLeave, "alice", "conn-3", "d")]
-    );
+    assert_eq!(presence_events(&drain(&ob)), vec![ev(proto::Kind::PresenceLeave, "alice", "conn-3", "d")]);
 }
 
 #[test]
 fn resuming_with_new_data_is_an_update() {
     let mut st = state();
     let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("chat")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
     attach(&mut st, 2, "alice", BIG);
-    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("old"), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("old"), false, T0).expect("enter");
     drain(&ob);
 
     st.detach(2, CloseKind::Abrupt, T0);
     attach(&mut st, 3, "alice", BIG);
-    st.presence_enter(
-        &caller(3, "alice"),
-        "chat",
-        Bytes::from("new"),
-        false,
-        T0 + 1,
-    )
-    .expect("resume");
-    assert_eq!(
-        presence_events(&drain(&ob)),
-        vec![ev(proto::Kind::PresenceUpdate, "alice", "conn-3", "new")]
-    );
+    st.presence_enter(&caller(3, "alice"), "chat", Bytes::from("new"), false, T0 + 1).expect("resume");
+    assert_eq!(presence_events(&drain(&ob)), vec![ev(proto::Kind::PresenceUpdate, "alice", "conn-3", "new")]);
     assert_eq!(member_ids(&st, "chat").len(), 1);
     st.sweep(T0 + 60_000);
     assert!(drain(&ob).is_empty());
+}
+
+#[test]
+fn one_client_may_be_present_from_several_connections() {
+    let mut st = state();
+    let ob = attach(&mut st, 1, "watcher", BIG);
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&mut st, 2, "alice", BIG);
+    attach(&mut st, 3, "alice", BIG);
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("phone"), false, T0).expect("enter");
+    st.presence_enter(&caller(3, "alice"), "chat", Bytes::from("laptop"), false, T0).expect("enter");
+    assert_eq!(
+        member_ids(&st, "chat"),
+        vec![("alice".into(), "conn-2".into(), "phone".into()), ("alice".into(), "conn-3".into(), "laptop".into())]
+    );
+    st.detach(2, CloseKind::Clean, T0 + 1);
+    assert_eq!(
+        presence_events(&drain(&ob)),
+        vec![
+            ev(proto::Kind::PresenceEnter, "alice", "conn-2", "phone"),
+            ev(proto::Kind::PresenceEnter, "alice", "conn-3", "laptop"),
+            ev(proto::Kind::PresenceLeave, "alice", "conn-2", "phone"),
+        ]
+    );
+    assert_eq!(member_ids(&st, "chat"), vec![("alice".into(), "conn-3".into(), "laptop".into())]);
 }
 
 #[test]
@@ -1602,22 +1129,12 @@ fn another_client_does_not_resume_a_pending_member() {
     let grace = 5_000;
     let mut st = state();
     let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("chat")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
     attach(&mut st, 2, "alice", BIG);
-    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     st.detach(2, CloseKind::Abrupt, T0);
     attach(&mut st, 3, "bob", BIG);
-    st.presence_enter(&caller(3, "bob"), "chat", Bytes::from("d"), false, T0 + 1)
-        .expect("enter");
+    st.presence_enter(&caller(3, "bob"), "chat", Bytes::from("d"), false, T0 + 1).expect("enter");
     st.sweep(T0 + grace);
     assert_eq!(
         presence_events(&drain(&ob)),
@@ -1627,10 +1144,7 @@ fn another_client_does_not_resume_a_pending_member() {
             ev(proto::Kind::PresenceLeave, "alice", "conn-2", "d"),
         ]
     );
-    assert_eq!(
-        member_ids(&st, "chat"),
-        vec![("bob".into(), "conn-3".into(), "d".into())]
-    );
+    assert_eq!(member_ids(&st, "chat"), vec![("bob".into(), "conn-3".into(), "d".into())]);
 }
 
 // ---------------------------------------------------------------- slow consumers
@@ -1673,10 +1187,7 @@ fn slow_consumer_is_disconnected_others_keep_everything() {
 
 #[test]
 fn drop_oldest_policy_keeps_the_newest() {
-    let mut st = state_with_rules(vec![rule(
-        "lossy/#",
-        policy(1000, 600, SlowPolicy::DropOldest),
-    )]);
+    let mut st = state_with_rules(vec![rule("lossy/#", policy(1000, 600, SlowPolicy::DropOldest))]);
     let payload = "p".repeat(100);
     let one = message_size(&mut st, "lossy/p", &payload);
     let ob = attach(&mut st, 1, "sub", one * 3 + one / 2);
@@ -1688,10 +1199,7 @@ fn drop_oldest_policy_keeps_the_newest() {
     }
     assert!(ob.closed().is_none());
     let got = envelopes(&drain(&ob));
-    assert_eq!(
-        got.iter().map(|e| e.serial).collect::<Vec<_>>(),
-        vec![8, 9, 10]
-    );
+    assert_eq!(got.iter().map(|e| e.serial).collect::<Vec<_>>(), vec![8, 9, 10]);
     assert_eq!(ob.dropped(), 7);
     // The client can see the hole: the first one kept does not follow 0.
     assert_eq!(got[0].prev_serial, 7);
@@ -1700,10 +1208,7 @@ fn drop_oldest_policy_keeps_the_newest() {
 
 #[test]
 fn conflate_policy_keeps_the_latest_per_channel() {
-    let mut st = state_with_rules(vec![rule(
-        "ticker/#",
-        policy(1000, 600, SlowPolicy::Conflate),
-    )]);
+    let mut st = state_with_rules(vec![rule("ticker/#", policy(1000, 600, SlowPolicy::Conflate))]);
     let payload = "p".repeat(100);
     let one = message_size(&mut st, "ticker/p", &payload);
     let ob = attach(&mut st, 1, "sub", one * 3 + one / 2);
@@ -1721,11 +1226,7 @@ fn conflate_policy_keeps_the_latest_per_channel() {
     let got = channel_serials(&drain(&ob));
     // Each channel's latest value is there, and each channel stays in order.
     for (channel, serial) in &last {
-        let mine: Vec<u64> = got
-            .iter()
-            .filter(|(c, _)| c == channel)
-            .map(|(_, s)| *s)
-            .collect();
+        let mine: Vec<u64> = got.iter().filter(|(c, _)| c == channel).map(|(_, s)| *s).collect();
         assert_eq!(mine.last(), Some(serial), "{channel}: {got:?}");
         assert!(mine.windows(2).all(|w| w[0] < w[1]), "{channel}: {got:?}");
     }
@@ -1735,32 +1236,14 @@ fn conflate_policy_keeps_the_latest_per_channel() {
 
 #[test]
 fn presence_events_follow_the_base_channel_policy() {
-    let mut st = state_with_rules(vec![rule(
-        "quiet/#",
-        policy(1000, 600, SlowPolicy::DropOldest),
-    )]);
+    let mut st = state_with_rules(vec![rule("quiet/#", policy(1000, 600, SlowPolicy::DropOldest))]);
     // About two presence events fit, four do not.
     let ob = attach(&mut st, 1, "watcher", 300);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("quiet/x")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("quiet/x") }, T0);
     for i in 0..4 {
         let id = 10 + i;
         attach(&mut st, id, &format!("m{i}"), BIG);
-        st.presence_enter(
-            &caller(id, &format!("m{i}")),
-            "quiet/x",
-            Bytes::from("d"),
-            false,
-            T0,
-        )
-        .expect("enter");
+        st.presence_enter(&caller(id, &format!("m{i}")), "quiet/x", Bytes::from("d"), false, T0).expect("enter");
     }
     assert!(ob.closed().is_none(), "drop-oldest, not disconnect");
     assert!(ob.dropped() > 0);
@@ -1777,6 +1260,7 @@ fn sweep_drops_idle_empty_channels_after_the_ttl() {
         rules: vec![
             rule("nohist", policy(0, 600, SlowPolicy::Disconnect)),
             rule("short", policy(10, 100, SlowPolicy::Disconnect)),
+            rule("retained", policy(0, 600, SlowPolicy::Disconnect)),
         ],
         ..EngineConfig::default()
     });
@@ -1789,21 +1273,13 @@ fn sweep_drops_idle_empty_channels_after_the_ttl() {
     assert_eq!(st.stats().channels, 5);
 
     st.sweep(T0 + ttl);
-    assert_eq!(
-        st.stats().channels,
-        5,
-        "not idle for longer than the ttl yet"
-    );
+    assert_eq!(st.stats().channels, 5, "not idle for longer than the ttl yet");
 
     // "empty" and "nohist" hold nothing and go; "short" keeps its history
     // for 100 s, "retained" its value, "kept" its history.
     st.sweep(T0 + ttl + 1);
     assert_eq!(st.stats().channels, 3);
-    assert_eq!(
-        history(&mut st, "kept", T0 + ttl + 1).epoch,
-        kept.epoch,
-        "a channel with history is kept"
-    );
+    assert_eq!(history(&mut st, "kept", T0 + ttl + 1).epoch, kept.epoch, "a channel with history is kept");
     assert_eq!(history(&mut st, "kept", T0 + ttl + 1).serial, 1);
 
     // A dropped channel starts a new incarnation.
@@ -1815,11 +1291,7 @@ fn sweep_drops_idle_empty_channels_after_the_ttl() {
     // "nohist" is idle but was active 38 s ago: kept.
     st.sweep(T0 + 100_001);
     assert_eq!(st.stats().channels, 3, "kept, nohist, retained");
-    assert_eq!(
-        history(&mut st, "retained", T0 + 100_001).serial,
-        1,
-        "a retained value keeps its channel"
-    );
+    assert_eq!(history(&mut st, "retained", T0 + 100_001).serial, 1, "a retained value keeps its channel");
 }
 
 #[test]
@@ -1832,23 +1304,47 @@ fn sweep_keeps_channels_with_members_or_recent_ids() {
         ..EngineConfig::default()
     });
     attach(&mut st, 1, "alice", BIG);
-    st.presence_enter(&caller(1, "alice"), "room", Bytes::new(), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(1, "alice"), "room", Bytes::new(), false, T0).expect("enter");
     let first = publish_with_id(&mut st, "ids", "x", "k", T0);
 
     st.sweep(T0 + 2 * ttl);
     assert_eq!(member_ids(&st, "room").len(), 1);
     // Still the same incarnation: the id is still known.
     let dup = publish_with_id(&mut st, "ids", "x", "k", T0 + 2 * ttl);
-    assert_eq!(
-        (dup.epoch.as_str(), dup.serial, dup.duplicate),
-        (first.epoch.as_str(), 1, true)
-    );
+    assert_eq!((dup.epoch.as_str(), dup.serial, dup.duplicate), (first.epoch.as_str(), 1, true));
 
     // After the dedupe window the channel has nothing left and goes.
     st.sweep(T0 + 300_001);
     let fresh = publish(&mut st, "ids", "x", T0 + 300_002);
     assert_ne!(fresh.epoch, first.epoch);
+}
+
+/// The last member leaving is activity: the channel's position must survive
+/// `idle_channel_ttl` from then, as it would after a publish.
+#[test]
+fn last_member_leaving_restarts_the_idle_ttl() {
+    let ttl = 60_000;
+    let mut st = MemoryState::new(EngineConfig {
+        idle_channel_ttl: Duration::from_millis(ttl as u64),
+        rules: vec![rule("room", policy(10, 10, SlowPolicy::Disconnect))],
+        ..EngineConfig::default()
+    });
+    publish(&mut st, "room", "1", T0);
+    let epoch = publish(&mut st, "room", "2", T0).epoch;
+    attach(&mut st, 1, "alice", BIG);
+    st.presence_enter(&caller(1, "alice"), "room", Bytes::new(), false, T0).expect("enter");
+
+    let left = T0 + 5 * ttl;
+    st.sweep(left);
+    assert_eq!(history(&mut st, "room", left).epoch, epoch, "a member keeps the channel");
+    st.presence_leave(&caller(1, "alice"), "room", left).expect("leave");
+    st.sweep(left + 1);
+
+    // A client caught up at (epoch, 2) reconnects a moment later.
+    attach(&mut st, 2, "bob", BIG);
+    let out = subscribe(&mut st, 2, &sub_from("room", &[("room", pos(&epoch, 2))]), left + 2);
+    assert!(out.replay.is_empty(), "false gap: {:?}", out.replay);
+    assert!(out.subscribed.channels[0].recovered);
 }
 
 #[test]
@@ -1859,41 +1355,72 @@ fn stats_count_channels_subscriptions_and_members() {
     attach(&mut st, 2, "bob", BIG);
     subscribe(&mut st, 1, &sub("a"), T0);
     subscribe(&mut st, 1, &sub("a"), T0);
-    subscribe(
-        &mut st,
-        1,
-        &proto::Subscribe {
-            presence: true,
-            ..sub("b/#")
-        },
-        T0,
-    );
+    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("b/#") }, T0);
     subscribe(&mut st, 2, &sub("a"), T0);
     publish(&mut st, "c", "x", T0);
-    st.presence_enter(&caller(1, "alice"), "a", Bytes::new(), false, T0)
-        .expect("enter");
-    st.presence_enter(&caller(2, "bob"), "a", Bytes::new(), false, T0)
-        .expect("enter");
+    st.presence_enter(&caller(1, "alice"), "a", Bytes::new(), false, T0).expect("enter");
+    st.presence_enter(&caller(2, "bob"), "a", Bytes::new(), false, T0).expect("enter");
 
     // Channels: a, c, $presence/a (two enter events). Subscriptions: a (x2
     // sessions; resubscribing replaces), b/# and $presence/b/#.
-    assert_eq!(
-        st.stats(),
-        EngineStats {
-            channels: 3,
-            subscriptions: 4,
-            presence_members: 2
-        }
-    );
+    assert_eq!(st.stats(), EngineStats { channels: 3, subscriptions: 4, presence_members: 2 });
 
     st.unsubscribe(1, "b/#").expect("subscribed");
     st.detach(2, CloseKind::Clean, T0);
-    assert_eq!(
-        st.stats(),
-        EngineStats {
-            channels: 3,
-            subscriptions: 1,
-            presence_members: 1
-        }
-    );
+    assert_eq!(st.stats(), EngineStats { channels: 3, subscriptions: 1, presence_members: 1 });
+}
+
+// ---- resume by time (`since_ms`), used by stream cursors ----
+
+fn sub_since(filter: &str, since: i64, positions: &[(&str, proto::Position)]) -> proto::Subscribe {
+    proto::Subscribe { since_ms: since as u64, ..sub_from(filter, positions) }
+}
+
+#[test]
+fn since_replays_channels_without_a_position_from_that_time() {
+    let mut st = state();
+    publish(&mut st, "s/a", "old", T0);
+    publish(&mut st, "s/b", "old", T0);
+    publish(&mut st, "s/a", "a1", T0 + 100);
+    let b2 = publish(&mut st, "s/b", "b2", T0 + 100);
+    publish(&mut st, "s/c", "c1", T0 + 150);
+    publish(&mut st, "s/b", "b3", T0 + 200);
+    publish(&mut st, "other", "x", T0 + 200);
+    attach(&mut st, 1, "u", BIG);
+    // s/b has a position (serial 2): only 3 follows; s/a and s/c resume by time.
+    let out = subscribe(&mut st, 1, &sub_since("s/+", T0 + 100, &[("s/b", pos(&b2.epoch, 2))]), T0 + 300);
+    let mut got = channel_serials(&out.replay);
+    got.sort();
+    assert_eq!(got, vec![("s/a".into(), 2), ("s/b".into(), 3), ("s/c".into(), 1)]);
+    assert!(out.replay.iter().all(|o| matches!(o, Outbound::Message(_))));
+}
+
+#[test]
+fn since_before_trimmed_history_is_a_gap_without_from() {
+    let mut st = state_with_rules(vec![rule("t/#", policy(2, 600, SlowPolicy::Disconnect))]);
+    for i in 0..5 {
+        publish(&mut st, "t/a", &format!("m{i}"), T0 + i);
+    }
+    attach(&mut st, 1, "u", BIG);
+    // Messages at T0+0..T0+2 were trimmed: resuming from T0+1 cannot be complete.
+    let out = subscribe(&mut st, 1, &sub_since("t/a", T0 + 1, &[]), T0 + 10);
+    assert_eq!(out.replay.len(), 1, "{:?}", out.replay);
+    let Outbound::Gap(g) = &out.replay[0] else { panic!("expected a gap: {:?}", out.replay) };
+    assert_eq!((g.channel.as_str(), g.from.is_none(), g.reason.as_str()), ("t/a", true, "trimmed"));
+    assert_eq!(g.to.as_ref().map(|p| p.serial), Some(5));
+    // From T0+3 on, history is complete: exactly 4 and 5.
+    let out = subscribe(&mut st, 1, &sub_since("t/a", T0 + 3, &[]), T0 + 10);
+    assert_eq!(serials(&out.replay), vec![4, 5]);
+}
+
+#[test]
+fn since_covers_presence_companions() {
+    let mut st = state();
+    attach(&mut st, 7, "member", BIG);
+    st.presence_enter(&caller(7, "member"), "room", Bytes::from_static(b"hi"), false, T0 + 50).unwrap();
+    attach(&mut st, 1, "u", BIG);
+    let req = proto::Subscribe { presence: true, ..sub_since("room", T0, &[]) };
+    let out = subscribe(&mut st, 1, &req, T0 + 100);
+    let got = channel_serials(&out.replay);
+    assert_eq!(got, vec![("$presence/room".into(), 1)]);
 }

@@ -130,11 +130,23 @@ pub trait Engine: Send + Sync + 'static {
     /// Sequences, dedupes, stores and fans out one publication.
     async fn publish(&self, caller: &Caller, req: proto::Publish, now_ms: i64) -> Result<proto::PublishAck, CoreError>;
     /// Registers a subscription and computes what to replay first.
-    async fn subscribe(&self, session: SessionId, req: &proto::Subscribe, now_ms: i64) -> Result<SubscribeOutcome, CoreError>;
+    async fn subscribe(
+        &self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        now_ms: i64,
+    ) -> Result<SubscribeOutcome, CoreError>;
     /// Removes a subscription (and its presence companion).
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError>;
     /// Enters or updates presence.
-    async fn presence_enter(&self, caller: &Caller, channel: &str, data: Bytes, update: bool, now_ms: i64) -> Result<(), CoreError>;
+    async fn presence_enter(
+        &self,
+        caller: &Caller,
+        channel: &str,
+        data: Bytes,
+        update: bool,
+        now_ms: i64,
+    ) -> Result<(), CoreError>;
     /// Leaves presence.
     async fn presence_leave(&self, caller: &Caller, channel: &str, now_ms: i64) -> Result<(), CoreError>;
     /// Lists members.

@@ -1,0 +1,379 @@
+//! What SSE and long polling share: parsing a stream request, opening a
+//! session that resumes every channel from a [`Cursor`], and turning the
+//! session's deliveries into cursor-stamped events.
+//!
+//! A stream subscribes to up to [`StreamLimits::max_channels`] filters. On
+//! resume, each filter's subscribe carries the cursor's positions of the
+//! channels it matches (recovery), and `since_ms` for matching channels the
+//! cursor has never seen (they are replayed from the stream's start, or a
+//! gap says history lost some). The cursor is also the stream's high-water
+//! mark: an item at or below a channel's cursor position is a duplicate (two
+//! overlapping filters, or a replay overlapping a live message) and is
+//! skipped, so every message is delivered once and in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_proto::topic::filter_matches;
+use switchboard_proto::{self as proto, ErrorCode};
+
+use crate::cursor::{Cursor, CursorError, MAX_CURSOR_LEN};
+use crate::port::{CloseKind, CloseReason, Core, CoreError, Delivery, OpenSession, Outbound, SessionHandle};
+
+/// Limits on stream requests.
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Most `channel=` filters in one request.
+    pub max_channels: usize,
+    /// Longest query string (or POST body) in bytes.
+    pub max_query_len: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits { max_channels: 64, max_query_len: 8192 }
+    }
+}
+
+/// A parsed SSE or long-poll request.
+#[derive(Debug, Clone, Default)]
+pub struct StreamRequest {
+    /// Channel names or MQTT filters (`channel=`, repeatable).
+    pub filters: Vec<String>,
+    /// Resume point (`cursor=`, `lastEventId=` or `Last-Event-ID`).
+    pub cursor: Option<Cursor>,
+    /// Replay on a fresh stream (`rewind=N` messages or `rewind=30s`).
+    pub rewind: Option<proto::Rewind>,
+    /// Also deliver presence events (`presence=1`).
+    pub presence: bool,
+    /// Deliver retained values first on a fresh stream (`retained=1`).
+    pub retained: bool,
+    /// Requested client id (`client_id=`; open mode).
+    pub client_id: String,
+    /// Connection token (`token=` or `Authorization: Bearer`).
+    pub token: String,
+    /// Long-poll wait (`timeout=` seconds), if given.
+    pub timeout: Option<Duration>,
+    /// Remote address.
+    pub peer: Option<SocketAddr>,
+}
+
+/// A request the gateway refuses with HTTP 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    /// Documented error code (docs/protocol.md).
+    pub code: &'static str,
+    /// Detail.
+    pub message: String,
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> RequestError {
+    RequestError { code, message: message.into() }
+}
+
+impl From<CursorError> for RequestError {
+    fn from(e: CursorError) -> Self {
+        bad(ErrorCode::BadCursor.slug(), e.to_string())
+    }
+}
+
+fn flag(v: &str) -> Result<bool, RequestError> {
+    match v {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" | "" => Ok(false),
+        _ => Err(bad(ErrorCode::BadRequest.slug(), format!("expected 1 or 0, got {v:?}"))),
+    }
+}
+
+/// Parses `rewind=`: a count (`10`) or a duration (`500ms`, `30s`, `5m`).
+pub fn parse_rewind(v: &str) -> Result<proto::Rewind, RequestError> {
+    let err = || bad(ErrorCode::BadRequest.slug(), format!("rewind must be a count or a duration like 30s, got {v:?}"));
+    if let Ok(n) = v.parse::<u32>() {
+        return Ok(proto::Rewind { count: n, duration_ms: 0 });
+    }
+    let (num, mult) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = v.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        return Err(err());
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    Ok(proto::Rewind { count: 0, duration_ms: n.checked_mul(mult).ok_or_else(err)? })
+}
+
+impl StreamRequest {
+    /// Parses query (or form) pairs. `last_event_id` is the SSE header, which
+    /// wins over `lastEventId=` and `cursor=`.
+    pub fn parse(
+        pairs: &[(String, String)],
+        last_event_id: Option<&str>,
+        limits: &StreamLimits,
+    ) -> Result<StreamRequest, RequestError> {
+        let total: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if total > limits.max_query_len {
+            return Err(bad("query_too_large", format!("query over {} bytes", limits.max_query_len)));
+        }
+        let mut req = StreamRequest::default();
+        let mut cursor_text: Option<&str> = None;
+        for (k, v) in pairs {
+            match k.as_str() {
+                "channel" => req.filters.push(v.clone()),
+                "cursor" | "lastEventId" => cursor_text = Some(v),
+                "rewind" => req.rewind = Some(parse_rewind(v)?),
+                "presence" => req.presence = flag(v)?,
+                "retained" => req.retained = flag(v)?,
+                "client_id" => req.client_id = v.clone(),
+                "token" => req.token = v.clone(),
+                "timeout" => {
+                    let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+                        bad(ErrorCode::BadRequest.slug(), format!("timeout must be seconds, got {v:?}"))
+                    })?;
+                    req.timeout = Some(Duration::from_secs_f64(secs.min(86_400.0)));
+                }
+                // Cache busters and the like are harmless.
+                "_" | "t" => {}
+                other => return Err(bad(ErrorCode::BadRequest.slug(), format!("unknown parameter {other:?}"))),
+            }
+        }
+        if let Some(h) = last_event_id.filter(|h| !h.is_empty()) {
+            cursor_text = Some(h);
+        }
+        if req.filters.is_empty() {
+            return Err(bad(ErrorCode::BadRequest.slug(), "give at least one channel= (a name or MQTT filter)"));
+        }
+        if req.filters.len() > limits.max_channels {
+            return Err(bad(
+                ErrorCode::TooManySubscriptions.slug(),
+                format!("at most {} channel= per stream", limits.max_channels),
+            ));
+        }
+        req.filters.sort();
+        req.filters.dedup();
+        if let Some(t) = cursor_text.filter(|t| !t.is_empty()) {
+            let cursor = Cursor::decode(t)?;
+            // Every channel in the cursor must belong to this stream.
+            for name in cursor.channels.keys() {
+                let base = name.strip_prefix("$presence/").unwrap_or(name);
+                if !req.filters.iter().any(|f| filter_matches(f, base)) {
+                    return Err(bad(
+                        ErrorCode::BadCursor.slug(),
+                        format!("cursor names channel {name:?}, which no channel= of this stream matches"),
+                    ));
+                }
+            }
+            req.cursor = Some(cursor);
+        }
+        Ok(req)
+    }
+}
+
+/// One event of a stream, with the cursor token after it.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// A message or presence event.
+    Message(Arc<Delivery>, String),
+    /// History could not fill a gap.
+    Gap(proto::Gap, String),
+}
+
+/// An open stream session. Dropping it closes the session (abruptly, so
+/// presence entered through it leaves after the grace period).
+pub struct StreamSession {
+    /// The core's session.
+    pub handle: SessionHandle,
+    core: Arc<dyn Core>,
+    /// Position of every channel delivered so far.
+    pub cursor: Cursor,
+    end: CloseKind,
+}
+
+impl std::fmt::Debug for StreamSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSession").field("session", &self.handle.id).field("cursor", &self.cursor).finish()
+    }
+}
+
+impl Drop for StreamSession {
+    fn drop(&mut self) {
+        self.core.close(self.handle.id, self.end);
+    }
+}
+
+impl StreamSession {
+    /// Opens a session for `req` and subscribes every filter, resuming from
+    /// the cursor. Returns the session and the replay, already deduplicated.
+    pub async fn open(
+        core: Arc<dyn Core>,
+        req: &StreamRequest,
+        protocol: proto::Protocol,
+        now_ms: u64,
+    ) -> Result<(StreamSession, Vec<StreamEvent>), CoreError> {
+        let handle = core
+            .open(OpenSession { protocol, client_id: req.client_id.clone(), token: req.token.clone(), peer: req.peer })
+            .await?;
+        let cursor = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms));
+        let mut session = StreamSession { handle, core: core.clone(), cursor, end: CloseKind::Abrupt };
+        let resuming = req.cursor.is_some();
+        let mut events = Vec::new();
+        for filter in &req.filters {
+            let companion = format!("$presence/{filter}");
+            let positions = session
+                .cursor
+                .channels
+                .iter()
+                .filter(|(name, _)| filter_matches(filter, name) || (req.presence && filter_matches(&companion, name)))
+                .map(|(name, p)| (name.clone(), proto::Position { epoch: p.epoch.clone(), serial: p.serial }))
+                .collect();
+            let sub = proto::Subscribe {
+                filter: filter.clone(),
+                positions,
+                rewind: if resuming { None } else { req.rewind },
+                presence: req.presence,
+                retained: req.retained && !resuming,
+                since_ms: if resuming { session.cursor.since_ms.max(1) } else { 0 },
+            };
+            let outcome = core.subscribe(session.handle.id, sub).await?;
+            for item in outcome.replay {
+                if let Some(ev) = session.accept(item) {
+                    events.push(ev);
+                }
+            }
+        }
+        Ok((session, events))
+    }
+
+    /// Marks the end as clean (the client said goodbye, or a poll finished).
+    pub fn end_clean(&mut self) {
+        self.end = CloseKind::Clean;
+    }
+
+    /// Applies one delivered item: skips duplicates, advances the cursor,
+    /// and returns the event with the cursor after it.
+    pub fn accept(&mut self, item: Outbound) -> Option<StreamEvent> {
+        match item {
+            Outbound::Message(d) => {
+                let env = &d.envelope;
+                if let Some(p) = self.cursor.channels.get(&env.channel)
+                    && p.epoch == env.epoch
+                    && env.serial <= p.serial
+                {
+                    return None;
+                }
+                self.cursor.advance(&env.channel, &env.epoch, env.serial);
+                Some(StreamEvent::Message(d, self.cursor.encode()))
+            }
+            Outbound::Gap(g) => {
+                let to = g.to.clone().unwrap_or_default();
+                if let Some(p) = self.cursor.channels.get(&g.channel)
+                    && p.epoch == to.epoch
+                    && p.serial >= to.serial
+                {
+                    return None;
+                }
+                self.cursor.advance(&g.channel, &to.epoch, to.serial);
+                Some(StreamEvent::Gap(g, self.cursor.encode()))
+            }
+        }
+    }
+
+    /// Moves what the outbox holds into `out` as events. Err once the core
+    /// closed the session (slow consumer, shutdown).
+    pub fn drain(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), CloseReason> {
+        let mut items = Vec::new();
+        let closed = self.handle.outbox.drain(&mut items);
+        for item in items {
+            if let Some(ev) = self.accept(item) {
+                out.push(ev);
+            }
+        }
+        closed
+    }
+
+    /// True when the cursor has outgrown what a `Last-Event-ID` may carry.
+    pub fn cursor_too_long(&self) -> bool {
+        self.cursor.encoded_len() > MAX_CURSOR_LEN
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parses_a_full_request() {
+        let mut c = Cursor::new(5);
+        c.advance("a/b", "E", 3);
+        let token = c.encode();
+        let r = StreamRequest::parse(
+            &pairs(&[
+                ("channel", "a/+"),
+                ("channel", "z"),
+                ("channel", "a/+"),
+                ("rewind", "30s"),
+                ("presence", "1"),
+                ("lastEventId", &token),
+                ("timeout", "2.5"),
+            ]),
+            None,
+            &StreamLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(r.filters, vec!["a/+".to_string(), "z".to_string()]);
+        assert_eq!(r.rewind, Some(proto::Rewind { count: 0, duration_ms: 30_000 }));
+        assert!(r.presence);
+        assert_eq!(r.cursor, Some(c));
+        assert_eq!(r.timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn header_wins_over_query_cursor() {
+        let mut a = Cursor::new(1);
+        a.advance("x", "E", 1);
+        let mut b = Cursor::new(2);
+        b.advance("x", "E", 9);
+        let r = StreamRequest::parse(
+            &pairs(&[("channel", "x"), ("lastEventId", &a.encode())]),
+            Some(&b.encode()),
+            &StreamLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(r.cursor, Some(b));
+    }
+
+    #[test]
+    fn refusals() {
+        let l = StreamLimits { max_channels: 2, max_query_len: 200 };
+        let code = |p: &[(&str, &str)]| StreamRequest::parse(&pairs(p), None, &l).unwrap_err().code;
+        assert_eq!(code(&[]), "bad_request");
+        assert_eq!(code(&[("channel", "a"), ("channel", "b"), ("channel", "c")]), "too_many_subscriptions");
+        assert_eq!(code(&[("channel", "a"), ("cursor", "###")]), "bad_cursor");
+        assert_eq!(code(&[("channel", "a"), ("bogus", "1")]), "bad_request");
+        assert_eq!(code(&[("channel", "a"), ("rewind", "ten")]), "bad_request");
+        assert_eq!(code(&[("channel", "a"), ("presence", "maybe")]), "bad_request");
+        assert_eq!(code(&[("channel", "a"), ("timeout", "-1")]), "bad_request");
+        assert_eq!(code(&[("channel", &"x".repeat(300))]), "query_too_large");
+        let mut other = Cursor::new(1);
+        other.advance("elsewhere", "E", 1);
+        assert_eq!(code(&[("channel", "a/#"), ("cursor", &other.encode())]), "bad_cursor");
+    }
+
+    #[test]
+    fn rewind_forms() {
+        assert_eq!(parse_rewind("10").unwrap(), proto::Rewind { count: 10, duration_ms: 0 });
+        assert_eq!(parse_rewind("500ms").unwrap().duration_ms, 500);
+        assert_eq!(parse_rewind("2m").unwrap().duration_ms, 120_000);
+        assert!(parse_rewind("").is_err());
+        assert!(parse_rewind("99999999999999999999h").is_err());
+    }
+}
