@@ -1,5 +1,5 @@
 //! The admin listener: `/healthz`, `/readyz`, Prometheus `/metrics`, and the
-//! admin API (`/v1/sessions`, `/v1/stats`).
+//! admin API (`GET /v1/sessions`, `POST /v1/sessions/{id}/close`, `GET /v1/stats`).
 //!
 //! Loopback by default: it exposes every session. Metrics are labelled by
 //! protocol only, never by channel, so their cardinality stays fixed.
@@ -71,7 +71,7 @@ pub async fn handle(
         }
         (&Method::GET, "/metrics") => {
             let text = metrics_handle().render();
-            let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+            let mut r = Response::new(crate::http::full(text));
             r.headers_mut()
                 .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
             r
@@ -89,6 +89,14 @@ pub async fn handle(
                     "presence_members": s.presence_members,
                 }),
             )
+        }
+        (&Method::POST, path) if path.starts_with("/v1/sessions/") && path.ends_with("/close") => {
+            let id = path.trim_start_matches("/v1/sessions/").trim_end_matches("/close");
+            match id.parse::<u64>() {
+                Ok(id) if router.kick(id) => json_response(StatusCode::OK, &json!({"id": id, "closed": true})),
+                Ok(id) => error_response(StatusCode::NOT_FOUND, "not_found", format!("no open session {id}")),
+                Err(_) => error_response(StatusCode::BAD_REQUEST, "bad_request", "session id must be a number"),
+            }
         }
         (_, path) => error_response(StatusCode::NOT_FOUND, "not_found", format!("no admin route {path}")),
     };

@@ -51,9 +51,9 @@ pub struct ListenArgs {
 pub enum Via {
     /// WebSocket (JSON subprotocol).
     Ws,
-    /// Server-Sent Events (not in this version).
+    /// Server-Sent Events (reconnects with Last-Event-ID).
     Sse,
-    /// Long polling (not in this version).
+    /// HTTP long polling (cursor per poll).
     Poll,
     /// MQTT (not in this version).
     Mqtt,
@@ -105,7 +105,7 @@ pub enum Command {
         /// Protocol.
         #[arg(long, value_enum, default_value_t = Via::Ws)]
         via: Via,
-        /// Gateway URL (ws://HOST:PORT or http://HOST:PORT for WebSocket).
+        /// Gateway URL, http://HOST:PORT (ws://HOST:PORT is accepted for --via ws).
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
         /// Replay the last N messages first.
@@ -125,6 +125,16 @@ fn ws_base(url: &str) -> String {
         format!("ws://{rest}")
     } else if let Some(rest) = url.strip_prefix("https://") {
         format!("wss://{rest}")
+    } else {
+        url.to_string()
+    }
+}
+
+fn http_base(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = url.strip_prefix("wss://") {
+        format!("https://{rest}")
     } else {
         url.to_string()
     }
@@ -269,12 +279,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sub { filter, via, url, rewind, count, json } => {
-            if via != Via::Ws {
-                anyhow::bail!("--via {via:?} is not available in this version; use --via ws");
-            }
-            let base = ws_base(&url);
             let mut seen = 0u64;
-            client::subscribe_ws(&base, &filter, rewind, |ev| match ev {
+            let on_event = |ev| match ev {
                 SubEvent::Message(env) => {
                     print_envelope(&env, json);
                     seen += 1;
@@ -292,8 +298,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("reconnecting: {why}");
                     true
                 }
-            })
-            .await?;
+            };
+            match via {
+                Via::Ws => client::subscribe_ws(&ws_base(&url), &filter, rewind, on_event).await?,
+                Via::Sse => client::subscribe_sse(&http_base(&url), &filter, rewind, on_event).await?,
+                Via::Poll => client::subscribe_poll(&http_base(&url), &filter, rewind, on_event).await?,
+                Via::Mqtt | Via::Wt => anyhow::bail!("--via {via:?} is not available in this version"),
+            }
             Ok(())
         }
     }

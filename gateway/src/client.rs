@@ -278,3 +278,161 @@ pub async fn subscribe_ws(
         tokio::time::sleep(backoff).await;
     }
 }
+
+fn stream_url(base: &str, path: &str, filter: &str, rewind: Option<u32>) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    q.append_pair("channel", filter);
+    if let Some(n) = rewind {
+        q.append_pair("rewind", &n.to_string());
+    }
+    format!("{}{path}?{}", base.trim_end_matches('/'), q.finish())
+}
+
+async fn error_of(resp: reqwest::Response) -> ClientError {
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    ClientError::Gateway {
+        code: body["error"]["code"].as_str().unwrap_or(status.as_str()).to_string(),
+        message: body["error"]["message"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+/// Subscribes over Server-Sent Events until `on_event` returns false. A
+/// dropped stream reconnects with `Last-Event-ID` = the last event's id (the
+/// cursor over every channel), exactly as a browser's EventSource does.
+pub async fn subscribe_sse(
+    base: &str,
+    filter: &str,
+    rewind: Option<u32>,
+    mut on_event: impl FnMut(SubEvent) -> bool,
+) -> Result<(), ClientError> {
+    use eventsource_stream::Eventsource;
+    let client = reqwest::Client::new();
+    let mut last_id: Option<String> = None;
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let url = stream_url(base, "/v1/sse", filter, if last_id.is_none() { rewind } else { None });
+        let mut req = client.get(url).header("accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            req = req.header("last-event-id", id);
+        }
+        let why = match req.send().await {
+            Ok(resp) if resp.status().is_success() => {
+                let mut events = resp.bytes_stream().eventsource();
+                loop {
+                    match events.next().await {
+                        Some(Ok(ev)) => {
+                            if let Some(r) = ev.retry {
+                                retry = r;
+                            }
+                            if !ev.id.is_empty() {
+                                last_id = Some(ev.id.clone());
+                            }
+                            let frame = match proto::json::decode_server_frame(&ev.data) {
+                                Ok(f) => f,
+                                Err(e) => break format!("bad event data: {e}"),
+                            };
+                            let keep_going = match frame.frame {
+                                Some(server_frame::Frame::Message(env)) => on_event(SubEvent::Message(env)),
+                                Some(server_frame::Frame::Gap(g)) => on_event(SubEvent::Gap(g)),
+                                Some(server_frame::Frame::Connected(_)) => {
+                                    on_event(SubEvent::Subscribed(proto::Subscribed {
+                                        filter: filter.to_string(),
+                                        channels: Vec::new(),
+                                    }))
+                                }
+                                Some(server_frame::Frame::Disconnect(d)) => {
+                                    break format!("server closed: {} {}", d.code, d.reason);
+                                }
+                                _ => true,
+                            };
+                            if !keep_going {
+                                return Ok(());
+                            }
+                        }
+                        Some(Err(e)) => break e.to_string(),
+                        None => break "stream ended".to_string(),
+                    }
+                }
+            }
+            // A refused request will be refused again: report, don't loop.
+            Ok(resp) if resp.status().is_client_error() => return Err(error_of(resp).await),
+            Ok(resp) => format!("HTTP {}", resp.status()),
+            Err(e) if last_id.is_none() => return Err(e.into()),
+            Err(e) => e.to_string(),
+        };
+        if !on_event(SubEvent::Reconnecting(why)) {
+            return Ok(());
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PollBody<'a> {
+    #[serde(borrow)]
+    messages: Vec<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    gaps: Vec<&'a serde_json::value::RawValue>,
+    cursor: String,
+}
+
+/// Subscribes by long polling until `on_event` returns false, passing each
+/// response's cursor to the next poll.
+pub async fn subscribe_poll(
+    base: &str,
+    filter: &str,
+    rewind: Option<u32>,
+    mut on_event: impl FnMut(SubEvent) -> bool,
+) -> Result<(), ClientError> {
+    let client = reqwest::Client::new();
+    let mut cursor: Option<String> = None;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut url = stream_url(base, "/v1/poll", filter, if cursor.is_none() { rewind } else { None });
+        url.push_str("&timeout=25");
+        if let Some(c) = &cursor {
+            url.push_str("&cursor=");
+            url.push_str(c);
+        }
+        let resp = match client.get(url).send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) if r.status().is_client_error() => return Err(error_of(r).await),
+            Ok(r) => {
+                if !on_event(SubEvent::Reconnecting(format!("HTTP {}", r.status()))) {
+                    return Ok(());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e) if cursor.is_none() => return Err(e.into()),
+            Err(e) => {
+                if !on_event(SubEvent::Reconnecting(e.to_string())) {
+                    return Ok(());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let text = resp.text().await?;
+        let body: PollBody<'_> = serde_json::from_str(&text).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        for g in body.gaps {
+            if let Ok(proto::ServerFrame { frame: Some(server_frame::Frame::Gap(g)), .. }) =
+                proto::json::decode_server_frame(g.get())
+                && !on_event(SubEvent::Gap(g))
+            {
+                return Ok(());
+            }
+        }
+        for m in body.messages {
+            let env = proto::json::decode_envelope(m.get()).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+            if !on_event(SubEvent::Message(env)) {
+                return Ok(());
+            }
+        }
+        cursor = Some(body.cursor);
+    }
+}

@@ -118,6 +118,10 @@ pub struct LimitsConfig {
     pub outbox_bytes: usize,
     /// Largest REST request body in bytes.
     pub max_body_size: usize,
+    /// Most `channel=` filters in one SSE stream or long poll.
+    pub max_stream_channels: usize,
+    /// Longest SSE / long-poll query string (or POST /v1/poll body) in bytes.
+    pub max_query_len: usize,
 }
 
 impl Default for LimitsConfig {
@@ -128,6 +132,8 @@ impl Default for LimitsConfig {
             max_subscriptions: 256,
             outbox_bytes: 1024 * 1024,
             max_body_size: 1024 * 1024,
+            max_stream_channels: 64,
+            max_query_len: 8192,
         }
     }
 }
@@ -160,6 +166,44 @@ impl Default for WebSocketConfig {
             read_buffer: 4096,
             write_buffer: 64 * 1024,
         }
+    }
+}
+
+/// `[sse]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseSection {
+    /// A `: keep-alive` comment after this much silence.
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive: Duration,
+    /// The `retry:` browsers wait before reconnecting.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry: Duration,
+}
+
+impl Default for SseSection {
+    fn default() -> Self {
+        SseSection { keepalive: Duration::from_secs(15), retry: Duration::from_secs(1) }
+    }
+}
+
+/// `[poll]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollSection {
+    /// How long a poll waits when it gives no `timeout=`.
+    #[serde(deserialize_with = "de_duration")]
+    pub default_timeout: Duration,
+    /// The largest `timeout=` honoured.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_timeout: Duration,
+    /// Most messages in one response.
+    pub batch_max: usize,
+}
+
+impl Default for PollSection {
+    fn default() -> Self {
+        PollSection { default_timeout: Duration::from_secs(25), max_timeout: Duration::from_secs(60), batch_max: 100 }
     }
 }
 
@@ -293,6 +337,10 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// `[channels]`.
     pub channels: ChannelsConfig,
+    /// `[sse]`.
+    pub sse: SseSection,
+    /// `[poll]`.
+    pub poll: PollSection,
     /// `[rest]`.
     pub rest: RestConfig,
     /// `[echo]`.
@@ -390,6 +438,21 @@ impl Config {
         }
         if self.websocket.read_buffer < 512 || self.websocket.read_buffer > 1024 * 1024 {
             return bad("websocket.read_buffer must be 512..=1048576".into());
+        }
+        if l.max_stream_channels == 0 || l.max_stream_channels > 1024 {
+            return bad("limits.max_stream_channels must be 1..=1024".into());
+        }
+        if l.max_query_len < 256 {
+            return bad("limits.max_query_len must be at least 256".into());
+        }
+        if self.poll.batch_max == 0 || self.poll.batch_max > 10_000 {
+            return bad("poll.batch_max must be 1..=10000".into());
+        }
+        if self.poll.default_timeout > self.poll.max_timeout {
+            return bad("poll.default_timeout must not exceed poll.max_timeout".into());
+        }
+        if self.sse.keepalive < Duration::from_millis(100) {
+            return bad("sse.keepalive must be at least 100ms".into());
         }
         if self.node.name.is_empty() || self.node.name.len() > 64 {
             return bad("node.name must be 1..=64 bytes".into());

@@ -19,13 +19,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::port::{Core, CoreError};
-use switchboard_protocols::ws;
+use switchboard_protocols::stream::{RequestError, StreamLimits, StreamRequest};
+use switchboard_protocols::{poll, sse, ws};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -35,7 +37,12 @@ use crate::config::Config;
 use crate::router::Router;
 
 /// Response body type of every route.
-pub type Body = Full<Bytes>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A complete body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
 
 /// What every HTTP handler shares.
 #[derive(Clone)]
@@ -50,6 +57,12 @@ pub struct HttpState {
     pub echo: bool,
     /// Flips to true on shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// SSE settings.
+    pub sse: sse::SseConfig,
+    /// Long-poll settings.
+    pub poll: poll::PollConfig,
+    /// Limits on SSE and long-poll requests.
+    pub stream_limits: StreamLimits,
 }
 
 /// The HTTP status for a core error code.
@@ -68,7 +81,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
 
 /// A JSON response.
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    let mut r = Response::new(full(value.to_string()));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -84,7 +97,7 @@ fn core_error(e: &CoreError) -> Response<Body> {
 }
 
 fn raw_json(text: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(text)));
+    let mut r = Response::new(full(text));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
@@ -96,6 +109,15 @@ pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) 
         (&Method::GET, "/v1/ws") => upgrade(state, peer, req, false),
         (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, req, true),
         (&Method::GET, "/") => demo_page(),
+        (&Method::GET, "/v1/sse") => serve_sse(state, peer, req).await,
+        (&Method::GET, "/v1/poll") => {
+            let pairs = query_pairs(&req);
+            serve_poll(state, peer, &req, pairs).await
+        }
+        (&Method::POST, "/v1/poll") => poll_post(state, peer, req).await,
+        (_, "/v1/sse" | "/v1/poll") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET /v1/sse; GET or POST /v1/poll")
+        }
         (_, p) if p.starts_with("/v1/channels/") => rest(state, req).await,
         (_, "/v1/ws") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET with a WebSocket upgrade")
@@ -105,7 +127,7 @@ pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) 
     Ok(resp)
 }
 
-fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
+fn query_pairs<B>(req: &Request<B>) -> Vec<(String, String)> {
     req.uri().query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
@@ -183,7 +205,7 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
             ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown).await;
         }
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -207,7 +229,7 @@ fn channel_route(path: &str) -> Option<(String, &str)> {
     Some((channel, action))
 }
 
-fn header_str<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+fn header_str<'a, B>(req: &'a Request<B>, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -231,6 +253,15 @@ async fn rest(state: HttpState, req: Request<Incoming>) -> Response<Body> {
     match (req.method().clone(), action) {
         (Method::POST, "messages") => rest_publish(state, channel, req).await,
         (Method::GET, "history") => rest_history(state, channel, &req).await,
+        (Method::POST, "presence") => rest_presence_enter(state, channel, req).await,
+        (Method::DELETE, "presence") => match stream_caller(&state, header_str(&req, "x-connection-id")) {
+            Ok(Some(caller)) => match state.router.presence_leave_as(&caller, &channel).await {
+                Ok(()) => json_response(StatusCode::OK, &json!({"channel": channel, "left": true})),
+                Err(e) => core_error(&e),
+            },
+            Ok(None) => missing_connection(),
+            Err(r) => *r,
+        },
         (Method::GET, "presence") => match state.router.members_of(&channel).await {
             Ok(m) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
                 req: 0,
@@ -276,7 +307,75 @@ async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, R
     }
 }
 
+/// The identity of the SSE / long-poll session named by `X-Connection-Id`
+/// (REST is their uplink): `Ok(None)` without the header.
+fn stream_caller(state: &HttpState, conn: Option<&str>) -> Result<Option<crate::engine::Caller>, Box<Response<Body>>> {
+    let Some(conn) = conn else { return Ok(None) };
+    state.router.caller_for_connection(conn).map(Some).ok_or_else(|| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NotConnected.slug(),
+            format!("no open session with connection id {conn:?}"),
+        ))
+    })
+}
+
+fn missing_connection() -> Response<Body> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::NoIdentity.slug(),
+        "presence over REST acts for an open stream: send its X-Connection-Id",
+    )
+}
+
+/// `POST /v1/channels/{channel}/presence`: enters (or updates) presence for
+/// the stream named by `X-Connection-Id`; the body is the member data (JSON
+/// mapping when `application/json`, else raw).
+async fn rest_presence_enter(state: HttpState, channel: String, req: Request<Incoming>) -> Response<Body> {
+    let caller = match stream_caller(&state, header_str(&req, "x-connection-id")) {
+        Ok(Some(c)) => c,
+        Ok(None) => return missing_connection(),
+        Err(r) => return *r,
+    };
+    let is_json = header_str(&req, "content-type").is_some_and(|t| t.starts_with("application/json"));
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let data = if is_json {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct PresenceBody<'a> {
+            #[serde(borrow)]
+            data: Option<&'a serde_json::value::RawValue>,
+            text: Option<String>,
+            data_b64: Option<String>,
+        }
+        let parsed: PresenceBody<'_> = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadFrame.slug(),
+                    format!("bad JSON body: {e}"),
+                );
+            }
+        };
+        match proto::json::decode_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e),
+        }
+    } else {
+        body
+    };
+    match state.router.presence_enter_as(&caller, &channel, data, false).await {
+        Ok(()) => json_response(StatusCode::OK, &json!({"channel": channel, "entered": true})),
+        Err(e) => core_error(&e),
+    }
+}
+
 async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>) -> Response<Body> {
+    let conn = header_str(&req, "x-connection-id").map(str::to_string);
     let idem = header_str(&req, "idempotency-key").map(str::to_string);
     let content_type = header_str(&req, "content-type").unwrap_or("").to_string();
     let is_json = content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
@@ -317,7 +416,11 @@ async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>)
     if publish.id.len() > 256 {
         return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest.slug(), "idempotency key over 256 bytes");
     }
-    let caller = Router::rest_caller("");
+    let caller = match stream_caller(&state, conn.as_deref()) {
+        Ok(Some(c)) => c,
+        Ok(None) => Router::rest_caller(""),
+        Err(r) => return *r,
+    };
     match state.router.publish_as(&caller, publish).await {
         Ok(ack) => json_response(
             StatusCode::OK,
@@ -365,8 +468,135 @@ async fn rest_history(state: HttpState, channel: String, req: &Request<Incoming>
     }
 }
 
+fn request_error(e: &RequestError) -> Response<Body> {
+    error_response(StatusCode::BAD_REQUEST, e.code, &e.message)
+}
+
+/// The bearer token of an `Authorization` header, if any.
+fn bearer<B>(req: &Request<B>) -> Option<String> {
+    header_str(req, "authorization")?.strip_prefix("Bearer ").map(|t| t.trim().to_string())
+}
+
+fn parse_stream<B>(
+    state: &HttpState,
+    peer: SocketAddr,
+    req: &Request<B>,
+    pairs: &[(String, String)],
+) -> Result<StreamRequest, RequestError> {
+    let raw_query = req.uri().query().map_or(0, str::len);
+    if raw_query > state.stream_limits.max_query_len {
+        return Err(RequestError {
+            code: "query_too_large",
+            message: format!("query over {} bytes", state.stream_limits.max_query_len),
+        });
+    }
+    let mut parsed = StreamRequest::parse(pairs, header_str(req, "last-event-id"), &state.stream_limits)?;
+    if let Some(t) = bearer(req) {
+        parsed.token = t;
+    }
+    parsed.peer = Some(peer);
+    Ok(parsed)
+}
+
+async fn serve_sse(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    use futures_util::StreamExt;
+    let pairs = query_pairs(&req);
+    let parsed = match parse_stream(&state, peer, &req, &pairs) {
+        Ok(p) => p,
+        Err(e) => return request_error(&e),
+    };
+    let core: Arc<dyn Core> = state.router.clone();
+    let now = crate::router::now_ms() as u64;
+    let stream = match sse::open(core, &parsed, &state.sse, state.shutdown.clone(), now).await {
+        Ok(s) => s,
+        Err(e) => return core_error(&e),
+    };
+    let body = StreamBody::new(stream.map(|chunk| Ok::<_, Infallible>(hyper::body::Frame::data(chunk))));
+    let mut r = Response::new(body.boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+async fn serve_poll<B>(
+    state: HttpState,
+    peer: SocketAddr,
+    req: &Request<B>,
+    pairs: Vec<(String, String)>,
+) -> Response<Body> {
+    let parsed = match parse_stream(&state, peer, req, &pairs) {
+        Ok(p) => p,
+        Err(e) => return request_error(&e),
+    };
+    let core: Arc<dyn Core> = state.router.clone();
+    let now = crate::router::now_ms() as u64;
+    match poll::poll(core, &parsed, &state.poll, state.shutdown.clone(), now).await {
+        Ok(body) => {
+            let mut r = raw_json(body);
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => core_error(&e),
+    }
+}
+
+/// Flattens a JSON object into query-style pairs: arrays repeat the key,
+/// booleans become 1/0, numbers their text.
+fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
+    let obj = v.as_object().ok_or("the JSON body must be an object")?;
+    let mut pairs = Vec::new();
+    for (k, v) in obj {
+        let items: Vec<&serde_json::Value> = match v {
+            serde_json::Value::Array(a) => a.iter().collect(),
+            other => vec![other],
+        };
+        for item in items {
+            let text = match item {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
+                serde_json::Value::Number(n) => n.to_string(),
+                _ => return Err(format!("field {k:?} must be a string, number, boolean or array of them")),
+            };
+            pairs.push((k.clone(), text));
+        }
+    }
+    Ok(pairs)
+}
+
+/// `POST /v1/poll`: the same parameters as the query, in a form-encoded or
+/// JSON body (for filter lists too long for a URL).
+async fn poll_post(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let is_json = header_str(&req, "content-type").is_some_and(|t| t.starts_with("application/json"));
+    let (parts, body) = req.into_parts();
+    let limit = state.stream_limits.max_query_len;
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error_response(StatusCode::BAD_REQUEST, "query_too_large", format!("body over {limit} bytes"));
+        }
+    };
+    let mut pairs: Vec<(String, String)> = match parts.uri.query() {
+        Some(q) => url::form_urlencoded::parse(q.as_bytes()).into_owned().collect(),
+        None => Vec::new(),
+    };
+    if is_json {
+        match json_pairs(&bytes) {
+            Ok(p) => pairs.extend(p),
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", e),
+        }
+    } else {
+        pairs.extend(url::form_urlencoded::parse(&bytes).into_owned());
+    }
+    // Rebuild a body-less request for the header lookups.
+    let req = Request::from_parts(parts, ());
+    serve_poll(state, peer, &req, pairs).await
+}
+
 fn demo_page() -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(include_bytes!("demo.html"))));
+    let mut r = Response::new(full(Bytes::from_static(include_bytes!("demo.html"))));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     r
 }

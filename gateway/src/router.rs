@@ -150,6 +150,18 @@ impl Router {
         out
     }
 
+    /// Closes one session with [`CloseReason::KICKED`] (admin API); false if
+    /// no such session is open. Its front end sends the close to the client.
+    pub fn kick(&self, id: SessionId) -> bool {
+        match self.sessions.lock().get(&id) {
+            Some(s) => {
+                s.outbox.close(CloseReason::KICKED);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Closes every session's outbox with `reason` (graceful shutdown).
     pub fn close_all(&self, reason: CloseReason) {
         for s in self.sessions.lock().values() {
@@ -181,6 +193,21 @@ impl Router {
             .get(&session)
             .map(|s| s.caller.clone())
             .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))
+    }
+
+    /// The caller of an open session, found by its connection id (REST
+    /// uplink for SSE and long-poll streams, which cannot send frames).
+    pub fn caller_for_connection(&self, connection_id: &str) -> Option<Caller> {
+        let id: SessionId = connection_id.strip_prefix(self.node.as_str())?.strip_prefix('-')?.parse().ok()?;
+        let sessions = self.sessions.lock();
+        let s = sessions.get(&id)?;
+        (s.caller.connection_id.as_ref() == connection_id).then(|| s.caller.clone())
+    }
+
+    /// Leaves presence as a caller.
+    pub async fn presence_leave_as(&self, caller: &Caller, channel_name: &str) -> Result<(), CoreError> {
+        Self::check_presence_channel(channel_name)?;
+        self.engine.presence_leave(caller, channel_name, now_ms()).await
     }
 
     /// A caller for requests without a session (REST).
@@ -336,8 +363,7 @@ impl Core for Router {
 
     async fn presence_leave(&self, session: SessionId, channel_name: &str) -> Result<(), CoreError> {
         let caller = self.caller(session)?;
-        Self::check_presence_channel(channel_name)?;
-        self.engine.presence_leave(&caller, channel_name, now_ms()).await
+        self.presence_leave_as(&caller, channel_name).await
     }
 
     async fn presence_members(

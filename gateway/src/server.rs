@@ -88,6 +88,16 @@ impl Gateway {
                 },
                 echo: config.echo.enabled,
                 shutdown: shutdown_rx.clone(),
+                sse: switchboard_protocols::sse::SseConfig { keepalive: config.sse.keepalive, retry: config.sse.retry },
+                poll: switchboard_protocols::poll::PollConfig {
+                    default_timeout: config.poll.default_timeout,
+                    max_timeout: config.poll.max_timeout,
+                    batch_max: config.poll.batch_max,
+                },
+                stream_limits: switchboard_protocols::stream::StreamLimits {
+                    max_channels: config.limits.max_stream_channels,
+                    max_query_len: config.limits.max_query_len,
+                },
             };
             tasks.push(tokio::spawn(accept_loop(listener, shutdown_rx.clone(), move |peer| {
                 let state = state.clone();

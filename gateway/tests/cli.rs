@@ -90,13 +90,16 @@ fn pub_reaches_sub_and_sigterm_shuts_down() {
     let http_url = format!("http://{http}");
     let ws_url = format!("ws://{http}");
 
-    let sub = Proc::spawn(&["sub", "tour/#", "--url", &http_url, "--count", "3"]);
-    // The subscriber is registered once the admin API lists its session.
+    let subs: Vec<Proc> = ["ws", "sse", "poll"]
+        .iter()
+        .map(|via| Proc::spawn(&["sub", "tour/#", "--via", via, "--url", &http_url, "--count", "3"]))
+        .collect();
+    // The subscribers are registered once the admin API counts them.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let sessions =
             reqwest::blocking::get(format!("http://{admin}/v1/stats")).and_then(|r| r.json::<serde_json::Value>());
-        if sessions.is_ok_and(|v| v["subscriptions"].as_u64() == Some(1)) {
+        if sessions.is_ok_and(|v| v["subscriptions"].as_u64() == Some(3)) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "subscriber never subscribed");
@@ -114,27 +117,28 @@ fn pub_reaches_sub_and_sigterm_shuts_down() {
     let (ok, _, _) = run(&["pub", "tour/a", "bye", "--url", &http_url]);
     assert!(ok);
 
-    let got: Vec<String> = (0..3).map(|_| sub.lines.recv_timeout(WAIT).expect("sub output")).collect();
-    let fields: Vec<(String, String)> = got
-        .iter()
-        .map(|l| {
-            let mut it = l.splitn(3, ' ');
-            let ch = it.next().unwrap_or_default().to_string();
-            let _pos = it.next();
-            (ch, it.next().unwrap_or_default().to_string())
-        })
-        .collect();
-    assert_eq!(
-        fields,
-        vec![
-            ("tour/a".to_string(), "hello".to_string()),
-            ("tour/b".to_string(), "{\"x\": 1}".to_string()),
-            ("tour/a".to_string(), "bye".to_string()),
-        ],
-        "sub printed {got:?}"
-    );
-    let mut sub = sub;
-    assert!(sub.wait_exit().success(), "sub --count 3 exits 0");
+    for (via, mut sub) in ["ws", "sse", "poll"].into_iter().zip(subs) {
+        let got: Vec<String> = (0..3).map(|_| sub.lines.recv_timeout(WAIT).expect("sub output")).collect();
+        let fields: Vec<(String, String)> = got
+            .iter()
+            .map(|l| {
+                let mut it = l.splitn(3, ' ');
+                let ch = it.next().unwrap_or_default().to_string();
+                let _pos = it.next();
+                (ch, it.next().unwrap_or_default().to_string())
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("tour/a".to_string(), "hello".to_string()),
+                ("tour/b".to_string(), "{\"x\": 1}".to_string()),
+                ("tour/a".to_string(), "bye".to_string()),
+            ],
+            "sub --via {via} printed {got:?}"
+        );
+        assert!(sub.wait_exit().success(), "sub --via {via} --count 3 exits 0");
+    }
 
     // SIGTERM: graceful shutdown, exit status 0.
     let status = Command::new("kill").args(["-TERM", &gw.child.id().to_string()]).status().expect("kill");
