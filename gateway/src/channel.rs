@@ -87,6 +87,33 @@ pub fn validate_filter(filter: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Prefix of MQTT 5 shared subscriptions: `$share/{group}/{filter}`.
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// Splits a shared subscription `$share/{group}/{filter}` into group and
+/// filter; `None` for any other filter. Validate with [`validate_filter`].
+pub fn parse_shared(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix(SHARE_PREFIX)?.split_once('/')
+}
+
+/// Checks a filter that may be a shared subscription: the group is one
+/// non-empty level without wildcards, the rest a valid filter.
+pub fn validate_subscription(filter: &str) -> Result<(), NameError> {
+    match filter.strip_prefix(SHARE_PREFIX) {
+        None => validate_filter(filter),
+        Some(rest) => {
+            let (group, inner) = rest.split_once('/').ok_or(NameError::Empty)?;
+            if group.is_empty() {
+                return Err(NameError::Empty);
+            }
+            if group.contains(['+', '#']) {
+                return Err(NameError::MisplacedWildcard);
+            }
+            validate_filter(inner)
+        }
+    }
+}
+
 /// True for a name or filter without wildcards.
 pub fn is_concrete(filter: &str) -> bool {
     !filter.contains(['+', '#'])
@@ -264,6 +291,17 @@ mod tests {
         assert_eq!(validate_channel("a\0b"), Err(NameError::Nul));
         assert_eq!(validate_channel("a/+"), Err(NameError::Wildcard));
         assert_eq!(validate_channel("a/#"), Err(NameError::Wildcard));
+    }
+
+    #[test]
+    fn shared_subscriptions() {
+        assert_eq!(parse_shared("$share/g/a/+"), Some(("g", "a/+")));
+        assert_eq!(parse_shared("a/b"), None);
+        assert_eq!(validate_subscription("$share/g/a/#"), Ok(()));
+        assert!(validate_subscription("$share//a").is_err());
+        assert!(validate_subscription("$share/g").is_err());
+        assert!(validate_subscription("$share/g+/a").is_err());
+        assert!(validate_subscription("$share/g/a/#/b").is_err());
     }
 
     #[test]

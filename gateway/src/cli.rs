@@ -32,7 +32,7 @@ pub struct ListenArgs {
     /// HTTPS listener, IP:PORT (not served by this version).
     #[arg(long, value_name = "IP:PORT")]
     pub https: Option<String>,
-    /// MQTT listener, IP:PORT (not served by this version).
+    /// MQTT listener (3.1.1 and 5), IP:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub mqtt: Option<String>,
     /// MQTTS listener, IP:PORT (not served by this version).
@@ -55,7 +55,7 @@ pub enum Via {
     Sse,
     /// HTTP long polling (cursor per poll).
     Poll,
-    /// MQTT (not in this version).
+    /// MQTT 5 (QoS 1, clean session).
     Mqtt,
     /// WebTransport (not in this version).
     Wt,
@@ -88,7 +88,7 @@ pub enum Command {
         channel: String,
         /// Payload (use @FILE to read a file, - for stdin).
         data: String,
-        /// Gateway URL: http://HOST:PORT publishes over REST, ws://HOST:PORT over WebSocket.
+        /// Gateway URL: http://HOST:PORT publishes over REST, ws://HOST:PORT over WebSocket, mqtt://HOST:PORT over MQTT.
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
         /// Idempotency key.
@@ -97,6 +97,12 @@ pub enum Command {
         /// REST API key (X-Api-Key).
         #[arg(long, env = "SWITCHBOARD_API_KEY")]
         api_key: Option<String>,
+        /// MQTT QoS (with an mqtt:// URL).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// Publish as the channel's retained value.
+        #[arg(long)]
+        retain: bool,
     },
     /// Subscribe and print messages, one per line.
     Sub {
@@ -105,7 +111,8 @@ pub enum Command {
         /// Protocol.
         #[arg(long, value_enum, default_value_t = Via::Ws)]
         via: Via,
-        /// Gateway URL, http://HOST:PORT (ws://HOST:PORT is accepted for --via ws).
+        /// Gateway URL: http://HOST:PORT (ws://HOST:PORT is accepted for --via ws); mqtt://HOST:PORT for
+        /// --via mqtt (an http:// URL then means the same host on port 1883).
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
         /// Replay the last N messages first.
@@ -128,6 +135,14 @@ fn ws_base(url: &str) -> String {
     } else {
         url.to_string()
     }
+}
+
+fn mqtt_url(url: &str) -> String {
+    if url.starts_with("mqtt://") {
+        return url.to_string();
+    }
+    let host = url.split("://").nth(1).unwrap_or(url).split(['/', ':']).next().unwrap_or("127.0.0.1");
+    format!("mqtt://{host}:1883")
 }
 
 fn http_base(url: &str) -> String {
@@ -160,6 +175,7 @@ fn apply_listen(cfg: &mut Config, l: &ListenArgs) {
     };
     set(&mut cfg.listen.http, &l.http);
     set(&mut cfg.listen.admin, &l.admin);
+    set(&mut cfg.listen.mqtt, &l.mqtt);
 }
 
 fn banner(gw: &Gateway, l: &ListenArgs) {
@@ -167,13 +183,19 @@ fn banner(gw: &Gateway, l: &ListenArgs) {
     if let Some(a) = gw.http_addr {
         println!("  WebSocket   ws://{a}/v1/ws   (subprotocols switchboard.v1.json, switchboard.v1.proto)");
         println!("  REST        http://{a}/v1/channels/{{channel}}/messages | history | presence");
+        println!("  SSE         http://{a}/v1/sse?channel=...");
+        println!("  long poll   http://{a}/v1/poll?channel=...");
+        println!("  MQTT/WS     ws://{a}/mqtt   (subprotocol mqtt)");
         println!("  WS echo     ws://{a}/v1/ws-echo   (RFC 6455 conformance)");
         println!("  demo page   http://{a}/");
+    }
+    if let Some(a) = gw.mqtt_addr {
+        println!("  MQTT        mqtt://{a}   (3.1.1 and 5)");
     }
     if let Some(a) = gw.admin_addr {
         println!("  admin       http://{a}/metrics  /healthz  /readyz  /v1/sessions  /v1/stats");
     }
-    for (name, v) in [("HTTPS", &l.https), ("MQTT", &l.mqtt), ("MQTTS", &l.mqtts), ("QUIC/WebTransport", &l.quic)] {
+    for (name, v) in [("HTTPS", &l.https), ("MQTTS", &l.mqtts), ("QUIC/WebTransport", &l.quic)] {
         let addr = v.as_deref().unwrap_or("default");
         println!("  {name:<11} {addr}: not served by this version");
     }
@@ -225,7 +247,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev { listen } => {
             let mut cfg = Config::dev_defaults()?;
             apply_listen(&mut cfg, &listen);
-            for (name, addr) in [("http", &cfg.listen.http), ("admin", &cfg.listen.admin)] {
+            for (name, addr) in [("http", &cfg.listen.http), ("admin", &cfg.listen.admin), ("mqtt", &cfg.listen.mqtt)] {
                 let ip: std::net::SocketAddr =
                     addr.parse().map_err(|_| anyhow::anyhow!("--{name} {addr:?} is not IP:PORT"))?;
                 if !ip.ip().is_loopback() {
@@ -252,9 +274,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Pub { channel, data, url, id, api_key } => {
+        Command::Pub { channel, data, url, id, api_key, qos, retain } => {
             let payload = read_data(&data)?;
-            if url.starts_with("ws://") || url.starts_with("wss://") {
+            if url.starts_with("mqtt://") {
+                client::publish_mqtt(&url, &channel, payload, qos, retain).await?;
+                println!("{channel} published over MQTT (QoS {qos})");
+            } else if url.starts_with("ws://") || url.starts_with("wss://") {
                 let ack = client::publish_ws(&url, &channel, payload, id.as_deref()).await?;
                 println!(
                     "{} {}:{}{}",
@@ -303,7 +328,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Via::Ws => client::subscribe_ws(&ws_base(&url), &filter, rewind, on_event).await?,
                 Via::Sse => client::subscribe_sse(&http_base(&url), &filter, rewind, on_event).await?,
                 Via::Poll => client::subscribe_poll(&http_base(&url), &filter, rewind, on_event).await?,
-                Via::Mqtt | Via::Wt => anyhow::bail!("--via {via:?} is not available in this version"),
+                Via::Mqtt => client::subscribe_mqtt(&mqtt_url(&url), &filter, on_event).await?,
+                Via::Wt => anyhow::bail!("--via wt is not available in this version"),
             }
             Ok(())
         }

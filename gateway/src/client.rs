@@ -188,7 +188,7 @@ pub async fn publish_ws(
 #[derive(Debug, Clone)]
 pub enum SubEvent {
     /// A message or presence event.
-    Message(proto::Envelope),
+    Message(Box<proto::Envelope>),
     /// A recovery gap.
     Gap(proto::Gap),
     /// Connected (or reconnected) and subscribed.
@@ -246,7 +246,7 @@ pub async fn subscribe_ws(
                 Some(server_frame::Frame::Message(env)) => {
                     positions
                         .insert(env.channel.clone(), proto::Position { epoch: env.epoch.clone(), serial: env.serial });
-                    on_event(SubEvent::Message(env))
+                    on_event(SubEvent::Message(Box::new(env)))
                 }
                 Some(server_frame::Frame::Gap(g)) => {
                     if let Some(to) = &g.to {
@@ -333,7 +333,7 @@ pub async fn subscribe_sse(
                                 Err(e) => break format!("bad event data: {e}"),
                             };
                             let keep_going = match frame.frame {
-                                Some(server_frame::Frame::Message(env)) => on_event(SubEvent::Message(env)),
+                                Some(server_frame::Frame::Message(env)) => on_event(SubEvent::Message(Box::new(env))),
                                 Some(server_frame::Frame::Gap(g)) => on_event(SubEvent::Gap(g)),
                                 Some(server_frame::Frame::Connected(_)) => {
                                     on_event(SubEvent::Subscribed(proto::Subscribed {
@@ -429,10 +429,126 @@ pub async fn subscribe_poll(
         }
         for m in body.messages {
             let env = proto::json::decode_envelope(m.get()).map_err(|e| ClientError::Unexpected(e.to_string()))?;
-            if !on_event(SubEvent::Message(env)) {
+            if !on_event(SubEvent::Message(Box::new(env))) {
                 return Ok(());
             }
         }
         cursor = Some(body.cursor);
+    }
+}
+
+fn mqtt_options(url: &str, client_id: &str) -> Result<rumqttc::v5::MqttOptions, ClientError> {
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| ClientError::Usage("MQTT URLs start with mqtt://".into()))?;
+    let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().map_err(|_| ClientError::Usage(format!("bad port in {url}")))?),
+        None => (rest.trim_end_matches('/'), 1883),
+    };
+    let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    Ok(opts)
+}
+
+fn mqtt_qos(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+fn mqtt_error(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Unexpected(format!("MQTT: {e}"))
+}
+
+/// Publishes one message over MQTT 5 and waits until the gateway has it
+/// (PUBACK / PUBCOMP for QoS 1 / 2; the flush for QoS 0).
+pub async fn publish_mqtt(url: &str, channel: &str, payload: Bytes, qos: u8, retain: bool) -> Result<(), ClientError> {
+    use rumqttc::v5::{Event, Incoming};
+    let id = format!("switchboard-pub-{}", std::process::id());
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(mqtt_options(url, &id)?, 10);
+    client.publish(channel, mqtt_qos(qos), retain, payload).await.map_err(mqtt_error)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .map_err(|_| ClientError::Unexpected("no acknowledgement within 10 s".into()))?
+            .map_err(mqtt_error)?;
+        let done = match ev {
+            Event::Incoming(Incoming::PubAck(a)) => {
+                if a.reason != rumqttc::v5::mqttbytes::v5::PubAckReason::Success {
+                    return Err(ClientError::Gateway {
+                        code: format!("{:?}", a.reason),
+                        message: "publish refused".into(),
+                    });
+                }
+                qos == 1
+            }
+            Event::Incoming(Incoming::PubComp(_)) => qos == 2,
+            Event::Outgoing(rumqttc::Outgoing::Publish(_)) => qos == 0,
+            Event::Incoming(Incoming::Disconnect(d)) => {
+                return Err(ClientError::Closed(format!(": {:?}", d.reason_code)));
+            }
+            _ => false,
+        };
+        if done {
+            let _ = client.disconnect().await;
+            // Let the DISCONNECT go out.
+            let _ = tokio::time::timeout(Duration::from_millis(500), events.poll()).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Subscribes over MQTT 5 (QoS 1, clean start) until `on_event` returns
+/// false. MQTT carries no positions: envelopes have the topic and payload
+/// only (epoch `-`, serial 0).
+pub async fn subscribe_mqtt(
+    url: &str,
+    filter: &str,
+    mut on_event: impl FnMut(SubEvent) -> bool,
+) -> Result<(), ClientError> {
+    use rumqttc::v5::{Event, Incoming};
+    let id = format!("switchboard-sub-{}", std::process::id());
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(mqtt_options(url, &id)?, 100);
+    client.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.map_err(mqtt_error)?;
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
+                if refused {
+                    return Err(ClientError::Gateway {
+                        code: format!("{:?}", ack.return_codes),
+                        message: "subscribe refused".into(),
+                    });
+                }
+                if !on_event(SubEvent::Subscribed(proto::Subscribed { filter: filter.into(), channels: Vec::new() })) {
+                    return Ok(());
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                let env = proto::Envelope {
+                    channel: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload.clone(),
+                    epoch: "-".into(),
+                    ..Default::default()
+                };
+                if !on_event(SubEvent::Message(Box::new(env))) {
+                    let _ = client.disconnect().await;
+                    let _ = tokio::time::timeout(Duration::from_millis(500), events.poll()).await;
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // rumqttc reconnects on the next poll; say so and go on.
+                if !on_event(SubEvent::Reconnecting(e.to_string())) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }

@@ -36,7 +36,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
+/// Parses `500ms`, `10s`, `2m`, `1h`, `1d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| t.split_at(i));
@@ -46,7 +46,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" | "" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
+        "d" => n * 86_400.0,
+        _ => return Err(format!("bad duration unit in {text:?} (use ms, s, m, h or d)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("bad duration {text:?}"));
@@ -83,7 +84,7 @@ pub struct ListenConfig {
     pub admin: String,
     /// HTTPS (TLS; not served by this version — reserved).
     pub https: String,
-    /// MQTT (reserved).
+    /// MQTT 3.1.1 and 5 over TCP.
     pub mqtt: String,
     /// MQTTS (reserved).
     pub mqtts: String,
@@ -97,7 +98,7 @@ impl Default for ListenConfig {
             http: "127.0.0.1:8080".into(),
             admin: "127.0.0.1:9090".into(),
             https: String::new(),
-            mqtt: String::new(),
+            mqtt: "127.0.0.1:1883".into(),
             mqtts: String::new(),
             quic: String::new(),
         }
@@ -204,6 +205,75 @@ pub struct PollSection {
 impl Default for PollSection {
     fn default() -> Self {
         PollSection { default_timeout: Duration::from_secs(25), max_timeout: Duration::from_secs(60), batch_max: 100 }
+    }
+}
+
+/// `[mqtt]`: the MQTT 3.1.1 / 5 front end (TCP listener and `/mqtt` over
+/// WebSocket).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSection {
+    /// The CONNECT must arrive within this long.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Largest packet accepted, fixed header included (MQTT 5: announced
+    /// as Maximum Packet Size).
+    pub max_packet_size: usize,
+    /// Outbound QoS 1/2 messages in flight per client (and the Receive
+    /// Maximum announced for inbound QoS 2).
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use towards the gateway.
+    pub max_topic_aliases: u16,
+    /// Longest a persistent session is kept after its connection ends.
+    #[serde(deserialize_with = "de_duration")]
+    pub session_expiry_max: Duration,
+    /// Largest keep alive accepted, seconds (0 = the client's).
+    pub keepalive_max: u16,
+    /// A write slower than this drops the connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
+    /// Read buffer per connection, bytes.
+    pub read_buffer: usize,
+    /// Bytes of deliveries waiting for an inflight slot per connection.
+    pub max_queued_bytes: usize,
+    /// Most persistent sessions stored at once.
+    pub max_sessions: usize,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        let d = switchboard_protocols::mqtt::MqttConfig::default();
+        MqttSection {
+            connect_timeout: d.connect_timeout,
+            max_packet_size: d.max_packet_size,
+            receive_maximum: d.receive_maximum,
+            max_topic_aliases: d.max_topic_aliases,
+            session_expiry_max: d.session_expiry_max,
+            keepalive_max: d.keepalive_max,
+            write_timeout: d.write_timeout,
+            read_buffer: d.read_buffer_size,
+            max_queued_bytes: d.max_queued_bytes,
+            max_sessions: d.max_sessions,
+        }
+    }
+}
+
+impl MqttSection {
+    /// The front end's configuration.
+    pub fn front_end(&self) -> switchboard_protocols::mqtt::MqttConfig {
+        switchboard_protocols::mqtt::MqttConfig {
+            connect_timeout: self.connect_timeout,
+            max_packet_size: self.max_packet_size,
+            receive_maximum: self.receive_maximum,
+            max_topic_aliases: self.max_topic_aliases,
+            session_expiry_max: self.session_expiry_max,
+            keepalive_max: self.keepalive_max,
+            write_timeout: self.write_timeout,
+            read_buffer_size: self.read_buffer,
+            max_queued_bytes: self.max_queued_bytes,
+            max_sessions: self.max_sessions,
+            ..Default::default()
+        }
     }
 }
 
@@ -341,6 +411,8 @@ pub struct Config {
     pub sse: SseSection,
     /// `[poll]`.
     pub poll: PollSection,
+    /// `[mqtt]`.
+    pub mqtt: MqttSection,
     /// `[rest]`.
     pub rest: RestConfig,
     /// `[echo]`.
@@ -405,14 +477,17 @@ impl Config {
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        for (name, addr) in [("listen.http", &self.listen.http), ("listen.admin", &self.listen.admin)] {
+        for (name, addr) in [
+            ("listen.http", &self.listen.http),
+            ("listen.admin", &self.listen.admin),
+            ("listen.mqtt", &self.listen.mqtt),
+        ] {
             if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
                 return bad(format!("{name} = {addr:?} is not IP:PORT"));
             }
         }
         for (name, addr) in [
             ("listen.https", &self.listen.https),
-            ("listen.mqtt", &self.listen.mqtt),
             ("listen.mqtts", &self.listen.mqtts),
             ("listen.quic", &self.listen.quic),
         ] {
@@ -453,6 +528,19 @@ impl Config {
         }
         if self.sse.keepalive < Duration::from_millis(100) {
             return bad("sse.keepalive must be at least 100ms".into());
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size < 64 || m.max_packet_size > 256 * 1024 * 1024 {
+            return bad("mqtt.max_packet_size must be 64..=268435456".into());
+        }
+        if m.receive_maximum == 0 {
+            return bad("mqtt.receive_maximum must be at least 1".into());
+        }
+        if m.read_buffer < 512 {
+            return bad("mqtt.read_buffer must be at least 512".into());
+        }
+        if m.max_queued_bytes < m.max_packet_size {
+            return bad("mqtt.max_queued_bytes must be at least mqtt.max_packet_size".into());
         }
         if self.node.name.is_empty() || self.node.name.len() > 64 {
             return bad("node.name must be 1..=64 bytes".into());

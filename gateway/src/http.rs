@@ -27,7 +27,7 @@ use serde_json::json;
 use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::port::{Core, CoreError};
 use switchboard_protocols::stream::{RequestError, StreamLimits, StreamRequest};
-use switchboard_protocols::{poll, sse, ws};
+use switchboard_protocols::{mqtt, poll, sse, ws};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -63,6 +63,10 @@ pub struct HttpState {
     pub poll: poll::PollConfig,
     /// Limits on SSE and long-poll requests.
     pub stream_limits: StreamLimits,
+    /// MQTT front-end settings (for `/mqtt`).
+    pub mqtt: mqtt::MqttConfig,
+    /// MQTT persistent sessions, shared with the TCP listener.
+    pub mqtt_sessions: Arc<mqtt::MqttSessions>,
 }
 
 /// The HTTP status for a core error code.
@@ -106,8 +110,9 @@ fn raw_json(text: String) -> Response<Body> {
 pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let resp = match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/ws") => upgrade(state, peer, req, false),
-        (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, req, true),
+        (&Method::GET, "/v1/ws") => upgrade(state, peer, req, Route::Switchboard),
+        (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, req, Route::Echo),
+        (&Method::GET, "/mqtt") => upgrade(state, peer, req, Route::Mqtt),
         (&Method::GET, "/") => demo_page(),
         (&Method::GET, "/v1/sse") => serve_sse(state, peer, req).await,
         (&Method::GET, "/v1/poll") => {
@@ -131,7 +136,18 @@ fn query_pairs<B>(req: &Request<B>) -> Vec<(String, String)> {
     req.uri().query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
-fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo: bool) -> Response<Body> {
+/// What a WebSocket upgrade leads to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `/v1/ws`: Switchboard frames.
+    Switchboard,
+    /// `/v1/ws-echo`: raw echo.
+    Echo,
+    /// `/mqtt`: MQTT packets over WebSocket.
+    Mqtt,
+}
+
+fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, route: Route) -> Response<Body> {
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         headers
@@ -162,7 +178,17 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
             headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).collect();
         (!all.is_empty()).then(|| all.join(","))
     };
-    let codec = if echo {
+    if route == Route::Mqtt {
+        let offers_mqtt = offered.as_deref().is_some_and(|o| o.split(',').any(|p| p.trim() == mqtt::ws::SUBPROTOCOL));
+        if !offers_mqtt {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "unsupported_subprotocol",
+                "MQTT over WebSocket needs Sec-WebSocket-Protocol: mqtt",
+            );
+        }
+    }
+    let codec = if route != Route::Switchboard {
         None
     } else {
         match ws::negotiate(offered.as_deref()) {
@@ -182,11 +208,16 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
     let info = ws::ConnInfo { peer: Some(peer), token: get("token"), client_id: get("client_id") };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let mut ws_cfg = state.ws.clone();
-    if echo {
-        ws_cfg.max_frame_size = state.config.echo.max_message_size;
+    match route {
+        Route::Echo => ws_cfg.max_frame_size = state.config.echo.max_message_size,
+        // A WebSocket message may carry a whole MQTT packet.
+        Route::Mqtt => ws_cfg.max_frame_size = ws_cfg.max_frame_size.max(state.mqtt.max_packet_size + 8),
+        Route::Switchboard => {}
     }
     let shutdown = state.shutdown.clone();
     let router = state.router.clone();
+    let mqtt_sessions = state.mqtt_sessions.clone();
+    let mqtt_cfg = state.mqtt.clone();
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -198,11 +229,13 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
         let stream =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg)))
                 .await;
-        if echo {
-            ws::serve_echo(stream, shutdown).await;
-        } else {
-            let core: Arc<dyn Core> = router;
-            ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown).await;
+        let core: Arc<dyn Core> = router;
+        match route {
+            Route::Echo => ws::serve_echo(stream, shutdown).await,
+            Route::Mqtt => mqtt::serve_ws(stream, core, mqtt_sessions, mqtt_cfg, Some(peer), shutdown).await,
+            Route::Switchboard => {
+                ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown).await;
+            }
         }
     });
     let mut r = Response::new(full(Bytes::new()));
@@ -217,6 +250,9 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, echo:
         && offered.is_some()
     {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(c.subprotocol()));
+    }
+    if route == Route::Mqtt {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(mqtt::ws::SUBPROTOCOL));
     }
     r
 }
@@ -406,6 +442,7 @@ async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>)
             content_type: parsed.content_type,
             headers: parsed.headers,
             retain: parsed.retain,
+            ..Default::default()
         }
     } else {
         proto::Publish { channel: channel.clone(), payload: body, content_type, ..Default::default() }

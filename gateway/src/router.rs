@@ -311,11 +311,12 @@ impl Core for Router {
     }
 
     async fn subscribe(&self, session: SessionId, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError> {
-        channel::validate_filter(&req.filter).map_err(|e| channel::filter_error(&req.filter, e))?;
-        if channel::is_reserved(&req.filter) && !req.filter.starts_with(channel::PRESENCE_PREFIX) {
+        channel::validate_subscription(&req.filter).map_err(|e| channel::filter_error(&req.filter, e))?;
+        let inner = channel::parse_shared(&req.filter).map_or(req.filter.as_str(), |(_, f)| f);
+        if channel::is_reserved(inner) && !inner.starts_with(channel::PRESENCE_PREFIX) {
             return Err(CoreError::new(
                 ErrorCode::ReservedChannel,
-                format!("filter {:?} is reserved; only $presence/... may be subscribed", req.filter),
+                format!("filter {:?} is reserved; only $presence/... and $share/... may be subscribed", req.filter),
             ));
         }
         {
@@ -337,7 +338,7 @@ impl Core for Router {
     }
 
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {
-        channel::validate_filter(filter).map_err(|e| channel::filter_error(filter, e))?;
+        channel::validate_subscription(filter).map_err(|e| channel::filter_error(filter, e))?;
         self.engine.unsubscribe(session, filter).await?;
         if let Some(s) = self.sessions.lock().get_mut(&session) {
             s.subscriptions = s.subscriptions.saturating_sub(1);

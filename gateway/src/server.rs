@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use switchboard_protocols::port::CloseReason;
-use switchboard_protocols::ws;
+use switchboard_protocols::{mqtt, ws};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -44,6 +44,8 @@ pub struct Gateway {
     pub http_addr: Option<SocketAddr>,
     /// Bound admin address, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Bound MQTT address, if enabled.
+    pub mqtt_addr: Option<SocketAddr>,
     /// The router (for in-process inspection).
     pub router: Arc<Router>,
     shutdown_tx: watch::Sender<bool>,
@@ -70,8 +72,15 @@ impl Gateway {
 
         let http = bind("http", &config.listen.http).await?;
         let admin = bind("admin", &config.listen.admin).await?;
+        let mqtt = bind("mqtt", &config.listen.mqtt).await?;
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let mqtt_addr = mqtt.as_ref().and_then(|l| l.local_addr().ok());
+
+        // One persistent-session store for MQTT over TCP and over WebSocket.
+        let mqtt_cfg = config.mqtt.front_end();
+        let mqtt_sessions = Arc::new(mqtt::MqttSessions::new(&mqtt_cfg));
+        tasks.push(spawn_mqtt_sweeper(&mqtt_sessions));
 
         if let Some(listener) = http {
             let w = &config.websocket;
@@ -98,6 +107,8 @@ impl Gateway {
                     max_channels: config.limits.max_stream_channels,
                     max_query_len: config.limits.max_query_len,
                 },
+                mqtt: mqtt_cfg.clone(),
+                mqtt_sessions: mqtt_sessions.clone(),
             };
             tasks.push(tokio::spawn(accept_loop(listener, shutdown_rx.clone(), move |peer| {
                 let state = state.clone();
@@ -113,7 +124,16 @@ impl Gateway {
                 service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
             })));
         }
-        Ok(Gateway { http_addr, admin_addr, router, shutdown_tx, tasks, grace: config.shutdown.grace })
+        if let Some(listener) = mqtt {
+            tasks.push(tokio::spawn(mqtt_accept_loop(
+                listener,
+                router.clone(),
+                mqtt_sessions,
+                mqtt_cfg,
+                shutdown_rx.clone(),
+            )));
+        }
+        Ok(Gateway { http_addr, admin_addr, mqtt_addr, router, shutdown_tx, tasks, grace: config.shutdown.grace })
     }
 
     /// Stops accepting, closes every session with 1001, waits up to the
@@ -132,6 +152,45 @@ impl Gateway {
         for t in self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Forgets expired MQTT persistent sessions every ten seconds.
+fn spawn_mqtt_sweeper(sessions: &Arc<mqtt::MqttSessions>) -> JoinHandle<()> {
+    let weak = Arc::downgrade(sessions);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let Some(sessions) = weak.upgrade() else { break };
+            sessions.sweep(tokio::time::Instant::now());
+        }
+    })
+}
+
+/// Accepts MQTT connections (3.1.1 and 5 on one port) until shutdown.
+async fn mqtt_accept_loop(
+    listener: TcpListener,
+    router: Arc<Router>,
+    sessions: Arc<mqtt::MqttSessions>,
+    cfg: mqtt::MqttConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let core: Arc<dyn switchboard_protocols::port::Core> = router.clone();
+        tokio::spawn(mqtt::serve(stream, core, sessions.clone(), cfg.clone(), Some(peer), shutdown.clone()));
     }
 }
 

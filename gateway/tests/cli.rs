@@ -82,7 +82,7 @@ fn addr_after(line: &str, prefix: &str) -> String {
 
 #[test]
 fn pub_reaches_sub_and_sigterm_shuts_down() {
-    let mut gw = Proc::spawn(&["dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let mut gw = Proc::spawn(&["dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
     let ws_line = gw.line_with("WebSocket");
     let http = addr_after(&ws_line, "ws://");
     let admin_line = gw.line_with("admin");
@@ -171,7 +171,7 @@ fn check_validates_configs() {
 
 #[test]
 fn dev_refuses_non_loopback() {
-    let (ok, _, err) = run(&["dev", "--http", "0.0.0.0:0"]);
+    let (ok, _, err) = run(&["dev", "--http", "0.0.0.0:0", "--mqtt", "127.0.0.1:0"]);
     assert!(!ok);
     assert!(err.contains("loopback"), "{err}");
 }

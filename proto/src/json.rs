@@ -104,6 +104,16 @@ struct RawClientFrame<'a> {
     retained: bool,
     #[serde(default)]
     since_ms: u64,
+    #[serde(default)]
+    no_local: bool,
+    qos: Option<u32>,
+    #[serde(default)]
+    message_expiry: u32,
+    #[serde(default)]
+    response_topic: String,
+    correlation_data: Option<String>,
+    #[serde(default)]
+    payload_utf8: bool,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     text: Option<String>,
@@ -146,6 +156,20 @@ pub fn decode_payload(data: Option<&RawValue>, text: Option<&str>, data_b64: Opt
     }
 }
 
+/// Decodes an optional base64 field into bytes.
+fn decode_b64_field(field: &'static str, v: Option<&str>) -> Result<Bytes, JsonError> {
+    match v {
+        None => Ok(Bytes::new()),
+        Some(t) => payload::decode_b64(t)
+            .map(Bytes::from)
+            .map_err(|e| JsonError::BadPayload(format!("{field} is not base64: {e}"))),
+    }
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Decodes a client frame from JSON text.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, JsonError> {
     let raw: RawClientFrame<'_> = serde_json::from_str(text)?;
@@ -161,6 +185,7 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, JsonError> {
             presence: raw.presence,
             retained: raw.retained,
             since_ms: raw.since_ms,
+            no_local: raw.no_local,
         }),
         "unsubscribe" => client_frame::Frame::Unsubscribe(Unsubscribe {
             filter: RawClientFrame::need(&raw.filter, "unsubscribe", "filter")?,
@@ -172,6 +197,11 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, JsonError> {
             content_type: raw.content_type.clone(),
             headers: raw.headers.clone(),
             retain: raw.retain,
+            qos: raw.qos,
+            message_expiry: raw.message_expiry,
+            response_topic: raw.response_topic.clone(),
+            correlation_data: decode_b64_field("correlation_data", raw.correlation_data.as_deref())?,
+            payload_utf8: raw.payload_utf8,
         }),
         "presence.enter" => client_frame::Frame::PresenceEnter(PresenceEnter {
             channel: RawClientFrame::need(&raw.channel, "presence.enter", "channel")?,
@@ -280,6 +310,21 @@ pub struct JsonEnvelope<'a> {
     /// Retained flag.
     #[serde(skip_serializing_if = "is_false")]
     pub retain: bool,
+    /// MQTT QoS of the publish, when it came from MQTT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u32>,
+    /// MQTT 5 message expiry interval, seconds.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub message_expiry: u32,
+    /// MQTT 5 response topic.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub response_topic: &'a str,
+    /// MQTT 5 correlation data, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_data: Option<String>,
+    /// MQTT 5 payload format indicator (payload is UTF-8).
+    #[serde(skip_serializing_if = "is_false")]
+    pub payload_utf8: bool,
     /// Payload.
     #[serde(flatten)]
     pub payload: JsonPayload<'a>,
@@ -305,6 +350,11 @@ impl<'a> JsonEnvelope<'a> {
             content_type: &e.content_type,
             headers: &e.headers,
             retain: e.retain,
+            qos: e.qos,
+            message_expiry: e.message_expiry,
+            response_topic: &e.response_topic,
+            correlation_data: (!e.correlation_data.is_empty()).then(|| payload::encode_b64(&e.correlation_data)),
+            payload_utf8: e.payload_utf8,
             payload: JsonPayload::new(&e.payload),
         }
     }
@@ -460,6 +510,14 @@ struct RawEnvelope<'a> {
     headers: BTreeMap<String, String>,
     #[serde(default)]
     retain: bool,
+    qos: Option<u32>,
+    #[serde(default)]
+    message_expiry: u32,
+    #[serde(default)]
+    response_topic: String,
+    correlation_data: Option<String>,
+    #[serde(default)]
+    payload_utf8: bool,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     text: Option<String>,
@@ -495,6 +553,11 @@ impl RawEnvelope<'_> {
             headers: self.headers,
             kind: kind as i32,
             retain: self.retain,
+            qos: self.qos,
+            message_expiry: self.message_expiry,
+            response_topic: self.response_topic,
+            correlation_data: decode_b64_field("correlation_data", self.correlation_data.as_deref())?,
+            payload_utf8: self.payload_utf8,
         })
     }
 }
@@ -661,6 +724,11 @@ mod tests {
             headers: [("k".to_string(), "v".to_string())].into(),
             kind: Kind::Message as i32,
             retain: true,
+            qos: Some(1),
+            message_expiry: 60,
+            response_topic: "replies/dev1".into(),
+            correlation_data: Bytes::from_static(b"\x01\x02"),
+            payload_utf8: true,
         }
     }
 

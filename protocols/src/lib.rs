@@ -6,6 +6,7 @@
 //! the core hands back.
 
 pub mod cursor;
+pub mod mqtt;
 pub mod poll;
 pub mod port;
 pub mod sse;

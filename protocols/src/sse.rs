@@ -29,6 +29,7 @@ use futures_util::Stream;
 use switchboard_proto::{self as proto, server_frame};
 use tokio::sync::watch;
 
+use crate::cursor::Cursor;
 use crate::port::{CloseReason, Core, CoreError};
 use crate::stream::{StreamEvent, StreamRequest, StreamSession};
 
@@ -147,6 +148,9 @@ pub async fn open(
     shutdown: watch::Receiver<bool>,
     now_ms: u64,
 ) -> Result<impl Stream<Item = Bytes> + Send + 'static + use<>, CoreError> {
+    // The `connected` event names the position BEFORE the replay: a client
+    // cut off before the replayed events arrive must get them again.
+    let start = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms)).encode();
     let (session, replay) = StreamSession::open(core, req, proto::Protocol::Sse, now_ms).await?;
     let mut first = BytesMut::new();
     first.put_slice(format!("retry: {}\n\n", cfg.retry.as_millis()).as_bytes());
@@ -159,7 +163,7 @@ pub async fn open(
             version: env!("CARGO_PKG_VERSION").into(),
         })),
     };
-    write_event(&mut first, Some(&session.cursor.encode()), "connected", &proto::json::encode_server_frame(&connected));
+    write_event(&mut first, Some(&start), "connected", &proto::json::encode_server_frame(&connected));
     for ev in &replay {
         write_stream_event(&mut first, ev);
     }

@@ -238,6 +238,7 @@ impl StreamSession {
                 presence: req.presence,
                 retained: req.retained && !resuming,
                 since_ms: if resuming { session.cursor.since_ms.max(1) } else { 0 },
+                no_local: false,
             };
             let outcome = core.subscribe(session.handle.id, sub).await?;
             for item in outcome.replay {

@@ -31,6 +31,8 @@ pub struct TestGateway {
     pub ws: String,
     /// `http://127.0.0.1:ADMINPORT`.
     pub admin: String,
+    /// MQTT listener address (`127.0.0.1:PORT`).
+    pub mqtt: std::net::SocketAddr,
 }
 
 impl TestGateway {
@@ -44,16 +46,19 @@ impl TestGateway {
         let mut cfg = Config::from_toml("", Vec::new())?;
         cfg.listen.http = "127.0.0.1:0".into();
         cfg.listen.admin = "127.0.0.1:0".into();
+        cfg.listen.mqtt = "127.0.0.1:0".into();
         cfg.echo.enabled = true;
         tweak(&mut cfg);
         cfg.validate()?;
         let gateway = Gateway::start(cfg).await?;
         let http_addr = gateway.http_addr.context("http listener")?;
         let admin_addr = gateway.admin_addr.context("admin listener")?;
+        let mqtt = gateway.mqtt_addr.context("mqtt listener")?;
         Ok(TestGateway {
             http: format!("http://{http_addr}"),
             ws: format!("ws://{http_addr}"),
             admin: format!("http://{admin_addr}"),
+            mqtt,
             gateway,
         })
     }

@@ -139,12 +139,31 @@ struct Session {
     presence: HashSet<String>,
 }
 
+/// A subscription's target in the trie.
+#[derive(Debug, Clone)]
+struct Sub {
+    outbox: Arc<Outbox>,
+    /// Skip messages this session published itself (MQTT 5 no-local).
+    no_local: bool,
+}
+
+/// An MQTT 5 shared subscription `$share/{group}/{filter}`: each message
+/// goes to one member, round robin.
+#[derive(Debug, Default)]
+struct SharedGroup {
+    members: Vec<(SessionId, Sub)>,
+    next: usize,
+}
+
 /// The memory engine's state machine.
 #[derive(Debug)]
 pub struct MemoryState {
     cfg: EngineConfig,
     channels: HashMap<String, Channel>,
-    trie: TopicTrie<SessionId, Arc<Outbox>>,
+    trie: TopicTrie<SessionId, Sub>,
+    /// Shared subscriptions by (group, filter). Few in practice, so fan-out
+    /// checks each filter directly instead of keeping a second trie.
+    shared: BTreeMap<(String, String), SharedGroup>,
     sessions: HashMap<SessionId, Session>,
     /// Abrupt leaves waiting for their grace to end: (time, channel, member).
     /// Grace is constant, so pushing at the back keeps it sorted.
@@ -162,6 +181,7 @@ impl MemoryState {
             cfg,
             channels: HashMap::new(),
             trie: TopicTrie::new(),
+            shared: BTreeMap::new(),
             sessions: HashMap::new(),
             pending_leaves: VecDeque::new(),
         }
@@ -194,7 +214,12 @@ impl MemoryState {
     pub fn detach(&mut self, session: SessionId, kind: CloseKind, now: i64) {
         let Some(s) = self.sessions.remove(&session) else { return };
         for f in &s.filters {
-            self.trie.remove(f, session);
+            match channel::parse_shared(f) {
+                Some((group, inner)) => self.leave_group(group, inner, session),
+                None => {
+                    self.trie.remove(f, session);
+                }
+            }
         }
         for f in &s.companions {
             self.trie.remove(&channel::presence_channel(f), session);
@@ -216,7 +241,7 @@ impl MemoryState {
 
     /// Appends an envelope to a channel and fans it out. The caller has
     /// validated the channel name.
-    fn append(&mut self, mut env: proto::Envelope, now: i64) -> (proto::Position, Arc<Delivery>) {
+    fn append(&mut self, mut env: proto::Envelope, from: SessionId, now: i64) -> (proto::Position, Arc<Delivery>) {
         let name = env.channel.clone();
         let ch = self.channel_mut(&name, now);
         ch.serial += 1;
@@ -235,21 +260,59 @@ impl MemoryState {
         }
         let pos = ch.position();
         let policy = ch.policy.slow_policy;
-        self.fanout(&delivery, policy);
+        self.fanout(&delivery, policy, from);
         (pos, delivery)
     }
 
-    fn fanout(&self, delivery: &Arc<Delivery>, policy: SlowPolicy) {
-        let mut targets: Vec<(SessionId, &Arc<Outbox>)> = Vec::new();
-        self.trie.for_each_match(delivery.channel(), |sid, ob| targets.push((*sid, ob)));
+    /// Pushes a delivery to every matching subscriber, once per session,
+    /// and to one member of every matching shared group. `from` is the
+    /// publishing session (0 for none), skipped where it asked for no-local.
+    fn fanout(&mut self, delivery: &Arc<Delivery>, policy: SlowPolicy, from: SessionId) {
+        let channel = delivery.channel();
+        let mut targets: Vec<(SessionId, &Sub)> = Vec::new();
+        self.trie.for_each_match(channel, |sid, sub| {
+            if !(sub.no_local && *sid == from) {
+                targets.push((*sid, sub));
+            }
+        });
         if targets.len() > 1 {
             // A session subscribed through several matching filters gets
             // the message once.
             targets.sort_unstable_by_key(|(sid, _)| *sid);
             targets.dedup_by_key(|(sid, _)| *sid);
         }
-        for (_, ob) in targets {
-            ob.push(Outbound::Message(delivery.clone()), policy);
+        for (_, sub) in targets {
+            sub.outbox.push(Outbound::Message(delivery.clone()), policy);
+        }
+        for ((_, filter), group) in self.shared.iter_mut() {
+            if !channel::filter_matches(filter, channel) {
+                continue;
+            }
+            // Round robin over members that can take it: not closed, and not
+            // the publisher when it asked for no-local.
+            let n = group.members.len();
+            for step in 0..n {
+                let i = (group.next + step) % n;
+                let (sid, sub) = &group.members[i];
+                if (sub.no_local && *sid == from) || sub.outbox.closed().is_some() {
+                    continue;
+                }
+                sub.outbox.push(Outbound::Message(delivery.clone()), policy);
+                group.next = (i + 1) % n;
+                break;
+            }
+        }
+    }
+
+    fn leave_group(&mut self, group: &str, filter: &str, session: SessionId) {
+        let key = (group.to_string(), filter.to_string());
+        if let Some(g) = self.shared.get_mut(&key) {
+            g.members.retain(|(sid, _)| *sid != session);
+            if g.members.is_empty() {
+                self.shared.remove(&key);
+            } else {
+                g.next %= g.members.len();
+            }
         }
     }
 
@@ -287,9 +350,14 @@ impl MemoryState {
             headers: req.headers,
             kind: proto::Kind::Message as i32,
             retain: req.retain,
+            qos: req.qos,
+            message_expiry: req.message_expiry,
+            response_topic: req.response_topic,
+            correlation_data: req.correlation_data,
+            payload_utf8: req.payload_utf8,
             ..Default::default()
         };
-        let (pos, delivery) = self.append(env, now);
+        let (pos, delivery) = self.append(env, caller.session, now);
         if !id.is_empty() {
             let exp = now + self.cfg.dedupe_window.as_millis() as i64;
             let ch = self.channel_mut(delivery.channel(), now);
@@ -314,6 +382,22 @@ impl MemoryState {
     ) -> Result<SubscribeOutcome, CoreError> {
         if !self.sessions.contains_key(&session) {
             return Err(err(ErrorCode::NotConnected, "no such session"));
+        }
+        if let Some((group, inner)) = channel::parse_shared(&req.filter) {
+            // Shared subscriptions get no replay (MQTT 5 sends no retained
+            // messages to them; recovery belongs to one member, not a group).
+            let s = self.sessions.get_mut(&session).expect("checked above");
+            let sub = Sub { outbox: s.outbox.clone(), no_local: req.no_local };
+            s.filters.insert(req.filter.clone());
+            let g = self.shared.entry((group.to_string(), inner.to_string())).or_default();
+            match g.members.iter_mut().find(|(sid, _)| *sid == session) {
+                Some(m) => m.1 = sub,
+                None => g.members.push((session, sub)),
+            }
+            return Ok(SubscribeOutcome {
+                subscribed: proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
+                replay: Vec::new(),
+            });
         }
         let filter = req.filter.as_str();
         let companion = req.presence.then(|| channel::presence_channel(filter));
@@ -449,12 +533,12 @@ impl MemoryState {
         // subscribe to the same filter replaces its options (MQTT semantics),
         // so `presence: false` drops an earlier companion.
         let s = self.sessions.get_mut(&session).expect("checked above");
-        let outbox = s.outbox.clone();
-        self.trie.insert(filter, session, outbox.clone());
+        let sub = Sub { outbox: s.outbox.clone(), no_local: req.no_local };
+        self.trie.insert(filter, session, sub.clone());
         s.filters.insert(filter.to_string());
         match companion {
             Some(c) => {
-                self.trie.insert(&c, session, outbox);
+                self.trie.insert(&c, session, sub);
                 s.companions.insert(filter.to_string());
             }
             None => {
@@ -475,6 +559,10 @@ impl MemoryState {
         let s = self.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
         if !s.filters.remove(filter) {
             return Err(err(ErrorCode::NotSubscribed, format!("not subscribed to {filter:?}")));
+        }
+        if let Some((group, inner)) = channel::parse_shared(filter) {
+            self.leave_group(group, inner, session);
+            return Ok(());
         }
         // The trie holds one entry per (filter, session): keep it while the
         // same filter is still held as someone's presence companion.
@@ -513,7 +601,7 @@ impl MemoryState {
             kind: kind as i32,
             ..Default::default()
         };
-        self.append(env, now);
+        self.append(env, 0, now);
     }
 
     fn remove_member(&mut self, channel: &str, key: &MemberKey, now: i64) {

@@ -1424,3 +1424,55 @@ fn since_covers_presence_companions() {
     let got = channel_serials(&out.replay);
     assert_eq!(got, vec![("$presence/room".into(), 1)]);
 }
+
+// ---- MQTT 5 support: no-local and shared subscriptions ----
+
+#[test]
+fn no_local_skips_own_publishes_only() {
+    let mut st = state();
+    let own = attach(&mut st, 1, "a", BIG);
+    let other = attach(&mut st, 2, "b", BIG);
+    subscribe(&mut st, 1, &proto::Subscribe { no_local: true, ..sub("n/#") }, T0);
+    subscribe(&mut st, 2, &proto::Subscribe { no_local: true, ..sub("n/#") }, T0);
+    st.publish(&caller(1, "a"), publish_req("n/x", "from-1"), T0);
+    st.publish(&caller(2, "b"), publish_req("n/x", "from-2"), T0);
+    assert_eq!(payloads(&drain(&own)), vec!["from-2".to_string()]);
+    assert_eq!(payloads(&drain(&other)), vec!["from-1".to_string()]);
+    // A second, local-allowing filter of the same session still delivers once.
+    subscribe(&mut st, 1, &sub("n/x"), T0);
+    st.publish(&caller(1, "a"), publish_req("n/x", "again"), T0);
+    assert_eq!(payloads(&drain(&own)), vec!["again".to_string()]);
+}
+
+#[test]
+fn shared_group_gives_each_message_to_one_member() {
+    let mut st = state();
+    let m1 = attach(&mut st, 1, "a", BIG);
+    let m2 = attach(&mut st, 2, "b", BIG);
+    let plain = attach(&mut st, 3, "c", BIG);
+    for s in [1, 2] {
+        let out = subscribe(&mut st, s, &sub("$share/workers/jobs/+"), T0);
+        assert!(out.replay.is_empty());
+    }
+    subscribe(&mut st, 3, &sub("jobs/+"), T0);
+    for i in 0..10 {
+        publish(&mut st, "jobs/q", &format!("{i}"), T0);
+    }
+    let (a, b) = (serials(&drain(&m1)), serials(&drain(&m2)));
+    assert_eq!(a.len() + b.len(), 10, "every message to exactly one member: {a:?} {b:?}");
+    assert_eq!((a.len(), b.len()), (5, 5), "round robin");
+    let mut all: Vec<u64> = a.into_iter().chain(b).collect();
+    all.sort();
+    assert_eq!(all, (1..=10).collect::<Vec<_>>());
+    assert_eq!(serials(&drain(&plain)).len(), 10, "plain subscribers still get everything");
+    // A member leaving: the rest get everything.
+    st.unsubscribe(2, "$share/workers/jobs/+").unwrap();
+    publish(&mut st, "jobs/q", "x", T0);
+    publish(&mut st, "jobs/q", "y", T0);
+    assert_eq!(serials(&drain(&m1)).len(), 2);
+    assert!(drain(&m2).is_empty());
+    // Detach removes the last member and the group.
+    st.detach(1, CloseKind::Clean, T0);
+    publish(&mut st, "jobs/q", "z", T0);
+    assert!(st.shared.is_empty());
+}
