@@ -3,90 +3,23 @@
 //! `switchboard pub` sends (over REST and over WebSocket), `check` validates
 //! configs, and SIGTERM shuts down cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-const WAIT: Duration = Duration::from_secs(15);
-
-/// A child process killed on drop, whose stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn switchboard");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// The next stdout line containing `needle`.
-    fn line_with(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => continue,
-                Err(e) => panic!("no line containing {needle:?}: {e}"),
-            }
-        }
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(std::time::Instant::now() < deadline, "process did not exit within {WAIT:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{BIN, DevGateway, Proc, WAIT};
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run switchboard");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
-/// The address after `prefix` in a banner line, e.g. `ws://127.0.0.1:PORT`.
-fn addr_after(line: &str, prefix: &str) -> String {
-    let start = line.find(prefix).expect("prefix") + prefix.len();
-    line[start..].split('/').next().expect("addr").to_string()
-}
-
 #[test]
 fn pub_reaches_sub_and_sigterm_shuts_down() {
-    let mut gw = Proc::spawn(&["dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
-    let ws_line = gw.line_with("WebSocket");
-    let http = addr_after(&ws_line, "ws://");
-    let admin_line = gw.line_with("admin");
-    let admin = addr_after(&admin_line, "http://");
+    let gw = DevGateway::start();
+    let (http, admin) = (gw.http.clone(), gw.admin.clone());
+    let mut gw = gw.proc;
     let http_url = format!("http://{http}");
     let ws_url = format!("ws://{http}");
 

@@ -346,6 +346,11 @@ fn protocol_level(packet: &[u8], header_len: usize) -> Result<u8, CodecError> {
 /// packet (fixed header included); an oversize packet is refused from its
 /// fixed header alone, before its body is buffered.
 pub fn decode(buf: &mut BytesMut, version: Option<Version>, max: usize) -> Result<Option<Packet>, CodecError> {
+    // Before the CONNECT, the first byte alone can refuse the connection:
+    // no need to wait for the body of, say, an HTTP request read as MQTT.
+    if version.is_none() && buf.first().is_some_and(|b| b >> 4 != 1) {
+        return Err(CodecError::NotConnect("the first packet must be CONNECT"));
+    }
     let Some((byte1, header_len, remaining)) = fixed_header(buf)? else {
         return Ok(None);
     };
@@ -386,6 +391,14 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max: usize) -> Resul
             Ok(Some(from_v4(p)))
         }
         Version::V5 => {
+            if packet_type == 15 {
+                // AUTH (MQTT 5 §3.15): enhanced authentication is not
+                // offered, so an AUTH is a protocol error (DISCONNECT 0x82),
+                // not a malformed packet. rumqttc's reader does not know the
+                // type, hence the check before it.
+                buf.advance(size);
+                return Ok(Some(Packet::Unexpected("AUTH")));
+            }
             if packet_type == 14 && remaining <= 1 {
                 // rumqttc refuses the two- and three-byte DISCONNECT forms,
                 // which MQTT 5 §3.14.2.1 allows (reason 0x00 when absent; no

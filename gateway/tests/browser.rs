@@ -1,0 +1,86 @@
+//! A real browser's `EventSource` against the real binary: headless Chromium
+//! (driven by `tests/browser/eventsource.mjs` through playwright-core)
+//! subscribes to two channels, the server ends the stream halfway through
+//! (admin `POST /v1/sessions/{id}/close`), and the browser's own reconnect
+//! with `Last-Event-ID` must leave the page with every message exactly once,
+//! in per-channel order — with no client code for the reconnect.
+//!
+//! Needs `node`, `/usr/bin/chromium` and `tests/browser/node_modules`; when
+//! one is missing the test fails and says to run `bash tests/run.sh`, which
+//! installs them. It never skips silently.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DevGateway, repo_root};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// The script bounds itself at 30 s; this only catches a hung `node`.
+const SCRIPT_WAIT: Duration = Duration::from_secs(60);
+
+/// Fails (never skips) when something the test needs is not installed.
+fn require_prerequisites(root: &Path) {
+    let fix = "run `bash tests/run.sh` (it installs chromium, node and tests/browser/node_modules)";
+    let node = Command::new("node").arg("--version").output();
+    assert!(node.is_ok_and(|o| o.status.success()), "`node` is not on PATH: {fix}");
+    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: {fix}");
+    let pw = root.join("tests/browser/node_modules/playwright-core");
+    assert!(pw.exists(), "{} is missing: {fix}", pw.display());
+}
+
+#[test]
+fn eventsource_resumes_by_itself_after_the_server_drops_it() {
+    let root = repo_root();
+    require_prerequisites(&root);
+    let gw = DevGateway::start();
+
+    let mut node = Command::new("node")
+        .arg(root.join("tests/browser/eventsource.mjs"))
+        .arg(format!("http://{}", gw.http))
+        .arg(format!("http://{}", gw.admin))
+        .current_dir(&root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let mut out = node.stdout.take().expect("stdout");
+    let mut err = node.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + SCRIPT_WAIT;
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = node.kill();
+            let _ = node.wait();
+            panic!("eventsource.mjs did not exit within {SCRIPT_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = out.join().expect("stdout reader");
+    let err = err.join().expect("stderr reader");
+
+    let last = out.lines().last().unwrap_or_default();
+    assert!(status.success(), "eventsource.mjs failed ({status}): {last}\nstderr:\n{err}");
+    let result: serde_json::Value = serde_json::from_str(last).expect("result line is JSON");
+    assert_eq!(result["ok"], true, "{last}");
+    assert_eq!(result["messages"], 12, "{last}");
+    assert_eq!(result["connected"], 2, "one stream, then the browser's own reconnect: {last}");
+    assert_eq!(result["sse_requests"], 2, "{last}");
+    assert_eq!(result["disconnect"]["code"], 4003, "{last}");
+    assert!(result["last_event_id_on_reconnect"].as_str().is_some_and(|s| !s.is_empty()), "{last}");
+}

@@ -1,0 +1,124 @@
+//! Shared by the tests that run the real `switchboard` binary: a child
+//! process killed (by PID) on drop whose stdout lines arrive on a channel,
+//! and `switchboard dev` on free loopback ports with its banner parsed.
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+/// How long anything here waits.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A child process killed on drop, whose stdout lines arrive on a channel.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its stdout, line by line.
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Runs the binary with `args` (stderr discarded).
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn switchboard");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The next stdout line containing `needle`.
+    pub fn line_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => continue,
+                Err(e) => panic!("no line containing {needle:?}: {e}"),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `host:port` after `prefix` in a banner line.
+pub fn addr_after(line: &str, prefix: &str) -> String {
+    let start = line.find(prefix).expect("prefix") + prefix.len();
+    line[start..].split('/').next().expect("addr").to_string()
+}
+
+/// `switchboard dev` with every listener on a free loopback port (never the
+/// standard ones), its addresses read from the banner.
+pub struct DevGateway {
+    /// The process (killed on drop).
+    pub proc: Proc,
+    /// HTTP listener `host:port`.
+    pub http: String,
+    /// Admin listener `host:port`.
+    pub admin: String,
+    /// MQTT listener `host:port`.
+    pub mqtt: String,
+}
+
+impl DevGateway {
+    /// Starts it and waits for the banner.
+    pub fn start() -> DevGateway {
+        let proc = Proc::spawn(&["dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
+        let (mut http, mut admin, mut mqtt) = (String::new(), String::new(), String::new());
+        let deadline = Instant::now() + WAIT;
+        while http.is_empty() || admin.is_empty() || mqtt.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = proc.lines.recv_timeout(left).expect("banner lists the REST, MQTT and admin addresses");
+            let l = line.trim_start();
+            if l.starts_with("REST") {
+                http = addr_after(l, "http://");
+            } else if l.starts_with("admin") {
+                admin = addr_after(l, "http://");
+            } else if l.starts_with("MQTT ") {
+                mqtt = addr_after(l, "mqtt://");
+            }
+        }
+        DevGateway { proc, http, admin, mqtt }
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
