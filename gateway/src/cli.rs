@@ -61,6 +61,17 @@ pub enum Via {
     Wt,
 }
 
+/// Protocols `pub` can use.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PubVia {
+    /// REST `POST /v1/channels/{channel}/messages`.
+    Rest,
+    /// WebSocket publish frame (acknowledged).
+    Ws,
+    /// MQTT 5 PUBLISH (QoS from --qos).
+    Mqtt,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -88,12 +99,15 @@ pub enum Command {
         channel: String,
         /// Payload (use @FILE to read a file, - for stdin).
         data: String,
-        /// Gateway URL: http://HOST:PORT publishes over REST, ws://HOST:PORT over WebSocket, mqtt://HOST:PORT over MQTT.
+        /// Gateway URL: http://HOST:PORT (REST), ws://HOST:PORT (WebSocket), mqtt://HOST:PORT (MQTT).
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
         /// Idempotency key.
         #[arg(long)]
         id: Option<String>,
+        /// Protocol; by default the --url scheme decides (http → REST, ws → WebSocket, mqtt → MQTT).
+        #[arg(long, value_enum)]
+        via: Option<PubVia>,
         /// REST API key (X-Api-Key).
         #[arg(long, env = "SWITCHBOARD_API_KEY")]
         api_key: Option<String>,
@@ -274,13 +288,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Pub { channel, data, url, id, api_key, qos, retain } => {
+        Command::Pub { channel, data, url, id, via, api_key, qos, retain } => {
             let payload = read_data(&data)?;
-            if url.starts_with("mqtt://") {
-                client::publish_mqtt(&url, &channel, payload, qos, retain).await?;
-                println!("{channel} published over MQTT (QoS {qos})");
+            let via = via.unwrap_or(if url.starts_with("mqtt://") {
+                PubVia::Mqtt
             } else if url.starts_with("ws://") || url.starts_with("wss://") {
-                let ack = client::publish_ws(&url, &channel, payload, id.as_deref()).await?;
+                PubVia::Ws
+            } else {
+                PubVia::Rest
+            });
+            if via == PubVia::Mqtt {
+                client::publish_mqtt(&mqtt_url(&url), &channel, payload, qos, retain).await?;
+                println!("{channel} published over MQTT (QoS {qos})");
+            } else if via == PubVia::Ws {
+                let ack = client::publish_ws(&ws_base(&url), &channel, payload, id.as_deref()).await?;
                 println!(
                     "{} {}:{}{}",
                     ack.channel,
@@ -290,6 +311,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else if url.starts_with("http://") || url.starts_with("https://") {
                 let ack = client::publish_rest(&url, &channel, payload, id.as_deref(), api_key.as_deref()).await?;
+                if retain {
+                    eprintln!("note: --retain applies to --via mqtt; REST publishes retain with a JSON body");
+                }
                 let dup = ack["duplicate"].as_bool().unwrap_or(false);
                 println!(
                     "{} {}:{}{}",

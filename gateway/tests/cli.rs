@@ -1,6 +1,7 @@
 //! The README's promise, end to end with the real binary: `switchboard dev`
 //! starts and prints its endpoints, `switchboard sub` receives what
-//! `switchboard pub` sends (over REST and over WebSocket), `check` validates
+//! `switchboard pub` sends (over REST, WebSocket and MQTT; subscribers on
+//! WebSocket, SSE, long polling and MQTT), `check` validates
 //! configs, and SIGTERM shuts down cleanly.
 
 mod common;
@@ -18,21 +19,26 @@ fn run(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn pub_reaches_sub_and_sigterm_shuts_down() {
     let gw = DevGateway::start();
-    let (http, admin) = (gw.http.clone(), gw.admin.clone());
+    let (http, admin, mqtt) = (gw.http.clone(), gw.admin.clone(), gw.mqtt.clone());
+    let mqtt_url = format!("mqtt://{mqtt}");
     let mut gw = gw.proc;
     let http_url = format!("http://{http}");
     let ws_url = format!("ws://{http}");
 
-    let subs: Vec<Proc> = ["ws", "sse", "poll"]
+    let vias = ["ws", "sse", "poll", "mqtt"];
+    let subs: Vec<Proc> = vias
         .iter()
-        .map(|via| Proc::spawn(&["sub", "tour/#", "--via", via, "--url", &http_url, "--count", "3"]))
+        .map(|via| {
+            let url = if *via == "mqtt" { &mqtt_url } else { &http_url };
+            Proc::spawn(&["sub", "tour/#", "--via", via, "--url", url, "--count", "3"])
+        })
         .collect();
     // The subscribers are registered once the admin API counts them.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let sessions =
             reqwest::blocking::get(format!("http://{admin}/v1/stats")).and_then(|r| r.json::<serde_json::Value>());
-        if sessions.is_ok_and(|v| v["subscriptions"].as_u64() == Some(3)) {
+        if sessions.is_ok_and(|v| v["subscriptions"].as_u64() == Some(4)) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "subscriber never subscribed");
@@ -47,10 +53,11 @@ fn pub_reaches_sub_and_sigterm_shuts_down() {
     assert!(out.trim_end().ends_with(":1"), "{out}");
     let (ok, out, _) = run(&["pub", "tour/b", "{\"x\": 1}", "--url", &http_url, "--id", "k"]);
     assert!(ok && out.contains("(duplicate)"), "same id over REST is a duplicate: {out}");
-    let (ok, _, _) = run(&["pub", "tour/a", "bye", "--url", &http_url]);
-    assert!(ok);
+    let (ok, out, err) = run(&["pub", "tour/a", "bye", "--via", "mqtt", "--url", &mqtt_url, "--qos", "2"]);
+    assert!(ok, "pub over MQTT failed: {err}");
+    assert!(out.contains("published over MQTT"), "{out}");
 
-    for (via, mut sub) in ["ws", "sse", "poll"].into_iter().zip(subs) {
+    for (via, mut sub) in vias.into_iter().zip(subs) {
         let got: Vec<String> = (0..3).map(|_| sub.lines.recv_timeout(WAIT).expect("sub output")).collect();
         let fields: Vec<(String, String)> = got
             .iter()

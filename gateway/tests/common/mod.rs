@@ -80,7 +80,7 @@ impl Drop for Proc {
 /// The `host:port` after `prefix` in a banner line.
 pub fn addr_after(line: &str, prefix: &str) -> String {
     let start = line.find(prefix).expect("prefix") + prefix.len();
-    line[start..].split('/').next().expect("addr").to_string()
+    line[start..].split(['/', ' ']).next().expect("addr").to_string()
 }
 
 /// `switchboard dev` with every listener on a free loopback port (never the
