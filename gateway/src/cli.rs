@@ -1,4 +1,4 @@
-//! The `switchboard` command line: `dev`, `serve`, `check`, `pub`, `sub`.
+//! The `switchboard` command line: `dev`, `serve`, `check`, `pub`, `sub`, `bench`.
 //!
 //! This is the only place that prints to the terminal.
 
@@ -138,6 +138,26 @@ pub enum Command {
         /// Print each message as its JSON frame.
         #[arg(long)]
         json: bool,
+    },
+    /// Load generator: fanout, cross, idle, churn and recovery scenarios (see docs/bench.md).
+    Bench(crate::bench::BenchArgs),
+    /// Mint a development connection token with an HS256 key from the config.
+    Token {
+        /// TOML configuration file with [[auth.keys]].
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Client id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Capability, repeatable: PATTERN=op,op (ops: subscribe, publish, presence, history).
+        #[arg(long = "cap", value_name = "PATTERN=OPS")]
+        caps: Vec<String>,
+        /// Lifetime, e.g. 15m, 1h, 1d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Key id to sign with (default: the first HS256 key).
+        #[arg(long)]
+        kid: Option<String>,
     },
 }
 
@@ -355,6 +375,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Via::Mqtt => client::subscribe_mqtt(&mqtt_url(&url), &filter, on_event).await?,
                 Via::Wt => anyhow::bail!("--via wt is not available in this version"),
             }
+            Ok(())
+        }
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Token { config, sub, caps, ttl, kid } => {
+            // Only the keys matter here: no exposure check, no listeners.
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
+            let cfg = Config::from_toml(&text, std::env::vars())?;
+            let key = cfg
+                .auth
+                .keys
+                .iter()
+                .find(|k| match &kid {
+                    Some(want) => k.kid.as_deref() == Some(want.as_str()),
+                    None => k.alg == "HS256",
+                })
+                .ok_or_else(|| anyhow::anyhow!("no matching HS256 key in [[auth.keys]] of {}", config.display()))?;
+            let ttl = crate::config::parse_duration(&ttl).map_err(|e| anyhow::anyhow!(e))?;
+            let mut claim = std::collections::BTreeMap::new();
+            for c in &caps {
+                let (pattern, ops) = crate::auth::parse_cap_arg(c)?;
+                claim.insert(pattern, ops);
+            }
+            let now = (crate::router::now_ms() / 1000) as u64;
+            println!("{}", crate::auth::mint(key, &sub, &claim, ttl.as_secs(), now)?);
             Ok(())
         }
     }

@@ -354,6 +354,51 @@ pub struct ChannelRuleConfig {
     pub slow_consumer: Option<SlowConsumer>,
 }
 
+/// Authentication mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone may connect with any client id and do everything (dev).
+    #[default]
+    Open,
+    /// A connection token (JWT) is required; its claims decide.
+    Token,
+}
+
+/// `[auth]`: connection tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// `open` or `token`.
+    pub mode: AuthMode,
+    /// Clock skew tolerated on `exp` / `nbf`.
+    #[serde(deserialize_with = "de_duration")]
+    pub leeway: Duration,
+    /// A JWKS file with more verification keys (empty: none).
+    pub jwks_file: String,
+    /// Verification keys (`[[auth.keys]]`).
+    pub keys: Vec<crate::auth::KeyConfig>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection { mode: AuthMode::Open, leeway: Duration::from_secs(5), jwks_file: String::new(), keys: Vec::new() }
+    }
+}
+
+impl AuthSection {
+    /// The token verifier, or `None` in open mode.
+    pub fn verifier(&self) -> Result<Option<crate::auth::Verifier>, ConfigError> {
+        if self.mode == AuthMode::Open {
+            return Ok(None);
+        }
+        let jwks = (!self.jwks_file.is_empty()).then(|| Path::new(&self.jwks_file));
+        crate::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
+    }
+}
+
 /// `[rest]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -397,6 +442,9 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Allow open auth (`[auth] mode = "open"`) on non-loopback addresses.
+    /// Off by default: `serve` refuses to expose an open gateway.
+    pub insecure: bool,
     /// `[node]`.
     pub node: NodeConfig,
     /// `[listen]`.
@@ -413,6 +461,8 @@ pub struct Config {
     pub poll: PollSection,
     /// `[mqtt]`.
     pub mqtt: MqttSection,
+    /// `[auth]`.
+    pub auth: AuthSection,
     /// `[rest]`.
     pub rest: RestConfig,
     /// `[echo]`.
@@ -460,11 +510,14 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Reads a file, applies the process environment's overrides, validates.
+    /// Reads a file, applies the process environment's overrides, validates
+    /// (including [`Config::check_exposure`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::from_toml(&text, std::env::vars())
+        let cfg = Self::from_toml(&text, std::env::vars())?;
+        cfg.check_exposure()?;
+        Ok(cfg)
     }
 
     /// The embedded defaults plus environment overrides (for `dev`).
@@ -542,6 +595,7 @@ impl Config {
         if m.max_queued_bytes < m.max_packet_size {
             return bad("mqtt.max_queued_bytes must be at least mqtt.max_packet_size".into());
         }
+        self.auth.verifier()?;
         if self.node.name.is_empty() || self.node.name.len() > 64 {
             return bad("node.name must be 1..=64 bytes".into());
         }
@@ -550,6 +604,25 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("channels.rules pattern {:?}: {e}", r.pattern)))?;
             if let Some(t) = &r.history_ttl {
                 parse_duration(t).map_err(|e| ConfigError::Invalid(format!("channels.rules {:?}: {e}", r.pattern)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses open auth on a non-loopback listener unless `insecure = true`:
+    /// anyone who can reach it could read and write every channel.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if self.auth.mode != AuthMode::Open || self.insecure {
+            return Ok(());
+        }
+        for (name, addr) in [("listen.http", &self.listen.http), ("listen.mqtt", &self.listen.mqtt)] {
+            let Ok(a) = addr.parse::<SocketAddr>() else { continue };
+            if !a.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} = {addr:?} is not a loopback address and [auth] mode is \"open\": anyone could read and \
+                     write every channel. Set [auth] mode = \"token\" (with [[auth.keys]]), bind loopback, or set \
+                     insecure = true to accept the risk"
+                )));
             }
         }
         Ok(())
@@ -644,6 +717,23 @@ mod tests {
         assert!(Config::from_toml("[listen]\nhttp = \"nowhere\"\n", Vec::new()).is_err());
         assert!(Config::from_toml("[[channels.rules]]\npattern = \"a/#/b\"\n", Vec::new()).is_err());
         assert!(Config::from_toml("[channels]\nhistory_ttl = \"ten\"\n", Vec::new()).is_err());
+    }
+
+    #[test]
+    fn open_auth_is_not_exposed_without_insecure() {
+        let exposed = "[listen]\nhttp = \"0.0.0.0:8080\"\n";
+        let cfg = Config::from_toml(exposed, Vec::new()).unwrap();
+        let e = cfg.check_exposure().unwrap_err().to_string();
+        assert!(e.contains("insecure = true"), "{e}");
+        let cfg = Config::from_toml(&format!("insecure = true\n{exposed}"), Vec::new()).unwrap();
+        assert!(cfg.check_exposure().is_ok());
+        let cfg = Config::from_toml("[listen]\nmqtt = \"0.0.0.0:1883\"\n", Vec::new()).unwrap();
+        assert!(cfg.check_exposure().is_err());
+        let token =
+            "[auth]\nmode = \"token\"\n[[auth.keys]]\nalg = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+        let cfg = Config::from_toml(&format!("{exposed}{token}"), Vec::new()).unwrap();
+        assert!(cfg.check_exposure().is_ok());
+        assert!(Config::from_toml("", Vec::new()).unwrap().check_exposure().is_ok(), "loopback defaults are fine");
     }
 
     /// The example config in deploy/ must parse and match the defaults it documents.

@@ -33,7 +33,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use crate::auth::Caps;
 use crate::config::Config;
+use crate::engine::Caller;
 use crate::router::Router;
 
 /// Response body type of every route.
@@ -278,27 +280,23 @@ async fn rest(state: HttpState, req: Request<Incoming>) -> Response<Body> {
             "use /v1/channels/{channel}/messages|history|presence",
         );
     };
-    let keys = &state.config.rest.api_keys;
-    if !keys.is_empty() {
-        match header_str(&req, "x-api-key") {
-            Some(k) if keys.iter().any(|known| known == k) => {}
-            Some(_) => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"),
-            None => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "X-Api-Key header required"),
-        }
-    }
+    let principal = match rest_principal(&state, &req) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     match (req.method().clone(), action) {
-        (Method::POST, "messages") => rest_publish(state, channel, req).await,
-        (Method::GET, "history") => rest_history(state, channel, &req).await,
-        (Method::POST, "presence") => rest_presence_enter(state, channel, req).await,
-        (Method::DELETE, "presence") => match stream_caller(&state, header_str(&req, "x-connection-id")) {
-            Ok(Some(caller)) => match state.router.presence_leave_as(&caller, &channel).await {
+        (Method::POST, "messages") => rest_publish(state, principal, channel, req).await,
+        (Method::GET, "history") => rest_history(state, principal, channel, &req).await,
+        (Method::POST, "presence") => rest_presence_enter(state, principal, channel, req).await,
+        (Method::DELETE, "presence") => match stream_caller(&state, &principal, header_str(&req, "x-connection-id")) {
+            Ok(Some((caller, caps))) => match state.router.presence_leave_as(&caller, &caps, &channel).await {
                 Ok(()) => json_response(StatusCode::OK, &json!({"channel": channel, "left": true})),
                 Err(e) => core_error(&e),
             },
             Ok(None) => missing_connection(),
             Err(r) => *r,
         },
-        (Method::GET, "presence") => match state.router.members_of(&channel).await {
+        (Method::GET, "presence") => match state.router.members_of(&principal.caps, &channel).await {
             Ok(m) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
                 req: 0,
                 frame: Some(proto::server_frame::Frame::Presence(m)),
@@ -345,15 +343,68 @@ async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, R
 
 /// The identity of the SSE / long-poll session named by `X-Connection-Id`
 /// (REST is their uplink): `Ok(None)` without the header.
-fn stream_caller(state: &HttpState, conn: Option<&str>) -> Result<Option<crate::engine::Caller>, Box<Response<Body>>> {
+/// A response that ends the request early (boxed: responses are large).
+type ErrorResponse = Box<Response<Body>>;
+
+/// Who is calling the REST API.
+struct RestPrincipal {
+    caller: Caller,
+    caps: Arc<Caps>,
+    /// Authenticated with a server API key (may act for any stream).
+    api_key: bool,
+}
+
+/// Authenticates a REST request: a configured API key (`X-Api-Key`) may do
+/// everything; a connection token (`Authorization: Bearer`) may do what its
+/// caps allow, as its `sub`; in open mode with no API keys configured,
+/// anyone may do everything. Anything else is 401.
+fn rest_principal<B>(state: &HttpState, req: &Request<B>) -> Result<RestPrincipal, ErrorResponse> {
+    let unauthorized =
+        |m: String| Box::new(error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized.slug(), m));
+    let keys = &state.config.rest.api_keys;
+    if let Some(k) = header_str(req, "x-api-key") {
+        return if keys.iter().any(|known| known == k) {
+            Ok(RestPrincipal { caller: Router::rest_caller(""), caps: Arc::new(Caps::all()), api_key: true })
+        } else {
+            Err(unauthorized("unknown API key".into()))
+        };
+    }
+    if let Some(token) = bearer(req)
+        && !state.router.is_open()
+    {
+        let (sub, caps, _) = state.router.verify_token(&token).map_err(|e| unauthorized(e.message))?;
+        return Ok(RestPrincipal { caller: Router::rest_caller(&sub), caps, api_key: false });
+    }
+    if keys.is_empty() && state.router.is_open() {
+        return Ok(RestPrincipal { caller: Router::rest_caller(""), caps: Arc::new(Caps::all()), api_key: true });
+    }
+    Err(unauthorized("send X-Api-Key or Authorization: Bearer <connection token>".into()))
+}
+
+/// The identity of the SSE / long-poll session named by `X-Connection-Id`
+/// (REST is their uplink): `Ok(None)` without the header. Only the same
+/// client (or an API key) may act for a stream.
+fn stream_caller(
+    state: &HttpState,
+    principal: &RestPrincipal,
+    conn: Option<&str>,
+) -> Result<Option<(Caller, Arc<Caps>)>, ErrorResponse> {
     let Some(conn) = conn else { return Ok(None) };
-    state.router.caller_for_connection(conn).map(Some).ok_or_else(|| {
+    let (caller, caps) = state.router.caller_for_connection(conn).ok_or_else(|| {
         Box::new(error_response(
             StatusCode::BAD_REQUEST,
             ErrorCode::NotConnected.slug(),
             format!("no open session with connection id {conn:?}"),
         ))
-    })
+    })?;
+    if !principal.api_key && principal.caller.client_id != caller.client_id {
+        return Err(Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            ErrorCode::PermissionDenied.slug(),
+            "a token may only act for streams of its own client",
+        )));
+    }
+    Ok(Some((caller, caps)))
 }
 
 fn missing_connection() -> Response<Body> {
@@ -367,8 +418,13 @@ fn missing_connection() -> Response<Body> {
 /// `POST /v1/channels/{channel}/presence`: enters (or updates) presence for
 /// the stream named by `X-Connection-Id`; the body is the member data (JSON
 /// mapping when `application/json`, else raw).
-async fn rest_presence_enter(state: HttpState, channel: String, req: Request<Incoming>) -> Response<Body> {
-    let caller = match stream_caller(&state, header_str(&req, "x-connection-id")) {
+async fn rest_presence_enter(
+    state: HttpState,
+    principal: RestPrincipal,
+    channel: String,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (caller, caps) = match stream_caller(&state, &principal, header_str(&req, "x-connection-id")) {
         Ok(Some(c)) => c,
         Ok(None) => return missing_connection(),
         Err(r) => return *r,
@@ -404,13 +460,18 @@ async fn rest_presence_enter(state: HttpState, channel: String, req: Request<Inc
     } else {
         body
     };
-    match state.router.presence_enter_as(&caller, &channel, data, false).await {
+    match state.router.presence_enter_as(&caller, &caps, &channel, data, false).await {
         Ok(()) => json_response(StatusCode::OK, &json!({"channel": channel, "entered": true})),
         Err(e) => core_error(&e),
     }
 }
 
-async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>) -> Response<Body> {
+async fn rest_publish(
+    state: HttpState,
+    principal: RestPrincipal,
+    channel: String,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let conn = header_str(&req, "x-connection-id").map(str::to_string);
     let idem = header_str(&req, "idempotency-key").map(str::to_string);
     let content_type = header_str(&req, "content-type").unwrap_or("").to_string();
@@ -453,12 +514,12 @@ async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>)
     if publish.id.len() > 256 {
         return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest.slug(), "idempotency key over 256 bytes");
     }
-    let caller = match stream_caller(&state, conn.as_deref()) {
+    let (caller, caps) = match stream_caller(&state, &principal, conn.as_deref()) {
         Ok(Some(c)) => c,
-        Ok(None) => Router::rest_caller(""),
+        Ok(None) => (principal.caller, principal.caps),
         Err(r) => return *r,
     };
-    match state.router.publish_as(&caller, publish).await {
+    match state.router.publish_as(&caller, &caps, publish).await {
         Ok(ack) => json_response(
             StatusCode::OK,
             &json!({"channel": ack.channel, "epoch": ack.epoch, "serial": ack.serial, "duplicate": ack.duplicate}),
@@ -467,7 +528,12 @@ async fn rest_publish(state: HttpState, channel: String, req: Request<Incoming>)
     }
 }
 
-async fn rest_history(state: HttpState, channel: String, req: &Request<Incoming>) -> Response<Body> {
+async fn rest_history(
+    state: HttpState,
+    principal: RestPrincipal,
+    channel: String,
+    req: &Request<Incoming>,
+) -> Response<Body> {
     let mut h = proto::History { channel, ..Default::default() };
     for (k, v) in query_pairs(req) {
         match k.as_str() {
@@ -496,7 +562,7 @@ async fn rest_history(state: HttpState, channel: String, req: &Request<Incoming>
             }
         }
     }
-    match state.router.history_of(h).await {
+    match state.router.history_of(&principal.caps, h).await {
         Ok(r) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
             req: 0,
             frame: Some(proto::server_frame::Frame::History(r)),

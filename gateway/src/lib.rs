@@ -6,6 +6,8 @@
 //! [`engine::Engine`] behind it holds channel state.
 
 pub mod admin;
+pub mod auth;
+pub mod bench;
 pub mod channel;
 pub mod cli;
 pub mod client;

@@ -7,9 +7,12 @@
 //! retained values, presence, fan-out). It never awaits a subscriber: the
 //! engine only pushes into bounded outboxes.
 //!
-//! Authentication is open (dev mode) in this version: any client id is
-//! accepted. The auth layer slots in at [`Router::open`] and the per-call
-//! checks without the front ends changing.
+//! Authentication: in open mode (dev) any client id is accepted and every
+//! operation allowed; with a token [`Verifier`] configured, [`Core::open`]
+//! requires a valid connection token, whose `sub` becomes the client id and
+//! whose `caps` are checked here for every subscribe, publish, presence and
+//! history call — the same check for every protocol. A session whose token
+//! expires without a refresh is closed with [`CloseReason::TOKEN_EXPIRED`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use switchboard_protocols::port::{
     CloseKind, CloseReason, Core, CoreError, OpenSession, Outbox, SessionHandle, SessionId, SubscribeOutcome,
 };
 
+use crate::auth::{Caps, Op, Verifier};
 use crate::channel;
 use crate::engine::{Caller, Engine, EngineStats};
 
@@ -55,6 +59,10 @@ struct SessionEntry {
     outbox: Arc<Outbox>,
     subscriptions: usize,
     opened_ms: i64,
+    /// What the session's token allows (everything in open mode).
+    caps: Arc<Caps>,
+    /// When the token expires, Unix seconds (never in open mode).
+    expires_at: Option<u64>,
 }
 
 /// A session as the admin API reports it.
@@ -85,6 +93,8 @@ pub struct SessionInfo {
 /// The router (see the module docs).
 pub struct Router {
     engine: Arc<dyn Engine>,
+    /// Token verification; `None` is open mode.
+    auth: Option<Verifier>,
     limits: RouterLimits,
     node: String,
     next_id: AtomicU64,
@@ -103,8 +113,44 @@ fn protocol_label(p: proto::Protocol) -> &'static str {
 
 impl Router {
     /// A router over `engine`.
-    pub fn new(engine: Arc<dyn Engine>, limits: RouterLimits, node: String) -> Arc<Self> {
-        Arc::new(Router { engine, limits, node, next_id: AtomicU64::new(1), sessions: Mutex::new(HashMap::new()) })
+    pub fn new(engine: Arc<dyn Engine>, limits: RouterLimits, node: String, auth: Option<Verifier>) -> Arc<Self> {
+        Arc::new(Router {
+            engine,
+            auth,
+            limits,
+            node,
+            next_id: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// True in open (dev) mode: no token needed, everything allowed.
+    pub fn is_open(&self) -> bool {
+        self.auth.is_none()
+    }
+
+    /// Verifies a connection token (REST bearer tokens): the client id and
+    /// what it may do. Open mode has no tokens to verify.
+    pub fn verify_token(&self, token: &str) -> Result<(String, Arc<Caps>, u64), CoreError> {
+        let v =
+            self.auth.as_ref().ok_or_else(|| CoreError::new(ErrorCode::BadRequest, "token auth is not configured"))?;
+        let p = v.verify(token).map_err(|e| {
+            metrics::counter!("switchboard_auth_failures_total").increment(1);
+            CoreError::new(ErrorCode::Unauthorized, e.to_string())
+        })?;
+        Ok((p.client_id, Arc::new(p.caps), p.expires_at))
+    }
+
+    /// Closes every session whose token expired by `now_secs`.
+    pub fn expire_tokens(&self, now_secs: u64) -> usize {
+        let mut n = 0;
+        for s in self.sessions.lock().values() {
+            if s.expires_at.is_some_and(|t| t <= now_secs) && s.outbox.closed().is_none() {
+                s.outbox.close(CloseReason::TOKEN_EXPIRED);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The limits in force.
@@ -179,6 +225,10 @@ impl Router {
                 tick.tick().await;
                 let Some(router) = weak.upgrade() else { break };
                 router.engine.sweep(now_ms());
+                let expired = router.expire_tokens((now_ms() / 1000) as u64);
+                if expired > 0 {
+                    tracing::info!(sessions = expired, "closed sessions whose token expired");
+                }
                 let stats = router.engine.stats();
                 metrics::gauge!("switchboard_channels").set(stats.channels as f64);
                 metrics::gauge!("switchboard_subscriptions").set(stats.subscriptions as f64);
@@ -187,26 +237,36 @@ impl Router {
         })
     }
 
-    fn caller(&self, session: SessionId) -> Result<Caller, CoreError> {
+    fn rights(&self, session: SessionId) -> Result<(Caller, Arc<Caps>), CoreError> {
         self.sessions
             .lock()
             .get(&session)
-            .map(|s| s.caller.clone())
+            .map(|s| (s.caller.clone(), s.caps.clone()))
             .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))
+    }
+
+    /// Refuses `op` on `what` unless `caps` grant it.
+    pub fn require(caps: &Caps, op: Op, what: &str) -> Result<(), CoreError> {
+        if caps.allows(op, what) {
+            Ok(())
+        } else {
+            Err(CoreError::new(ErrorCode::PermissionDenied, format!("not allowed to {} {what:?}", op.name())))
+        }
     }
 
     /// The caller of an open session, found by its connection id (REST
     /// uplink for SSE and long-poll streams, which cannot send frames).
-    pub fn caller_for_connection(&self, connection_id: &str) -> Option<Caller> {
+    pub fn caller_for_connection(&self, connection_id: &str) -> Option<(Caller, Arc<Caps>)> {
         let id: SessionId = connection_id.strip_prefix(self.node.as_str())?.strip_prefix('-')?.parse().ok()?;
         let sessions = self.sessions.lock();
         let s = sessions.get(&id)?;
-        (s.caller.connection_id.as_ref() == connection_id).then(|| s.caller.clone())
+        (s.caller.connection_id.as_ref() == connection_id).then(|| (s.caller.clone(), s.caps.clone()))
     }
 
     /// Leaves presence as a caller.
-    pub async fn presence_leave_as(&self, caller: &Caller, channel_name: &str) -> Result<(), CoreError> {
+    pub async fn presence_leave_as(&self, caller: &Caller, caps: &Caps, channel_name: &str) -> Result<(), CoreError> {
         Self::check_presence_channel(channel_name)?;
+        Self::require(caps, Op::Presence, channel_name)?;
         self.engine.presence_leave(caller, channel_name, now_ms()).await
     }
 
@@ -237,8 +297,14 @@ impl Router {
     }
 
     /// Publishes as `caller` (any front end, REST included).
-    pub async fn publish_as(&self, caller: &Caller, req: proto::Publish) -> Result<proto::PublishAck, CoreError> {
+    pub async fn publish_as(
+        &self,
+        caller: &Caller,
+        caps: &Caps,
+        req: proto::Publish,
+    ) -> Result<proto::PublishAck, CoreError> {
         self.check_publish(&req)?;
+        Self::require(caps, Op::Publish, &req.channel)?;
         let ack = self.engine.publish(caller, req, now_ms()).await?;
         let label = protocol_label(caller.protocol);
         if ack.duplicate {
@@ -258,26 +324,31 @@ impl Router {
     }
 
     /// Reads a channel's history (any front end, REST included).
-    pub async fn history_of(&self, req: proto::History) -> Result<proto::HistoryResult, CoreError> {
+    pub async fn history_of(&self, caps: &Caps, req: proto::History) -> Result<proto::HistoryResult, CoreError> {
         channel::validate_channel(&req.channel).map_err(|e| channel::channel_error(&req.channel, e))?;
+        Self::require(caps, Op::History, &req.channel)?;
         self.engine.history(&req, now_ms()).await
     }
 
     /// Lists a channel's presence (any front end, REST included).
-    pub async fn members_of(&self, channel_name: &str) -> Result<proto::PresenceMembers, CoreError> {
+    pub async fn members_of(&self, caps: &Caps, channel_name: &str) -> Result<proto::PresenceMembers, CoreError> {
         Self::check_presence_channel(channel_name)?;
+        Self::require(caps, Op::Presence, channel_name)?;
         self.engine.presence_members(channel_name).await
     }
 
-    /// Enters/updates presence as a caller (REST uplink for SSE/poll later).
+    /// Enters/updates presence as a caller (also the REST uplink of SSE and
+    /// long-poll streams).
     pub async fn presence_enter_as(
         &self,
         caller: &Caller,
+        caps: &Caps,
         channel_name: &str,
         data: Bytes,
         update: bool,
     ) -> Result<(), CoreError> {
         Self::check_presence_channel(channel_name)?;
+        Self::require(caps, Op::Presence, channel_name)?;
         if data.len() > self.limits.max_message_size {
             return Err(CoreError::new(ErrorCode::MessageTooLarge, "presence data exceeds the message size limit"));
         }
@@ -288,26 +359,38 @@ impl Router {
 #[async_trait::async_trait]
 impl Core for Router {
     async fn open(&self, req: OpenSession) -> Result<SessionHandle, CoreError> {
+        // With token auth the token names the client; open mode takes the
+        // requested id and allows everything.
+        let (client_id, caps, expires_at) = match &self.auth {
+            None => (req.client_id, Arc::new(Caps::all()), None),
+            Some(_) => {
+                let (sub, caps, exp) = self.verify_token(&req.token).inspect_err(|e| {
+                    tracing::info!(protocol = protocol_label(req.protocol), peer = ?req.peer, error = %e, "refused a session");
+                })?;
+                (sub, caps, Some(exp))
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let connection_id = format!("{}-{id}", self.node);
-        if req.client_id.len() > channel::MAX_NAME_LEN || req.client_id.contains('\0') {
+        if client_id.len() > channel::MAX_NAME_LEN || client_id.contains('\0') {
             return Err(CoreError::new(ErrorCode::BadRequest, "client id must be at most 256 bytes without NUL"));
         }
         let caller = Caller {
             session: id,
-            client_id: req.client_id.as_str().into(),
+            client_id: client_id.as_str().into(),
             connection_id: connection_id.as_str().into(),
             protocol: req.protocol,
         };
         let outbox = Outbox::new(self.limits.outbox_capacity);
         self.engine.attach(&caller, outbox.clone());
-        self.sessions
-            .lock()
-            .insert(id, SessionEntry { caller, outbox: outbox.clone(), subscriptions: 0, opened_ms: now_ms() });
+        self.sessions.lock().insert(
+            id,
+            SessionEntry { caller, outbox: outbox.clone(), subscriptions: 0, opened_ms: now_ms(), caps, expires_at },
+        );
         metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
         metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol))
             .increment(1);
-        Ok(SessionHandle { id, client_id: req.client_id, connection_id, node: self.node.clone(), outbox })
+        Ok(SessionHandle { id, client_id, connection_id, node: self.node.clone(), outbox })
     }
 
     async fn subscribe(&self, session: SessionId, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError> {
@@ -323,6 +406,10 @@ impl Core for Router {
             let sessions = self.sessions.lock();
             let s =
                 sessions.get(&session).ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
+            Self::require(&s.caps, Op::Subscribe, &req.filter)?;
+            if req.presence {
+                Self::require(&s.caps, Op::Presence, inner)?;
+            }
             if s.subscriptions >= self.limits.max_subscriptions {
                 return Err(CoreError::new(
                     ErrorCode::TooManySubscriptions,
@@ -347,8 +434,8 @@ impl Core for Router {
     }
 
     async fn publish(&self, session: SessionId, req: proto::Publish) -> Result<proto::PublishAck, CoreError> {
-        let caller = self.caller(session)?;
-        self.publish_as(&caller, req).await
+        let (caller, caps) = self.rights(session)?;
+        self.publish_as(&caller, &caps, req).await
     }
 
     async fn presence_enter(
@@ -358,13 +445,13 @@ impl Core for Router {
         data: Bytes,
         update: bool,
     ) -> Result<(), CoreError> {
-        let caller = self.caller(session)?;
-        self.presence_enter_as(&caller, channel_name, data, update).await
+        let (caller, caps) = self.rights(session)?;
+        self.presence_enter_as(&caller, &caps, channel_name, data, update).await
     }
 
     async fn presence_leave(&self, session: SessionId, channel_name: &str) -> Result<(), CoreError> {
-        let caller = self.caller(session)?;
-        self.presence_leave_as(&caller, channel_name).await
+        let (caller, caps) = self.rights(session)?;
+        self.presence_leave_as(&caller, &caps, channel_name).await
     }
 
     async fn presence_members(
@@ -372,13 +459,28 @@ impl Core for Router {
         session: SessionId,
         channel_name: &str,
     ) -> Result<proto::PresenceMembers, CoreError> {
-        self.caller(session)?;
-        self.members_of(channel_name).await
+        let (_, caps) = self.rights(session)?;
+        self.members_of(&caps, channel_name).await
     }
 
     async fn history(&self, session: SessionId, req: proto::History) -> Result<proto::HistoryResult, CoreError> {
-        self.caller(session)?;
-        self.history_of(req).await
+        let (_, caps) = self.rights(session)?;
+        self.history_of(&caps, req).await
+    }
+
+    async fn refresh(&self, session: SessionId, token: &str) -> Result<(), CoreError> {
+        let (sub, caps, exp) = self.verify_token(token)?;
+        let mut sessions = self.sessions.lock();
+        let s =
+            sessions.get_mut(&session).ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
+        if s.caller.client_id.as_ref() != sub {
+            return Err(CoreError::new(ErrorCode::Unauthorized, "the new token names another client"));
+        }
+        // Live from here on: the next subscribe/publish is checked against
+        // the new caps; existing subscriptions stay (they were allowed).
+        s.caps = caps;
+        s.expires_at = Some(exp);
+        Ok(())
     }
 
     fn close(&self, session: SessionId, kind: CloseKind) {

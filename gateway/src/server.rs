@@ -26,6 +26,9 @@ use crate::router::Router;
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The configuration cannot be used.
+    #[error("{0}")]
+    Config(String),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({name}): {source}")]
     Bind {
@@ -53,11 +56,23 @@ pub struct Gateway {
     grace: Duration,
 }
 
+/// Pending connections the kernel queues per listener. The default 128
+/// overflows under connection bursts (reconnect storms after a restart),
+/// and each overflow costs the client a one-second SYN retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(name: &'static str, addr: &str) -> Result<Option<TcpListener>, ServerError> {
     if addr.is_empty() {
         return Ok(None);
     }
-    TcpListener::bind(addr).await.map(Some).map_err(|source| ServerError::Bind { name, addr: addr.to_string(), source })
+    let err = |source: std::io::Error| ServerError::Bind { name, addr: addr.to_string(), source };
+    let sock_addr: SocketAddr =
+        addr.parse().map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not IP:PORT")))?;
+    let socket = if sock_addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(sock_addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map(Some).map_err(err)
 }
 
 impl Gateway {
@@ -66,7 +81,9 @@ impl Gateway {
         let config = Arc::new(config);
         crate::admin::metrics_handle();
         let engine = Arc::new(MemoryEngine::new(config.engine()));
-        let router = Router::new(engine, config.router_limits(), config.node.name.clone());
+        // Validated at load: a bad key configuration never gets this far.
+        let auth = config.auth.verifier().map_err(|e| ServerError::Config(e.to_string()))?;
+        let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
 

@@ -106,6 +106,56 @@ fn check_validates_configs() {
     assert!(err.contains("htttp"), "unknown keys are named: {err}");
     let (ok, _, err) = run(&["check", "-c", "/nonexistent/switchboard.toml"]);
     assert!(!ok && err.contains("cannot read"), "{err}");
+    // Open auth on a non-loopback address is refused unless insecure = true.
+    std::fs::write(&bad, "[listen]\nhttp = \"0.0.0.0:0\"\n").expect("write");
+    let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);
+    assert!(!ok && err.contains("insecure = true"), "{err}");
+    std::fs::write(&bad, "insecure = true\n[listen]\nhttp = \"0.0.0.0:0\"\n").expect("write");
+    let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);
+    assert!(ok, "insecure = true accepts the risk: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn token_mints_what_the_gateway_accepts() {
+    let dir = std::env::temp_dir().join(format!("switchboard-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let cfg = dir.join("auth.toml");
+    let secret = "cli-secret-cli-secret-cli-secret-xx";
+    std::fs::write(
+        &cfg,
+        format!("[auth]\nmode = \"token\"\n[[auth.keys]]\nkid = \"k1\"\nalg = \"HS256\"\nsecret = \"{secret}\"\n"),
+    )
+    .expect("write");
+    let path = cfg.to_str().expect("utf-8 path");
+    let (ok, out, err) = run(&[
+        "token",
+        "-c",
+        path,
+        "--sub",
+        "alice",
+        "--cap",
+        "chat/#=subscribe,publish",
+        "--cap",
+        "x=history",
+        "--ttl",
+        "10m",
+    ]);
+    assert!(ok, "{err}");
+    let key = switchboard::auth::KeyConfig {
+        kid: Some("k1".into()),
+        alg: "HS256".into(),
+        secret: Some(secret.into()),
+        ..Default::default()
+    };
+    let p =
+        switchboard::auth::Verifier::new(&[key], None, 0).expect("verifier").verify(out.trim()).expect("valid token");
+    assert_eq!(p.client_id, "alice");
+    assert!(p.caps.allows(switchboard::auth::Op::Publish, "chat/a/b"));
+    assert!(p.caps.allows(switchboard::auth::Op::History, "x"));
+    assert!(!p.caps.allows(switchboard::auth::Op::Subscribe, "x"));
+    let (ok, _, err) = run(&["token", "-c", path, "--sub", "a", "--cap", "chat/#=fly"]);
+    assert!(!ok && err.contains("fly"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -135,6 +135,9 @@ impl CloseReason {
     pub const CONNECT_EXPECTED: CloseReason = CloseReason { code: 4002, reason: "connect expected", reconnect: false };
     /// Disconnected by an administrator.
     pub const KICKED: CloseReason = CloseReason { code: 4003, reason: "disconnected by server", reconnect: false };
+    /// The connection token expired without a refresh; reconnect with a
+    /// fresh token (and recover).
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason { code: 4006, reason: "token expired", reconnect: true };
 }
 
 /// Result of [`Outbox::push`].
@@ -378,6 +381,12 @@ pub trait Core: Send + Sync + 'static {
     async fn presence_members(&self, session: SessionId, channel: &str) -> Result<proto::PresenceMembers, CoreError>;
     /// Reads a channel's history.
     async fn history(&self, session: SessionId, req: proto::History) -> Result<proto::HistoryResult, CoreError>;
+    /// Replaces the session's token in place: the session continues with
+    /// the new token's capabilities and expiry. The client id cannot change.
+    async fn refresh(&self, session: SessionId, token: &str) -> Result<(), CoreError> {
+        let _ = (session, token);
+        Err(CoreError::new(proto::ErrorCode::BadRequest, "token refresh needs token auth configured"))
+    }
     /// Ends a session. Idempotent.
     fn close(&self, session: SessionId, kind: CloseKind);
 }

@@ -19,7 +19,7 @@
 //! `Sec-WebSocket-Protocol` response header (the gateway does, echoing
 //! [`Codec::subprotocol`] when [`negotiate`] returned `Some`); authorise,
 //! route, validate channel names or store anything (the core does); support
-//! permessage-deflate; or refresh tokens (no auth is wired in yet).
+//! permessage-deflate; or check tokens (the core verifies them, on connect and refresh).
 //!
 //! # Codecs
 //!
@@ -57,6 +57,7 @@
 //! | 4002 | `connect expected` | the first frame was not a valid `connect` (`error` `not_connected`, `bad_frame` or `unknown_frame`), or none arrived within [`WsConfig::handshake_timeout`] | `error` (if a frame came), `disconnect` | no | — |
 //! | 4003 | `disconnected by server` | an administrator kicked the session | `disconnect` | no | `abrupt` |
 //! | 4004 | `ping timeout` | nothing arrived from the peer for 2 × [`WsConfig::ping_interval`] | `disconnect` | yes | `abrupt` |
+//! | 4006 | `token expired` | the core closed the session: its token expired without a refresh | `disconnect` | yes (with a fresh token) | `abrupt` |
 //! | other | as given | the core closed the outbox with another [`CloseReason`] | `disconnect` | as given | `abrupt` |
 //! | none | — | EOF without a close frame, I/O error, or a write that took longer than [`WsConfig::write_timeout`]: the connection is dropped | — | — | `abrupt` |
 //!
@@ -71,7 +72,7 @@
 //! | `unknown_frame` | JSON `type` missing or unknown, or a protobuf `ClientFrame` with no frame set. Before `connect`: closes with 4002. |
 //! | `not_connected` | the first frame was not `connect`; closes with 4002 |
 //! | `already_connected` | `connect` on an open session |
-//! | `bad_request` | `refresh`: token refresh needs auth configured |
+//! | `bad_request` | `refresh` in open mode (no token auth configured) |
 //! | any core code | the core rejected a request; the frame echoes its `req` |
 //!
 //! # Replies
@@ -732,8 +733,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             client_frame::Frame::PresenceLeave(p) => core.presence_leave(id, &p.channel).await.map(|()| ack(p.channel)),
             client_frame::Frame::PresenceGet(p) => core.presence_members(id, &p.channel).await.map(Reply::Presence),
             client_frame::Frame::History(h) => core.history(id, h).await.map(Reply::History),
-            client_frame::Frame::Refresh(_) => {
-                Err(CoreError::new(ErrorCode::BadRequest, "token refresh needs auth configured"))
+            client_frame::Frame::Refresh(r) => {
+                core.refresh(id, &r.token).await.map(|()| Reply::Refreshed(proto::Refreshed {}))
             }
             client_frame::Frame::Ping(_) => Ok(Reply::Pong(proto::Pong {})),
         };

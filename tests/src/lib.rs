@@ -196,6 +196,15 @@ pub fn client_frame_json(f: &proto::ClientFrame) -> String {
 impl WsClient {
     /// Connects to `base` (`ws://HOST:PORT`) and sends `connect`.
     pub async fn connect(base: &str, codec: Codec, client_id: &str) -> anyhow::Result<Self> {
+        Self::connect_as(base, codec, client_id, "").await
+    }
+
+    /// Connects with a connection token (token auth).
+    pub async fn connect_with_token(base: &str, codec: Codec, token: &str) -> anyhow::Result<Self> {
+        Self::connect_as(base, codec, "", token).await
+    }
+
+    async fn connect_as(base: &str, codec: Codec, client_id: &str, token: &str) -> anyhow::Result<Self> {
         let sub = match codec {
             Codec::Json => "switchboard.v1.json",
             Codec::Proto => "switchboard.v1.proto",
@@ -204,7 +213,7 @@ impl WsClient {
         let mut c =
             WsClient { ws, codec, next_req: 0, pending: VecDeque::new(), connected: Default::default(), close: None };
         let reply = c
-            .request(client_frame::Frame::Connect(proto::Connect { token: String::new(), client_id: client_id.into() }))
+            .request(client_frame::Frame::Connect(proto::Connect { token: token.into(), client_id: client_id.into() }))
             .await?;
         match reply.frame {
             Some(server_frame::Frame::Connected(conn)) => c.connected = conn,

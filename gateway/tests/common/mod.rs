@@ -122,3 +122,40 @@ impl DevGateway {
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
+
+impl DevGateway {
+    /// The gateway's process id (for `bench --server-pid`).
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+}
+
+/// Runs the binary with `args` to completion (bounded by `limit`); returns
+/// its exit status and stdout.
+pub fn run_to_end(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("switchboard {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().expect("stdout reader"))
+}

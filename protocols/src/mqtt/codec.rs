@@ -269,6 +269,8 @@ pub mod reason {
     pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     /// Payload format invalid.
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+    /// Maximum connect time (the connection token expired).
+    pub const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
 }
 
 /// A packet this server sends. Reason codes are MQTT 5 values; on 3.1.1 the

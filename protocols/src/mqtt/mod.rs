@@ -311,6 +311,10 @@ fn close_reason(r: CloseReason) -> u8 {
         reason::ADMINISTRATIVE_ACTION
     } else if r == CloseReason::UNAUTHORIZED {
         reason::NOT_AUTHORIZED
+    } else if r == CloseReason::TOKEN_EXPIRED {
+        // MQTT 5 §3.14.2.1: 0xA0 Maximum connect time — the connection
+        // outlived what the server allows (its token's expiry).
+        reason::MAXIMUM_CONNECT_TIME
     } else {
         reason::UNSPECIFIED
     }

@@ -1,0 +1,328 @@
+//! `switchboard bench`: the built-in load generator.
+//!
+//! Scenarios (see `docs/bench.md`): `fanout` and `cross` (open-loop publish
+//! at a fixed schedule, latency against the SCHEDULED send time, full
+//! loss/duplicate/reorder accounting), `idle` and `churn` (connection
+//! setup and memory), and `recovery` (disconnect, miss K
+//! messages, reconnect with positions, time the catch-up, verify
+//! exactly-once). Every run is bounded by its duration and `--max-conns`.
+//!
+//! Layout: [`payload`] (what a message carries), [`accounting`] (sequences →
+//! loss/dup/reorder), [`histogram`] (sharded HDR histograms), [`procfs`]
+//! (server and self CPU, write syscalls, RSS), [`report`] (INVALID, table,
+//! JSON), [`clients`] (one fast client per protocol), [`fanout`],
+//! [`connections`] and [`recovery`] (the scenarios). The bench measures; it does not assert:
+//! problems are printed loudly (`!!`) and the exit code stays 0 unless the
+//! run could not be carried out.
+
+pub mod accounting;
+pub mod clients;
+pub mod connections;
+pub mod fanout;
+pub mod histogram;
+pub mod payload;
+pub mod procfs;
+pub mod recovery;
+pub mod report;
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+/// Why a bench run failed (as opposed to measuring something bad).
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Socket-level failure.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// HTTP client failure.
+    #[error("HTTP: {0}")]
+    Http(#[from] reqwest::Error),
+    /// WebSocket failure.
+    #[error("WebSocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The gateway answered something the bench did not expect.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Bad flags.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Protocols the bench speaks.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Proto {
+    /// WebSocket, `switchboard.v1.proto` subprotocol.
+    Ws,
+    /// MQTT 5 on the TCP listener.
+    Mqtt,
+    /// Server-Sent Events (subscribe only; publishers use REST).
+    Sse,
+    /// HTTP long polling (subscribe only; publishers use REST).
+    Poll,
+    /// REST publish (publish only).
+    Rest,
+}
+
+impl Proto {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Ws => "ws",
+            Proto::Mqtt => "mqtt",
+            Proto::Sse => "sse",
+            Proto::Poll => "poll",
+            Proto::Rest => "rest",
+        }
+    }
+
+    /// The protocol publishers use alongside subscribers of `self`.
+    pub fn publisher(self) -> Proto {
+        match self {
+            Proto::Ws => Proto::Ws,
+            Proto::Mqtt => Proto::Mqtt,
+            Proto::Sse | Proto::Poll | Proto::Rest => Proto::Rest,
+        }
+    }
+}
+
+/// Flags every scenario shares.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Gateway HTTP listener (WebSocket, SSE, long polling, REST).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Gateway MQTT listener.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt_url: String,
+    /// PID of the gateway, for CPU, write syscalls and RSS from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Upper bound on connections the bench opens.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_conns: u64,
+    /// Spread connections over source addresses 127.0.0.1..=N (loopback targets only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub src_addrs: u8,
+    /// After publishing ends, wait at most this long for outstanding deliveries.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain: Duration,
+}
+
+/// `switchboard bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Scenario.
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// Shape of an open-loop publish/subscribe run.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Channels.
+    #[arg(long, default_value_t = 10)]
+    pub channels: u32,
+    /// Subscribers per channel.
+    #[arg(long, default_value_t = 10)]
+    pub subs_per_channel: u32,
+    /// Publishers.
+    #[arg(long, default_value_t = 1)]
+    pub pubs: u32,
+    /// Total publish rate, messages per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Payload size in bytes (at least the 47-byte header).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// MQTT QoS for subscriptions and MQTT publishes.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+}
+
+/// Scenarios.
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// Open-loop fan-out: publishers on the subscribers' protocol.
+    Fanout {
+        /// Protocol of subscribers (and publishers; SSE/poll publish over REST).
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Load shape.
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Shared flags.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Fan-out across protocols: publish on one, subscribe on another.
+    Cross {
+        /// Publisher protocol (ws, mqtt or rest).
+        #[arg(long, value_enum)]
+        pub_proto: Proto,
+        /// Subscriber protocol.
+        #[arg(long, value_enum)]
+        sub_proto: Proto,
+        /// Load shape.
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Shared flags.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Open N subscribed connections and hold them (setup rate, handshake latency, RSS).
+    Idle {
+        /// Protocol.
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Connections.
+        #[arg(long, default_value_t = 1000)]
+        conns: u64,
+        /// How long to hold them once open.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        hold: Duration,
+        /// Shared flags.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Connect → subscribe → receive one message → disconnect, at a target rate.
+    Churn {
+        /// Protocol.
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Cycles started per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// How long to start cycles.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Shared flags.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Subscribers disconnect, miss K messages, reconnect with their positions.
+    Recovery {
+        /// Subscriber protocol.
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Subscribers (all on one channel).
+        #[arg(long, default_value_t = 100)]
+        subs: u32,
+        /// Messages published while they are away.
+        #[arg(long, default_value_t = 100)]
+        missed: u32,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Give up waiting for the catch-up after this long.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Shared flags.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// Parses `500ms`, `5s`, `2m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+impl CommonArgs {
+    /// The gateway as a [`clients::Target`].
+    pub fn target(&self) -> clients::Target {
+        clients::Target::new(host_port(&self.url), host_port(&self.mqtt_url), self.src_addrs)
+    }
+}
+
+/// Worker threads the bench counts for its CPU budget: what tokio's default
+/// multi-thread runtime uses (`TOKIO_WORKER_THREADS`, else one per CPU).
+pub fn worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Raises the open-file limit for `conns` connections (plus slack for
+/// everything else the process opens), as far as the hard limit allows.
+fn raise_nofile(conns: u64) {
+    let want = conns + 256;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(n) if n < want => tracing::warn!(limit = n, want, "open-file limit is below the connections asked for"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+/// Runs a scenario and prints its report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (report, json) = match args.scenario {
+        Scenario::Fanout { proto, load, common } => {
+            raise_nofile(u64::from(load.channels) * u64::from(load.subs_per_channel) + u64::from(load.pubs));
+            (fanout::run(proto.publisher(), proto, &load, &common).await?, common.json)
+        }
+        Scenario::Cross { pub_proto, sub_proto, load, common } => {
+            raise_nofile(u64::from(load.channels) * u64::from(load.subs_per_channel) + u64::from(load.pubs));
+            (fanout::run(pub_proto, sub_proto, &load, &common).await?, common.json)
+        }
+        Scenario::Idle { proto, conns, hold, common } => {
+            raise_nofile(conns);
+            (connections::idle(proto, conns, hold, &common).await?, common.json)
+        }
+        Scenario::Churn { proto, rate, duration, common } => {
+            // Cycles last a few ms each; 10 s worth of them is a generous bound on those in flight.
+            raise_nofile(common.max_conns.min((rate * 10.0) as u64 + 64));
+            (connections::churn(proto, rate, duration, &common).await?, common.json)
+        }
+        Scenario::Recovery { proto, subs, missed, size, duration, common } => {
+            raise_nofile(u64::from(subs) + 1);
+            (recovery::run(proto, subs, missed, size, duration, &common).await?, common.json)
+        }
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_urls() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5x").is_err());
+        assert_eq!(host_port("http://127.0.0.1:8080/"), "127.0.0.1:8080");
+        assert_eq!(host_port("mqtt://h:1"), "h:1");
+    }
+}
