@@ -115,6 +115,11 @@ pub struct LimitsConfig {
     pub max_frame_size: usize,
     /// Subscriptions per connection.
     pub max_subscriptions: usize,
+    /// Sustained publishes per second per connection (0 = unlimited); over
+    /// it: `rate_limited` (WebSocket error frame, MQTT 5 PUBACK 0x97).
+    pub publish_rate: f64,
+    /// Publishes a connection may send in a burst before the rate applies.
+    pub publish_burst: f64,
     /// Bytes a session's outbound queue may hold.
     pub outbox_bytes: usize,
     /// Largest REST request body in bytes.
@@ -131,6 +136,8 @@ impl Default for LimitsConfig {
             max_message_size: 64 * 1024,
             max_frame_size: 1024 * 1024,
             max_subscriptions: 256,
+            publish_rate: 1000.0,
+            publish_burst: 10_000.0,
             outbox_bytes: 1024 * 1024,
             max_body_size: 1024 * 1024,
             max_stream_channels: 64,
@@ -558,6 +565,9 @@ impl Config {
         if l.outbox_bytes < 2 * l.max_message_size {
             return bad("limits.outbox_bytes must be at least twice limits.max_message_size".into());
         }
+        if !(l.publish_rate >= 0.0 && l.publish_rate.is_finite()) || (l.publish_rate > 0.0 && l.publish_burst < 1.0) {
+            return bad("limits.publish_rate must be >= 0 and limits.publish_burst >= 1".into());
+        }
         if l.max_subscriptions == 0 {
             return bad("limits.max_subscriptions must be at least 1".into());
         }
@@ -666,6 +676,8 @@ impl Config {
             max_message_size: self.limits.max_message_size,
             max_subscriptions: self.limits.max_subscriptions,
             outbox_capacity: self.limits.outbox_bytes,
+            publish_rate: self.limits.publish_rate,
+            publish_burst: self.limits.publish_burst,
         }
     }
 }

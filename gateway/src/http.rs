@@ -122,7 +122,8 @@ pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) 
             serve_poll(state, peer, &req, pairs).await
         }
         (&Method::POST, "/v1/poll") => poll_post(state, peer, req).await,
-        (_, "/v1/sse" | "/v1/poll") => {
+        (&Method::POST, "/v1/refresh") => refresh_stream(state, req).await,
+        (_, "/v1/sse" | "/v1/poll" | "/v1/refresh") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET /v1/sse; GET or POST /v1/poll")
         }
         (_, p) if p.starts_with("/v1/channels/") => rest(state, req).await,
@@ -696,6 +697,52 @@ async fn poll_post(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -
     // Rebuild a body-less request for the header lookups.
     let req = Request::from_parts(parts, ());
     serve_poll(state, peer, &req, pairs).await
+}
+
+/// `POST /v1/refresh`: gives an open SSE or long-poll stream (named by
+/// `X-Connection-Id`, or `connection_id` in a JSON body) a new token
+/// (`Authorization: Bearer`, or `token` in the body). The new token must name
+/// the same client; the stream continues with its caps and expiry.
+async fn refresh_stream(state: HttpState, req: Request<Incoming>) -> Response<Body> {
+    let mut conn = header_str(&req, "x-connection-id").map(str::to_string);
+    let mut token = bearer(&req);
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if !body.is_empty() {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RefreshBody {
+            connection_id: Option<String>,
+            token: Option<String>,
+        }
+        match serde_json::from_slice::<RefreshBody>(&body) {
+            Ok(b) => {
+                conn = conn.or(b.connection_id);
+                token = token.or(b.token);
+            }
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", format!("bad JSON body: {e}")),
+        }
+    }
+    let (Some(conn), Some(token)) = (conn, token) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "send X-Connection-Id and Authorization: Bearer",
+        );
+    };
+    let Some(session) = state.router.session_for_connection(&conn) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotConnected.slug(),
+            format!("no open session with connection id {conn:?}"),
+        );
+    };
+    match Core::refresh(state.router.as_ref(), session, &token).await {
+        Ok(()) => json_response(StatusCode::OK, &json!({"connection_id": conn, "refreshed": true})),
+        Err(e) => core_error(&e),
+    }
 }
 
 fn demo_page() -> Response<Body> {

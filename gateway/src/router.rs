@@ -44,11 +44,54 @@ pub struct RouterLimits {
     pub max_subscriptions: usize,
     /// Bytes a session's outbound queue may hold.
     pub outbox_capacity: usize,
+    /// Sustained publishes per second per session (0 = unlimited).
+    pub publish_rate: f64,
+    /// Publishes a session may send at once before the rate applies.
+    pub publish_burst: f64,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up. Time is
+/// passed in, so it is tested without clocks.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn new(rate: f64, burst: f64, now: std::time::Instant) -> Self {
+        TokenBucket { rate, burst, tokens: burst, last: now }
+    }
+
+    /// Takes one token if there is one (always, when `rate` is 0).
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Default for RouterLimits {
     fn default() -> Self {
-        RouterLimits { max_message_size: 64 * 1024, max_subscriptions: 256, outbox_capacity: 1024 * 1024 }
+        RouterLimits {
+            max_message_size: 64 * 1024,
+            max_subscriptions: 256,
+            outbox_capacity: 1024 * 1024,
+            publish_rate: 1000.0,
+            publish_burst: 10_000.0,
+        }
     }
 }
 
@@ -63,6 +106,8 @@ struct SessionEntry {
     caps: Arc<Caps>,
     /// When the token expires, Unix seconds (never in open mode).
     expires_at: Option<u64>,
+    /// Publish rate limit of this session.
+    bucket: TokenBucket,
 }
 
 /// A session as the admin API reports it.
@@ -263,6 +308,14 @@ impl Router {
         (s.caller.connection_id.as_ref() == connection_id).then(|| (s.caller.clone(), s.caps.clone()))
     }
 
+    /// The session id behind a connection id, if it is open.
+    pub fn session_for_connection(&self, connection_id: &str) -> Option<SessionId> {
+        let id: SessionId = connection_id.strip_prefix(self.node.as_str())?.strip_prefix('-')?.parse().ok()?;
+        let sessions = self.sessions.lock();
+        let s = sessions.get(&id)?;
+        (s.caller.connection_id.as_ref() == connection_id).then_some(id)
+    }
+
     /// Leaves presence as a caller.
     pub async fn presence_leave_as(&self, caller: &Caller, caps: &Caps, channel_name: &str) -> Result<(), CoreError> {
         Self::check_presence_channel(channel_name)?;
@@ -385,7 +438,19 @@ impl Core for Router {
         self.engine.attach(&caller, outbox.clone());
         self.sessions.lock().insert(
             id,
-            SessionEntry { caller, outbox: outbox.clone(), subscriptions: 0, opened_ms: now_ms(), caps, expires_at },
+            SessionEntry {
+                caller,
+                outbox: outbox.clone(),
+                subscriptions: 0,
+                opened_ms: now_ms(),
+                caps,
+                expires_at,
+                bucket: TokenBucket::new(
+                    self.limits.publish_rate,
+                    self.limits.publish_burst,
+                    std::time::Instant::now(),
+                ),
+            },
         );
         metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
         metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol))
@@ -434,6 +499,15 @@ impl Core for Router {
     }
 
     async fn publish(&self, session: SessionId, req: proto::Publish) -> Result<proto::PublishAck, CoreError> {
+        let allowed = self.sessions.lock().get_mut(&session).map(|s| s.bucket.take(std::time::Instant::now()));
+        if allowed == Some(false) {
+            let label = self.sessions.lock().get(&session).map_or("unknown", |s| protocol_label(s.caller.protocol));
+            metrics::counter!("switchboard_rate_limited_total", "protocol" => label).increment(1);
+            return Err(CoreError::new(
+                ErrorCode::RateLimited,
+                format!("publish rate over {}/s (burst {})", self.limits.publish_rate, self.limits.publish_burst),
+            ));
+        }
         let (caller, caps) = self.rights(session)?;
         self.publish_as(&caller, &caps, req).await
     }
@@ -492,5 +566,28 @@ impl Core for Router {
             metrics::counter!("switchboard_slow_consumer_closes_total", "protocol" => label).increment(1);
             tracing::info!(session, client_id = %entry.caller.client_id, protocol = label, "closed a slow consumer");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, t0);
+        assert!(b.take(t0) && b.take(t0) && b.take(t0));
+        assert!(!b.take(t0), "burst spent");
+        assert!(!b.take(t0 + Duration::from_millis(50)), "half a token");
+        assert!(b.take(t0 + Duration::from_millis(100)), "one token after 100 ms at 10/s");
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        // Saving up never exceeds the burst.
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.take(later) && b.take(later) && b.take(later));
+        assert!(!b.take(later));
+        let mut unlimited = TokenBucket::new(0.0, 0.0, t0);
+        assert!((0..1000).all(|_| unlimited.take(t0)));
     }
 }

@@ -220,3 +220,57 @@ async fn mqtt_takes_the_token_as_password() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn sse_streams_refresh_by_connection_id_or_expire_with_4006() -> anyhow::Result<()> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let gw = gateway().await?;
+    let caps = json!({"live/#": "subscribe", "live/x": "publish"});
+    let open = |t: String| {
+        let url = format!("{}/v1/sse?channel=live/x&token={t}", gw.http);
+        async move { anyhow::Ok(reqwest::get(url).await?.bytes_stream().eventsource()) }
+    };
+    // Stream A is refreshed in time and survives its first token's expiry.
+    let mut a = open(token("dana", 2, caps.clone())).await?;
+    let connected = tokio::time::timeout(WAIT, a.next()).await?.expect("connected")?;
+    let conn =
+        serde_json::from_str::<Value>(&connected.data)?["connection_id"].as_str().unwrap_or_default().to_string();
+    let http = reqwest::Client::new();
+    let other = http
+        .post(format!("{}/v1/refresh", gw.http))
+        .header("x-connection-id", &conn)
+        .bearer_auth(token("mallory", 60, caps.clone()))
+        .send()
+        .await?;
+    assert_eq!(other.status(), 401, "a token for another client cannot refresh the stream");
+    let ok = http
+        .post(format!("{}/v1/refresh", gw.http))
+        .json(&json!({"connection_id": conn, "token": token("dana", 60, caps.clone())}))
+        .send()
+        .await?;
+    assert_eq!(ok.status(), 200);
+    // Stream B is not refreshed: it ends with disconnect 4006.
+    let mut b = open(token("erin", 2, caps.clone())).await?;
+    tokio::time::timeout(WAIT, b.next()).await?.expect("connected")?;
+    let ended = loop {
+        let ev = tokio::time::timeout(WAIT, b.next()).await?.expect("an event")?;
+        if ev.event == "disconnect" {
+            break ev;
+        }
+    };
+    assert_eq!(serde_json::from_str::<Value>(&ended.data)?["code"], 4006);
+    // A is still live after its first token's expiry.
+    let bearer = format!("Bearer {}", token("dana", 60, caps));
+    let (status, _) = rest_publish(&gw.http, "live/x", "still here", &[("authorization", &bearer)]).await?;
+    assert_eq!(status, 200);
+    let msg = loop {
+        let ev = tokio::time::timeout(WAIT, a.next()).await?.expect("an event")?;
+        if ev.event != "connected" {
+            break ev;
+        }
+    };
+    assert_eq!(msg.event, "message", "{msg:?}");
+    assert!(msg.data.contains("still here"));
+    Ok(())
+}
