@@ -120,6 +120,14 @@ pub struct LimitsConfig {
     pub publish_rate: f64,
     /// Publishes a connection may send in a burst before the rate applies.
     pub publish_burst: f64,
+    /// Open connections per client IP on the HTTP and MQTT listeners
+    /// (0 = unlimited). Over it: HTTP 429 / MQTT close at accept.
+    pub max_connections_per_ip: usize,
+    /// New connections per second over the HTTP and MQTT listeners
+    /// (0 = unlimited), with `new_connections_burst`.
+    pub new_connections_per_sec: f64,
+    /// New connections accepted at once before the rate applies.
+    pub new_connections_burst: f64,
     /// Bytes a session's outbound queue may hold.
     pub outbox_bytes: usize,
     /// Largest REST request body in bytes.
@@ -138,6 +146,9 @@ impl Default for LimitsConfig {
             max_subscriptions: 256,
             publish_rate: 1000.0,
             publish_burst: 10_000.0,
+            max_connections_per_ip: 10_000,
+            new_connections_per_sec: 5_000.0,
+            new_connections_burst: 10_000.0,
             outbox_bytes: 1024 * 1024,
             max_body_size: 1024 * 1024,
             max_stream_channels: 64,
@@ -567,6 +578,11 @@ impl Config {
         }
         if !(l.publish_rate >= 0.0 && l.publish_rate.is_finite()) || (l.publish_rate > 0.0 && l.publish_burst < 1.0) {
             return bad("limits.publish_rate must be >= 0 and limits.publish_burst >= 1".into());
+        }
+        if !(l.new_connections_per_sec >= 0.0 && l.new_connections_per_sec.is_finite())
+            || (l.new_connections_per_sec > 0.0 && l.new_connections_burst < 1.0)
+        {
+            return bad("limits.new_connections_per_sec must be >= 0 and limits.new_connections_burst >= 1".into());
         }
         if l.max_subscriptions == 0 {
             return bad("limits.max_subscriptions must be at least 1".into());

@@ -109,12 +109,17 @@ fn raw_json(text: String) -> Response<Body> {
 }
 
 /// Routes one request.
-pub async fn handle(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    state: HttpState,
+    peer: SocketAddr,
+    ticket: Option<Arc<crate::admission::Ticket>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let resp = match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/ws") => upgrade(state, peer, req, Route::Switchboard),
-        (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, req, Route::Echo),
-        (&Method::GET, "/mqtt") => upgrade(state, peer, req, Route::Mqtt),
+        (&Method::GET, "/v1/ws") => upgrade(state, peer, ticket, req, Route::Switchboard),
+        (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, ticket, req, Route::Echo),
+        (&Method::GET, "/mqtt") => upgrade(state, peer, ticket, req, Route::Mqtt),
         (&Method::GET, "/") => demo_page(),
         (&Method::GET, "/v1/sse") => serve_sse(state, peer, req).await,
         (&Method::GET, "/v1/poll") => {
@@ -150,7 +155,13 @@ enum Route {
     Mqtt,
 }
 
-fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, route: Route) -> Response<Body> {
+fn upgrade(
+    state: HttpState,
+    peer: SocketAddr,
+    ticket: Option<Arc<crate::admission::Ticket>>,
+    mut req: Request<Incoming>,
+    route: Route,
+) -> Response<Body> {
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         headers
@@ -222,6 +233,8 @@ fn upgrade(state: HttpState, peer: SocketAddr, mut req: Request<Incoming>, route
     let mqtt_sessions = state.mqtt_sessions.clone();
     let mqtt_cfg = state.mqtt.clone();
     tokio::spawn(async move {
+        // The connection's admission slot lives as long as the WebSocket.
+        let _ticket = ticket;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

@@ -6,6 +6,7 @@
 //! [`engine::Engine`] behind it holds channel state.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod bench;
 pub mod channel;

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admission::{Admission, Refusal, Ticket};
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::http::HttpState;
@@ -86,6 +87,8 @@ impl Gateway {
         let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
+        let l = &config.limits;
+        let admission = Admission::new(l.max_connections_per_ip, l.new_connections_per_sec, l.new_connections_burst);
 
         let http = bind("http", &config.listen.http).await?;
         let admin = bind("admin", &config.listen.admin).await?;
@@ -127,15 +130,20 @@ impl Gateway {
                 mqtt: mqtt_cfg.clone(),
                 mqtt_sessions: mqtt_sessions.clone(),
             };
-            tasks.push(tokio::spawn(accept_loop(listener, shutdown_rx.clone(), move |peer| {
-                let state = state.clone();
-                service_fn(move |req| crate::http::handle(state.clone(), peer, req))
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                Some(admission.clone()),
+                shutdown_rx.clone(),
+                move |peer, ticket| {
+                    let state = state.clone();
+                    service_fn(move |req| crate::http::handle(state.clone(), peer, ticket.clone(), req))
+                },
+            )));
         }
         if let Some(listener) = admin {
             let router = router.clone();
             let rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(accept_loop(listener, shutdown_rx.clone(), move |_peer| {
+            tasks.push(tokio::spawn(accept_loop(listener, None, shutdown_rx.clone(), move |_peer, _ticket| {
                 let router = router.clone();
                 let rx = rx.clone();
                 service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
@@ -144,6 +152,7 @@ impl Gateway {
         if let Some(listener) = mqtt {
             tasks.push(tokio::spawn(mqtt_accept_loop(
                 listener,
+                admission.clone(),
                 router.clone(),
                 mqtt_sessions,
                 mqtt_cfg,
@@ -172,6 +181,13 @@ impl Gateway {
     }
 }
 
+/// Counts and logs a connection refused at accept.
+fn refused(listener: &'static str, peer: SocketAddr, why: Refusal) {
+    metrics::counter!("switchboard_connections_refused_total", "listener" => listener, "reason" => why.label())
+        .increment(1);
+    tracing::debug!(%peer, listener, reason = why.label(), "connection refused at accept");
+}
+
 /// Forgets expired MQTT persistent sessions every ten seconds.
 fn spawn_mqtt_sweeper(sessions: &Arc<mqtt::MqttSessions>) -> JoinHandle<()> {
     let weak = Arc::downgrade(sessions);
@@ -188,6 +204,7 @@ fn spawn_mqtt_sweeper(sessions: &Arc<mqtt::MqttSessions>) -> JoinHandle<()> {
 /// Accepts MQTT connections (3.1.1 and 5 on one port) until shutdown.
 async fn mqtt_accept_loop(
     listener: TcpListener,
+    admission: Arc<Admission>,
     router: Arc<Router>,
     sessions: Arc<mqtt::MqttSessions>,
     cfg: mqtt::MqttConfig,
@@ -205,17 +222,33 @@ async fn mqtt_accept_loop(
             },
             _ = shutdown.changed() => break,
         };
+        let ticket = match admission.admit(peer.ip(), std::time::Instant::now()) {
+            Ok(t) => t,
+            Err(why) => {
+                refused("mqtt", peer, why);
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let core: Arc<dyn switchboard_protocols::port::Core> = router.clone();
-        tokio::spawn(mqtt::serve(stream, core, sessions.clone(), cfg.clone(), Some(peer), shutdown.clone()));
+        let serve = mqtt::serve(stream, core, sessions.clone(), cfg.clone(), Some(peer), shutdown.clone());
+        tokio::spawn(async move {
+            serve.await;
+            drop(ticket);
+        });
     }
 }
 
 /// Accepts TCP connections and serves HTTP/1.1 and HTTP/2 (with upgrades)
 /// on each until shutdown.
-async fn accept_loop<S, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, make_service: F)
-where
-    F: Fn(SocketAddr) -> S + Send + 'static,
+async fn accept_loop<S, F>(
+    listener: TcpListener,
+    admission: Option<Arc<Admission>>,
+    mut shutdown: watch::Receiver<bool>,
+    make_service: F,
+) where
+    F: Fn(SocketAddr, Option<Arc<Ticket>>) -> S + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<crate::http::Body>,
@@ -237,10 +270,31 @@ where
             },
             _ = shutdown.changed() => break,
         };
+        let ticket = match admission.as_ref().map(|a| a.admit(peer.ip(), std::time::Instant::now())) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(why)) => {
+                refused("http", peer, why);
+                // Best effort: tell an HTTP client why, then close.
+                let mut stream = stream;
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt as _;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(crate::admission::HTTP_REFUSAL))
+                            .await;
+                });
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
+        // Shared with the request handlers: an upgraded connection (a
+        // WebSocket) keeps the IP's slot after hyper's task ends.
+        let ticket = ticket.map(Arc::new);
+        let service = make_service(peer, ticket.clone());
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
+            // Holds the IP's connection slot until the connection ends.
+            let _ticket = ticket;
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);

@@ -36,3 +36,47 @@ async fn publish_rate_is_a_token_bucket_per_connection() -> anyhow::Result<()> {
     assert_eq!(m.publish("rl/m", 1, false, "x").await?, 0x97);
     Ok(())
 }
+
+#[tokio::test]
+async fn connections_per_ip_and_per_second_are_refused_at_accept() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.limits.max_connections_per_ip = 2;
+    })
+    .await?;
+    let a = WsClient::connect(&gw.ws, Codec::Json, "a").await?;
+    let _b = WsClient::connect(&gw.ws, Codec::Json, "b").await?;
+    // The third from the same IP: HTTP 429 before any WebSocket handshake.
+    let refused = raw_ws(&gw.ws, Some("switchboard.v1.json")).await;
+    let err = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("429"), "expected a 429 refusal, got {err:?}");
+    // MQTT shares the budget: refused (closed before CONNACK).
+    assert!(Mqtt::connect(gw.mqtt, Ver::V5, "m").await.is_err());
+    // A slot frees when a connection ends.
+    a.close().await?;
+    eventually(WAIT, "a slot to free", || async {
+        WsClient::connect(&gw.ws, Codec::Json, "c").await.map(drop).is_ok()
+    })
+    .await?;
+
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.limits.new_connections_per_sec = 0.5;
+        cfg.limits.new_connections_burst = 3.0;
+    })
+    .await?;
+    let mut ok = 0;
+    let mut refused = 0;
+    for i in 0..5 {
+        match WsClient::connect(&gw.ws, Codec::Json, &format!("r{i}")).await {
+            Ok(c) => {
+                ok += 1;
+                drop(c);
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("429"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ok, refused), (3, 2), "the burst, then the rate");
+    Ok(())
+}
