@@ -240,6 +240,18 @@ pub struct KeyConfig {
     pub public_key_file: Option<String>,
 }
 
+impl KeyConfig {
+    /// The HMAC secret of an HS256 key (inline, or from `secret_env`).
+    fn hmac_secret(&self) -> Result<String, AuthError> {
+        match (&self.secret, &self.secret_env) {
+            (Some(s), _) => Ok(s.clone()),
+            (_, Some(var)) => std::env::var(var)
+                .map_err(|_| AuthError::Config(format!("key {:?}: environment variable {var} is not set", self.kid))),
+            _ => Err(AuthError::Config(format!("key {:?} has no secret", self.kid))),
+        }
+    }
+}
+
 struct Key {
     kid: Option<String>,
     alg: Algorithm,
@@ -293,13 +305,7 @@ impl Verifier {
             let bad = |e: jsonwebtoken::errors::Error| AuthError::Config(format!("key {:?}: {e}", k.kid));
             let key = match (alg, pem) {
                 (Algorithm::HS256, None) => {
-                    let secret = match (&k.secret, &k.secret_env) {
-                        (Some(s), _) => s.clone(),
-                        (_, Some(var)) => std::env::var(var).map_err(|_| {
-                            AuthError::Config(format!("key {:?}: environment variable {var} is not set", k.kid))
-                        })?,
-                        _ => unreachable!("one source is set"),
-                    };
+                    let secret = k.hmac_secret()?;
                     if secret.len() < 32 {
                         return Err(AuthError::Config(format!(
                             "key {:?}: HS256 secrets need at least 32 bytes",
@@ -408,12 +414,7 @@ pub fn mint(
             key.kid, key.alg
         )));
     }
-    let secret = match (&key.secret, &key.secret_env) {
-        (Some(s), _) => s.clone(),
-        (_, Some(var)) => std::env::var(var)
-            .map_err(|_| AuthError::Config(format!("key {:?}: environment variable {var} is not set", key.kid)))?,
-        _ => return Err(AuthError::Config(format!("key {:?} has no secret", key.kid))),
-    };
+    let secret = key.hmac_secret()?;
     if sub.is_empty() || sub.len() > 256 {
         return Err(AuthError::Claims("sub must be 1..=256 bytes".into()));
     }

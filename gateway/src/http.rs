@@ -342,6 +342,23 @@ struct PublishBody<'a> {
     retain: bool,
 }
 
+/// Parses a JSON request body, or the documented 400 `bad_frame`.
+fn json_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ErrorResponse> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), format!("bad JSON body: {e}")))
+    })
+}
+
+/// The payload of a JSON body's `data` / `text` / `data_b64` fields.
+fn json_payload(
+    data: Option<&serde_json::value::RawValue>,
+    text: Option<&str>,
+    data_b64: Option<&str>,
+) -> Result<Bytes, ErrorResponse> {
+    proto::json::decode_payload(data, text, data_b64)
+        .map_err(|e| Box::new(error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e)))
+}
+
 async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     let limit = state.config.limits.max_body_size;
     match Limited::new(req.into_body(), limit).collect().await {
@@ -457,19 +474,13 @@ async fn rest_presence_enter(
             text: Option<String>,
             data_b64: Option<String>,
         }
-        let parsed: PresenceBody<'_> = match serde_json::from_slice(&body) {
+        let parsed: PresenceBody<'_> = match json_body(&body) {
             Ok(p) => p,
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadFrame.slug(),
-                    format!("bad JSON body: {e}"),
-                );
-            }
+            Err(r) => return *r,
         };
-        match proto::json::decode_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref()) {
+        match json_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref()) {
             Ok(p) => p,
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e),
+            Err(r) => return *r,
         }
     } else {
         body
@@ -495,20 +506,13 @@ async fn rest_publish(
         Err(r) => return r,
     };
     let mut publish = if is_json {
-        let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
+        let parsed: PublishBody<'_> = match json_body(&body) {
             Ok(p) => p,
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadFrame.slug(),
-                    format!("bad JSON body: {e}"),
-                );
-            }
+            Err(r) => return *r,
         };
-        let payload = match proto::json::decode_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref())
-        {
+        let payload = match json_payload(parsed.data, parsed.text.as_deref(), parsed.data_b64.as_deref()) {
             Ok(p) => p,
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e),
+            Err(r) => return *r,
         };
         proto::Publish {
             channel: channel.clone(),

@@ -302,14 +302,13 @@ impl Router {
     /// The caller of an open session, found by its connection id (REST
     /// uplink for SSE and long-poll streams, which cannot send frames).
     pub fn caller_for_connection(&self, connection_id: &str) -> Option<(Caller, Arc<Caps>)> {
-        let id: SessionId = connection_id.strip_prefix(self.node.as_str())?.strip_prefix('-')?.parse().ok()?;
-        let sessions = self.sessions.lock();
-        let s = sessions.get(&id)?;
-        (s.caller.connection_id.as_ref() == connection_id).then(|| (s.caller.clone(), s.caps.clone()))
+        let id = self.session_for_connection(connection_id)?;
+        self.rights(id).ok()
     }
 
     /// The session id behind a connection id, if it is open.
     pub fn session_for_connection(&self, connection_id: &str) -> Option<SessionId> {
+        // Connection ids are "{node}-{session id}" (see `open`).
         let id: SessionId = connection_id.strip_prefix(self.node.as_str())?.strip_prefix('-')?.parse().ok()?;
         let sessions = self.sessions.lock();
         let s = sessions.get(&id)?;
@@ -499,16 +498,23 @@ impl Core for Router {
     }
 
     async fn publish(&self, session: SessionId, req: proto::Publish) -> Result<proto::PublishAck, CoreError> {
-        let allowed = self.sessions.lock().get_mut(&session).map(|s| s.bucket.take(std::time::Instant::now()));
-        if allowed == Some(false) {
-            let label = self.sessions.lock().get(&session).map_or("unknown", |s| protocol_label(s.caller.protocol));
-            metrics::counter!("switchboard_rate_limited_total", "protocol" => label).increment(1);
+        // One lock on the hot path: the rate check and the caller's rights.
+        let (caller, caps, allowed) = {
+            let mut sessions = self.sessions.lock();
+            let s = sessions
+                .get_mut(&session)
+                .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
+            let allowed = s.bucket.take(std::time::Instant::now());
+            (s.caller.clone(), s.caps.clone(), allowed)
+        };
+        if !allowed {
+            metrics::counter!("switchboard_rate_limited_total", "protocol" => protocol_label(caller.protocol))
+                .increment(1);
             return Err(CoreError::new(
                 ErrorCode::RateLimited,
                 format!("publish rate over {}/s (burst {})", self.limits.publish_rate, self.limits.publish_burst),
             ));
         }
-        let (caller, caps) = self.rights(session)?;
         self.publish_as(&caller, &caps, req).await
     }
 

@@ -11,13 +11,12 @@ mod common;
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{DevGateway, repo_root};
+use common::{DevGateway, eventually, repo_root, wait_child};
 
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(15);
 /// The client fails by itself after 20 s without data; this catches a hang.
 const CLIENT_WAIT: Duration = Duration::from_secs(30);
 const CHANNEL: &str = "py/x";
@@ -45,15 +44,6 @@ fn require_prerequisites() {
             "python3 has no sseclient-py module: {fix}\n{}",
             String::from_utf8_lossy(&o.stderr)
         ),
-    }
-}
-
-/// Polls `cond` until it holds or [`WAIT`] passes.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -112,14 +102,7 @@ fn sseclient_py_reads_rest_publishes_in_order() {
         assert_eq!(ack["serial"], n as u64 + 1, "{ack}");
     }
 
-    let deadline = Instant::now() + CLIENT_WAIT;
-    let status = loop {
-        if let Some(status) = client.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "sse_client.py did not exit within {CLIENT_WAIT:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_child(&mut client.0, CLIENT_WAIT, "sse_client.py");
     let out = out.join().expect("stdout reader");
     let err = err.join().expect("stderr reader");
     assert!(status.success(), "sse_client.py failed ({status}):\n{err}");

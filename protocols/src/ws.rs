@@ -102,7 +102,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use metrics::Counter;
 use switchboard_proto as proto;
 use switchboard_proto::server_frame::Frame as Reply;
@@ -378,6 +378,9 @@ async fn shutdown_transport<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocke
     let _ = tokio::time::timeout(CLOSE_LINGER, ws.get_mut().shutdown()).await;
 }
 
+/// Inbound frames handled before one flush of their replies.
+const MAX_FRAMES_PER_BATCH: usize = 64;
+
 /// Counter handles, looked up once per connection.
 struct Counters {
     messages_out: Counter,
@@ -537,7 +540,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let handled = match event {
                 Event::Shutdown => Err(Stop::Disconnect(CloseReason::SHUTDOWN)),
                 Event::Timer => self.on_timer(),
-                Event::Inbound(msg) => self.on_inbound(msg).await,
+                Event::Inbound(msg) => {
+                    // A client pipelining requests gets its replies in one
+                    // write: handle every frame already readable before
+                    // flushing (bounded, so a flood cannot starve the rest).
+                    let mut handled = self.on_inbound(msg).await;
+                    for _ in 0..MAX_FRAMES_PER_BATCH {
+                        if handled.is_err() {
+                            break;
+                        }
+                        let Some(next) = self.ws.next().now_or_never() else { break };
+                        handled = self.on_inbound(next).await;
+                    }
+                    handled
+                }
                 // Draining below is all an outbox wake-up needs.
                 Event::Outbox => Ok(()),
             };
