@@ -82,14 +82,29 @@ pub struct ListenConfig {
     pub http: String,
     /// Admin: metrics, health, admin API.
     pub admin: String,
-    /// HTTPS (TLS; not served by this version — reserved).
+    /// HTTPS: everything the HTTP listener serves, over TLS (HTTP/1.1 and
+    /// HTTP/2 by ALPN). Needs `[tls]` certificates.
     pub https: String,
     /// MQTT 3.1.1 and 5 over TCP.
     pub mqtt: String,
-    /// MQTTS (reserved).
+    /// MQTT over TLS, optionally with client certificates (`[tls]`).
     pub mqtts: String,
-    /// QUIC / WebTransport (reserved).
+    /// QUIC (UDP): WebTransport at `/v1/wt`. Needs `[tls]` certificates.
     pub quic: String,
+}
+
+impl ListenConfig {
+    /// Every listener by its configuration key.
+    pub fn all(&self) -> [(&'static str, &String); 6] {
+        [
+            ("listen.http", &self.http),
+            ("listen.admin", &self.admin),
+            ("listen.https", &self.https),
+            ("listen.mqtt", &self.mqtt),
+            ("listen.mqtts", &self.mqtts),
+            ("listen.quic", &self.quic),
+        ]
+    }
 }
 
 impl Default for ListenConfig {
@@ -487,9 +502,84 @@ pub struct Config {
     pub echo: EchoConfig,
     /// `[shutdown]`.
     pub shutdown: ShutdownConfig,
+    /// `[tls]`.
+    pub tls: TlsSection,
+    /// Set by `dev` (never from a file): TLS listeners without a configured
+    /// certificate get a generated self-signed one.
+    #[serde(skip)]
+    pub dev: bool,
+}
+
+/// One certificate chain and its key (`[[tls.certificates]]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    /// PEM file: the leaf certificate, then intermediates.
+    pub cert: String,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+/// Whether MQTTS asks devices for a client certificate.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates.
+    #[default]
+    None,
+    /// Verified when presented; devices without one authenticate by token.
+    Optional,
+    /// Every MQTTS connection must present a certificate from `client_ca`.
+    Required,
+}
+
+/// `[tls]`: certificates shared by the HTTPS, MQTTS and QUIC listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chains; the first is the default, the others are chosen
+    /// by SNI against their DNS names. Empty in `dev`: a self-signed
+    /// certificate is generated at start.
+    pub certificates: Vec<CertPair>,
+    /// PEM bundle of the CAs whose client certificates MQTTS accepts.
+    pub client_ca: String,
+    /// `none`, `optional` or `required` (MQTTS only).
+    pub mqtt_client_auth: ClientAuth,
+    /// How often the files are checked for changes (`0s`: only on SIGHUP).
+    #[serde(deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+    /// A TLS handshake not finished within this is dropped.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            certificates: Vec::new(),
+            client_ca: String::new(),
+            mqtt_client_auth: ClientAuth::None,
+            reload_interval: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Whether any TLS listener (HTTPS, MQTTS, QUIC) is configured.
+    pub fn tls_needed(&self) -> bool {
+        !(self.listen.https.is_empty() && self.listen.mqtts.is_empty() && self.listen.quic.is_empty())
+    }
 }
 
 const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// `dev`'s HTTPS listener.
+pub const DEV_HTTPS: &str = "127.0.0.1:8443";
+/// `dev`'s MQTTS listener.
+pub const DEV_MQTTS: &str = "127.0.0.1:8883";
+/// `dev`'s QUIC (WebTransport) listener: UDP, the same number as HTTPS.
+pub const DEV_QUIC: &str = "127.0.0.1:8443";
 
 /// Applies `SWITCHBOARD_A__B=value` overrides to a TOML tree.
 pub fn apply_env_overrides(
@@ -542,29 +632,32 @@ impl Config {
     pub fn dev_defaults() -> Result<Self, ConfigError> {
         let mut cfg = Self::from_toml("", std::env::vars())?;
         cfg.echo.enabled = true;
+        cfg.dev = true;
+        // Dev serves TLS beside the plain listeners, with a generated
+        // certificate unless [tls] names one.
+        let l = &mut cfg.listen;
+        for (slot, default) in [(&mut l.https, DEV_HTTPS), (&mut l.mqtts, DEV_MQTTS), (&mut l.quic, DEV_QUIC)] {
+            if slot.is_empty() {
+                *slot = default.into();
+            }
+        }
         Ok(cfg)
     }
 
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        for (name, addr) in [
-            ("listen.http", &self.listen.http),
-            ("listen.admin", &self.listen.admin),
-            ("listen.mqtt", &self.listen.mqtt),
-        ] {
+        for (name, addr) in self.listen.all() {
             if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
                 return bad(format!("{name} = {addr:?} is not IP:PORT"));
             }
         }
-        for (name, addr) in [
-            ("listen.https", &self.listen.https),
-            ("listen.mqtts", &self.listen.mqtts),
-            ("listen.quic", &self.listen.quic),
-        ] {
-            if !addr.is_empty() {
-                return bad(format!("{name}: this version does not serve that listener yet; leave it empty"));
-            }
+        let t = &self.tls;
+        if t.mqtt_client_auth != ClientAuth::None && t.client_ca.is_empty() {
+            return bad("tls.mqtt_client_auth needs tls.client_ca (the CA bundle client certificates must chain to)".into());
+        }
+        if t.handshake_timeout.is_zero() {
+            return bad("tls.handshake_timeout must be above zero".into());
         }
         let l = &self.limits;
         if l.max_message_size == 0 || l.max_message_size > 16 * 1024 * 1024 {
@@ -641,7 +734,7 @@ impl Config {
         if self.auth.mode != AuthMode::Open || self.insecure {
             return Ok(());
         }
-        for (name, addr) in [("listen.http", &self.listen.http), ("listen.mqtt", &self.listen.mqtt)] {
+        for (name, addr) in self.listen.all().into_iter().filter(|(n, _)| *n != "listen.admin") {
             let Ok(a) = addr.parse::<SocketAddr>() else { continue };
             if !a.ip().is_loopback() {
                 return Err(ConfigError::Invalid(format!(

@@ -17,3 +17,4 @@ pub mod engine;
 pub mod http;
 pub mod router;
 pub mod server;
+pub mod tls;
