@@ -262,6 +262,9 @@ struct Key {
 pub struct Verifier {
     keys: Vec<Key>,
     leeway: u64,
+    /// Caps of devices authenticated by a client certificate alone, with
+    /// `{client_id}` in patterns standing for the certificate's id.
+    cert_caps: BTreeMap<String, OpsSpec>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -347,7 +350,28 @@ impl Verifier {
         if out.is_empty() {
             return Err(AuthError::Config("token auth needs at least one key".into()));
         }
-        Ok(Verifier { keys: out, leeway: leeway_secs })
+        Ok(Verifier { keys: out, leeway: leeway_secs, cert_caps: BTreeMap::new() })
+    }
+
+    /// Sets the caps of devices that authenticate by client certificate
+    /// (MQTTS with mTLS) without a token. Checked here with a sample id so
+    /// a bad pattern fails at start.
+    pub fn with_cert_caps(mut self, caps: BTreeMap<String, OpsSpec>) -> Result<Verifier, AuthError> {
+        self.cert_caps = caps;
+        self.cert_caps("device").unwrap_or(Ok(Caps::none()))?;
+        Ok(self)
+    }
+
+    /// The caps of a certificate-authenticated device, or `None` when
+    /// certificates alone do not authorize (`auth.cert_caps` empty). The id
+    /// cannot widen a pattern: certificate ids never hold `+`, `#` or `/`.
+    pub fn cert_caps(&self, client_id: &str) -> Option<Result<Caps, AuthError>> {
+        if self.cert_caps.is_empty() {
+            return None;
+        }
+        let claim: BTreeMap<String, OpsSpec> =
+            self.cert_caps.iter().map(|(p, ops)| (p.replace("{client_id}", client_id), ops.clone())).collect();
+        Some(Caps::from_claim(&claim))
     }
 
     /// Verifies a token: signature with the key its `kid` names (and that

@@ -29,16 +29,16 @@ pub struct ListenArgs {
     /// HTTP listener (WebSocket, REST, demo page), IP:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub http: Option<String>,
-    /// HTTPS listener, IP:PORT (not served by this version).
+    /// HTTPS listener (everything the HTTP listener serves, over TLS), IP:PORT; "" disables it.
     #[arg(long, value_name = "IP:PORT")]
     pub https: Option<String>,
     /// MQTT listener (3.1.1 and 5), IP:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub mqtt: Option<String>,
-    /// MQTTS listener, IP:PORT (not served by this version).
+    /// MQTTS listener (MQTT over TLS), IP:PORT; "" disables it.
     #[arg(long, value_name = "IP:PORT")]
     pub mqtts: Option<String>,
-    /// QUIC / WebTransport listener, IP:PORT (not served by this version).
+    /// QUIC / WebTransport listener (UDP), IP:PORT; "" disables it.
     #[arg(long, value_name = "IP:PORT")]
     pub quic: Option<String>,
     /// Admin listener (metrics, health, admin API), IP:PORT.
@@ -139,6 +139,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Certificates for development (see certs/README.md).
+    Cert {
+        /// What to generate.
+        #[command(subcommand)]
+        what: CertCommand,
+    },
     /// Load generator: fanout, cross, idle, churn and recovery scenarios (see docs/bench.md).
     Bench(crate::bench::BenchArgs),
     /// Mint a development connection token with an HS256 key from the config.
@@ -158,6 +164,21 @@ pub enum Command {
         /// Key id to sign with (default: the first HS256 key).
         #[arg(long)]
         kid: Option<String>,
+    },
+}
+
+/// `switchboard cert ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Write a development CA, a localhost/127.0.0.1 server certificate and
+    /// an mTLS client certificate (never for production).
+    Dev {
+        /// Output folder (git-ignored in this repository).
+        #[arg(long, default_value = "certs/dev")]
+        out: PathBuf,
+        /// Common name of the client certificate: the MQTT client id it proves.
+        #[arg(long, default_value = "dev-device")]
+        device: String,
     },
 }
 
@@ -210,9 +231,12 @@ fn apply_listen(cfg: &mut Config, l: &ListenArgs) {
     set(&mut cfg.listen.http, &l.http);
     set(&mut cfg.listen.admin, &l.admin);
     set(&mut cfg.listen.mqtt, &l.mqtt);
+    set(&mut cfg.listen.https, &l.https);
+    set(&mut cfg.listen.mqtts, &l.mqtts);
+    set(&mut cfg.listen.quic, &l.quic);
 }
 
-fn banner(gw: &Gateway, l: &ListenArgs) {
+fn banner(gw: &Gateway) {
     println!("switchboard {} — dev mode (open auth, loopback only)", env!("CARGO_PKG_VERSION"));
     if let Some(a) = gw.http_addr {
         println!("  WebSocket   ws://{a}/v1/ws   (subprotocols switchboard.v1.json, switchboard.v1.proto)");
@@ -229,9 +253,24 @@ fn banner(gw: &Gateway, l: &ListenArgs) {
     if let Some(a) = gw.admin_addr {
         println!("  admin       http://{a}/metrics  /healthz  /readyz  /v1/sessions  /v1/stats");
     }
-    for (name, v) in [("HTTPS", &l.https), ("MQTTS", &l.mqtts), ("QUIC/WebTransport", &l.quic)] {
-        let addr = v.as_deref().unwrap_or("default");
-        println!("  {name:<11} {addr}: not served by this version");
+    if let Some(a) = gw.https_addr {
+        println!("  HTTPS       https://{a}/   (same routes: wss://{a}/v1/ws, /v1/sse, ...; HTTP/1.1 and HTTP/2)");
+    }
+    if let Some(a) = gw.mqtts_addr {
+        println!("  MQTTS       mqtts://{a}");
+    }
+    if let Some(a) = gw.quic_addr {
+        println!("  WebTransport https://{a}/v1/wt   (QUIC, UDP)");
+    }
+    if let Some(tls) = &gw.tls {
+        let hash = tls.cert_hash().map(|h| crate::tls::hex(&h)).unwrap_or_default();
+        if tls.is_generated() {
+            println!("  TLS         self-signed ECDSA P-256 certificate generated at start, valid 14 days");
+        }
+        println!("  cert SHA-256 {hash}");
+        if let Some(a) = gw.http_addr {
+            println!("              (also at http://{a}/v1/wt/cert-hash, for serverCertificateHashes)");
+        }
     }
     println!("Try:  switchboard sub demo    and    switchboard pub demo hello");
 }
@@ -239,8 +278,16 @@ fn banner(gw: &Gateway, l: &ListenArgs) {
 async fn run_gateway(cfg: Config, dev: Option<&ListenArgs>) -> anyhow::Result<()> {
     let gw = Gateway::start(cfg).await?;
     match dev {
-        Some(l) => banner(&gw, l),
-        None => tracing::info!(http = ?gw.http_addr, admin = ?gw.admin_addr, "switchboard serving"),
+        Some(_) => banner(&gw),
+        None => tracing::info!(
+            http = ?gw.http_addr,
+            https = ?gw.https_addr,
+            mqtt = ?gw.mqtt_addr,
+            mqtts = ?gw.mqtts_addr,
+            quic = ?gw.quic_addr,
+            admin = ?gw.admin_addr,
+            "switchboard serving"
+        ),
     }
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -281,7 +328,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev { listen } => {
             let mut cfg = Config::dev_defaults()?;
             apply_listen(&mut cfg, &listen);
-            for (name, addr) in [("http", &cfg.listen.http), ("admin", &cfg.listen.admin), ("mqtt", &cfg.listen.mqtt)] {
+            for (name, addr) in cfg.listen.all() {
+                let name = name.trim_start_matches("listen.");
+                if addr.is_empty() {
+                    continue;
+                }
                 let ip: std::net::SocketAddr =
                     addr.parse().map_err(|_| anyhow::anyhow!("--{name} {addr:?} is not IP:PORT"))?;
                 if !ip.ip().is_loopback() {
@@ -292,6 +343,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.validate()?;
             run_gateway(cfg, Some(&listen)).await
+        }
+        Command::Cert { what: CertCommand::Dev { out, device } } => {
+            let f = crate::tls::write_dev_ca(&out, &device)?;
+            println!("Development certificates (never for production) in {}:", out.display());
+            println!("  CA (trust this in clients)   {}", f.ca.display());
+            println!("  server chain / key           {} / {}", f.server_cert.display(), f.server_key.display());
+            println!("  client ({device}) cert / key  {} / {}", f.client_cert.display(), f.client_key.display());
+            println!("Use them with:");
+            println!("  [tls]");
+            println!("  certificates = [{{ cert = {:?}, key = {:?} }}]", f.server_cert.display(), f.server_key.display());
+            println!("  client_ca = {:?}    # for mqtt_client_auth = \"optional\" or \"required\"", f.ca.display());
+            Ok(())
         }
         Command::Serve { config } => {
             let cfg = Config::load(&config)?;

@@ -411,11 +411,21 @@ pub struct AuthSection {
     pub jwks_file: String,
     /// Verification keys (`[[auth.keys]]`).
     pub keys: Vec<crate::auth::KeyConfig>,
+    /// Caps of MQTT devices that authenticate by a client certificate
+    /// (mTLS) and send no token; `{client_id}` in a pattern stands for the
+    /// certificate's id. Empty: a certificate identifies, a token authorizes.
+    pub cert_caps: std::collections::BTreeMap<String, crate::auth::OpsSpec>,
 }
 
 impl Default for AuthSection {
     fn default() -> Self {
-        AuthSection { mode: AuthMode::Open, leeway: Duration::from_secs(5), jwks_file: String::new(), keys: Vec::new() }
+        AuthSection {
+            mode: AuthMode::Open,
+            leeway: Duration::from_secs(5),
+            jwks_file: String::new(),
+            keys: Vec::new(),
+            cert_caps: Default::default(),
+        }
     }
 }
 
@@ -427,6 +437,7 @@ impl AuthSection {
         }
         let jwks = (!self.jwks_file.is_empty()).then(|| Path::new(&self.jwks_file));
         crate::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
+            .and_then(|v| v.with_cert_caps(self.cert_caps.clone()))
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
     }

@@ -51,6 +51,8 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub struct HttpState {
     /// The router.
     pub router: Arc<Router>,
+    /// TLS (for `GET /v1/wt/cert-hash`), when a TLS listener is enabled.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
     /// Configuration.
     pub config: Arc<Config>,
     /// WebSocket front-end settings.
@@ -83,6 +85,26 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_REQUEST,
     }
+}
+
+/// `GET /v1/wt/cert-hash`: the SHA-256 of the certificate the QUIC
+/// listener presents, for `new WebTransport(url, {serverCertificateHashes})`.
+/// Public information (any TLS client sees the certificate), so any origin
+/// may read it.
+fn cert_hash(state: &HttpState) -> Response<Body> {
+    let Some(hash) = state.tls.as_ref().and_then(|t| t.cert_hash()) else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no TLS listener is enabled".to_string());
+    };
+    use base64::Engine as _;
+    let body = serde_json::json!({
+        "algorithm": "sha-256",
+        "hex": crate::tls::hex(&hash),
+        "base64": base64::engine::general_purpose::STANDARD.encode(hash),
+    });
+    let mut resp = json_response(StatusCode::OK, &body);
+    resp.headers_mut().insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, http::HeaderValue::from_static("*"));
+    resp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    resp
 }
 
 /// A JSON response.
@@ -121,6 +143,7 @@ pub async fn handle(
         (&Method::GET, "/v1/ws-echo") if state.echo => upgrade(state, peer, ticket, req, Route::Echo),
         (&Method::GET, "/mqtt") => upgrade(state, peer, ticket, req, Route::Mqtt),
         (&Method::GET, "/") => demo_page(),
+        (&Method::GET, "/v1/wt/cert-hash") => cert_hash(&state),
         (&Method::GET, "/v1/sse") => serve_sse(state, peer, req).await,
         (&Method::GET, "/v1/poll") => {
             let pairs = query_pairs(&req);

@@ -6,6 +6,8 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = switchboard::cli::Cli::parse();
+    // One crypto provider for every TLS user in the process (aws-lc-rs).
+    switchboard::tls::install_default_provider();
     let default_level = match cli.command {
         switchboard::cli::Command::Dev { .. } | switchboard::cli::Command::Serve { .. } => "info",
         _ => "warn",

@@ -186,6 +186,39 @@ impl Router {
         Ok((p.client_id, Arc::new(p.caps), p.expires_at))
     }
 
+    /// Who opens a session and with which rights. Open mode takes the
+    /// requested id and allows everything. With token auth the token names
+    /// the client; a verified client certificate (mTLS) names it instead,
+    /// and then a token must name the same client, or `auth.cert_caps`
+    /// authorizes the certificate alone.
+    fn authenticate(&self, req: &OpenSession) -> Result<(String, Arc<Caps>, Option<u64>), CoreError> {
+        let Some(verifier) = &self.auth else {
+            let id = req.cert_identity.clone().unwrap_or_else(|| req.client_id.clone());
+            return Ok((id, Arc::new(Caps::all()), None));
+        };
+        match &req.cert_identity {
+            Some(id) if req.token.is_empty() => match verifier.cert_caps(id) {
+                Some(Ok(caps)) => Ok((id.clone(), Arc::new(caps), None)),
+                Some(Err(e)) => Err(CoreError::new(ErrorCode::Unauthorized, e.to_string())),
+                None => Err(CoreError::new(
+                    ErrorCode::Unauthorized,
+                    "a client certificate identifies but does not authorize: send a token or configure auth.cert_caps",
+                )),
+            },
+            Some(id) => {
+                let (sub, caps, exp) = self.verify_token(&req.token)?;
+                if sub != *id {
+                    return Err(CoreError::new(
+                        ErrorCode::Unauthorized,
+                        format!("the token's sub {sub:?} is not the certificate's client id {id:?}"),
+                    ));
+                }
+                Ok((sub, caps, Some(exp)))
+            }
+            None => self.verify_token(&req.token).map(|(sub, caps, exp)| (sub, caps, Some(exp))),
+        }
+    }
+
     /// Closes every session whose token expired by `now_secs`.
     pub fn expire_tokens(&self, now_secs: u64) -> usize {
         let mut n = 0;
@@ -413,15 +446,9 @@ impl Core for Router {
     async fn open(&self, req: OpenSession) -> Result<SessionHandle, CoreError> {
         // With token auth the token names the client; open mode takes the
         // requested id and allows everything.
-        let (client_id, caps, expires_at) = match &self.auth {
-            None => (req.client_id, Arc::new(Caps::all()), None),
-            Some(_) => {
-                let (sub, caps, exp) = self.verify_token(&req.token).inspect_err(|e| {
-                    tracing::info!(protocol = protocol_label(req.protocol), peer = ?req.peer, error = %e, "refused a session");
-                })?;
-                (sub, caps, Some(exp))
-            }
-        };
+        let (client_id, caps, expires_at) = self.authenticate(&req).inspect_err(|e| {
+            tracing::info!(protocol = protocol_label(req.protocol), peer = ?req.peer, error = %e, "refused a session");
+        })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let connection_id = format!("{}-{id}", self.node);
         if client_id.len() > channel::MAX_NAME_LEN || client_id.contains('\0') {

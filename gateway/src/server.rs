@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::http::HttpState;
 use crate::router::Router;
+use crate::tls::TlsState;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,15 @@ pub struct Gateway {
     pub admin_addr: Option<SocketAddr>,
     /// Bound MQTT address, if enabled.
     pub mqtt_addr: Option<SocketAddr>,
+    /// Bound HTTPS address, if enabled.
+    pub https_addr: Option<SocketAddr>,
+    /// Bound MQTTS address, if enabled.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// Bound QUIC (WebTransport) address, if enabled.
+    pub quic_addr: Option<SocketAddr>,
+    /// TLS state shared by the HTTPS, MQTTS and QUIC listeners, if any is
+    /// enabled.
+    pub tls: Option<Arc<TlsState>>,
     /// The router (for in-process inspection).
     pub router: Arc<Router>,
     shutdown_tx: watch::Sender<bool>,
@@ -90,12 +100,25 @@ impl Gateway {
         let l = &config.limits;
         let admission = Admission::new(l.max_connections_per_ip, l.new_connections_per_sec, l.new_connections_burst);
 
+        let tls = match config.tls_needed() {
+            true => Some(TlsState::new(&config.tls, config.dev).map_err(|e| ServerError::Config(e.to_string()))?),
+            false => None,
+        };
+        if let Some(tls) = &tls {
+            tasks.push(tls.spawn_reloader(shutdown_rx.clone()));
+        }
+        let handshake_timeout = config.tls.handshake_timeout;
+
         let http = bind("http", &config.listen.http).await?;
+        let https = bind("https", &config.listen.https).await?;
         let admin = bind("admin", &config.listen.admin).await?;
         let mqtt = bind("mqtt", &config.listen.mqtt).await?;
-        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let mqtt_addr = mqtt.as_ref().and_then(|l| l.local_addr().ok());
+        let mqtts = bind("mqtts", &config.listen.mqtts).await?;
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        let (http_addr, https_addr, admin_addr) = (addr(&http), addr(&https), addr(&admin));
+        let (mqtt_addr, mqtts_addr) = (addr(&mqtt), addr(&mqtts));
+        #[allow(unused_mut)] // Set by the QUIC listener below.
+        let mut quic_addr = None;
 
         // One persistent-session store for MQTT over TCP and over WebSocket.
         let mqtt_cfg = config.mqtt.front_end();
@@ -129,10 +152,25 @@ impl Gateway {
                 },
                 mqtt: mqtt_cfg.clone(),
                 mqtt_sessions: mqtt_sessions.clone(),
+                tls: tls.clone(),
             };
+            // The same routes over TLS: HTTP/1.1 and HTTP/2 by ALPN.
+            let secure = https.zip(tls.clone()).map(|(listener, tls)| {
+                let state = state.clone();
+                let tls = Tls { config: Arc::new(move || tls.https_config()), timeout: handshake_timeout };
+                accept_loop(listener, "https", Some(admission.clone()), Some(tls), shutdown_rx.clone(), {
+                    move |peer, ticket| {
+                        let state = state.clone();
+                        service_fn(move |req| crate::http::handle(state.clone(), peer, ticket.clone(), req))
+                    }
+                })
+            });
+            tasks.extend(secure.map(tokio::spawn));
             tasks.push(tokio::spawn(accept_loop(
                 listener,
+                "http",
                 Some(admission.clone()),
+                None,
                 shutdown_rx.clone(),
                 move |peer, ticket| {
                     let state = state.clone();
@@ -143,23 +181,46 @@ impl Gateway {
         if let Some(listener) = admin {
             let router = router.clone();
             let rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(accept_loop(listener, None, shutdown_rx.clone(), move |_peer, _ticket| {
+            tasks.push(tokio::spawn(accept_loop(listener, "admin", None, None, shutdown_rx.clone(), move |_peer, _ticket| {
                 let router = router.clone();
                 let rx = rx.clone();
                 service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
             })));
         }
-        if let Some(listener) = mqtt {
+        let mqtt_listeners = [
+            mqtt.map(|l| (l, "mqtt", None)),
+            mqtts.zip(tls.clone()).map(|(l, tls)| {
+                (l, "mqtts", Some(Tls { config: Arc::new(move || tls.mqtts_config()), timeout: handshake_timeout }))
+            }),
+        ];
+        for (listener, name, tls) in mqtt_listeners.into_iter().flatten() {
             tasks.push(tokio::spawn(mqtt_accept_loop(
                 listener,
+                name,
+                tls,
                 admission.clone(),
                 router.clone(),
-                mqtt_sessions,
-                mqtt_cfg,
+                mqtt_sessions.clone(),
+                mqtt_cfg.clone(),
                 shutdown_rx.clone(),
             )));
         }
-        Ok(Gateway { http_addr, admin_addr, mqtt_addr, router, shutdown_tx, tasks, grace: config.shutdown.grace })
+
+        // QUIC listener: crate::wt
+
+        Ok(Gateway {
+            http_addr,
+            admin_addr,
+            mqtt_addr,
+            https_addr,
+            mqtts_addr,
+            quic_addr,
+            tls,
+            router,
+            shutdown_tx,
+            tasks,
+            grace: config.shutdown.grace,
+        })
     }
 
     /// Stops accepting, closes every session with 1001, waits up to the
@@ -201,9 +262,57 @@ fn spawn_mqtt_sweeper(sessions: &Arc<mqtt::MqttSessions>) -> JoinHandle<()> {
     })
 }
 
-/// Accepts MQTT connections (3.1.1 and 5 on one port) until shutdown.
+/// TLS on a TCP listener: the current configuration (it changes on
+/// reload) and the handshake deadline.
+#[derive(Clone)]
+struct Tls {
+    config: Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>,
+    timeout: Duration,
+}
+
+impl Tls {
+    /// The TLS handshake, bounded by the deadline; `None` (counted and
+    /// logged) when it fails.
+    async fn accept(
+        &self,
+        stream: tokio::net::TcpStream,
+        listener: &'static str,
+        peer: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        let acceptor = tokio_rustls::TlsAcceptor::from((self.config)());
+        let why = match tokio::time::timeout(self.timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => return Some(s),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, listener, error = %e, "TLS handshake failed");
+                "error"
+            }
+            Err(_) => {
+                tracing::debug!(%peer, listener, "TLS handshake timed out");
+                "timeout"
+            }
+        };
+        metrics::counter!("switchboard_tls_handshake_failures_total", "listener" => listener, "reason" => why)
+            .increment(1);
+        None
+    }
+}
+
+/// The client id a verified client certificate proves, if one was sent.
+/// `Err` when a certificate was verified but cannot be an id.
+fn cert_identity(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Result<Option<String>, String> {
+    match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => Ok(None),
+        Some(leaf) => crate::tls::client_identity(leaf).map(Some),
+    }
+}
+
+/// Accepts MQTT connections (3.1.1 and 5 on one port, over TCP or TLS)
+/// until shutdown.
+#[allow(clippy::too_many_arguments)]
 async fn mqtt_accept_loop(
     listener: TcpListener,
+    name: &'static str,
+    tls: Option<Tls>,
     admission: Arc<Admission>,
     router: Arc<Router>,
     sessions: Arc<mqtt::MqttSessions>,
@@ -225,17 +334,32 @@ async fn mqtt_accept_loop(
         let ticket = match admission.admit(peer.ip(), std::time::Instant::now()) {
             Ok(t) => t,
             Err(why) => {
-                refused("mqtt", peer, why);
+                refused(name, peer, why);
                 drop(stream);
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let core: Arc<dyn switchboard_protocols::port::Core> = router.clone();
-        let serve = mqtt::serve(stream, core, sessions.clone(), cfg.clone(), Some(peer), shutdown.clone());
+        let (sessions, cfg, shutdown) = (sessions.clone(), cfg.clone(), shutdown.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            serve.await;
-            drop(ticket);
+            let _ticket = ticket;
+            let Some(tls) = tls else {
+                return mqtt::serve(stream, core, sessions, cfg, mqtt::Peer::addr(Some(peer)), shutdown).await;
+            };
+            let Some(stream) = tls.accept(stream, name, peer).await else { return };
+            let cert_identity = match cert_identity(&stream) {
+                Ok(id) => id,
+                Err(why) => {
+                    metrics::counter!("switchboard_tls_handshake_failures_total", "listener" => name, "reason" => "identity")
+                        .increment(1);
+                    tracing::info!(%peer, listener = name, reason = %why, "refused a client certificate");
+                    return;
+                }
+            };
+            let peer = mqtt::Peer { addr: Some(peer), cert_identity };
+            mqtt::serve(stream, core, sessions, cfg, peer, shutdown).await;
         });
     }
 }
@@ -244,7 +368,9 @@ async fn mqtt_accept_loop(
 /// on each until shutdown.
 async fn accept_loop<S, F>(
     listener: TcpListener,
+    name: &'static str,
     admission: Option<Arc<Admission>>,
+    tls: Option<Tls>,
     mut shutdown: watch::Receiver<bool>,
     make_service: F,
 ) where
@@ -274,7 +400,7 @@ async fn accept_loop<S, F>(
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(why)) => {
-                refused("http", peer, why);
+                refused(name, peer, why);
                 // Best effort: tell an HTTP client why, then close.
                 let mut stream = stream;
                 tokio::spawn(async move {
@@ -291,24 +417,48 @@ async fn accept_loop<S, F>(
         // WebSocket) keeps the IP's slot after hyper's task ends.
         let ticket = ticket.map(Arc::new);
         let service = make_service(peer, ticket.clone());
-        let mut conn_shutdown = shutdown.clone();
+        let conn_shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             // Holds the IP's connection slot until the connection ends.
             let _ticket = ticket;
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            match tls {
+                None => serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await,
+                Some(tls) => {
+                    if let Some(stream) = tls.accept(stream, name, peer).await {
+                        serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await;
                     }
-                }
-                _ = conn_shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
                 }
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one connection until it
+/// ends or the gateway stops.
+async fn serve_http<IO, S>(io: IO, service: S, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::http::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }

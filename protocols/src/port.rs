@@ -297,6 +297,9 @@ pub struct OpenSession {
     pub token: String,
     /// Remote address, for logs and per-IP limits.
     pub peer: Option<SocketAddr>,
+    /// The client id proven by a verified TLS client certificate (mTLS);
+    /// `client_id` equals it when set.
+    pub cert_identity: Option<String>,
 }
 
 /// An open session, as the front end sees it.

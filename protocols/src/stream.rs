@@ -216,7 +216,7 @@ impl StreamSession {
         now_ms: u64,
     ) -> Result<(StreamSession, Vec<StreamEvent>), CoreError> {
         let handle = core
-            .open(OpenSession { protocol, client_id: req.client_id.clone(), token: req.token.clone(), peer: req.peer })
+            .open(OpenSession { protocol, client_id: req.client_id.clone(), token: req.token.clone(), peer: req.peer, cert_identity: None })
             .await?;
         let cursor = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms));
         let mut session = StreamSession { handle, core: core.clone(), cursor, end: CloseKind::Abrupt };

@@ -766,7 +766,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Asks the core for a session; a refusal ends the connection.
     async fn open(&mut self, req: u64, client_id: String, token: String) -> Result<(), Stop> {
-        let request = OpenSession { protocol: proto::Protocol::Ws, client_id, token, peer: self.info.peer };
+        let request = OpenSession { protocol: proto::Protocol::Ws, client_id, token, peer: self.info.peer, cert_identity: None };
         match self.core.open(request).await {
             Ok(handle) => {
                 self.span.record("client_id", handle.client_id.as_str());

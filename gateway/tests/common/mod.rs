@@ -108,27 +108,61 @@ pub struct DevGateway {
     pub admin: String,
     /// MQTT listener `host:port`.
     pub mqtt: String,
+    /// HTTPS listener `host:port`.
+    pub https: String,
+    /// MQTTS listener `host:port`.
+    pub mqtts: String,
+    /// QUIC (WebTransport) listener `host:port`, once the banner lists it.
+    pub quic: Option<String>,
+    /// Hex SHA-256 of the generated certificate.
+    pub cert_hash: String,
 }
 
 impl DevGateway {
-    /// Starts it and waits for the banner.
+    /// Starts it and waits for the banner (its last line starts `Try:`).
     pub fn start() -> DevGateway {
-        let proc = Proc::spawn(&["dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
-        let (mut http, mut admin, mut mqtt) = (String::new(), String::new(), String::new());
+        let free = "127.0.0.1:0";
+        let proc = Proc::spawn(&[
+            "dev", "--http", free, "--admin", free, "--mqtt", free, "--https", free, "--mqtts", free, "--quic", free,
+        ]);
+        let mut gw = DevGateway {
+            proc,
+            http: String::new(),
+            admin: String::new(),
+            mqtt: String::new(),
+            https: String::new(),
+            mqtts: String::new(),
+            quic: None,
+            cert_hash: String::new(),
+        };
         let deadline = Instant::now() + WAIT;
-        while http.is_empty() || admin.is_empty() || mqtt.is_empty() {
+        loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = proc.lines.recv_timeout(left).expect("banner lists the REST, MQTT and admin addresses");
+            let line = gw.proc.lines.recv_timeout(left).expect("the dev banner, ending with a Try: line");
             let l = line.trim_start();
             if l.starts_with("REST") {
-                http = addr_after(l, "http://");
+                gw.http = addr_after(l, "http://");
             } else if l.starts_with("admin") {
-                admin = addr_after(l, "http://");
+                gw.admin = addr_after(l, "http://");
             } else if l.starts_with("MQTT ") {
-                mqtt = addr_after(l, "mqtt://");
+                gw.mqtt = addr_after(l, "mqtt://");
+            } else if l.starts_with("HTTPS") {
+                gw.https = addr_after(l, "https://");
+            } else if l.starts_with("MQTTS") {
+                gw.mqtts = addr_after(l, "mqtts://");
+            } else if l.starts_with("WebTransport") {
+                gw.quic = Some(addr_after(l, "https://"));
+            } else if let Some(hash) = l.strip_prefix("cert SHA-256 ") {
+                gw.cert_hash = hash.trim().to_string();
+            } else if l.starts_with("Try:") {
+                break;
             }
         }
-        DevGateway { proc, http, admin, mqtt }
+        for (what, v) in [("http", &gw.http), ("admin", &gw.admin), ("mqtt", &gw.mqtt), ("https", &gw.https)] {
+            assert!(!v.is_empty(), "the dev banner lists no {what} address");
+        }
+        assert!(!gw.mqtts.is_empty() && gw.cert_hash.len() == 64, "the dev banner lists MQTTS and the cert hash");
+        gw
     }
 }
 

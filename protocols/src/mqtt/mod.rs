@@ -427,6 +427,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     }
 }
 
+/// Who is on the other end of an MQTT connection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// Remote address (logs, per-IP limits).
+    pub addr: Option<SocketAddr>,
+    /// The client id a verified TLS client certificate proves (MQTTS with
+    /// mTLS): the connection's client id must be empty or equal to it.
+    pub cert_identity: Option<String>,
+}
+
+impl Peer {
+    /// A peer known by its address only.
+    pub fn addr(addr: Option<SocketAddr>) -> Peer {
+        Peer { addr, cert_identity: None }
+    }
+}
+
 /// Runs one MQTT connection to the end. `shutdown` flips to true when the
 /// gateway stops (a dropped sender counts as stopping).
 ///
@@ -437,7 +454,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
     cfg: MqttConfig,
-    peer: Option<SocketAddr>,
+    peer: Peer,
     shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!(
@@ -447,8 +464,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         version = tracing::field::Empty,
         client_id = tracing::field::Empty,
     );
-    if let Some(peer) = peer {
-        span.record("peer", tracing::field::display(peer));
+    if let Some(addr) = peer.addr {
+        span.record("peer", tracing::field::display(addr));
     }
     let io = Io {
         stream: io,
@@ -466,7 +483,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
     cfg: MqttConfig,
-    peer: Option<SocketAddr>,
+    peer: Peer,
     mut shutdown: watch::Receiver<bool>,
     span: Span,
 ) {
@@ -598,7 +615,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
     cfg: MqttConfig,
-    peer: Option<SocketAddr>,
+    peer: Peer,
     shutdown: watch::Receiver<bool>,
     span: &Span,
 ) -> Option<Conn<S>> {
@@ -606,8 +623,19 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let v5 = version == Version::V5;
     // MQTT 3.1.1 §3.1.3.1: an empty id needs clean session 1 (else 0x02);
     // MQTT 5 §3.1.3.1.1: the server assigns one and says so in CONNACK.
+    // A device authenticated by its certificate is that certificate's id.
     let mut assigned = None;
-    let client_id = if c.client_id.is_empty() {
+    let client_id = if let Some(id) = &peer.cert_identity {
+        if !c.client_id.is_empty() && c.client_id != *id {
+            info!(certificate = %id, asked = %c.client_id, "refused: client id differs from the certificate's");
+            refuse(&mut io, version, if v5 { reason::CLIENT_ID_INVALID } else { 2 }).await;
+            return None;
+        }
+        if c.client_id.is_empty() && v5 {
+            assigned = Some(id.clone());
+        }
+        id.clone()
+    } else if c.client_id.is_empty() {
         if !v5 && !c.clean {
             info!("refused: empty client id with clean session 0");
             refuse(&mut io, version, 2).await;
@@ -647,7 +675,8 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         client_id: client_id.clone(),
         // Auth arrives later; the password is the connection token.
         token: c.password.clone().unwrap_or_default(),
-        peer,
+        peer: peer.addr,
+        cert_identity: peer.cert_identity.clone(),
     };
     let handle = match core.open(open).await {
         Ok(h) => h,

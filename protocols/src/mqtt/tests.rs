@@ -232,7 +232,7 @@ impl Harness {
         let (server, client) = tokio::io::duplex(1 << 20);
         let core: Arc<dyn Core> = self.core.clone();
         let task =
-            tokio::spawn(serve(server, core, self.sessions.clone(), self.cfg.clone(), None, self.shutdown.subscribe()));
+            tokio::spawn(serve(server, core, self.sessions.clone(), self.cfg.clone(), Peer::default(), self.shutdown.subscribe()));
         (Client { io: client, buf: BytesMut::new(), v5 }, task)
     }
 
@@ -872,6 +872,6 @@ async fn serve_is_send() {
     let h = Harness::new();
     let (server, _client) = tokio::io::duplex(64);
     let core: Arc<dyn Core> = h.core.clone();
-    let fut = serve(server, core, h.sessions.clone(), h.cfg.clone(), None, h.shutdown.subscribe());
+    let fut = serve(server, core, h.sessions.clone(), h.cfg.clone(), Peer::default(), h.shutdown.subscribe());
     is_send(&fut);
 }

@@ -116,7 +116,7 @@ pub async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin + Send>(
     peer: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,
 ) {
-    super::serve(WsBytes::new(ws), core, sessions, cfg, peer, shutdown).await;
+    super::serve(WsBytes::new(ws), core, sessions, cfg, super::Peer::addr(peer), shutdown).await;
 }
 
 #[cfg(test)]
