@@ -9,7 +9,9 @@
 #     downloads no browser of its own);
 #   - gateway/tests/python_sse.rs: the Python SSE client sseclient-py;
 #   - tests/tests/mqtt_independent.rs: mosquitto_pub / mosquitto_sub (Debian
-#     `mosquitto-clients`) and the Python MQTT client paho-mqtt.
+#     `mosquitto-clients`) and the Python MQTT client paho-mqtt;
+#   - tests/tests/tls.rs: curl, openssl s_client and mosquitto-clients against
+#     the HTTPS and MQTTS listeners.
 # Those tests fail (never skip) when their tools are missing, naming this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,9 @@ command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
 python3 -m pip --version >/dev/null 2>&1 || apt_missing+=(python3-pip)
 { command -v mosquitto_sub >/dev/null && command -v mosquitto_pub >/dev/null; } || apt_missing+=(mosquitto-clients)
+# tests/tests/tls.rs: independent TLS clients.
+command -v curl >/dev/null || apt_missing+=(curl)
+command -v openssl >/dev/null || apt_missing+=(openssl)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${apt_missing[*]}" >&2
     apt_log=$(mktemp)

@@ -345,7 +345,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             run_gateway(cfg, Some(&listen)).await
         }
         Command::Cert { what: CertCommand::Dev { out, device } } => {
-            let f = crate::tls::write_dev_ca(&out, &device)?;
+            let f = crate::tls::write_dev_ca(&out, &device, &crate::tls::DEV_NAMES)?;
             println!("Development certificates (never for production) in {}:", out.display());
             println!("  CA (trust this in clients)   {}", f.ca.display());
             println!("  server chain / key           {} / {}", f.server_cert.display(), f.server_key.display());

@@ -215,7 +215,8 @@ fn validity(params: &mut rcgen::CertificateParams, total: Duration) {
     params.not_after = params.not_before + time::Duration::try_from(total).unwrap_or(time::Duration::DAY);
 }
 
-const DEV_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// The names development certificates serve.
+pub const DEV_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// A fresh ECDSA P-256 self-signed certificate for localhost, 127.0.0.1 and
 /// ::1, valid 14 days: what `dev` serves when no certificate is configured.
@@ -244,10 +245,11 @@ pub struct DevFiles {
     pub client_key: PathBuf,
 }
 
-/// Writes a development CA, a server leaf for localhost/127.0.0.1/::1 (14
-/// days, usable with `serverCertificateHashes` too) and a client
-/// certificate with common name `device` into `dir`. Never for production.
-pub fn write_dev_ca(dir: &Path, device: &str) -> Result<DevFiles, TlsError> {
+/// Writes a development CA, a server leaf for `server_names` (usually
+/// [`DEV_NAMES`]; 14 days, so usable with `serverCertificateHashes` too) and
+/// a client certificate with common name `device` into `dir`. Never for
+/// production.
+pub fn write_dev_ca(dir: &Path, device: &str, server_names: &[&str]) -> Result<DevFiles, TlsError> {
     let rc = |e: rcgen::Error| TlsError::Rustls(format!("generating a certificate: {e}"));
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc)?;
@@ -272,7 +274,9 @@ pub fn write_dev_ca(dir: &Path, device: &str) -> Result<DevFiles, TlsError> {
         let cert = params.signed_by(&key, &issuer).map_err(rc)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
-    let (server_pem, server_key) = leaf(DEV_NAMES.map(String::from).to_vec(), "localhost", false)?;
+    let names: Vec<String> = server_names.iter().map(|n| n.to_string()).collect();
+    let cn = names.first().cloned().unwrap_or_else(|| "localhost".into());
+    let (server_pem, server_key) = leaf(names, &cn, false)?;
     let (client_pem, client_key) = leaf(Vec::new(), device, true)?;
 
     let files = DevFiles {
@@ -580,12 +584,12 @@ mod tests {
     #[test]
     fn client_identity_refuses_names_that_would_widen_caps() {
         let dir = std::env::temp_dir().join(format!("sb-tls-unit-{}", std::process::id()));
-        let files = write_dev_ca(&dir, "sensor-7").unwrap();
+        let files = write_dev_ca(&dir, "sensor-7", &DEV_NAMES).unwrap();
         let pem = std::fs::read(&files.client_cert).unwrap();
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         assert_eq!(client_identity(&der).unwrap(), "sensor-7");
         for bad in ["+", "a/#", "$sys"] {
-            let files = write_dev_ca(&dir, bad).unwrap();
+            let files = write_dev_ca(&dir, bad, &DEV_NAMES).unwrap();
             let der = CertificateDer::from_pem_slice(&std::fs::read(&files.client_cert).unwrap()).unwrap();
             assert!(client_identity(&der).is_err(), "{bad}");
         }

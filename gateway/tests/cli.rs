@@ -7,6 +7,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::{BIN, DevGateway, Proc, WAIT};
 
@@ -158,4 +159,75 @@ fn dev_refuses_non_loopback() {
     let (ok, _, err) = run(&["dev", "--http", "0.0.0.0:0", "--mqtt", "127.0.0.1:0"]);
     assert!(!ok);
     assert!(err.contains("loopback"), "{err}");
+}
+
+/// The hex SHA-256 of the first certificate in a PEM file.
+fn leaf_hash(path: &std::path::Path) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_file_iter(path).expect("read").next().expect("a certificate").expect("PEM");
+    switchboard::tls::hex(&switchboard::tls::cert_sha256(&leaf))
+}
+
+#[test]
+fn cert_dev_writes_a_ca_and_sighup_reloads_the_certificate() {
+    let dir = std::env::temp_dir().join(format!("sb-cli-cert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (a, b, live) = (dir.join("a"), dir.join("b"), dir.join("live"));
+    for out in [&a, &b] {
+        let (ok, stdout, err) = run(&["cert", "dev", "--out", out.to_str().unwrap(), "--device", "sensor-1"]);
+        assert!(ok, "{err}");
+        assert!(stdout.contains("never for production"), "{stdout}");
+        for f in ["ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key"] {
+            assert!(out.join(f).is_file(), "{f} missing");
+        }
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(a.join("server.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "keys are private to their owner");
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |from: &std::path::Path| {
+        for f in ["server.pem", "server.key"] {
+            std::fs::copy(from.join(f), live.join(f)).unwrap();
+        }
+    };
+    install(&a);
+    let certs = format!(
+        "[{{ cert = {:?}, key = {:?} }}]",
+        live.join("server.pem").display().to_string(),
+        live.join("server.key").display().to_string()
+    );
+    // File polling off: only SIGHUP reloads.
+    let mut gw = DevGateway::start_env(&[("SWITCHBOARD_TLS__CERTIFICATES", &certs), ("SWITCHBOARD_TLS__RELOAD_INTERVAL", "0s")]);
+    assert_eq!(gw.cert_hash, leaf_hash(&a.join("server.pem")), "the banner shows the configured certificate");
+    let current = || -> String {
+        let v: serde_json::Value =
+            reqwest::blocking::get(format!("http://{}/v1/wt/cert-hash", gw.http)).unwrap().json().unwrap();
+        v["hex"].as_str().unwrap().to_string()
+    };
+    let curl_ok = |ca: &std::path::Path| {
+        Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "5", "--cacert", ca.to_str().unwrap()])
+            .arg(format!("https://127.0.0.1:{}/v1/wt/cert-hash", gw.https.rsplit(':').next().unwrap()))
+            .status()
+            .expect("curl (installed by tests/run.sh)")
+            .success()
+    };
+    assert!(curl_ok(&a.join("ca.pem")), "HTTPS presents certificate A");
+
+    install(&b);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(current(), leaf_hash(&a.join("server.pem")), "no reload without SIGHUP when polling is off");
+    let status = Command::new("kill").args(["-HUP", &gw.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let want = leaf_hash(&b.join("server.pem"));
+    let deadline = Instant::now() + WAIT;
+    while current() != want {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the certificate");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(curl_ok(&b.join("ca.pem")), "HTTPS presents certificate B after SIGHUP");
+    assert!(!curl_ok(&a.join("ca.pem")), "A's CA no longer verifies");
+    assert!(gw.proc.child.try_wait().unwrap().is_none(), "SIGHUP does not stop the gateway");
+    let _ = std::fs::remove_dir_all(&dir);
 }

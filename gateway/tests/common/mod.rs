@@ -26,8 +26,14 @@ pub struct Proc {
 impl Proc {
     /// Runs the binary with `args` (stderr discarded).
     pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_env(args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -121,10 +127,15 @@ pub struct DevGateway {
 impl DevGateway {
     /// Starts it and waits for the banner (its last line starts `Try:`).
     pub fn start() -> DevGateway {
+        Self::start_env(&[])
+    }
+
+    /// [`DevGateway::start`] with `SWITCHBOARD_*` overrides in the environment.
+    pub fn start_env(env: &[(&str, &str)]) -> DevGateway {
         let free = "127.0.0.1:0";
-        let proc = Proc::spawn(&[
+        let proc = Proc::spawn_env(&[
             "dev", "--http", free, "--admin", free, "--mqtt", free, "--https", free, "--mqtts", free, "--quic", free,
-        ]);
+        ], env);
         let mut gw = DevGateway {
             proc,
             http: String::new(),

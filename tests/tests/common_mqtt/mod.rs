@@ -760,9 +760,13 @@ impl RawPacket {
     }
 }
 
-/// A plain TCP connection speaking hand-made packets.
+/// A byte stream a [`Raw`] connection can run over (TCP, or TLS over TCP).
+pub trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawIo for T {}
+
+/// A connection speaking hand-made packets.
 pub struct Raw {
-    stream: TcpStream,
+    stream: Box<dyn RawIo>,
     buf: BytesMut,
 }
 
@@ -821,7 +825,12 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Raw { stream, buf: BytesMut::new() })
+        Ok(Self::over(stream))
+    }
+
+    /// Speaks packets over an already open stream (e.g. a TLS session).
+    pub fn over(stream: impl RawIo + 'static) -> Self {
+        Raw { stream: Box::new(stream), buf: BytesMut::new() }
     }
 
     /// Opens a connection and completes a clean CONNECT (no will) with
