@@ -577,6 +577,17 @@ impl Default for TlsSection {
 }
 
 impl Config {
+    /// Outside `dev`, TLS listeners need configured certificates (checked
+    /// by [`Config::load`]; `dev` generates one).
+    pub fn check_tls(&self) -> Result<(), ConfigError> {
+        if self.tls_needed() && self.tls.certificates.is_empty() && !self.dev {
+            return Err(ConfigError::Invalid(
+                "listen.https, listen.mqtts and listen.quic need [tls] certificates (see certs/README.md)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether any TLS listener (HTTPS, MQTTS, QUIC) is configured.
     pub fn tls_needed(&self) -> bool {
         !(self.listen.https.is_empty() && self.listen.mqtts.is_empty() && self.listen.quic.is_empty())
@@ -636,6 +647,7 @@ impl Config {
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         let cfg = Self::from_toml(&text, std::env::vars())?;
         cfg.check_exposure()?;
+        cfg.check_tls()?;
         Ok(cfg)
     }
 
@@ -849,6 +861,29 @@ mod tests {
         assert!(Config::from_toml("[listen]\nhttp = \"nowhere\"\n", Vec::new()).is_err());
         assert!(Config::from_toml("[[channels.rules]]\npattern = \"a/#/b\"\n", Vec::new()).is_err());
         assert!(Config::from_toml("[channels]\nhistory_ttl = \"ten\"\n", Vec::new()).is_err());
+    }
+
+    #[test]
+    fn tls_listeners_need_certificates_outside_dev() {
+        let text = "[listen]\nhttps = \"127.0.0.1:8443\"\n";
+        let e = Config::from_toml(text, Vec::new()).unwrap().check_tls().unwrap_err().to_string();
+        assert!(e.contains("[tls] certificates"), "{e}");
+        let with = format!("{text}[tls]\ncertificates = [{{ cert = \"a.pem\", key = \"a.key\" }}]\n");
+        let cfg = Config::from_toml(&with, Vec::new()).unwrap();
+        assert_eq!(cfg.tls.certificates[0].cert, "a.pem");
+        assert!(cfg.check_tls().is_ok());
+        let e = Config::from_toml(&format!("{with}mqtt_client_auth = \"required\"\n"), Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("client_ca"), "{e}");
+        let e = Config::from_toml("[tls]\nmqtt_client_auth = \"sometimes\"\n", Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("sometimes"), "{e}");
+        // dev fills in the TLS listeners and generates the certificate.
+        let dev = Config::dev_defaults().unwrap();
+        assert_eq!((dev.listen.https.as_str(), dev.listen.mqtts.as_str()), (DEV_HTTPS, DEV_MQTTS));
+        assert!(dev.validate().is_ok() && dev.check_tls().is_ok());
+        // Exposing a TLS listener with open auth is refused like a plain one.
+        let exposed = format!("[listen]\nmqtts = \"0.0.0.0:8883\"\n[tls]\ncertificates = [{{ cert = \"a\", key = \"b\" }}]\n");
+        let cfg = Config::from_toml(&exposed, Vec::new()).unwrap();
+        assert!(cfg.check_exposure().unwrap_err().to_string().contains("listen.mqtts"));
     }
 
     #[test]
