@@ -76,6 +76,8 @@ pub fn install_default_provider() {
 #[derive(Debug)]
 struct Entry {
     names: Vec<String>,
+    /// The leaf's notAfter, Unix seconds.
+    not_after: i64,
     key: Arc<CertifiedKey>,
 }
 
@@ -149,6 +151,26 @@ fn dns_names(leaf: &CertificateDer<'_>) -> Vec<String> {
     names
 }
 
+/// A certificate's notAfter, Unix seconds (0 if unreadable).
+fn not_after(leaf: &CertificateDer<'_>) -> i64 {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(leaf.as_ref()).map_or(0, |(_, c)| c.validity().not_after.timestamp())
+}
+
+/// Publishes each certificate's expiry as a gauge and warns about those
+/// that expire within a week.
+fn report_expiry(entries: &[Entry]) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    for e in entries {
+        let name = e.names.first().cloned().unwrap_or_default();
+        metrics::gauge!("switchboard_tls_certificate_expiry_seconds", "name" => name.clone()).set(e.not_after as f64);
+        let left = e.not_after - now;
+        if left < 7 * 86_400 {
+            tracing::warn!(certificate = %name, seconds_left = left, "TLS certificate expires within a week");
+        }
+    }
+}
+
 /// The subject common name of a verified client certificate: the MQTT
 /// client id of a device authenticated by mTLS. `Err` names why the
 /// certificate cannot serve as an identity.
@@ -190,7 +212,8 @@ fn certified(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -
         Err(e) => return Err(format!("the key does not match the certificate: {e}")),
     }
     let names = key.cert.first().map(dns_names).unwrap_or_default();
-    Ok(Entry { names, key: Arc::new(key) })
+    let not_after = key.cert.first().map(not_after).unwrap_or_default();
+    Ok(Entry { names, not_after, key: Arc::new(key) })
 }
 
 /// A generated self-signed certificate.
@@ -358,6 +381,9 @@ impl TlsState {
         } else {
             (load_entries(settings)?, false)
         };
+        if !generated {
+            report_expiry(&entries);
+        }
         let store = Arc::new(CertStore::new(entries));
         let https = Arc::new(server_config(&store, None, &[b"h2", b"http/1.1"])?);
         let mqtts = Arc::new(server_config(&store, client_verifier(settings)?, &[])?);
@@ -425,6 +451,7 @@ impl TlsState {
         }
         let entries = load_entries(&self.settings)?;
         let mqtts = server_config(&self.store, client_verifier(&self.settings)?, &[])?;
+        report_expiry(&entries);
         self.store.replace(entries);
         *self.mqtts.write() = Arc::new(mqtts);
         Ok(())
