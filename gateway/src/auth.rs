@@ -353,6 +353,12 @@ impl Verifier {
         Ok(Verifier { keys: out, leeway: leeway_secs, cert_caps: BTreeMap::new() })
     }
 
+    /// The clock skew tolerated on `exp` and `nbf`, seconds: a token is
+    /// valid until `exp + leeway`, and so is a session opened with it.
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway
+    }
+
     /// Sets the caps of devices that authenticate by client certificate
     /// (MQTTS with mTLS) without a token. Checked here with a sample id so
     /// a bad pattern fails at start.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, SubEvent};
+use crate::client_wt;
 use crate::config::Config;
 use crate::server::Gateway;
 
@@ -57,7 +58,7 @@ pub enum Via {
     Poll,
     /// MQTT 5 (QoS 1, clean session).
     Mqtt,
-    /// WebTransport (not in this version).
+    /// WebTransport over QUIC (reconnects and recovers like ws; --cert-hash or --insecure for a dev certificate).
     Wt,
 }
 
@@ -70,6 +71,8 @@ pub enum PubVia {
     Ws,
     /// MQTT 5 PUBLISH (QoS from --qos).
     Mqtt,
+    /// WebTransport publish frame on the control stream (acknowledged).
+    Wt,
 }
 
 /// Subcommands.
@@ -99,7 +102,8 @@ pub enum Command {
         channel: String,
         /// Payload (use @FILE to read a file, - for stdin).
         data: String,
-        /// Gateway URL: http://HOST:PORT (REST), ws://HOST:PORT (WebSocket), mqtt://HOST:PORT (MQTT).
+        /// Gateway URL: http://HOST:PORT (REST), ws://HOST:PORT (WebSocket), mqtt://HOST:PORT (MQTT);
+        /// https://HOST:PORT for --via wt (an http:// URL then means the same host on port 8443).
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
         /// Idempotency key.
@@ -117,6 +121,12 @@ pub enum Command {
         /// Publish as the channel's retained value.
         #[arg(long)]
         retain: bool,
+        /// WebTransport: accept only the certificate with this SHA-256 (hex, as `switchboard dev` prints it).
+        #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
+        cert_hash: Option<String>,
+        /// WebTransport: do not verify the certificate at all (development only).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Subscribe and print messages, one per line.
     Sub {
@@ -126,7 +136,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Via::Ws)]
         via: Via,
         /// Gateway URL: http://HOST:PORT (ws://HOST:PORT is accepted for --via ws); mqtt://HOST:PORT for
-        /// --via mqtt (an http:// URL then means the same host on port 1883).
+        /// --via mqtt (an http:// URL then means the same host on port 1883); https://HOST:PORT for --via wt
+        /// (an http:// URL then means the same host on port 8443).
         #[arg(long, default_value = DEFAULT_URL)]
         url: String,
         /// Replay the last N messages first.
@@ -138,6 +149,12 @@ pub enum Command {
         /// Print each message as its JSON frame.
         #[arg(long)]
         json: bool,
+        /// WebTransport: accept only the certificate with this SHA-256 (hex, as `switchboard dev` prints it).
+        #[arg(long, value_name = "HEX", conflicts_with = "insecure")]
+        cert_hash: Option<String>,
+        /// WebTransport: do not verify the certificate at all (development only).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Certificates for development (see certs/README.md).
     Cert {
@@ -198,6 +215,26 @@ fn mqtt_url(url: &str) -> String {
     }
     let host = url.split("://").nth(1).unwrap_or(url).split(['/', ':']).next().unwrap_or("127.0.0.1");
     format!("mqtt://{host}:1883")
+}
+
+/// The WebTransport URL for `--url`: an https:// URL as given; any other
+/// scheme means the same host on the QUIC listener's default port, 8443.
+fn wt_url(url: &str) -> String {
+    if url.starts_with("https://") {
+        return url.to_string();
+    }
+    let host = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string));
+    format!("https://{}:8443", host.as_deref().unwrap_or("127.0.0.1"))
+}
+
+/// WebTransport client options from `--url`, `--cert-hash` and `--insecure`.
+fn wt_options(url: &str, cert_hash: Option<&str>, insecure: bool) -> anyhow::Result<client_wt::WtOptions> {
+    let cert = match (cert_hash, insecure) {
+        (_, true) => client_wt::CertCheck::Insecure,
+        (Some(hex), false) => client_wt::CertCheck::from_hex(hex)?,
+        (None, false) => client_wt::CertCheck::System,
+    };
+    Ok(client_wt::WtOptions::new(wt_url(url), cert))
 }
 
 fn http_base(url: &str) -> String {
@@ -352,7 +389,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  client ({device}) cert / key  {} / {}", f.client_cert.display(), f.client_key.display());
             println!("Use them with:");
             println!("  [tls]");
-            println!("  certificates = [{{ cert = {:?}, key = {:?} }}]", f.server_cert.display(), f.server_key.display());
+            println!(
+                "  certificates = [{{ cert = {:?}, key = {:?} }}]",
+                f.server_cert.display(),
+                f.server_key.display()
+            );
             println!("  client_ca = {:?}    # for mqtt_client_auth = \"optional\" or \"required\"", f.ca.display());
             Ok(())
         }
@@ -371,7 +412,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Pub { channel, data, url, id, via, api_key, qos, retain } => {
+        Command::Pub { channel, data, url, id, via, api_key, qos, retain, cert_hash, insecure } => {
             let payload = read_data(&data)?;
             let via = via.unwrap_or(if url.starts_with("mqtt://") {
                 PubVia::Mqtt
@@ -383,8 +424,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if via == PubVia::Mqtt {
                 client::publish_mqtt(&mqtt_url(&url), &channel, payload, qos, retain).await?;
                 println!("{channel} published over MQTT (QoS {qos})");
-            } else if via == PubVia::Ws {
-                let ack = client::publish_ws(&ws_base(&url), &channel, payload, id.as_deref()).await?;
+            } else if via == PubVia::Ws || via == PubVia::Wt {
+                let ack = if via == PubVia::Wt {
+                    let opts = wt_options(&url, cert_hash.as_deref(), insecure)?;
+                    client_wt::publish_wt(&opts, &channel, payload, id.as_deref()).await?
+                } else {
+                    client::publish_ws(&ws_base(&url), &channel, payload, id.as_deref()).await?
+                };
                 println!(
                     "{} {}:{}{}",
                     ack.channel,
@@ -410,7 +456,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Sub { filter, via, url, rewind, count, json } => {
+        Command::Sub { filter, via, url, rewind, count, json, cert_hash, insecure } => {
             let mut seen = 0u64;
             let on_event = |ev| match ev {
                 SubEvent::Message(env) => {
@@ -436,7 +482,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Via::Sse => client::subscribe_sse(&http_base(&url), &filter, rewind, on_event).await?,
                 Via::Poll => client::subscribe_poll(&http_base(&url), &filter, rewind, on_event).await?,
                 Via::Mqtt => client::subscribe_mqtt(&mqtt_url(&url), &filter, on_event).await?,
-                Via::Wt => anyhow::bail!("--via wt is not available in this version"),
+                Via::Wt => {
+                    let opts = wt_options(&url, cert_hash.as_deref(), insecure)?;
+                    client_wt::subscribe_wt(&opts, &filter, rewind, on_event).await?
+                }
             }
             Ok(())
         }

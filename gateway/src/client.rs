@@ -37,6 +37,9 @@ pub enum ClientError {
     /// A bad URL or argument.
     #[error("{0}")]
     Usage(String),
+    /// WebTransport (QUIC, HTTP/3) failure.
+    #[error("WebTransport: {0}")]
+    Wt(String),
 }
 
 /// Publishes over REST; returns the JSON acknowledgement.
@@ -197,33 +200,53 @@ pub enum SubEvent {
     Reconnecting(String),
 }
 
-/// Subscribes over WebSocket until `on_event` returns false. On a dropped
-/// connection it reconnects (with backoff) and resubscribes from the last
-/// position of every channel seen, so nothing is lost or repeated while
-/// history holds the gap.
-pub async fn subscribe_ws(
-    base: &str,
+/// A connection `sub` reads server frames from and can reconnect: the
+/// WebSocket and WebTransport subscribers share [`resubscribe`].
+pub(crate) trait FrameSource: Sized {
+    /// The next server frame, or why the connection ended.
+    fn next_frame(&mut self) -> impl Future<Output = Result<proto::ServerFrame, ClientError>>;
+    /// Ends the connection cleanly.
+    fn finish(self) -> impl Future<Output = ()>;
+}
+
+impl FrameSource for Ws {
+    async fn next_frame(&mut self) -> Result<proto::ServerFrame, ClientError> {
+        recv(self).await
+    }
+
+    async fn finish(mut self) {
+        let _ = self.close(None).await;
+    }
+}
+
+/// Subscribes until `on_event` returns false. `connect` opens a connection
+/// and sends the subscribe it is given; on a dropped connection this
+/// reconnects (with backoff) and resubscribes from the last position of
+/// every channel seen, so nothing is lost or repeated while history holds
+/// the gap. A gateway error ends it; so does a failed first connect.
+pub(crate) async fn resubscribe<S, C, Fut>(
     filter: &str,
     rewind: Option<u32>,
+    mut connect: C,
     mut on_event: impl FnMut(SubEvent) -> bool,
-) -> Result<(), ClientError> {
+) -> Result<(), ClientError>
+where
+    S: FrameSource,
+    C: FnMut(proto::Subscribe) -> Fut,
+    Fut: Future<Output = Result<S, ClientError>>,
+{
     let mut positions: BTreeMap<String, proto::Position> = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        let attempt = async {
-            let mut ws = ws_connect(base, "").await?;
-            let sub = proto::Subscribe {
-                filter: filter.into(),
-                positions: positions.clone(),
-                rewind: if first { rewind.map(|count| proto::Rewind { count, duration_ms: 0 }) } else { None },
-                ..Default::default()
-            };
-            send(&mut ws, &proto::ClientFrame { req: 2, frame: Some(client_frame::Frame::Subscribe(sub)) }).await?;
-            Ok::<_, ClientError>(ws)
+        let sub = proto::Subscribe {
+            filter: filter.into(),
+            positions: positions.clone(),
+            rewind: if first { rewind.map(|count| proto::Rewind { count, duration_ms: 0 }) } else { None },
+            ..Default::default()
         };
-        let mut ws = match attempt.await {
-            Ok(ws) => ws,
+        let mut source = match connect(sub).await {
+            Ok(source) => source,
             Err(ClientError::Gateway { code, message }) => return Err(ClientError::Gateway { code, message }),
             Err(e) if first => return Err(e),
             Err(e) => {
@@ -238,7 +261,7 @@ pub async fn subscribe_ws(
         first = false;
         backoff = Duration::from_millis(100);
         let err = loop {
-            let frame = match recv(&mut ws).await {
+            let frame = match source.next_frame().await {
                 Ok(f) => f,
                 Err(e) => break e,
             };
@@ -268,7 +291,7 @@ pub async fn subscribe_ws(
                 _ => true,
             };
             if !keep_going {
-                let _ = ws.close(None).await;
+                source.finish().await;
                 return Ok(());
             }
         };
@@ -277,6 +300,22 @@ pub async fn subscribe_ws(
         }
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Subscribes over WebSocket until `on_event` returns false, reconnecting
+/// and recovering as [`resubscribe`] does.
+pub async fn subscribe_ws(
+    base: &str,
+    filter: &str,
+    rewind: Option<u32>,
+    on_event: impl FnMut(SubEvent) -> bool,
+) -> Result<(), ClientError> {
+    let connect = |sub: proto::Subscribe| async move {
+        let mut ws = ws_connect(base, "").await?;
+        send(&mut ws, &proto::ClientFrame { req: 2, frame: Some(client_frame::Frame::Subscribe(sub)) }).await?;
+        Ok::<_, ClientError>(ws)
+    };
+    resubscribe(filter, rewind, connect, on_event).await
 }
 
 fn stream_url(base: &str, path: &str, filter: &str, rewind: Option<u32>) -> String {

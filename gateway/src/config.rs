@@ -677,7 +677,9 @@ impl Config {
         }
         let t = &self.tls;
         if t.mqtt_client_auth != ClientAuth::None && t.client_ca.is_empty() {
-            return bad("tls.mqtt_client_auth needs tls.client_ca (the CA bundle client certificates must chain to)".into());
+            return bad(
+                "tls.mqtt_client_auth needs tls.client_ca (the CA bundle client certificates must chain to)".into()
+            );
         }
         if t.handshake_timeout.is_zero() {
             return bad("tls.handshake_timeout must be above zero".into());
@@ -881,8 +883,8 @@ mod tests {
         assert_eq!((dev.listen.https.as_str(), dev.listen.mqtts.as_str()), (DEV_HTTPS, DEV_MQTTS));
         assert!(dev.validate().is_ok() && dev.check_tls().is_ok());
         // Exposing a TLS listener with open auth is refused like a plain one.
-        let exposed = format!("[listen]\nmqtts = \"0.0.0.0:8883\"\n[tls]\ncertificates = [{{ cert = \"a\", key = \"b\" }}]\n");
-        let cfg = Config::from_toml(&exposed, Vec::new()).unwrap();
+        let exposed = "[listen]\nmqtts = \"0.0.0.0:8883\"\n[tls]\ncertificates = [{ cert = \"a\", key = \"b\" }]\n";
+        let cfg = Config::from_toml(exposed, Vec::new()).unwrap();
         assert!(cfg.check_exposure().unwrap_err().to_string().contains("listen.mqtts"));
     }
 

@@ -46,9 +46,28 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }
 
-/// What every HTTP handler shares.
+/// What every HTTP handler shares: one allocation, cloned per connection
+/// and request as a pointer.
 #[derive(Clone)]
-pub struct HttpState {
+pub struct HttpState(Arc<HttpShared>);
+
+impl HttpState {
+    /// Shares `shared`.
+    pub fn new(shared: HttpShared) -> HttpState {
+        HttpState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for HttpState {
+    type Target = HttpShared;
+
+    fn deref(&self) -> &HttpShared {
+        &self.0
+    }
+}
+
+/// The contents of [`HttpState`].
+pub struct HttpShared {
     /// The router.
     pub router: Arc<Router>,
     /// TLS (for `GET /v1/wt/cert-hash`), when a TLS listener is enabled.
@@ -130,6 +149,20 @@ fn raw_json(text: String) -> Response<Body> {
     r
 }
 
+/// `GET /v1/sse` and `GET /v1/poll`; `None` for any other request. The
+/// front door ([`crate::front`]) calls this for the HTTP/1.1 requests it
+/// serves itself, hyper's handler for the rest.
+pub async fn stream_get<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> Option<Response<Body>> {
+    if req.method() != Method::GET {
+        return None;
+    }
+    match req.uri().path() {
+        "/v1/sse" => Some(serve_sse(state, peer, req).await),
+        "/v1/poll" => Some(serve_poll(state, peer, req, query_pairs(req)).await),
+        _ => None,
+    }
+}
+
 /// Routes one request.
 pub async fn handle(
     state: HttpState,
@@ -144,11 +177,10 @@ pub async fn handle(
         (&Method::GET, "/mqtt") => upgrade(state, peer, ticket, req, Route::Mqtt),
         (&Method::GET, "/") => demo_page(),
         (&Method::GET, "/v1/wt/cert-hash") => cert_hash(&state),
-        (&Method::GET, "/v1/sse") => serve_sse(state, peer, req).await,
-        (&Method::GET, "/v1/poll") => {
-            let pairs = query_pairs(&req);
-            serve_poll(state, peer, &req, pairs).await
-        }
+        (&Method::GET, "/v1/sse" | "/v1/poll") => match stream_get(state, peer, &req).await {
+            Some(r) => r,
+            None => error_response(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
+        },
         (&Method::POST, "/v1/poll") => poll_post(state, peer, req).await,
         (&Method::POST, "/v1/refresh") => refresh_stream(state, req).await,
         (_, "/v1/sse" | "/v1/poll" | "/v1/refresh") => {
@@ -269,11 +301,13 @@ fn upgrade(
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg)))
                 .await;
         let core: Arc<dyn Core> = router;
+        // Boxed per route: the task is as large as its largest state, and a
+        // WebSocket session must not pay for MQTT's or the echo's.
         match route {
-            Route::Echo => ws::serve_echo(stream, shutdown).await,
-            Route::Mqtt => mqtt::serve_ws(stream, core, mqtt_sessions, mqtt_cfg, Some(peer), shutdown).await,
+            Route::Echo => Box::pin(ws::serve_echo(stream, shutdown)).await,
+            Route::Mqtt => Box::pin(mqtt::serve_ws(stream, core, mqtt_sessions, mqtt_cfg, Some(peer), shutdown)).await,
             Route::Switchboard => {
-                ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown).await;
+                Box::pin(ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown)).await;
             }
         }
     });
@@ -642,10 +676,10 @@ fn parse_stream<B>(
     Ok(parsed)
 }
 
-async fn serve_sse(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn serve_sse<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> Response<Body> {
     use futures_util::StreamExt;
-    let pairs = query_pairs(&req);
-    let parsed = match parse_stream(&state, peer, &req, &pairs) {
+    let pairs = query_pairs(req);
+    let parsed = match parse_stream(&state, peer, req, &pairs) {
         Ok(p) => p,
         Err(e) => return request_error(&e),
     };

@@ -11,10 +11,16 @@
 //! operation allowed; with a token [`Verifier`] configured, [`Core::open`]
 //! requires a valid connection token, whose `sub` becomes the client id and
 //! whose `caps` are checked here for every subscribe, publish, presence and
-//! history call — the same check for every protocol. A session whose token
-//! expires without a refresh is closed with [`CloseReason::TOKEN_EXPIRED`].
+//! history call — the same check for every protocol (`rewind` on a
+//! subscribe reads history, so it needs `history` too). A session whose
+//! token expires (past `exp` plus the verifier's leeway) without a refresh
+//! is closed with [`CloseReason::TOKEN_EXPIRED`].
+//!
+//! Limits: the payload size, subscriptions per session (distinct filters)
+//! and the publish rate (a token bucket per session) are checked here; each
+//! refusal counts in `switchboard_limit_exceeded_total{limit,protocol}`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -100,7 +106,10 @@ impl Default for RouterLimits {
 struct SessionEntry {
     caller: Caller,
     outbox: Arc<Outbox>,
-    subscriptions: usize,
+    /// Filters held, for `max_subscriptions`: subscribing a held filter
+    /// again replaces it (as the engine and MQTT §3.8.4 do), it does not
+    /// count twice.
+    filters: HashSet<String>,
     opened_ms: i64,
     /// What the session's token allows (everything in open mode).
     caps: Arc<Caps>,
@@ -154,6 +163,21 @@ impl std::fmt::Debug for Router {
 
 fn protocol_label(p: proto::Protocol) -> &'static str {
     p.slug()
+}
+
+/// Counts and logs a limit a client ran into: one metric,
+/// `switchboard_limit_exceeded_total{limit, protocol}`, for the limits the
+/// router enforces (`message_size`, `subscriptions`, `publish_rate`). The
+/// log is `debug` for the publish rate (a burst hits it many times) and
+/// `info` otherwise.
+fn limit_exceeded(limit: &'static str, protocol: proto::Protocol, client_id: &str) {
+    let label = protocol_label(protocol);
+    metrics::counter!("switchboard_limit_exceeded_total", "limit" => limit, "protocol" => label).increment(1);
+    if limit == "publish_rate" {
+        tracing::debug!(limit, protocol = label, client_id, "limit exceeded");
+    } else {
+        tracing::info!(limit, protocol = label, client_id, "limit exceeded");
+    }
 }
 
 impl Router {
@@ -219,11 +243,15 @@ impl Router {
         }
     }
 
-    /// Closes every session whose token expired by `now_secs`.
+    /// Closes every session whose token expired by `now_secs`: past `exp`
+    /// plus the verifier's leeway, the same instant from which the token
+    /// itself is refused (so a client is never closed for a token it could
+    /// still connect with).
     pub fn expire_tokens(&self, now_secs: u64) -> usize {
+        let leeway = self.auth.as_ref().map_or(0, Verifier::leeway_secs);
         let mut n = 0;
         for s in self.sessions.lock().values() {
-            if s.expires_at.is_some_and(|t| t <= now_secs) && s.outbox.closed().is_none() {
+            if s.expires_at.is_some_and(|t| t.saturating_add(leeway) < now_secs) && s.outbox.closed().is_none() {
                 s.outbox.close(CloseReason::TOKEN_EXPIRED);
                 n += 1;
             }
@@ -262,7 +290,7 @@ impl Router {
                 client_id: s.caller.client_id.to_string(),
                 connection_id: s.caller.connection_id.to_string(),
                 protocol: s.caller.protocol.slug(),
-                subscriptions: s.subscriptions,
+                subscriptions: s.filters.len(),
                 queued_bytes: s.outbox.queued_bytes(),
                 peak_queued_bytes: s.outbox.peak_bytes(),
                 queue_capacity: s.outbox.capacity(),
@@ -381,14 +409,48 @@ impl Router {
         Ok(())
     }
 
-    /// Publishes as `caller` (any front end, REST included).
+    /// Publishes as `caller`: REST, and the REST uplink of SSE / long-poll
+    /// streams. A caller with a session (a stream's) spends that session's
+    /// publish-rate token, as a publish from its own front end would.
     pub async fn publish_as(
         &self,
         caller: &Caller,
         caps: &Caps,
         req: proto::Publish,
     ) -> Result<proto::PublishAck, CoreError> {
-        self.check_publish(&req)?;
+        if caller.session != 0 {
+            let now = std::time::Instant::now();
+            let allowed = self.sessions.lock().get_mut(&caller.session).is_none_or(|s| s.bucket.take(now));
+            if !allowed {
+                return Err(self.rate_limited(caller));
+            }
+        }
+        self.publish_checked(caller, caps, req).await
+    }
+
+    /// The `rate_limited` refusal, counted and logged.
+    fn rate_limited(&self, caller: &Caller) -> CoreError {
+        metrics::counter!("switchboard_rate_limited_total", "protocol" => protocol_label(caller.protocol)).increment(1);
+        limit_exceeded("publish_rate", caller.protocol, &caller.client_id);
+        CoreError::new(
+            ErrorCode::RateLimited,
+            format!("publish rate over {}/s (burst {})", self.limits.publish_rate, self.limits.publish_burst),
+        )
+    }
+
+    /// Publishes once the rate is settled: payload, name and caps checks,
+    /// then the engine.
+    async fn publish_checked(
+        &self,
+        caller: &Caller,
+        caps: &Caps,
+        req: proto::Publish,
+    ) -> Result<proto::PublishAck, CoreError> {
+        self.check_publish(&req).inspect_err(|e| {
+            if e.code == ErrorCode::MessageTooLarge {
+                limit_exceeded("message_size", caller.protocol, &caller.client_id);
+            }
+        })?;
         Self::require(caps, Op::Publish, &req.channel)?;
         let ack = self.engine.publish(caller, req, now_ms()).await?;
         let label = protocol_label(caller.protocol);
@@ -435,6 +497,7 @@ impl Router {
         Self::check_presence_channel(channel_name)?;
         Self::require(caps, Op::Presence, channel_name)?;
         if data.len() > self.limits.max_message_size {
+            limit_exceeded("message_size", caller.protocol, &caller.client_id);
             return Err(CoreError::new(ErrorCode::MessageTooLarge, "presence data exceeds the message size limit"));
         }
         self.engine.presence_enter(caller, channel_name, data, update, now_ms()).await
@@ -467,7 +530,7 @@ impl Core for Router {
             SessionEntry {
                 caller,
                 outbox: outbox.clone(),
-                subscriptions: 0,
+                filters: HashSet::new(),
                 opened_ms: now_ms(),
                 caps,
                 expires_at,
@@ -501,7 +564,14 @@ impl Core for Router {
             if req.presence {
                 Self::require(&s.caps, Op::Presence, inner)?;
             }
-            if s.subscriptions >= self.limits.max_subscriptions {
+            // Rewind reads what was published before the client came: that
+            // is history. Recovery from a position (what this client missed)
+            // and retained values are part of subscribing.
+            if req.rewind.is_some_and(|r| r.count > 0 || r.duration_ms > 0) {
+                Self::require(&s.caps, Op::History, &req.filter)?;
+            }
+            if s.filters.len() >= self.limits.max_subscriptions && !s.filters.contains(&req.filter) {
+                limit_exceeded("subscriptions", s.caller.protocol, &s.caller.client_id);
                 return Err(CoreError::new(
                     ErrorCode::TooManySubscriptions,
                     format!("at most {} subscriptions per connection", self.limits.max_subscriptions),
@@ -510,7 +580,7 @@ impl Core for Router {
         }
         let outcome = self.engine.subscribe(session, &req, now_ms()).await?;
         if let Some(s) = self.sessions.lock().get_mut(&session) {
-            s.subscriptions += 1;
+            s.filters.insert(req.filter);
         }
         Ok(outcome)
     }
@@ -519,7 +589,7 @@ impl Core for Router {
         channel::validate_subscription(filter).map_err(|e| channel::filter_error(filter, e))?;
         self.engine.unsubscribe(session, filter).await?;
         if let Some(s) = self.sessions.lock().get_mut(&session) {
-            s.subscriptions = s.subscriptions.saturating_sub(1);
+            s.filters.remove(filter);
         }
         Ok(())
     }
@@ -535,14 +605,9 @@ impl Core for Router {
             (s.caller.clone(), s.caps.clone(), allowed)
         };
         if !allowed {
-            metrics::counter!("switchboard_rate_limited_total", "protocol" => protocol_label(caller.protocol))
-                .increment(1);
-            return Err(CoreError::new(
-                ErrorCode::RateLimited,
-                format!("publish rate over {}/s (burst {})", self.limits.publish_rate, self.limits.publish_burst),
-            ));
+            return Err(self.rate_limited(&caller));
         }
-        self.publish_as(&caller, &caps, req).await
+        self.publish_checked(&caller, &caps, req).await
     }
 
     async fn presence_enter(

@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 use crate::admission::{Admission, Refusal, Ticket};
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
-use crate::http::HttpState;
+use crate::front;
+use crate::http::{HttpShared, HttpState};
 use crate::router::Router;
 use crate::tls::TlsState;
 
@@ -117,7 +118,6 @@ impl Gateway {
         let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
         let (http_addr, https_addr, admin_addr) = (addr(&http), addr(&https), addr(&admin));
         let (mqtt_addr, mqtts_addr) = (addr(&mqtt), addr(&mqtts));
-        #[allow(unused_mut)] // Set by the QUIC listener below.
         let mut quic_addr = None;
 
         // One persistent-session store for MQTT over TCP and over WebSocket.
@@ -127,7 +127,7 @@ impl Gateway {
 
         if let Some(listener) = http {
             let w = &config.websocket;
-            let state = HttpState {
+            let state = HttpState::new(HttpShared {
                 router: router.clone(),
                 config: config.clone(),
                 ws: ws::WsConfig {
@@ -153,12 +153,13 @@ impl Gateway {
                 mqtt: mqtt_cfg.clone(),
                 mqtt_sessions: mqtt_sessions.clone(),
                 tls: tls.clone(),
-            };
+            });
             // The same routes over TLS: HTTP/1.1 and HTTP/2 by ALPN.
             let secure = https.zip(tls.clone()).map(|(listener, tls)| {
                 let state = state.clone();
                 let tls = Tls { config: Arc::new(move || tls.https_config()), timeout: handshake_timeout };
-                accept_loop(listener, "https", Some(admission.clone()), Some(tls), shutdown_rx.clone(), {
+                let front = Some(state.clone());
+                accept_loop(listener, "https", Some(admission.clone()), Some(tls), front, shutdown_rx.clone(), {
                     move |peer, ticket| {
                         let state = state.clone();
                         service_fn(move |req| crate::http::handle(state.clone(), peer, ticket.clone(), req))
@@ -171,6 +172,7 @@ impl Gateway {
                 "http",
                 Some(admission.clone()),
                 None,
+                Some(state.clone()),
                 shutdown_rx.clone(),
                 move |peer, ticket| {
                     let state = state.clone();
@@ -181,11 +183,19 @@ impl Gateway {
         if let Some(listener) = admin {
             let router = router.clone();
             let rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(accept_loop(listener, "admin", None, None, shutdown_rx.clone(), move |_peer, _ticket| {
-                let router = router.clone();
-                let rx = rx.clone();
-                service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                "admin",
+                None,
+                None,
+                None,
+                shutdown_rx.clone(),
+                move |_peer, _ticket| {
+                    let router = router.clone();
+                    let rx = rx.clone();
+                    service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
+                },
+            )));
         }
         let mqtt_listeners = [
             mqtt.map(|l| (l, "mqtt", None)),
@@ -207,6 +217,19 @@ impl Gateway {
         }
 
         // QUIC listener: crate::wt
+        if let Some(tls) = tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
+            let (endpoint, addr) = crate::wt::bind(&config.listen.quic, tls, &config)?;
+            quic_addr = Some(addr);
+            let wt_cfg = crate::wt::front_end_config(&config, !router.is_open());
+            tasks.push(tokio::spawn(crate::wt::accept_loop(
+                endpoint,
+                admission.clone(),
+                router.clone(),
+                wt_cfg,
+                handshake_timeout,
+                shutdown_rx.clone(),
+            )));
+        }
 
         Ok(Gateway {
             http_addr,
@@ -343,11 +366,17 @@ async fn mqtt_accept_loop(
         let core: Arc<dyn switchboard_protocols::port::Core> = router.clone();
         let (sessions, cfg, shutdown) = (sessions.clone(), cfg.clone(), shutdown.clone());
         let tls = tls.clone();
+        // One task per kind of connection: a task is as large as its
+        // largest state, and a plain connection must not pay for TLS's.
+        let Some(tls) = tls else {
+            tokio::spawn(async move {
+                mqtt::serve(stream, core, sessions, cfg, mqtt::Peer::addr(Some(peer)), shutdown).await;
+                drop(ticket);
+            });
+            continue;
+        };
         tokio::spawn(async move {
             let _ticket = ticket;
-            let Some(tls) = tls else {
-                return mqtt::serve(stream, core, sessions, cfg, mqtt::Peer::addr(Some(peer)), shutdown).await;
-            };
             let Some(stream) = tls.accept(stream, name, peer).await else { return };
             let cert_identity = match cert_identity(&stream) {
                 Ok(id) => id,
@@ -371,6 +400,7 @@ async fn accept_loop<S, F>(
     name: &'static str,
     admission: Option<Arc<Admission>>,
     tls: Option<Tls>,
+    front: Option<crate::http::HttpState>,
     mut shutdown: watch::Receiver<bool>,
     make_service: F,
 ) where
@@ -403,11 +433,24 @@ async fn accept_loop<S, F>(
                 refused(name, peer, why);
                 // Best effort: tell an HTTP client why, then close.
                 let mut stream = stream;
+                // Read the request head first (briefly): an HTTP client
+                // that is still sending treats an early answer as a broken
+                // connection and never sees the 429.
                 tokio::spawn(async move {
-                    use tokio::io::AsyncWriteExt as _;
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(crate::admission::HTTP_REFUSAL))
-                            .await;
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let answer = async {
+                        let mut head = Vec::new();
+                        let mut chunk = [0u8; 512];
+                        while head.len() < front::MAX_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let _ = stream.write_all(crate::admission::HTTP_REFUSAL).await;
+                        let _ = stream.shutdown().await;
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
                 });
                 continue;
             }
@@ -418,19 +461,36 @@ async fn accept_loop<S, F>(
         let ticket = ticket.map(Arc::new);
         let service = make_service(peer, ticket.clone());
         let conn_shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            // Holds the IP's connection slot until the connection ends.
-            let _ticket = ticket;
-            match tls {
-                None => serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await,
-                Some(tls) => {
-                    if let Some(stream) = tls.accept(stream, name, peer).await {
-                        serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await;
+        // Each task holds the IP's connection slot until the connection
+        // ends. One task per kind: a plain connection must not pay for the
+        // size of TLS's state.
+        let front = front.clone();
+        match tls.clone() {
+            None => tokio::spawn(async move {
+                match front {
+                    Some(state) => {
+                        if let front::Outcome::Hyper(io) = front::serve(stream, state, peer).await {
+                            Box::pin(serve_http(TokioIo::new(io), service, peer, conn_shutdown)).await;
+                        }
                     }
+                    None => serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await,
                 }
-            }
-        });
+                drop(ticket);
+            }),
+            Some(tls) => tokio::spawn(async move {
+                let _ticket = ticket;
+                let Some(stream) = tls.accept(stream, name, peer).await else { return };
+                // HTTP/2 (ALPN h2) is hyper's from the first byte.
+                match front.filter(|_| stream.get_ref().1.alpn_protocol() != Some(b"h2")) {
+                    Some(state) => {
+                        if let front::Outcome::Hyper(io) = front::serve(stream, state, peer).await {
+                            Box::pin(serve_http(TokioIo::new(io), service, peer, conn_shutdown)).await;
+                        }
+                    }
+                    None => serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await,
+                }
+            }),
+        };
     }
 }
 

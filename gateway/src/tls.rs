@@ -122,9 +122,9 @@ impl ResolvesServerCert for CertStore {
 /// requested server name; case-insensitive, a wildcard covers one label.
 fn name_matches(cert_name: &str, sni: &str) -> bool {
     match cert_name.strip_prefix("*.") {
-        Some(suffix) => sni
-            .split_once('.')
-            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        Some(suffix) => {
+            sni.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix))
+        }
         None => cert_name.eq_ignore_ascii_case(sni),
     }
 }
@@ -250,7 +250,12 @@ pub fn generate_self_signed() -> Result<Generated, TlsError> {
     params.distinguished_name.push(rcgen::DnType::CommonName, "switchboard dev");
     validity(&mut params, DEV_VALIDITY);
     let cert = params.self_signed(&key).map_err(rc)?;
-    Ok(Generated { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().clone(), key_der: key.serialize_der() })
+    Ok(Generated {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().clone(),
+        key_der: key.serialize_der(),
+    })
 }
 
 /// Files written by `switchboard cert dev`.

@@ -12,30 +12,15 @@
 mod common;
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{DevGateway, repo_root};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-/// The script bounds itself at 30 s; this only catches a hung `node`.
-const SCRIPT_WAIT: Duration = Duration::from_secs(60);
-
-/// Fails (never skips) when something the test needs is not installed.
-fn require_prerequisites(root: &Path) {
-    let fix = "run `bash tests/run.sh` (it installs chromium, node and tests/browser/node_modules)";
-    let node = Command::new("node").arg("--version").output();
-    assert!(node.is_ok_and(|o| o.status.success()), "`node` is not on PATH: {fix}");
-    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: {fix}");
-    let pw = root.join("tests/browser/node_modules/playwright-core");
-    assert!(pw.exists(), "{} is missing: {fix}", pw.display());
-}
+use common::{DevGateway, SCRIPT_WAIT, repo_root, require_browser};
 
 #[test]
 fn eventsource_resumes_by_itself_after_the_server_drops_it() {
     let root = repo_root();
-    require_prerequisites(&root);
+    require_browser(&root);
     let gw = DevGateway::start();
 
     let mut node = Command::new("node")

@@ -198,7 +198,8 @@ fn cert_dev_writes_a_ca_and_sighup_reloads_the_certificate() {
         live.join("server.key").display().to_string()
     );
     // File polling off: only SIGHUP reloads.
-    let mut gw = DevGateway::start_env(&[("SWITCHBOARD_TLS__CERTIFICATES", &certs), ("SWITCHBOARD_TLS__RELOAD_INTERVAL", "0s")]);
+    let mut gw =
+        DevGateway::start_env(&[("SWITCHBOARD_TLS__CERTIFICATES", &certs), ("SWITCHBOARD_TLS__RELOAD_INTERVAL", "0s")]);
     assert_eq!(gw.cert_hash, leaf_hash(&a.join("server.pem")), "the banner shows the configured certificate");
     let current = || -> String {
         let v: serde_json::Value =

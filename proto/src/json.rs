@@ -186,6 +186,8 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, JsonError> {
             retained: raw.retained,
             since_ms: raw.since_ms,
             no_local: raw.no_local,
+            // The JSON mapping serves single-stream transports: always stream.
+            delivery: DeliveryMode::Stream as i32,
         }),
         "unsubscribe" => client_frame::Frame::Unsubscribe(Unsubscribe {
             filter: RawClientFrame::need(&raw.filter, "unsubscribe", "filter")?,

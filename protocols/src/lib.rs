@@ -6,9 +6,11 @@
 //! the core hands back.
 
 pub mod cursor;
+mod frames;
 pub mod mqtt;
 pub mod poll;
 pub mod port;
 pub mod sse;
 pub mod stream;
 pub mod ws;
+pub mod wt;

@@ -216,7 +216,13 @@ impl StreamSession {
         now_ms: u64,
     ) -> Result<(StreamSession, Vec<StreamEvent>), CoreError> {
         let handle = core
-            .open(OpenSession { protocol, client_id: req.client_id.clone(), token: req.token.clone(), peer: req.peer, cert_identity: None })
+            .open(OpenSession {
+                protocol,
+                client_id: req.client_id.clone(),
+                token: req.token.clone(),
+                peer: req.peer,
+                cert_identity: None,
+            })
             .await?;
         let cursor = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms));
         let mut session = StreamSession { handle, core: core.clone(), cursor, end: CloseKind::Abrupt };
@@ -239,6 +245,7 @@ impl StreamSession {
                 retained: req.retained && !resuming,
                 since_ms: if resuming { session.cursor.since_ms.max(1) } else { 0 },
                 no_local: false,
+                ..Default::default()
             };
             let outcome = core.subscribe(session.handle.id, sub).await?;
             for item in outcome.replay {

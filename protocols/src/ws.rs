@@ -103,7 +103,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use metrics::Counter;
 use switchboard_proto as proto;
 use switchboard_proto::server_frame::Frame as Reply;
 use switchboard_proto::{ErrorCode, client_frame};
@@ -117,7 +116,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::{Instrument, Span, debug, error};
 
-use crate::port::{CloseKind, CloseReason, Core, CoreError, OpenSession, Outbound, Outbox, SessionHandle};
+use crate::frames::{Answer, Counters, Session, answer, connected, refusal};
+use crate::port::{CloseKind, CloseReason, Core, OpenSession, Outbound, Outbox};
 
 /// Subprotocol of the JSON codec (text messages).
 pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
@@ -278,20 +278,6 @@ const KEEP_BUFFERED_ITEMS: usize = 64;
 /// Write timeout of the echo route, which has no [`WsConfig`].
 const ECHO_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The close for a refused `open`: 4001 for `unauthorized`, otherwise 1008
-/// with the error code's name as the reason.
-fn refusal(code: ErrorCode) -> CloseReason {
-    if code == ErrorCode::Unauthorized {
-        return CloseReason::UNAUTHORIZED;
-    }
-    CloseReason {
-        code: 1008,
-        reason: code.slug(),
-        // Only transient refusals are worth retrying.
-        reconnect: matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::Internal),
-    }
-}
-
 /// Why a connection ends, decided once; [`Conn::finish`] acts on it.
 #[derive(Debug)]
 enum Stop {
@@ -381,40 +367,6 @@ async fn shutdown_transport<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocke
 /// Inbound frames handled before one flush of their replies.
 const MAX_FRAMES_PER_BATCH: usize = 64;
 
-/// Counter handles, looked up once per connection.
-struct Counters {
-    messages_out: Counter,
-    bytes_out: Counter,
-    bytes_in: Counter,
-    frames_in: Counter,
-}
-
-impl Counters {
-    fn new() -> Self {
-        Counters {
-            messages_out: metrics::counter!("switchboard_messages_out_total", "protocol" => "ws"),
-            bytes_out: metrics::counter!("switchboard_bytes_out_total", "protocol" => "ws"),
-            bytes_in: metrics::counter!("switchboard_bytes_in_total", "protocol" => "ws"),
-            frames_in: metrics::counter!("switchboard_frames_in_total", "protocol" => "ws"),
-        }
-    }
-}
-
-/// An open session. Dropping it tells the core, so `core.close` runs exactly
-/// once however the connection ends, even if the task is cancelled.
-struct Session {
-    handle: SessionHandle,
-    core: Arc<dyn Core>,
-    /// Abrupt until the peer says goodbye with a close frame.
-    end: CloseKind,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.core.close(self.handle.id, self.end);
-    }
-}
-
 /// What woke the connection task.
 enum Event {
     Shutdown,
@@ -436,14 +388,19 @@ async fn outbox_ready(outbox: Option<&Outbox>) {
 ///
 /// Never panics on network input; every way it ends is in the module's
 /// close-code table.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+///
+/// Not an `async fn`: its arguments would stay in the future beside the
+/// [`Conn`] built from them. The future holds the `Conn` and the wait in
+/// its loop; the session's opening, request handling and ending are boxed
+/// futures of their own, so an idle connection's task stays small.
+pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ws: WebSocketStream<S>,
     codec: Codec,
     core: Arc<dyn Core>,
     info: ConnInfo,
     cfg: WsConfig,
     shutdown: watch::Receiver<bool>,
-) {
+) -> impl Future<Output = ()> + Send {
     let span = tracing::info_span!(
         "ws",
         peer = tracing::field::Empty,
@@ -470,9 +427,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         drained: Vec::new(),
         flush_pending: false,
         last_seen: Instant::now(),
-        counters: Counters::new(),
+        counters: Counters::new("ws"),
     };
-    conn.run_to_end().instrument(span).await;
+    conn.run_to_end().instrument(span)
 }
 
 /// One connection's state. Deadlines and buffers live here, not in futures
@@ -507,8 +464,23 @@ struct Conn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn run_to_end(mut self) {
         let stop = self.run().await;
-        self.finish(stop).await;
+        Box::pin(self.finish(stop)).await;
         // `self.session` drops here: core.close(.., clean or abrupt).
+    }
+
+    /// Handles `first` and every frame already readable after it: a client
+    /// pipelining requests gets its replies in one write (bounded, so a
+    /// flood cannot starve the rest).
+    async fn on_inbound_batch(&mut self, first: Option<Result<Message, WsError>>) -> Result<(), Stop> {
+        let mut handled = self.on_inbound(first).await;
+        for _ in 0..MAX_FRAMES_PER_BATCH {
+            if handled.is_err() {
+                break;
+            }
+            let Some(next) = self.ws.next().now_or_never() else { break };
+            handled = self.on_inbound(next).await;
+        }
+        handled
     }
 
     async fn run(&mut self) -> Stop {
@@ -518,7 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if !self.info.token.is_empty() || !self.info.client_id.is_empty() {
             let client_id = std::mem::take(&mut self.info.client_id);
             let token = std::mem::take(&mut self.info.token);
-            if let Err(stop) = self.open(0, client_id, token).await {
+            if let Err(stop) = Box::pin(self.open(0, client_id, token)).await {
                 return stop;
             }
             if let Err(stop) = self.write_batch().await {
@@ -540,20 +512,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let handled = match event {
                 Event::Shutdown => Err(Stop::Disconnect(CloseReason::SHUTDOWN)),
                 Event::Timer => self.on_timer(),
-                Event::Inbound(msg) => {
-                    // A client pipelining requests gets its replies in one
-                    // write: handle every frame already readable before
-                    // flushing (bounded, so a flood cannot starve the rest).
-                    let mut handled = self.on_inbound(msg).await;
-                    for _ in 0..MAX_FRAMES_PER_BATCH {
-                        if handled.is_err() {
-                            break;
-                        }
-                        let Some(next) = self.ws.next().now_or_never() else { break };
-                        handled = self.on_inbound(next).await;
-                    }
-                    handled
-                }
+                // Boxed: request handling is the loop's largest state, and
+                // an idle connection waits in the select above, not there.
+                Event::Inbound(msg) => Box::pin(self.on_inbound_batch(msg)).await,
                 // Draining below is all an outbox wake-up needs.
                 Event::Outbox => Ok(()),
             };
@@ -684,8 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     fn count_in(&self, len: usize) {
-        self.counters.frames_in.increment(1);
-        self.counters.bytes_in.increment(len as u64);
+        self.counters.count_in(len);
     }
 
     /// Answers an undecodable frame. Before `connect` that ends the
@@ -713,49 +673,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.push_error(req, ErrorCode::NotConnected, "the first frame must be connect".into());
             return Err(Stop::Disconnect(CloseReason::CONNECT_EXPECTED));
         };
-        let id = session.handle.id;
-        let core = &self.core;
-        let ack = |channel: String| Reply::PublishAck(proto::PublishAck { channel, ..Default::default() });
-        let reply = match frame {
-            client_frame::Frame::Connect(_) => {
-                Err(CoreError::new(ErrorCode::AlreadyConnected, "the session is already open"))
-            }
-            client_frame::Frame::Subscribe(s) => match core.subscribe(id, s).await {
-                Ok(outcome) => {
-                    // Reply, then replay, both ahead of the outbox drain that
-                    // follows: the core queued live messages after these.
-                    self.push_reply(req, Reply::Subscribed(outcome.subscribed));
-                    for item in outcome.replay {
-                        if matches!(item, Outbound::Message(_)) {
-                            self.replayed += 1;
-                        }
-                        self.replies.push(outbound_message(self.codec, item));
+        match answer(self.core.as_ref(), session.handle.id, frame).await {
+            Ok(Answer::Reply(body)) => self.push_reply(req, *body),
+            Ok(Answer::Subscribed(outcome)) => {
+                // Reply, then replay, both ahead of the outbox drain that
+                // follows: the core queued live messages after these.
+                self.push_reply(req, Reply::Subscribed(outcome.subscribed));
+                for item in outcome.replay {
+                    if matches!(item, Outbound::Message(_)) {
+                        self.replayed += 1;
                     }
-                    return Ok(());
+                    self.replies.push(outbound_message(self.codec, item));
                 }
-                Err(e) => Err(e),
-            },
-            client_frame::Frame::Unsubscribe(u) => core
-                .unsubscribe(id, &u.filter)
-                .await
-                .map(|()| Reply::Unsubscribed(proto::Unsubscribed { filter: u.filter })),
-            client_frame::Frame::Publish(p) => core.publish(id, p).await.map(Reply::PublishAck),
-            client_frame::Frame::PresenceEnter(p) => {
-                core.presence_enter(id, &p.channel, p.data, false).await.map(|()| ack(p.channel))
             }
-            client_frame::Frame::PresenceUpdate(p) => {
-                core.presence_enter(id, &p.channel, p.data, true).await.map(|()| ack(p.channel))
-            }
-            client_frame::Frame::PresenceLeave(p) => core.presence_leave(id, &p.channel).await.map(|()| ack(p.channel)),
-            client_frame::Frame::PresenceGet(p) => core.presence_members(id, &p.channel).await.map(Reply::Presence),
-            client_frame::Frame::History(h) => core.history(id, h).await.map(Reply::History),
-            client_frame::Frame::Refresh(r) => {
-                core.refresh(id, &r.token).await.map(|()| Reply::Refreshed(proto::Refreshed {}))
-            }
-            client_frame::Frame::Ping(_) => Ok(Reply::Pong(proto::Pong {})),
-        };
-        match reply {
-            Ok(body) => self.push_reply(req, body),
             Err(e) => {
                 debug!(req, code = e.code.slug(), error = %e, "request refused");
                 self.push_error(req, e.code, e.message);
@@ -766,20 +696,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Asks the core for a session; a refusal ends the connection.
     async fn open(&mut self, req: u64, client_id: String, token: String) -> Result<(), Stop> {
-        let request = OpenSession { protocol: proto::Protocol::Ws, client_id, token, peer: self.info.peer, cert_identity: None };
+        let request =
+            OpenSession { protocol: proto::Protocol::Ws, client_id, token, peer: self.info.peer, cert_identity: None };
         match self.core.open(request).await {
             Ok(handle) => {
                 self.span.record("client_id", handle.client_id.as_str());
                 debug!(connection_id = %handle.connection_id, "session opened");
-                self.push_reply(
-                    req,
-                    Reply::Connected(proto::Connected {
-                        client_id: handle.client_id.clone(),
-                        connection_id: handle.connection_id.clone(),
-                        node: handle.node.clone(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                    }),
-                );
+                self.push_reply(req, connected(&handle));
                 self.session = Some(Session { handle, core: Arc::clone(&self.core), end: CloseKind::Abrupt });
                 // The timer switches from the handshake deadline to pings.
                 self.last_seen = Instant::now();
@@ -950,7 +873,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
 
-    use crate::port::{Delivery, SessionId, SlowPolicy, SubscribeOutcome};
+    use crate::port::{CoreError, Delivery, SessionHandle, SessionId, SlowPolicy, SubscribeOutcome};
 
     /// Upper bound on any single wait; a hang fails the test instead.
     const WAIT: Duration = Duration::from_secs(5);

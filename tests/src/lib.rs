@@ -395,3 +395,67 @@ pub async fn get_json(url: &str) -> anyhow::Result<(u16, serde_json::Value)> {
     let json = resp.json().await.unwrap_or(serde_json::Value::Null);
     Ok((status, json))
 }
+
+// ---------------------------------------------------------------------------
+// WebTransport: the QUIC listener and a client (the gateway's own, on
+// wtransport).
+
+/// Config tweak: the QUIC listener on a free UDP port, with the certificate
+/// `dev` generates (ECDSA P-256, 14 days: accepted by its hash).
+pub fn with_quic(cfg: &mut Config) {
+    cfg.dev = true;
+    cfg.listen.quic = "127.0.0.1:0".into();
+}
+
+impl TestGateway {
+    /// Client options for the QUIC listener of a gateway started with
+    /// [`with_quic`]: `https://127.0.0.1:PORT`, the certificate checked by
+    /// its SHA-256.
+    pub fn wt_options(&self) -> anyhow::Result<switchboard::client_wt::WtOptions> {
+        let addr = self.gateway.quic_addr.context("no QUIC listener: start with with_quic")?;
+        let hash = self.gateway.tls.as_ref().and_then(|t| t.cert_hash()).context("no certificate")?;
+        Ok(switchboard::client_wt::WtOptions::new(
+            format!("https://{addr}"),
+            switchboard::client_wt::CertCheck::Hash(hash),
+        ))
+    }
+
+    /// A connected WebTransport client (open mode) with `client_id`.
+    pub async fn wt_client(&self, client_id: &str) -> anyhow::Result<switchboard::client_wt::WtClient> {
+        let mut opts = self.wt_options()?;
+        opts.client_id = client_id.into();
+        Ok(switchboard::client_wt::WtClient::connect(&opts).await?)
+    }
+}
+
+/// The next server-opened (channel) stream of `c`, within [`WAIT`].
+pub async fn wt_accept(c: &switchboard::client_wt::WtClient) -> anyhow::Result<switchboard::client_wt::FrameReader> {
+    Ok(tokio::time::timeout(WAIT, c.accept_stream()).await.map_err(|_| anyhow!("no stream within {WAIT:?}"))??)
+}
+
+/// The next frame of a stream, within [`WAIT`].
+pub async fn wt_next(r: &mut switchboard::client_wt::FrameReader) -> anyhow::Result<proto::ServerFrame> {
+    tokio::time::timeout(WAIT, r.next())
+        .await
+        .map_err(|_| anyhow!("no frame within {WAIT:?}"))??
+        .context("the stream finished")
+}
+
+/// The next message envelope of a stream (anything else is an error).
+pub async fn wt_message(r: &mut switchboard::client_wt::FrameReader) -> anyhow::Result<proto::Envelope> {
+    match wt_next(r).await?.frame {
+        Some(server_frame::Frame::Message(e)) => Ok(e),
+        other => bail!("expected a message, got {other:?}"),
+    }
+}
+
+/// How a WebTransport session ended: the application close code and reason
+/// (within [`WAIT`]).
+pub async fn wt_closed(conn: &wtransport::Connection) -> anyhow::Result<(u64, String)> {
+    match tokio::time::timeout(WAIT, conn.closed()).await.map_err(|_| anyhow!("not closed within {WAIT:?}"))? {
+        wtransport::error::ConnectionError::ApplicationClosed(c) => {
+            Ok((c.code().into_inner(), String::from_utf8_lossy(c.reason()).into_owned()))
+        }
+        other => bail!("closed without an application close: {other}"),
+    }
+}

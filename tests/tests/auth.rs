@@ -1,48 +1,24 @@
 //! Token auth (`[auth] mode = "token"`): one decision for every protocol.
 //! A connection token's `sub` is the client id and its `caps` are checked by
-//! the router for WebSocket, SSE, long polling, REST and MQTT alike; refresh
-//! changes them in place; expiry closes the session with 4006.
+//! the router for WebSocket, SSE, long polling, REST and MQTT alike; an
+//! in-session refresh (WebSocket `refresh` frame, MQTT 5 AUTH, `POST
+//! /v1/refresh` for SSE and long-poll streams) changes them in place and
+//! extends the session; without one, expiry ends the session with each
+//! protocol's documented code. The full refusal and caps tables are in
+//! `auth_matrix.rs`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common_auth;
+mod common_mqtt;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use std::time::Duration;
+
+use common_auth::*;
+use common_mqtt::{Raw, RawPacket, Ver, publish_packet};
 use serde_json::{Value, json};
-use switchboard::auth::KeyConfig;
-use switchboard::config::AuthMode;
 use switchboard_proto::{ErrorCode, client_frame, server_frame};
 use switchboard_tests::*;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-const SECRET: &str = "test-secret-test-secret-test-secret!";
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn token(sub: &str, ttl: i64, caps: Value) -> String {
-    token_with(SECRET, "k1", json!({"sub": sub, "exp": (now() as i64 + ttl), "caps": caps}))
-}
-
-fn token_with(secret: &str, kid: &str, claims: Value) -> String {
-    let mut h = Header::new(Algorithm::HS256);
-    h.kid = Some(kid.into());
-    jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes()).expect("key")).expect("encode")
-}
-
-async fn gateway() -> anyhow::Result<TestGateway> {
-    TestGateway::start_with(|cfg| {
-        cfg.auth.mode = AuthMode::Token;
-        cfg.auth.leeway = Duration::ZERO;
-        cfg.auth.keys = vec![KeyConfig {
-            kid: Some("k1".into()),
-            alg: "HS256".into(),
-            secret: Some(SECRET.into()),
-            ..Default::default()
-        }];
-        cfg.rest.api_keys = vec!["server-key".into()];
-    })
-    .await
-}
 
 /// Opens `/v1/ws` and sends `connect` with `token`; returns the first reply.
 async fn ws_connect(gw: &TestGateway, token: &str) -> anyhow::Result<(RawWs, switchboard_proto::ServerFrame)> {
@@ -54,16 +30,6 @@ async fn ws_connect(gw: &TestGateway, token: &str) -> anyhow::Result<(RawWs, swi
     Ok((ws, switchboard_proto::json::decode_server_frame(t.as_str())?))
 }
 
-async fn close_code(ws: &mut RawWs) -> anyhow::Result<u16> {
-    loop {
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(ws)).await? {
-            Some(Ok(Message::Close(Some(c)))) => return Ok(u16::from(c.code)),
-            Some(Ok(_)) => continue,
-            other => anyhow::bail!("no close frame: {other:?}"),
-        }
-    }
-}
-
 fn error_code(f: &switchboard_proto::ServerFrame) -> Option<ErrorCode> {
     match &f.frame {
         Some(server_frame::Frame::Error(e)) => Some(e.code()),
@@ -71,21 +37,13 @@ fn error_code(f: &switchboard_proto::ServerFrame) -> Option<ErrorCode> {
     }
 }
 
+fn refresh(token: String) -> client_frame::Frame {
+    client_frame::Frame::Refresh(switchboard_proto::Refresh { token })
+}
+
 #[tokio::test]
-async fn websocket_sessions_need_a_valid_token() -> anyhow::Result<()> {
+async fn the_tokens_sub_is_the_client_id() -> anyhow::Result<()> {
     let gw = gateway().await?;
-    let bad = [
-        String::new(),
-        token("u", -120, json!({})),
-        token_with(SECRET, "k1", json!({"sub": "u", "exp": now() + 60, "nbf": now() + 600})),
-        token_with("another-secret-another-secret-another", "k1", json!({"sub": "u", "exp": now() + 60})),
-        token_with(SECRET, "k9", json!({"sub": "u", "exp": now() + 60})),
-    ];
-    for t in &bad {
-        let (mut ws, reply) = ws_connect(&gw, t).await?;
-        assert_eq!(error_code(&reply), Some(ErrorCode::Unauthorized), "token {t:?}: {reply:?}");
-        assert_eq!(close_code(&mut ws).await?, 4001);
-    }
     let (_ws, reply) = ws_connect(&gw, &token("alice", 60, json!({"chat/+": "subscribe"}))).await?;
     let Some(server_frame::Frame::Connected(c)) = reply.frame else { anyhow::bail!("{reply:?}") };
     assert_eq!(c.client_id, "alice", "the token's sub is the client id, not the requested one");
@@ -93,77 +51,126 @@ async fn websocket_sessions_need_a_valid_token() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn caps_are_enforced_and_refresh_changes_them_live() -> anyhow::Result<()> {
+async fn websocket_refresh_changes_caps_live() -> anyhow::Result<()> {
     let gw = gateway().await?;
     let caps = json!({"chat/+": ["subscribe", "publish"], "rooms/#": "presence,history"});
     let mut c = WsClient::connect_with_token(&gw.ws, Codec::Json, &token("bob", 60, caps)).await?;
     let deny = |f: switchboard_proto::ServerFrame| error_code(&f) == Some(ErrorCode::PermissionDenied);
-
-    assert!(c.subscribe_to("chat/a").await.is_ok());
-    for filter in ["chat/a/b", "chat/#", "#", "$presence/chat/a"] {
-        let f = c
-            .request(client_frame::Frame::Subscribe(switchboard_proto::Subscribe {
-                filter: filter.into(),
-                ..Default::default()
-            }))
-            .await?;
-        assert!(deny(f.clone()), "subscribe {filter}: {f:?}");
-    }
     assert!(c.publish("chat/a", b"hi", "").await.is_ok());
-    let f = c.publish_frame(switchboard_proto::Publish { channel: "other".into(), ..Default::default() }).await?;
-    assert!(deny(f));
-    let f = c
-        .request(client_frame::Frame::PresenceEnter(switchboard_proto::PresenceEnter {
-            channel: "chat/a".into(),
-            data: Default::default(),
-        }))
-        .await?;
-    assert!(deny(f));
-    let f = c
-        .request(client_frame::Frame::PresenceEnter(switchboard_proto::PresenceEnter {
-            channel: "rooms/1".into(),
-            data: Default::default(),
-        }))
-        .await?;
-    assert!(error_code(&f).is_none(), "presence allowed on rooms/#: {f:?}");
-    let f = c
-        .request(client_frame::Frame::History(switchboard_proto::History {
-            channel: "chat/a".into(),
-            ..Default::default()
-        }))
-        .await?;
-    assert!(deny(f));
 
     // Refresh narrows: publishing to chat/a is refused from now on.
-    let narrower = token("bob", 60, json!({"chat/+": "subscribe"}));
-    let f = c.request(client_frame::Frame::Refresh(switchboard_proto::Refresh { token: narrower })).await?;
+    let f = c.request(refresh(token("bob", 60, json!({"chat/+": "subscribe"})))).await?;
     assert!(matches!(f.frame, Some(server_frame::Frame::Refreshed(_))), "{f:?}");
     let f = c.publish_frame(switchboard_proto::Publish { channel: "chat/a".into(), ..Default::default() }).await?;
     assert!(deny(f));
     // ... and widens.
-    let wider = token("bob", 60, json!({"chat/#": ["subscribe", "publish"]}));
-    c.request(client_frame::Frame::Refresh(switchboard_proto::Refresh { token: wider })).await?;
+    c.request(refresh(token("bob", 60, json!({"chat/#": ["subscribe", "publish"]})))).await?;
     assert!(c.publish("chat/a", b"again", "").await.is_ok());
     assert!(c.subscribe_to("chat/#").await.is_ok());
-    // A token for someone else is refused; the session keeps its rights.
-    let other = token("mallory", 60, json!({"#": "publish"}));
-    let f = c.request(client_frame::Frame::Refresh(switchboard_proto::Refresh { token: other })).await?;
-    assert_eq!(error_code(&f), Some(ErrorCode::Unauthorized));
-    assert!(c.publish("chat/b", b"still", "").await.is_ok());
+    // A token for someone else, or an invalid one, is refused; the session
+    // keeps its rights.
+    let refusals = [
+        ("another client", token("mallory", 60, json!({"#": "publish"}))),
+        ("expired", token("bob", -120, json!({"#": "publish"}))),
+        ("alg: none", alg_none(&claims("bob", 60, json!({"#": "publish"})))),
+        ("HS/RS confusion", hs_rs_confusion(&claims("bob", 60, json!({"#": "publish"})))),
+    ];
+    for (case, t) in refusals {
+        let f = c.request(refresh(t)).await?;
+        assert_eq!(error_code(&f), Some(ErrorCode::Unauthorized), "{case}");
+        assert!(c.publish("chat/b", b"still", "").await.is_ok(), "{case}: rights kept");
+        let f = c.publish_frame(switchboard_proto::Publish { channel: "other".into(), ..Default::default() }).await?;
+        assert!(deny(f), "{case}: not widened");
+    }
     Ok(())
 }
 
+/// An MQTT 5 connection that authenticated with the `jwt` method.
+async fn mqtt_jwt(gw: &TestGateway, sub: &str, token: &str) -> anyhow::Result<Raw> {
+    let mut r = Raw::connect(gw.mqtt).await?;
+    r.send(&connect_with(5, sub, 60, None, Some("jwt"), Some(token))).await?;
+    let p = r.packet().await?.ok_or_else(|| anyhow::anyhow!("closed instead of CONNACK"))?;
+    anyhow::ensure!(p.connack_code() == Some(0), "CONNACK {p:?}");
+    Ok(r)
+}
+
+/// The next packet that is not a PUBLISH (QoS 0 deliveries need no ack).
+async fn next_reply(r: &mut Raw) -> anyhow::Result<RawPacket> {
+    loop {
+        let p = r.packet().await?.ok_or_else(|| anyhow::anyhow!("MQTT connection closed"))?;
+        if p.kind() != 3 {
+            return Ok(p);
+        }
+    }
+}
+
+/// Re-authenticates with AUTH 0x19 / `jwt` / `token`; returns the answer.
+async fn reauth(r: &mut Raw, token: &str) -> anyhow::Result<RawPacket> {
+    r.send(&auth_packet(0x19, Some("jwt"), Some(token))).await?;
+    next_reply(r).await
+}
+
+async fn mqtt_publish(r: &mut Raw, pkid: u16, topic: &str) -> anyhow::Result<u8> {
+    r.send(&publish_packet(Ver::V5, topic.as_bytes(), 1, pkid, b"x", &[])).await?;
+    let p = next_reply(r).await?;
+    puback_reason(&p).ok_or_else(|| anyhow::anyhow!("expected PUBACK, got {p:?}"))
+}
+
+async fn mqtt_subscribe(r: &mut Raw, pkid: u16, filter: &str) -> anyhow::Result<Vec<u8>> {
+    r.send(&subscribe_with(5, pkid, filter, 0, &[])).await?;
+    let p = next_reply(r).await?;
+    suback_codes(&p, 5).ok_or_else(|| anyhow::anyhow!("expected SUBACK, got {p:?}"))
+}
+
 #[tokio::test]
-async fn expiry_without_refresh_closes_with_4006() -> anyhow::Result<()> {
+async fn mqtt5_auth_reauthenticates_and_changes_caps_live() -> anyhow::Result<()> {
     let gw = gateway().await?;
-    let mut c = WsClient::connect_with_token(&gw.ws, Codec::Json, &token("eve", 2, json!({"x": "subscribe"}))).await?;
-    assert_eq!(c.closed_with().await?, 4006);
-    eventually(WAIT, "the expired session to end", || async { gw.sessions() == 0 }).await?;
+    let mut r = mqtt_jwt(&gw, "dev-1", &token("dev-1", 60, json!({"chat/+": ["subscribe", "publish"]}))).await?;
+    assert_eq!(mqtt_publish(&mut r, 1, "chat/a").await?, 0);
+    assert_eq!(mqtt_subscribe(&mut r, 2, "chat/#").await?, [0x87]);
+
+    // Narrower: AUTH 0x00 (method jwt), then publishing is not authorized.
+    let p = reauth(&mut r, &token("dev-1", 60, json!({"chat/+": "subscribe"}))).await?;
+    assert_eq!(parse_auth(&p), Some((0x00, Some("jwt".into()))), "{p:?}");
+    assert_eq!(mqtt_publish(&mut r, 3, "chat/a").await?, 0x87);
+    // Wider: both allowed.
+    let p = reauth(&mut r, &token("dev-1", 60, json!({"chat/#": ["subscribe", "publish"]}))).await?;
+    assert_eq!(parse_auth(&p), Some((0x00, Some("jwt".into()))));
+    assert_eq!(mqtt_publish(&mut r, 4, "chat/a").await?, 0);
+    assert_eq!(mqtt_subscribe(&mut r, 5, "chat/#").await?, [0]);
+
+    // MQTT 5 §4.12.1: a failed re-authentication ends the connection.
+    let refusals: [(&str, Vec<u8>, u8); 5] = [
+        ("another client's token", auth_packet(0x19, Some("jwt"), Some(&token("mallory", 60, json!({})))), 0x87),
+        ("expired token", auth_packet(0x19, Some("jwt"), Some(&token("dev-1", -120, json!({})))), 0x87),
+        ("no token", auth_packet(0x19, Some("jwt"), None), 0x87),
+        ("another method", auth_packet(0x19, Some("SCRAM-SHA-1"), Some("x")), 0x8C),
+        ("no method", auth_packet(0x19, None, Some(&token("dev-1", 60, json!({})))), 0x82),
+    ];
+    let mut bystander = mqtt_jwt(&gw, "bystander", &token("bystander", 60, json!({"chat/#": "publish"}))).await?;
+    for (case, auth, reason) in refusals {
+        r.send(&auth).await?;
+        let closed = r.closed().await?;
+        assert_eq!(closed.packets.last().and_then(RawPacket::disconnect_reason), Some(reason), "{case}: {closed:?}");
+        r = mqtt_jwt(&gw, "dev-1", &token("dev-1", 60, json!({"chat/+": "publish"}))).await?;
+    }
+    // A client that named no method at CONNECT cannot re-authenticate.
+    let mut plain = Raw::connect(gw.mqtt).await?;
+    plain.send(&connect_with(5, "plain", 60, Some(&token("plain", 60, json!({}))), None, None)).await?;
+    assert_eq!(plain.packet().await?.and_then(|p| p.connack_code()), Some(0));
+    plain.send(&auth_packet(0x19, Some("jwt"), Some(&token("plain", 60, json!({}))))).await?;
+    assert_eq!(plain.closed().await?.only_disconnect(), Some(0x82));
+    // At CONNECT: an unknown method is CONNACK 0x8C.
+    let mut scram = Raw::connect(gw.mqtt).await?;
+    scram.send(&connect_with(5, "scram", 60, None, Some("SCRAM-SHA-1"), Some("x"))).await?;
+    assert_eq!(scram.closed().await?.only_connack(), Some(0x8C));
+    // The others went on.
+    assert_eq!(mqtt_publish(&mut bystander, 1, "chat/z").await?, 0);
     Ok(())
 }
 
 #[tokio::test]
-async fn sse_poll_and_rest_use_the_same_tokens() -> anyhow::Result<()> {
+async fn sse_and_poll_refusals_and_rest_tokens() -> anyhow::Result<()> {
     let gw = gateway().await?;
     let http = reqwest::Client::new();
     let t = token("carol", 60, json!({"news/#": ["subscribe", "history"], "inbox/carol": "publish"}));
@@ -178,99 +185,219 @@ async fn sse_poll_and_rest_use_the_same_tokens() -> anyhow::Result<()> {
     assert_eq!(r.status(), 403, "caps decide SSE subscriptions too");
     let r = http.get(format!("{}/v1/poll?channel=news/%2B&timeout=0", gw.http)).bearer_auth(&t).send().await?;
     assert_eq!(r.status(), 200);
-    let r = http.get(format!("{}/v1/poll?channel=news/a&timeout=0", gw.http)).send().await?;
-    assert_eq!(r.status(), 401);
 
     // REST: API key, or a bearer token with the right caps.
     let (status, _) = rest_publish(&gw.http, "news/a", "x", &[]).await?;
     assert_eq!(status, 401);
-    let (status, _) = rest_publish(&gw.http, "news/a", "x", &[("x-api-key", "server-key")]).await?;
+    let (status, _) = rest_publish(&gw.http, "news/a", "x", &[("x-api-key", "wrong-key")]).await?;
+    assert_eq!(status, 401);
+    let (status, _) = rest_publish(&gw.http, "news/a", "x", &[("x-api-key", API_KEY)]).await?;
     assert_eq!(status, 200);
     let bearer = format!("Bearer {t}");
     let (status, body) = rest_publish(&gw.http, "news/a", "x", &[("authorization", &bearer)]).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (403, Some("permission_denied")));
     let (status, _) = rest_publish(&gw.http, "inbox/carol", "x", &[("authorization", &bearer)]).await?;
     assert_eq!(status, 200);
-    let r = http.get(format!("{}/v1/channels/news/a/history", gw.http)).bearer_auth(&t).send().await?;
-    assert_eq!(r.status(), 200);
-    let r = http.get(format!("{}/v1/channels/inbox/carol/history", gw.http)).bearer_auth(&t).send().await?;
-    assert_eq!(r.status(), 403);
     Ok(())
 }
 
-#[tokio::test]
-async fn mqtt_takes_the_token_as_password() -> anyhow::Result<()> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-    let gw = gateway().await?;
-    let attempt = |password: String| {
-        let mut opts = MqttOptions::new("device", gw.mqtt.ip().to_string(), gw.mqtt.port());
-        opts.set_credentials("device", password);
-        async move {
-            let (_client, mut events) = AsyncClient::new(opts, 10);
-            tokio::time::timeout(WAIT, events.poll()).await
-        }
-    };
-    match attempt(token("dev-9", 60, json!({"sensors/9/#": "publish"}))).await? {
-        Ok(Event::Incoming(Packet::ConnAck(ack))) => assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success),
-        other => anyhow::bail!("expected CONNACK success, got {other:?}"),
-    }
-    match attempt("not-a-token".into()).await? {
-        Err(e) => assert!(format!("{e:?}").contains("BadUserNamePassword"), "{e:?}"),
-        other => anyhow::bail!("expected a refusal, got {other:?}"),
-    }
-    Ok(())
-}
-
-#[tokio::test]
-async fn sse_streams_refresh_by_connection_id_or_expire_with_4006() -> anyhow::Result<()> {
+/// Opens an SSE stream; returns its events and connection id.
+async fn sse_open(gw: &TestGateway, query: &str) -> anyhow::Result<(SseEvents, String)> {
     use eventsource_stream::Eventsource;
     use futures_util::StreamExt;
+    let resp = reqwest::get(format!("{}/v1/sse?{query}", gw.http)).await?;
+    anyhow::ensure!(resp.status() == 200, "SSE {query}: {}", resp.status());
+    let mut events: SseEvents = Box::pin(resp.bytes_stream().eventsource());
+    let connected = tokio::time::timeout(WAIT, events.next()).await?.ok_or_else(|| anyhow::anyhow!("no event"))??;
+    let v: Value = serde_json::from_str(&connected.data)?;
+    Ok((events, v["connection_id"].as_str().unwrap_or_default().to_string()))
+}
+
+type SseEvents = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<eventsource_stream::Event, eventsource_stream::EventStreamError<reqwest::Error>>,
+            > + Send,
+    >,
+>;
+
+/// The next SSE event other than keep-alives.
+async fn sse_next(events: &mut SseEvents) -> anyhow::Result<eventsource_stream::Event> {
+    let ev = tokio::time::timeout(WAIT, futures_util::StreamExt::next(events)).await?;
+    Ok(ev.ok_or_else(|| anyhow::anyhow!("stream ended"))??)
+}
+
+/// `POST /v1/refresh` for a stream, by header and bearer; returns the status.
+async fn refresh_stream(gw: &TestGateway, conn: &str, token: &str) -> anyhow::Result<u16> {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/refresh", gw.http))
+        .header("x-connection-id", conn)
+        .bearer_auth(token)
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+/// A REST publish acting as the stream `conn` (its caps decide).
+async fn uplink(gw: &TestGateway, conn: &str, bearer: &str, channel: &str, body: &str) -> anyhow::Result<u16> {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/channels/{channel}/messages", gw.http))
+        .header("x-connection-id", conn)
+        .bearer_auth(bearer)
+        .body(body.to_string())
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+#[tokio::test]
+async fn sse_refresh_by_connection_id_changes_caps_live() -> anyhow::Result<()> {
     let gw = gateway().await?;
-    let caps = json!({"live/#": "subscribe", "live/x": "publish"});
-    let open = |t: String| {
-        let url = format!("{}/v1/sse?channel=live/x&token={t}", gw.http);
-        async move { anyhow::Ok(reqwest::get(url).await?.bytes_stream().eventsource()) }
+    let first = token("dana", 60, json!({"live/#": "subscribe", "live/x": "publish"}));
+    let (mut events, conn) = sse_open(&gw, &format!("channel=live/x&token={first}")).await?;
+    assert_eq!(uplink(&gw, &conn, &first, "live/x", "one").await?, 200);
+
+    // A token for another client cannot refresh the stream; an unknown
+    // connection id is 404; the JSON body form works like the headers.
+    let mallory = token("mallory", 60, json!({"#": "publish"}));
+    assert_eq!(refresh_stream(&gw, &conn, &mallory).await?, 401);
+    assert_eq!(refresh_stream(&gw, "node-1-999999", &first).await?, 404);
+    // Narrower: the stream may no longer publish.
+    assert_eq!(refresh_stream(&gw, &conn, &token("dana", 60, json!({"live/#": "subscribe"}))).await?, 200);
+    assert_eq!(uplink(&gw, &conn, &first, "live/x", "refused").await?, 403);
+    // Wider, by the JSON body.
+    let wider = token("dana", 60, json!({"live/#": ["subscribe", "publish"]}));
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/refresh", gw.http))
+        .json(&json!({"connection_id": conn, "token": wider}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await?, json!({"connection_id": conn, "refreshed": true}));
+    assert_eq!(uplink(&gw, &conn, &first, "live/x", "two").await?, 200);
+    assert_eq!(uplink(&gw, &conn, &first, "live/y", "three").await?, 200, "live/# now");
+    // The stream saw exactly the accepted publishes of its channel.
+    for want in ["one", "two"] {
+        let ev = sse_next(&mut events).await?;
+        assert_eq!(ev.event, "message");
+        assert!(ev.data.contains(want), "{ev:?}");
+    }
+    Ok(())
+}
+
+/// The poll session's connection id, from the admin API, once it is open.
+async fn poll_connection_id(gw: &TestGateway) -> anyhow::Result<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, v) = get_json(&format!("{}/v1/sessions", gw.admin)).await?;
+        let poll = v["sessions"].as_array().into_iter().flatten().find(|s| s["protocol"] == "poll");
+        if let Some(id) = poll.and_then(|s| s["connection_id"].as_str()) {
+            return Ok(id.to_string());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no poll session within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// When a session opened now with a token of `ttl` seconds is surely closed
+/// if not refreshed: `exp` counts whole seconds, the session ends once
+/// the clock is past it (no leeway here), and the sweeper runs every second.
+fn past_expiry(ttl: u64) -> Instant {
+    Instant::now() + Duration::from_secs(ttl) + Duration::from_millis(3000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_extends_the_session_on_every_protocol() -> anyhow::Result<()> {
+    let gw = gateway().await?;
+    let caps = json!({"ext/#": ["subscribe", "publish"]});
+    let short = |sub: &str| token(sub, 2, caps.clone());
+    let long = |sub: &str| token(sub, 120, caps.clone());
+    let deadline = past_expiry(2);
+
+    let mut ws = WsClient::connect_with_token(&gw.ws, Codec::Json, &short("w")).await?;
+    ws.subscribe_to("ext/ws").await?;
+    let f = ws.request(refresh(long("w"))).await?;
+    assert!(matches!(f.frame, Some(server_frame::Frame::Refreshed(_))), "{f:?}");
+
+    let (mut sse, sse_conn) = sse_open(&gw, &format!("channel=ext/sse&token={}", short("s"))).await?;
+    assert_eq!(refresh_stream(&gw, &sse_conn, &long("s")).await?, 200);
+
+    let poll_url = format!("{}/v1/poll?channel=ext/poll&timeout=30", gw.http);
+    let poll_token = short("p");
+    let poll = tokio::spawn(async move { reqwest::Client::new().get(poll_url).bearer_auth(poll_token).send().await });
+    let poll_conn = poll_connection_id(&gw).await?;
+    assert_eq!(refresh_stream(&gw, &poll_conn, &long("p")).await?, 200);
+
+    let mut mqtt = mqtt_jwt(&gw, "m", &short("m")).await?;
+    assert_eq!(parse_auth(&reauth(&mut mqtt, &long("m")).await?), Some((0, Some("jwt".into()))));
+
+    // Past the first tokens' expiry (and a sweep), every session still works.
+    tokio::time::sleep_until(deadline).await;
+    let bearer = format!("Bearer {}", long("w"));
+    for channel in ["ext/ws", "ext/sse", "ext/poll"] {
+        let (status, _) =
+            rest_publish(&gw.http, channel, format!("after {channel}"), &[("authorization", &bearer)]).await?;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(&ws.next_message().await?.payload[..], b"after ext/ws");
+    let ev = sse_next(&mut sse).await?;
+    assert_eq!(ev.event, "message", "{ev:?}");
+    assert!(ev.data.contains("after ext/sse"));
+    let resp = tokio::time::timeout(WAIT, poll).await???;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await?.contains("after ext/poll"), "the poll waited past its first token's expiry");
+    assert_eq!(mqtt_publish(&mut mqtt, 1, "ext/mqtt").await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_without_refresh_ends_every_protocol_with_its_code() -> anyhow::Result<()> {
+    let gw = gateway().await?;
+    let caps = json!({"exp/#": ["subscribe", "publish"]});
+    let short = |sub: &str| token(sub, 2, caps.clone());
+    let started = Instant::now();
+    let rest_token = short("r");
+
+    let mut ws = WsClient::connect_with_token(&gw.ws, Codec::Json, &short("w")).await?;
+    let (mut sse, _) = sse_open(&gw, &format!("channel=exp/sse&token={}", short("s"))).await?;
+    let poll_token = short("p");
+    let poll_url = format!("{}/v1/poll?channel=exp/poll&timeout=30", gw.http);
+    let poll = {
+        let (url, t) = (poll_url.clone(), poll_token.clone());
+        tokio::spawn(async move { reqwest::Client::new().get(url).bearer_auth(t).send().await })
     };
-    // Stream A is refreshed in time and survives its first token's expiry.
-    let mut a = open(token("dana", 2, caps.clone())).await?;
-    let connected = tokio::time::timeout(WAIT, a.next()).await?.expect("connected")?;
-    let conn =
-        serde_json::from_str::<Value>(&connected.data)?["connection_id"].as_str().unwrap_or_default().to_string();
-    let http = reqwest::Client::new();
-    let other = http
-        .post(format!("{}/v1/refresh", gw.http))
-        .header("x-connection-id", &conn)
-        .bearer_auth(token("mallory", 60, caps.clone()))
-        .send()
-        .await?;
-    assert_eq!(other.status(), 401, "a token for another client cannot refresh the stream");
-    let ok = http
-        .post(format!("{}/v1/refresh", gw.http))
-        .json(&json!({"connection_id": conn, "token": token("dana", 60, caps.clone())}))
-        .send()
-        .await?;
-    assert_eq!(ok.status(), 200);
-    // Stream B is not refreshed: it ends with disconnect 4006.
-    let mut b = open(token("erin", 2, caps.clone())).await?;
-    tokio::time::timeout(WAIT, b.next()).await?.expect("connected")?;
+    let mut mqtt5 = mqtt_jwt(&gw, "m5", &short("m5")).await?;
+    let mut mqtt311 = Raw::connect(gw.mqtt).await?;
+    mqtt311.send(&connect_with(4, "m4", 60, Some(&short("m4")), None, None)).await?;
+    assert_eq!(mqtt311.packet().await?.and_then(|p| p.connack_code()), Some(0));
+
+    // WebSocket: disconnect frame + close 4006.
+    assert_eq!(ws.closed_with().await?, 4006);
+    // SSE: a `disconnect` event with code 4006.
     let ended = loop {
-        let ev = tokio::time::timeout(WAIT, b.next()).await?.expect("an event")?;
+        let ev = sse_next(&mut sse).await?;
         if ev.event == "disconnect" {
             break ev;
         }
     };
-    assert_eq!(serde_json::from_str::<Value>(&ended.data)?["code"], 4006);
-    // A is still live after its first token's expiry.
-    let bearer = format!("Bearer {}", token("dana", 60, caps));
-    let (status, _) = rest_publish(&gw.http, "live/x", "still here", &[("authorization", &bearer)]).await?;
-    assert_eq!(status, 200);
-    let msg = loop {
-        let ev = tokio::time::timeout(WAIT, a.next()).await?.expect("an event")?;
-        if ev.event != "connected" {
-            break ev;
-        }
-    };
-    assert_eq!(msg.event, "message", "{msg:?}");
-    assert!(msg.data.contains("still here"));
+    let d: Value = serde_json::from_str(&ended.data)?;
+    assert_eq!((d["code"].as_u64(), d["reconnect"].as_bool()), (Some(4006), Some(true)), "{d}");
+    // Long polling: the waiting poll answers at once (nothing new, the same
+    // position); the next poll with that token is 401.
+    let resp = tokio::time::timeout(WAIT, poll).await???;
+    assert_eq!(resp.status(), 200);
+    let batch: Value = resp.json().await?;
+    assert_eq!(batch["messages"], json!([]));
+    assert!(started.elapsed() < Duration::from_secs(10), "answered at the expiry, not at the 30 s timeout");
+    let again = reqwest::Client::new().get(&poll_url).bearer_auth(&poll_token).send().await?;
+    assert_eq!(again.status(), 401);
+    // MQTT 5: DISCONNECT 0xA0 (maximum connect time); 3.1.1: a plain close.
+    assert_eq!(mqtt5.closed().await?.only_disconnect(), Some(0xA0));
+    assert_eq!(mqtt311.closed().await?.packets, []);
+    // REST has no session: the expired token is refused like any invalid one.
+    let (status, body) =
+        rest_publish(&gw.http, "exp/x", "x", &[("authorization", &format!("Bearer {rest_token}"))]).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    eventually(WAIT, "every expired session to end", || async { gw.sessions() == 0 }).await?;
     Ok(())
 }

@@ -123,7 +123,8 @@ fn presented(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
 async fn get_over(tls: TlsStream<TcpStream>, h2: bool, path: &str) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt as _;
     let io = hyper_util::rt::TokioIo::new(tls);
-    let req = hyper::Request::get(format!("https://127.0.0.1{path}")).body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let req =
+        hyper::Request::get(format!("https://127.0.0.1{path}")).body(http_body_util::Empty::<bytes::Bytes>::new())?;
     let resp = if h2 {
         let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
@@ -395,12 +396,10 @@ async fn with_token_auth_a_certificate_alone_gets_cert_caps() -> anyhow::Result<
             secret: Some("0123456789abcdef0123456789abcdef".into()),
             ..Default::default()
         }];
-        c.auth.cert_caps = [(
-            "devices/{client_id}/#".to_string(),
-            switchboard::auth::OpsSpec::Csv("subscribe,publish".into()),
-        )]
-        .into_iter()
-        .collect();
+        c.auth.cert_caps =
+            [("devices/{client_id}/#".to_string(), switchboard::auth::OpsSpec::Csv("subscribe,publish".into()))]
+                .into_iter()
+                .collect();
     })
     .await?;
     let device = client_config(
@@ -481,7 +480,15 @@ async fn curl_openssl_and_mosquitto_speak_to_the_tls_listeners() -> anyhow::Resu
     let (_, out, err) = tokio::task::block_in_place(|| {
         run_bounded(
             Command::new("openssl").args([
-                "s_client", "-connect", &connect, "-CAfile", &ca, "-alpn", "h2", "-servername", "localhost",
+                "s_client",
+                "-connect",
+                &connect,
+                "-CAfile",
+                &ca,
+                "-alpn",
+                "h2",
+                "-servername",
+                "localhost",
             ]),
             WAIT,
         )
@@ -510,8 +517,22 @@ async fn curl_openssl_and_mosquitto_speak_to_the_tls_listeners() -> anyhow::Resu
         let (ok, out, err) = tokio::task::block_in_place(|| {
             run_bounded(
                 Command::new("mosquitto_pub").args([
-                    "-h", "127.0.0.1", "-p", &mqtts_port, "--cafile", &ca, "--cert", &cert, "--key", &key, "-i",
-                    "sensor-1", "-t", "plant/boiler", "-m", "hot",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &mqtts_port,
+                    "--cafile",
+                    &ca,
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
+                    "-i",
+                    "sensor-1",
+                    "-t",
+                    "plant/boiler",
+                    "-m",
+                    "hot",
                 ]),
                 WAIT,
             )

@@ -133,9 +133,10 @@ impl DevGateway {
     /// [`DevGateway::start`] with `SWITCHBOARD_*` overrides in the environment.
     pub fn start_env(env: &[(&str, &str)]) -> DevGateway {
         let free = "127.0.0.1:0";
-        let proc = Proc::spawn_env(&[
-            "dev", "--http", free, "--admin", free, "--mqtt", free, "--https", free, "--mqtts", free, "--quic", free,
-        ], env);
+        let proc = Proc::spawn_env(
+            &["dev", "--http", free, "--admin", free, "--mqtt", free, "--https", free, "--mqtts", free, "--quic", free],
+            env,
+        );
         let mut gw = DevGateway {
             proc,
             http: String::new(),
@@ -175,6 +176,22 @@ impl DevGateway {
         assert!(!gw.mqtts.is_empty() && gw.cert_hash.len() == 64, "the dev banner lists MQTTS and the cert hash");
         gw
     }
+}
+
+/// Headless Chromium, driven by tests/browser's playwright-core.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+/// A browser script bounds itself at 30 s; this only catches a hung `node`.
+pub const SCRIPT_WAIT: Duration = Duration::from_secs(60);
+
+/// Fails (never skips) when something a browser test needs is not
+/// installed.
+pub fn require_browser(root: &Path) {
+    let fix = "run `bash tests/run.sh` (it installs chromium, node and tests/browser/node_modules)";
+    let node = Command::new("node").arg("--version").output();
+    assert!(node.is_ok_and(|o| o.status.success()), "`node` is not on PATH: {fix}");
+    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: {fix}");
+    let pw = root.join("tests/browser/node_modules/playwright-core");
+    assert!(pw.exists(), "{} is missing: {fix}", pw.display());
 }
 
 /// The repository root.

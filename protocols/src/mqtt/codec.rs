@@ -13,10 +13,13 @@
 //! It is pure: [`decode`] takes a buffer and returns `Ok(None)` when more
 //! bytes are needed; [`encode`] appends to a buffer. No I/O, no async.
 //!
+//! AUTH (MQTT 5 §3.15) is decoded and encoded here by hand: rumqttc 0.25's
+//! reader does not dispatch packet type 15, and its `AuthProperties`
+//! miscounts string properties. The connection uses it for re-authentication
+//! with the `jwt` method (see the module docs of [`super`]).
+//!
 //! It deliberately does not validate topic names or filters (the connection
-//! does, with the reason codes of its table) and does not support AUTH
-//! (enhanced authentication, MQTT 5 §4.12): an AUTH packet decodes as
-//! [`Packet::Unexpected`].
+//! does, with the reason codes of its table), nor decide what an AUTH means.
 
 use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -142,6 +145,21 @@ pub struct Connect {
     pub max_packet_size: Option<u32>,
     /// MQTT 5 topic alias maximum of the client (aliases we may assign).
     pub topic_alias_max: u16,
+    /// MQTT 5 Authentication Method (property 0x15), e.g. `jwt`.
+    pub auth_method: Option<String>,
+    /// MQTT 5 Authentication Data (property 0x16).
+    pub auth_data: Option<Bytes>,
+}
+
+/// An AUTH packet (MQTT 5 §3.15).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// 0x00 success, 0x18 continue authentication, 0x19 re-authenticate.
+    pub reason: u8,
+    /// Authentication Method (property 0x15).
+    pub method: Option<String>,
+    /// Authentication Data (property 0x16).
+    pub data: Option<Bytes>,
 }
 
 /// One filter of a SUBSCRIBE.
@@ -219,7 +237,9 @@ pub enum Packet {
         /// MQTT 5 new session expiry interval.
         session_expiry: Option<u32>,
     },
-    /// A packet only a server sends (CONNACK, SUBACK, ...) or AUTH.
+    /// AUTH (MQTT 5 only).
+    Auth(Auth),
+    /// A packet only a server sends (CONNACK, SUBACK, ...).
     Unexpected(&'static str),
 }
 
@@ -231,6 +251,10 @@ pub mod reason {
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
     /// UNSUBACK: no subscription existed.
     pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+    /// AUTH: continue authentication (a step of a multi-step method).
+    pub const CONTINUE_AUTHENTICATION: u8 = 0x18;
+    /// AUTH: re-authenticate (client to server).
+    pub const REAUTHENTICATE: u8 = 0x19;
     /// Unspecified error.
     pub const UNSPECIFIED: u8 = 0x80;
     /// Malformed packet.
@@ -241,6 +265,8 @@ pub mod reason {
     pub const UNSUPPORTED_VERSION: u8 = 0x84;
     /// CONNACK: client identifier not valid.
     pub const CLIENT_ID_INVALID: u8 = 0x85;
+    /// CONNACK: bad user name or password (the connection token).
+    pub const BAD_USER_NAME_OR_PASSWORD: u8 = 0x86;
     /// Not authorized.
     pub const NOT_AUTHORIZED: u8 = 0x87;
     /// Server unavailable.
@@ -249,6 +275,8 @@ pub mod reason {
     pub const SERVER_BUSY: u8 = 0x89;
     /// DISCONNECT: server shutting down.
     pub const SHUTTING_DOWN: u8 = 0x8B;
+    /// Bad authentication method.
+    pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
     /// DISCONNECT: keep alive timeout.
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     /// DISCONNECT: session taken over.
@@ -304,6 +332,14 @@ pub enum Outgoing {
     PingResp,
     /// DISCONNECT (MQTT 5 only; 3.1.1 servers just close).
     Disconnect(u8),
+    /// AUTH with a reason and the Authentication Method (MQTT 5 only; 3.1.1
+    /// has no AUTH, so nothing is written there).
+    Auth {
+        /// Reason code (0x00 success after a re-authentication).
+        reason: u8,
+        /// Authentication Method, the one the client used.
+        method: String,
+    },
 }
 
 /// Reads the fixed header: `Ok(None)` if incomplete, else (packet byte 1,
@@ -394,12 +430,11 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max: usize) -> Resul
         }
         Version::V5 => {
             if packet_type == 15 {
-                // AUTH (MQTT 5 §3.15): enhanced authentication is not
-                // offered, so an AUTH is a protocol error (DISCONNECT 0x82),
-                // not a malformed packet. rumqttc's reader does not know the
-                // type, hence the check before it.
+                // AUTH (MQTT 5 §3.15): rumqttc's reader does not know the
+                // type, hence decoded here.
+                let auth = decode_auth(byte1, &buf[header_len..size]);
                 buf.advance(size);
-                return Ok(Some(Packet::Unexpected("AUTH")));
+                return auth.map(|a| Some(Packet::Auth(a)));
             }
             if packet_type == 14 && remaining <= 1 {
                 // rumqttc refuses the two- and three-byte DISCONNECT forms,
@@ -412,6 +447,115 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max: usize) -> Resul
             let max32 = u32::try_from(max).unwrap_or(u32::MAX);
             let p = v5::Packet::read(buf, Some(max32)).map_err(|e| CodecError::Malformed(e.to_string()))?;
             Ok(Some(from_v5(p)))
+        }
+    }
+}
+
+/// Reads an MQTT 5 UTF-8 string or binary (two-byte length prefix).
+fn read_prefixed<'a>(body: &mut &'a [u8]) -> Result<&'a [u8], CodecError> {
+    let short = || CodecError::Malformed("AUTH: truncated property".into());
+    let (len, rest) = body.split_first_chunk::<2>().ok_or_else(short)?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    let (value, rest) = rest.split_at_checked(len).ok_or_else(short)?;
+    *body = rest;
+    Ok(value)
+}
+
+/// Decodes the body of an AUTH packet (MQTT 5 §3.15). A remaining length of
+/// 0 means reason 0x00 and no properties (§3.15.2.1); only the properties
+/// AUTH may carry are accepted, each at most once where the spec says so.
+fn decode_auth(byte1: u8, body: &[u8]) -> Result<Auth, CodecError> {
+    let bad = |m: &str| CodecError::Malformed(format!("AUTH: {m}"));
+    if byte1 & 0x0F != 0 {
+        return Err(bad("reserved flags set"));
+    }
+    let mut auth = Auth { reason: reason::SUCCESS, method: None, data: None };
+    let Some((&code, mut rest)) = body.split_first() else { return Ok(auth) };
+    if !matches!(code, reason::SUCCESS | reason::CONTINUE_AUTHENTICATION | reason::REAUTHENTICATE) {
+        return Err(bad("unknown reason code"));
+    }
+    auth.reason = code;
+    if rest.is_empty() {
+        return Ok(auth);
+    }
+    let props_len = read_varint(&mut rest).ok_or_else(|| bad("bad property length"))?;
+    if rest.len() != props_len {
+        return Err(bad("property length does not match the packet"));
+    }
+    while let Some((&id, tail)) = rest.split_first() {
+        rest = tail;
+        match id {
+            0x15 => {
+                let m = read_prefixed(&mut rest)?;
+                let m = std::str::from_utf8(m).map_err(|_| bad("method is not UTF-8"))?;
+                if auth.method.replace(m.to_string()).is_some() {
+                    return Err(bad("two authentication methods"));
+                }
+            }
+            0x16 => {
+                let d = Bytes::copy_from_slice(read_prefixed(&mut rest)?);
+                if auth.data.replace(d).is_some() {
+                    return Err(bad("two authentication data"));
+                }
+            }
+            // Reason string: informative only.
+            0x1F => {
+                read_prefixed(&mut rest)?;
+            }
+            // User property: a key and a value, ignored.
+            0x26 => {
+                read_prefixed(&mut rest)?;
+                read_prefixed(&mut rest)?;
+            }
+            other => return Err(bad(&format!("property 0x{other:02X} not allowed"))),
+        }
+    }
+    Ok(auth)
+}
+
+/// Reads an MQTT variable byte integer of at most four bytes.
+fn read_varint(body: &mut &[u8]) -> Option<usize> {
+    let mut n = 0usize;
+    for i in 0..4 {
+        let (&b, rest) = body.split_first()?;
+        *body = rest;
+        n |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+/// Appends an AUTH packet: reason code and the Authentication Method.
+fn encode_auth(reason: u8, method: &str, buf: &mut BytesMut) -> Result<(), CodecError> {
+    let method_len = u16::try_from(method.len()).map_err(|_| CodecError::Malformed("method too long".into()))?;
+    let props_len = 3 + usize::from(method_len);
+    let mut body = Vec::with_capacity(5 + props_len);
+    body.push(reason);
+    push_varint(props_len, &mut body);
+    body.push(0x15);
+    body.extend_from_slice(&method_len.to_be_bytes());
+    body.extend_from_slice(method.as_bytes());
+    buf.extend_from_slice(&[0xF0]);
+    let mut len = Vec::with_capacity(4);
+    push_varint(body.len(), &mut len);
+    buf.extend_from_slice(&len);
+    buf.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Appends an MQTT variable byte integer (MQTT 5 §1.5.5).
+fn push_varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
         }
     }
 }
@@ -439,6 +583,8 @@ fn from_v4(p: v4::Packet) -> Packet {
                 receive_maximum: None,
                 max_packet_size: None,
                 topic_alias_max: 0,
+                auth_method: None,
+                auth_data: None,
             }))
         }
         v4::Packet::Publish(p) => Packet::Publish(Publish {
@@ -546,6 +692,8 @@ fn from_v5(p: v5::Packet) -> Packet {
                 receive_maximum: props.receive_maximum,
                 max_packet_size: props.max_packet_size,
                 topic_alias_max: props.topic_alias_max.unwrap_or(0),
+                auth_method: props.auth_method,
+                auth_data: props.auth_data,
             }))
         }
         v5::Packet::Publish(p) => Packet::Publish(Publish {
@@ -610,6 +758,8 @@ struct ConnectProps {
     receive_maximum: Option<u16>,
     max_packet_size: Option<u32>,
     topic_alias_max: Option<u16>,
+    auth_method: Option<String>,
+    auth_data: Option<Bytes>,
 }
 
 trait UnwrapProps {
@@ -624,12 +774,16 @@ impl UnwrapProps for Option<v5::ConnectProperties> {
                 receive_maximum: p.receive_maximum,
                 max_packet_size: p.max_packet_size,
                 topic_alias_max: p.topic_alias_max,
+                auth_method: p.authentication_method,
+                auth_data: p.authentication_data,
             },
             None => ConnectProps {
                 session_expiry_interval: None,
                 receive_maximum: None,
                 max_packet_size: None,
                 topic_alias_max: None,
+                auth_method: None,
+                auth_data: None,
             },
         }
     }
@@ -675,6 +829,7 @@ fn connack_code5(code: u8) -> v5::ConnectReturnCode {
         0x87 => C::NotAuthorized,
         0x88 => C::ServerUnavailable,
         0x89 => C::ServerBusy,
+        0x8C => C::BadAuthenticationMethod,
         0x95 => C::PacketTooLarge,
         0x97 => C::QuotaExceeded,
         0x9F => C::ConnectionRateExceeded,
@@ -817,8 +972,9 @@ pub fn encode(version: Version, packet: &Outgoing, buf: &mut BytesMut) -> Result
                 )),
                 Outgoing::UnsubAck(pkid, _) => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
                 Outgoing::PingResp => v4::Packet::PingResp,
-                // MQTT 3.1.1 has no server DISCONNECT: the server just closes.
-                Outgoing::Disconnect(_) => return Ok(()),
+                // MQTT 3.1.1 has no server DISCONNECT (the server just
+                // closes) and no AUTH.
+                Outgoing::Disconnect(_) | Outgoing::Auth { .. } => return Ok(()),
             };
             p.write(buf, usize::MAX).map(|_| ()).map_err(|e| err(e.to_string()))
         }
@@ -857,6 +1013,7 @@ pub fn encode(version: Version, packet: &Outgoing, buf: &mut BytesMut) -> Result
                     buf.extend_from_slice(&[0xe0, 0x02, *r, 0x00]);
                     return Ok(());
                 }
+                Outgoing::Auth { reason, method } => return encode_auth(*reason, method, buf),
             };
             p.write(buf, None).map(|_| ()).map_err(|e| err(e.to_string()))
         }
@@ -936,6 +1093,85 @@ mod tests {
             decode(&mut b, Some(Version::V5), 1024),
             Ok(Some(Packet::Disconnect { reason: 4, session_expiry: None }))
         );
+    }
+
+    /// An AUTH packet from its reason and raw property bytes.
+    fn auth_packet(byte1: u8, reason: u8, props: &[u8]) -> BytesMut {
+        let mut body = vec![reason];
+        push_varint(props.len(), &mut body);
+        body.extend_from_slice(props);
+        let mut b = BytesMut::from(&[byte1][..]);
+        let mut len = Vec::new();
+        push_varint(body.len(), &mut len);
+        b.extend_from_slice(&len);
+        b.extend_from_slice(&body);
+        b
+    }
+
+    fn prop(id: u8, value: &[u8]) -> Vec<u8> {
+        let mut v = vec![id];
+        v.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        v.extend_from_slice(value);
+        v
+    }
+
+    #[test]
+    fn auth_decodes_and_round_trips() {
+        let mut props = prop(0x15, b"jwt");
+        props.extend(prop(0x16, b"a.b.c"));
+        props.extend(prop(0x1F, b"why"));
+        props.extend(prop(0x26, b"k"));
+        props.extend_from_slice(&[0x00, 0x01, b'v']);
+        let mut b = auth_packet(0xF0, 0x19, &props);
+        let want = Auth { reason: 0x19, method: Some("jwt".into()), data: Some(Bytes::from_static(b"a.b.c")) };
+        assert_eq!(decode(&mut b, Some(Version::V5), 1024), Ok(Some(Packet::Auth(want))));
+        assert!(b.is_empty());
+        // Short forms: no properties; no reason either (= 0x00).
+        let mut b = BytesMut::from(&[0xF0u8, 0x01, 0x18, 0xF0, 0x00][..]);
+        let cont = Auth { reason: 0x18, method: None, data: None };
+        assert_eq!(decode(&mut b, Some(Version::V5), 1024), Ok(Some(Packet::Auth(cont))));
+        let ok = Auth { reason: 0x00, method: None, data: None };
+        assert_eq!(decode(&mut b, Some(Version::V5), 1024), Ok(Some(Packet::Auth(ok))));
+        // What the server sends decodes to what it meant.
+        let mut b = BytesMut::new();
+        encode(Version::V5, &Outgoing::Auth { reason: 0x00, method: "jwt".into() }, &mut b).unwrap();
+        let back = Auth { reason: 0x00, method: Some("jwt".into()), data: None };
+        assert_eq!(decode(&mut b, Some(Version::V5), 1024), Ok(Some(Packet::Auth(back))));
+        let mut b = BytesMut::new();
+        encode(Version::V4, &Outgoing::Auth { reason: 0x00, method: "jwt".into() }, &mut b).unwrap();
+        assert!(b.is_empty(), "3.1.1 has no AUTH");
+    }
+
+    #[test]
+    fn bad_auth_packets_are_malformed() {
+        let method = prop(0x15, b"jwt");
+        let twice = [method.clone(), method.clone()].concat();
+        let cases: Vec<(&str, BytesMut)> = vec![
+            ("reserved flags", auth_packet(0xF1, 0x19, &method)),
+            ("unknown reason", auth_packet(0xF0, 0x20, &method)),
+            ("two methods", auth_packet(0xF0, 0x19, &twice)),
+            ("property not allowed in AUTH", auth_packet(0xF0, 0x19, &[0x01, 0x01])),
+            ("truncated string", auth_packet(0xF0, 0x19, &method[..3])),
+            ("method not UTF-8", auth_packet(0xF0, 0x19, &prop(0x15, b"\xff"))),
+            ("property length past the end", BytesMut::from(&[0xF0u8, 0x03, 0x19, 0x05, 0x15][..])),
+        ];
+        for (case, mut b) in cases {
+            assert!(matches!(decode(&mut b, Some(Version::V5), 1024), Err(CodecError::Malformed(_))), "{case}");
+        }
+    }
+
+    #[test]
+    fn connect_carries_the_authentication_method_and_data() {
+        let mut b = BytesMut::new();
+        let props = v5::ConnectProperties {
+            authentication_method: Some("jwt".into()),
+            authentication_data: Some(Bytes::from_static(b"tok")),
+            ..v5::ConnectProperties::new()
+        };
+        let c = v5::Connect { keep_alive: 30, client_id: "a".into(), clean_start: true, properties: Some(props) };
+        v5::Packet::Connect(c, None, None).write(&mut b, None).unwrap();
+        let Some(Packet::Connect(c)) = decode(&mut b, None, 1024).unwrap() else { panic!() };
+        assert_eq!((c.auth_method.as_deref(), c.auth_data.as_deref()), (Some("jwt"), Some(&b"tok"[..])));
     }
 
     #[test]

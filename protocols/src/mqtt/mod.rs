@@ -34,9 +34,9 @@
 //! # What it deliberately does not do
 //!
 //! Route, authorise, store retained values or history (the core does);
-//! enhanced authentication (AUTH packets are a protocol error); MQTT 3.1
-//! (protocol level 3 is refused); request/response information; a server
-//! reference. Sessions are kept in this process only.
+//! enhanced authentication other than re-authentication with the `jwt`
+//! method (below); MQTT 3.1 (protocol level 3 is refused); request/response
+//! information; a server reference. Sessions are kept in this process only.
 //!
 //! A `Gap` from the core (history could not fill a resume) cannot be
 //! expressed in MQTT: it is logged at `info` and delivery continues after
@@ -46,6 +46,39 @@
 //! subscription identifiers differ per client); within a connection each
 //! is encoded once into the batch buffer. Caching a QoS 0 encoding across
 //! subscribers would need a slot in [`Delivery`].
+//!
+//! # Authentication and re-authentication
+//!
+//! The connection token (a JWT) is the CONNECT password; the user name is
+//! free. The client id is the one the core names (with token auth, the
+//! token's `sub`): a CONNECT asking for another non-empty id is refused
+//! (CONNACK 0x85, 3.1.1: 0x02), since the id keys the persistent session and
+//! the takeover of another client; an empty id becomes the core's (MQTT 5:
+//! Assigned Client Identifier).
+//!
+//! An MQTT 5 client that wants to re-authenticate in-session sends CONNECT
+//! with Authentication Method `jwt` (property 0x15) and the token as
+//! Authentication Data (0x16; the password is used when there is none). The
+//! CONNACK then names the method too. Later, an AUTH with reason 0x19
+//! (re-authenticate), method `jwt` and the new token as data hands the
+//! token to [`Core::refresh`]: the session continues with the new token's
+//! caps and expiry, and the server answers AUTH 0x00 (success, method
+//! `jwt`). MQTT 5 §4.12.1 asks a failed re-authentication to end the
+//! connection, so it does:
+//!
+//! | client sends | answer |
+//! |---|---|
+//! | CONNECT with an Authentication Method other than `jwt` | CONNACK 0x8C, close |
+//! | CONNECT with Authentication Data but no method | CONNACK 0x82, close |
+//! | AUTH 0x19, method `jwt`, a valid token for the same client | AUTH 0x00 (method `jwt`) |
+//! | AUTH 0x19 with a token the core refuses (invalid, expired, another client, no token auth configured) | DISCONNECT 0x87 |
+//! | AUTH 0x19 with a method other than the CONNECT's | DISCONNECT 0x8C |
+//! | AUTH without a method, AUTH with reason 0x00 or 0x18, or any AUTH after a CONNECT without a method (§4.12.0-2) | DISCONNECT 0x82 |
+//!
+//! Without a refresh, an expired token ends the session (the core closes
+//! it): MQTT 5 DISCONNECT 0xA0 (maximum connect time), MQTT 3.1.1 a plain
+//! close — 3.1.1 has neither reason codes nor AUTH, so its clients reconnect
+//! with a fresh token (a persistent session resumes where it stopped).
 //!
 //! # Closes
 //!
@@ -59,13 +92,16 @@
 //! | CONNECT with protocol level other than 4 or 5 (3 = MQTT 3.1 included) | CONNACK 0x01 (3.1.1 form), close | CONNACK 0x01, close | — |
 //! | no CONNECT within [`MqttConfig::connect_timeout`] | close | close | — |
 //! | empty client id with clean session 0 | (an id is assigned) | CONNACK 0x02, close | — |
+//! | a client id other than the one the core names (the token's `sub`) | CONNACK 0x85, close | CONNACK 0x02, close | — |
 //! | will topic invalid | CONNACK 0x90, close | close | — |
 //! | core refused the session: `unauthorized` / `permission_denied` / `rate_limited` / `unavailable` / other | CONNACK 0x86 / 0x87 / 0x9F / 0x88 / 0x80 | CONNACK 0x04 / 0x05 / 0x03 / 0x03 / 0x03 | — |
 //! | client DISCONNECT 0x00 (any 3.1.1 DISCONNECT) | close | close | discarded |
 //! | client DISCONNECT 0x04 | close | — | published |
 //! | a packet above [`MqttConfig::max_packet_size`] | DISCONNECT 0x95 | close | published |
 //! | malformed packet | DISCONNECT 0x81 | close | published |
-//! | second CONNECT, a server-only packet, AUTH, DISCONNECT raising a zero session expiry | DISCONNECT 0x82 | close | published |
+//! | CONNECT with an unknown Authentication Method / with Authentication Data and no method | CONNACK 0x8C / 0x82, close | — | — |
+//! | second CONNECT, a server-only packet, an AUTH the table above refuses with 0x82, DISCONNECT raising a zero session expiry | DISCONNECT 0x82 | close | published |
+//! | re-authentication refused / with another method | DISCONNECT 0x87 / 0x8C | — | published |
 //! | PUBLISH topic with a wildcard, a NUL, invalid UTF-8, empty, or reserved `$` (other than `$presence/`) | DISCONNECT 0x90 | close | published |
 //! | topic alias 0, above our maximum, or unknown | DISCONNECT 0x94 | — | published |
 //! | more inbound QoS 2 awaiting PUBREL than [`MqttConfig::receive_maximum`] | DISCONNECT 0x93 | close | published |
@@ -84,7 +120,7 @@
 //! |---|---|---|
 //! | SUBACK | 0x00-0x02 | granted QoS |
 //! | SUBACK | 0x8F (3.1.1: 0x80) | invalid filter, or the core said `invalid_filter` / `invalid_channel` |
-//! | SUBACK | 0x87 (3.1.1: 0x80) | `permission_denied` / `unauthorized` |
+//! | SUBACK | 0x87 (3.1.1: 0x80) | `permission_denied` / `unauthorized` / `reserved_channel` (a `$` filter other than `$presence/...`, `$share/...`) |
 //! | SUBACK | 0x97 (3.1.1: 0x80) | `too_many_subscriptions` / `rate_limited` |
 //! | SUBACK | 0x80 | any other core error |
 //! | PUBACK / PUBREC | 0x00 | accepted (also a duplicate idempotency id) |
@@ -116,7 +152,9 @@
 //! `switchboard_bytes_out_total`, and `switchboard_protocol_errors_total`
 //! with `code` = `not_connect`, `unsupported_version`, `connect_timeout`,
 //! `malformed`, `too_large`, `protocol_error`, `topic_invalid`,
-//! `alias_invalid`, `receive_maximum`, `keepalive_timeout`.
+//! `alias_invalid`, `receive_maximum`, `keepalive_timeout`,
+//! `bad_auth_method`. Refused tokens count in the core's
+//! `switchboard_auth_failures_total`.
 
 pub mod codec;
 pub mod session;
@@ -131,6 +169,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use metrics::Counter;
 use switchboard_proto::{self as proto, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -202,9 +241,17 @@ impl Default for MqttConfig {
     }
 }
 
+/// The one Authentication Method (MQTT 5 §4.12) the gateway offers: the
+/// Authentication Data is a connection token (a JWT).
+pub const AUTH_METHOD_JWT: &str = "jwt";
+
 /// Buffers above this are released after a batch, so that one burst does
 /// not pin memory for the connection's life.
 const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Bytes an idle connection reads inline before it takes a read buffer
+/// again (enough for a PINGREQ or a small PUBLISH).
+const IDLE_READ: usize = 64;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -272,7 +319,8 @@ fn valid_filter(filter: &str) -> bool {
 fn suback_code(version: Version, code: ErrorCode) -> u8 {
     let r = match code {
         ErrorCode::InvalidFilter | ErrorCode::InvalidChannel => reason::TOPIC_FILTER_INVALID,
-        ErrorCode::PermissionDenied | ErrorCode::Unauthorized => reason::NOT_AUTHORIZED,
+        // A reserved `$` filter is refused to everyone: not authorized.
+        ErrorCode::PermissionDenied | ErrorCode::Unauthorized | ErrorCode::ReservedChannel => reason::NOT_AUTHORIZED,
         ErrorCode::TooManySubscriptions | ErrorCode::RateLimited => reason::QUOTA_EXCEEDED,
         _ => reason::UNSPECIFIED,
     };
@@ -381,12 +429,39 @@ struct Io<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
-    /// Reads more bytes; Ok(0) is EOF. Cancel-safe (`read_buf`).
+    /// Reads more bytes; Ok(0) is EOF. Cancel-safe (`read_buf`, `read`).
+    ///
+    /// An idle connection holds no read buffer: between packets, with
+    /// nothing waiting on the socket, the buffer is released and the wait
+    /// for the next bytes reads into a few bytes inline in the task. A busy
+    /// connection, whose next bytes are already there, keeps its buffer.
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size {
-            self.rbuf.reserve(self.read_size);
-        }
-        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        let n = if !self.rbuf.is_empty() || self.rbuf.capacity() > 0 {
+            if self.rbuf.capacity() - self.rbuf.len() < self.read_size {
+                self.rbuf.reserve(self.read_size);
+            }
+            match self.stream.read_buf(&mut self.rbuf).now_or_never() {
+                Some(r) => Some(r?),
+                // Mid-packet: wait with the buffer.
+                None if !self.rbuf.is_empty() => Some(self.stream.read_buf(&mut self.rbuf).await?),
+                None => {
+                    self.rbuf = BytesMut::new();
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let n = match n {
+            Some(n) => n,
+            None => {
+                let mut first = [0u8; IDLE_READ];
+                let n = self.stream.read(&mut first).await?;
+                self.rbuf.reserve(self.read_size);
+                self.rbuf.extend_from_slice(&first[..n]);
+                n
+            }
+        };
         self.counters.bytes_in.increment(n as u64);
         Ok(n)
     }
@@ -449,14 +524,19 @@ impl Peer {
 ///
 /// Never panics on network input; every way it ends is in the module's
 /// close table.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+///
+/// Memory: a task is as large as its largest state, so everything before
+/// the session runs (the CONNECT, authentication, the session claim) is a
+/// boxed future of its own, freed once the session is open. An open, idle
+/// connection's task then holds its `Conn` and the wait in the session loop.
+pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     io: S,
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
     cfg: MqttConfig,
     peer: Peer,
     shutdown: watch::Receiver<bool>,
-) {
+) -> impl Future<Output = ()> + Send {
     let span = tracing::info_span!(
         "mqtt",
         peer = tracing::field::Empty,
@@ -475,10 +555,21 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         write_timeout: cfg.write_timeout,
         counters: Counters::new(),
     };
-    run(io, core, sessions, cfg, peer, shutdown, span.clone()).instrument(span).await;
+    let opening = Box::pin(open(io, core, sessions, cfg, peer, shutdown, span.clone()));
+    async move {
+        let Some(mut conn) = opening.await else { return };
+        let stop = match Box::pin(conn.resume_and_flush()).await {
+            Ok(()) => conn.run().await,
+            Err(stop) => stop,
+        };
+        Box::pin(conn.finish(stop)).await;
+    }
+    .instrument(span)
 }
 
-async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+/// Reads the CONNECT and opens the session; `None` when the connection
+/// ended instead.
+async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut io: Io<S>,
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
@@ -486,20 +577,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     peer: Peer,
     mut shutdown: watch::Receiver<bool>,
     span: Span,
-) {
+) -> Option<Conn<S>> {
     let Some(connect) = read_connect(&mut io, &cfg, &mut shutdown).await else {
         io.shutdown().await;
-        return;
+        return None;
     };
     span.record("version", if connect.version == Version::V5 { "5" } else { "3.1.1" });
-    let Some(mut conn) = accept(io, *connect, core, sessions, cfg, peer, shutdown, &span).await else {
-        return;
-    };
-    let stop = match conn.resume_and_flush().await {
-        Ok(()) => conn.run().await,
-        Err(stop) => stop,
-    };
-    conn.finish(stop).await;
+    accept(io, *connect, core, sessions, cfg, peer, shutdown, &span).await
 }
 
 /// Reads until a CONNECT, within the connect timeout. `None` ends the
@@ -670,11 +754,37 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
 
+    // The password is the connection token; with the `jwt` Authentication
+    // Method (MQTT 5 §4.12, for re-authentication) the Authentication Data
+    // is, when present.
+    let mut token = c.password.clone().unwrap_or_default();
+    let auth_method = match (&c.auth_method, &c.auth_data) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            // MQTT 5 §3.1.2.11.10.
+            info!("refused: Authentication Data without an Authentication Method");
+            protocol_error("protocol_error");
+            refuse(&mut io, version, reason::PROTOCOL_ERROR).await;
+            return None;
+        }
+        (Some(m), data) if m == AUTH_METHOD_JWT => {
+            if let Some(d) = data {
+                token = String::from_utf8_lossy(d).into_owned();
+            }
+            Some(m.clone())
+        }
+        (Some(m), _) => {
+            info!(method = %m, "refused: unknown authentication method");
+            protocol_error("bad_auth_method");
+            refuse(&mut io, version, reason::BAD_AUTHENTICATION_METHOD).await;
+            return None;
+        }
+    };
+
     let open = OpenSession {
         protocol: proto::Protocol::Mqtt,
         client_id: client_id.clone(),
-        // Auth arrives later; the password is the connection token.
-        token: c.password.clone().unwrap_or_default(),
+        token,
         peer: peer.addr,
         cert_identity: peer.cert_identity.clone(),
     };
@@ -688,6 +798,24 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
     let session = CoreSession { handle, core: Arc::clone(&core), end: CloseKind::Abrupt };
+    // The core names the client (with token auth, the token's `sub`). A
+    // CONNECT asking for another id is refused: its id keys the persistent
+    // session and the takeover below, which belong to that other client.
+    let client_id = if session.handle.client_id == client_id {
+        client_id
+    } else if c.client_id.is_empty() {
+        let id = session.handle.client_id.clone();
+        if v5 {
+            assigned = Some(id.clone());
+        }
+        span.record("client_id", id.as_str());
+        id
+    } else {
+        info!(asked = %client_id, token = %session.handle.client_id, "refused: the client id is not the token's");
+        drop(session);
+        refuse(&mut io, version, if v5 { reason::CLIENT_ID_INVALID } else { 2 }).await;
+        return None;
+    };
 
     // Authorised: now the client id may displace another connection.
     let now = Instant::now();
@@ -742,7 +870,8 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
             server_keep_alive,
             response_information: None,
             server_reference: None,
-            authentication_method: None,
+            // MQTT 5 §4.12: named back only when the client used it.
+            authentication_method: auth_method.clone(),
             authentication_data: None,
         })
     });
@@ -773,6 +902,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         will,
         session_expiry,
         v5_expiry_was_zero: v5 && c.session_expiry == 0,
+        auth_method,
         entered: HashSet::new(),
         drained: Vec::new(),
         cfg,
@@ -807,6 +937,9 @@ struct Conn<S> {
     session_expiry: Duration,
     /// MQTT 5 §3.14.2.2.2: a DISCONNECT may not raise a zero expiry.
     v5_expiry_was_zero: bool,
+    /// The CONNECT's Authentication Method (`jwt`): re-authentication is
+    /// allowed only with it (MQTT 5 §4.12).
+    auth_method: Option<String>,
     /// Channels whose presence this client entered via `$presence/...`.
     entered: HashSet<String>,
     drained: Vec<Outbound>,
@@ -856,6 +989,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     no_local: sub.no_local,
                     // Channels first published while the client was away.
                     since_ms: since.max(1),
+                    ..Default::default()
                 };
                 match self.core.subscribe(self.handle_id(), req).await {
                     Ok(outcome) => {
@@ -907,7 +1041,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     debug!(error = %e, "read failed");
                     Err(Stop::Gone)
                 }
-                Event::Read(Ok(_)) => self.on_bytes().await,
+                // Boxed: packet handling is the loop's largest state, and an
+                // idle connection waits in the select above, not here.
+                Event::Read(Ok(_)) => Box::pin(self.on_bytes()).await,
                 Event::Outbox => Ok(()),
             };
             if let Err(stop) = handled {
@@ -1017,10 +1153,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 debug!(reason = r, "client DISCONNECT");
                 Err(Stop::ClientDisconnect(r))
             }
+            Packet::Auth(a) => self.on_auth(a).await,
             Packet::Connect(_) | Packet::Unexpected(_) => {
                 info!(packet = ?packet, "protocol error: unexpected packet");
                 protocol_error("protocol_error");
                 Err(Stop::Disconnect(reason::PROTOCOL_ERROR))
+            }
+        }
+    }
+
+    /// AUTH: re-authentication with a new token (see the module docs).
+    async fn on_auth(&mut self, a: codec::Auth) -> Result<(), Stop> {
+        let protocol_violation = |why: &str| {
+            info!(why, "protocol error in AUTH");
+            protocol_error("protocol_error");
+            Err(Stop::Disconnect(reason::PROTOCOL_ERROR))
+        };
+        let Some(method) = self.auth_method.clone() else {
+            return protocol_violation("AUTH after a CONNECT without an Authentication Method");
+        };
+        if a.reason != reason::REAUTHENTICATE {
+            // 0x00 is the server's answer; 0x18 continues an exchange the
+            // server started, and this server never starts one.
+            return protocol_violation("AUTH reason other than re-authenticate");
+        }
+        let Some(asked) = a.method else {
+            return protocol_violation("AUTH without an Authentication Method");
+        };
+        if asked != method {
+            // MQTT 5 §4.12.1-1: the same method as at CONNECT.
+            info!(method = %asked, "re-authentication with another method");
+            protocol_error("bad_auth_method");
+            return Err(Stop::Disconnect(reason::BAD_AUTHENTICATION_METHOD));
+        }
+        let token = a.data.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default();
+        match self.core.refresh(self.handle_id(), &token).await {
+            Ok(()) => {
+                debug!("re-authenticated");
+                self.push(Outgoing::Auth { reason: reason::SUCCESS, method });
+                Ok(())
+            }
+            Err(e) => {
+                // MQTT 5 §4.12.1-2: a failed re-authentication ends the
+                // connection.
+                info!(code = e.code.slug(), error = %e, "re-authentication refused");
+                Err(Stop::Disconnect(reason::NOT_AUTHORIZED))
             }
         }
     }
@@ -1154,6 +1331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 retained,
                 no_local: f.no_local,
                 since_ms: 0,
+                ..Default::default()
             };
             match self.core.subscribe(self.handle_id(), req).await {
                 Ok(outcome) => {

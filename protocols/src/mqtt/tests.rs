@@ -61,9 +61,11 @@ impl Core for FakeCore {
         // Each session gets a fresh outbox, as the real core does.
         let outbox = Outbox::new(1 << 20);
         *self.outbox.lock() = outbox.clone();
+        // A token `sub:NAME` names the client, as a real token's `sub` does.
+        let client_id = req.token.strip_prefix("sub:").map_or(req.client_id, str::to_string);
         Ok(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            client_id: req.client_id,
+            client_id,
             connection_id: "c1".into(),
             node: "n1".into(),
             outbox,
@@ -111,6 +113,14 @@ impl Core for FakeCore {
 
     async fn history(&self, _: SessionId, req: proto::History) -> Result<proto::HistoryResult, CoreError> {
         Ok(proto::HistoryResult { channel: req.channel, ..Default::default() })
+    }
+
+    async fn refresh(&self, session: SessionId, token: &str) -> Result<(), CoreError> {
+        self.calls.lock().push(format!("refresh {session} {token}"));
+        if token == "bad" {
+            return Err(CoreError::new(ErrorCode::Unauthorized, "bad token"));
+        }
+        Ok(())
     }
 
     fn close(&self, session: SessionId, kind: CloseKind) {
@@ -200,6 +210,30 @@ impl Client {
         }
     }
 
+    /// Writes raw bytes (packets rumqttc cannot encode, such as AUTH).
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.expect("write");
+    }
+
+    /// The next packet, which must be an AUTH (rumqttc's reader does not
+    /// know AUTH; AUTH is symmetric, so the server's decoder reads it).
+    async fn recv_auth(&mut self) -> codec::Auth {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match codec::decode(&mut self.buf, Some(Version::V5), 1 << 20) {
+                    Ok(Some(Packet::Auth(a))) => return a,
+                    Ok(Some(other)) => panic!("expected AUTH, got {other:?}"),
+                    Ok(None) => {}
+                    Err(e) => panic!("bad AUTH from the server: {e}"),
+                }
+                let n = self.io.read_buf(&mut self.buf).await.expect("read");
+                assert!(n > 0, "closed instead of AUTH");
+            }
+        })
+        .await
+        .expect("receive timed out")
+    }
+
     async fn expect_closed(&mut self) {
         if let Some(p) = self.recv().await {
             panic!("expected EOF, got {p:?}");
@@ -231,8 +265,14 @@ impl Harness {
     fn start(&self, v5: bool) -> (Client, JoinHandle<()>) {
         let (server, client) = tokio::io::duplex(1 << 20);
         let core: Arc<dyn Core> = self.core.clone();
-        let task =
-            tokio::spawn(serve(server, core, self.sessions.clone(), self.cfg.clone(), Peer::default(), self.shutdown.subscribe()));
+        let task = tokio::spawn(serve(
+            server,
+            core,
+            self.sessions.clone(),
+            self.cfg.clone(),
+            Peer::default(),
+            self.shutdown.subscribe(),
+        ));
         (Client { io: client, buf: BytesMut::new(), v5 }, task)
     }
 
@@ -874,4 +914,146 @@ async fn serve_is_send() {
     let core: Arc<dyn Core> = h.core.clone();
     let fut = serve(server, core, h.sessions.clone(), h.cfg.clone(), Peer::default(), h.shutdown.subscribe());
     is_send(&fut);
+}
+
+/// An MQTT 5 AUTH packet: `reason`, then the method and data properties.
+fn auth_bytes(reason: u8, method: Option<&str>, data: Option<&str>) -> Vec<u8> {
+    let mut props = Vec::new();
+    for (id, v) in [(0x15u8, method), (0x16, data)] {
+        if let Some(v) = v {
+            props.push(id);
+            props.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            props.extend_from_slice(v.as_bytes());
+        }
+    }
+    let mut body = vec![reason, props.len() as u8];
+    body.extend(props);
+    let mut p = vec![0xF0, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+fn jwt_props(data: Option<&str>) -> v5::ConnectProperties {
+    v5::ConnectProperties {
+        authentication_method: Some("jwt".into()),
+        authentication_data: data.map(|d| Bytes::from(d.to_string())),
+        ..v5::ConnectProperties::new()
+    }
+}
+
+#[tokio::test]
+async fn reauthentication_refreshes_the_core_session_and_answers_auth_success() {
+    let h = Harness::new();
+    let (mut c, task, ack) = h.connect5("dev", Some(jwt_props(Some("t1"))), None).await;
+    let props = ack.properties.expect("CONNACK properties");
+    assert_eq!(props.authentication_method.as_deref(), Some("jwt"), "the method is named back");
+    assert_eq!(h.core.calls()[0], "open dev t1", "the Authentication Data is the token");
+    c.send_raw(&auth_bytes(0x19, Some("jwt"), Some("t2"))).await;
+    let a = c.recv_auth().await;
+    assert_eq!((a.reason, a.method.as_deref()), (0x00, Some("jwt")));
+    assert!(h.core.calls().contains(&"refresh 1 t2".to_string()));
+    // The session goes on.
+    c.send5(v5::Packet::PingReq(v5::PingReq)).await;
+    assert!(matches!(c.recv5().await, v5::Packet::PingResp(_)));
+    // A refused token ends it: DISCONNECT 0x87.
+    c.send_raw(&auth_bytes(0x19, Some("jwt"), Some("bad"))).await;
+    assert_eq!(disconnect_reason(c.recv5().await), v5::DisconnectReasonCode::NotAuthorized);
+    c.expect_closed().await;
+    join(task).await;
+
+    // Without Authentication Data the password is the token.
+    let (mut c, task) = h.start(true);
+    let connect =
+        v5::Connect { keep_alive: 0, client_id: "pw".into(), clean_start: true, properties: Some(jwt_props(None)) };
+    c.send5(v5::Packet::Connect(connect, None, Some(v5::Login::new("pw", "t3")))).await;
+    assert!(matches!(c.recv5().await, v5::Packet::ConnAck(a) if a.code == v5::ConnectReturnCode::Success));
+    assert!(h.core.calls().contains(&"open pw t3".to_string()));
+    drop(c);
+    join(task).await;
+}
+
+#[tokio::test]
+async fn reauthentication_refusals_follow_the_table() {
+    let h = Harness::new();
+    // (CONNECT props, AUTH bytes, DISCONNECT reason)
+    let cases = [
+        ("AUTH without a method at CONNECT", None, auth_bytes(0x19, Some("jwt"), Some("t")), 0x82),
+        ("another method", Some(jwt_props(Some("t"))), auth_bytes(0x19, Some("other"), Some("t")), 0x8C),
+        ("no method in AUTH", Some(jwt_props(Some("t"))), auth_bytes(0x19, None, Some("t")), 0x82),
+        ("AUTH continue", Some(jwt_props(Some("t"))), auth_bytes(0x18, Some("jwt"), Some("t")), 0x82),
+        ("AUTH success from a client", Some(jwt_props(Some("t"))), vec![0xF0, 0x00], 0x82),
+    ];
+    for (case, props, auth, want) in cases {
+        let (mut c, task, _) = h.connect5(case, props, None).await;
+        c.send_raw(&auth).await;
+        // Read raw: rumqttc's reader does not know DISCONNECT 0x8C.
+        let mut raw = Vec::new();
+        tokio::time::timeout(WAIT, c.io.read_to_end(&mut raw)).await.expect("not closed").expect("read");
+        assert_eq!(raw, [0xE0, 0x02, want, 0x00], "{case}: DISCONNECT {want:#04x}, then close");
+        join(task).await;
+    }
+    // At CONNECT: an unknown method (0x8C), data without a method (0x82).
+    let scram =
+        v5::ConnectProperties { authentication_method: Some("SCRAM-SHA-1".into()), ..v5::ConnectProperties::new() };
+    let no_method =
+        v5::ConnectProperties { authentication_data: Some(Bytes::from_static(b"t")), ..v5::ConnectProperties::new() };
+    for (props, want) in [(scram, 0x8C), (no_method, 0x82)] {
+        let (mut c, task) = h.start(true);
+        let connect = v5::Connect { keep_alive: 0, client_id: "x".into(), clean_start: true, properties: Some(props) };
+        c.send5(v5::Packet::Connect(connect, None, None)).await;
+        // Read raw: rumqttc's reader does not know CONNACK 0x8C.
+        let mut raw = Vec::new();
+        tokio::time::timeout(WAIT, c.io.read_to_end(&mut raw)).await.expect("not closed").expect("read");
+        assert_eq!(raw, [0x20, 0x03, 0x00, want, 0x00], "CONNACK {want:#04x}, then close");
+        join(task).await;
+    }
+    assert!(!h.core.calls().iter().any(|c| c.starts_with("open x")), "refused before the core is asked");
+}
+
+#[tokio::test]
+async fn the_core_names_the_client() {
+    let h = Harness::new();
+    // Asking for another id than the token's is refused (3.1.1: 0x02).
+    let (mut c, task) = h.start(false);
+    let mut p = v4::Connect::new("victim");
+    p.set_login("u", "sub:mallory");
+    c.send4(v4::Packet::Connect(p)).await;
+    let v4::Packet::ConnAck(ack) = c.recv4().await else { panic!("no CONNACK") };
+    assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
+    c.expect_closed().await;
+    join(task).await;
+    assert!(h.core.calls().iter().any(|c| c.starts_with("close 1")), "the core session is closed");
+    // An empty id becomes the token's (MQTT 5: assigned in CONNACK).
+    let (mut c, task) = h.start(true);
+    let connect = v5::Connect { keep_alive: 0, client_id: String::new(), clean_start: true, properties: None };
+    c.send5(v5::Packet::Connect(connect, None, Some(v5::Login::new("u", "sub:device-7")))).await;
+    let v5::Packet::ConnAck(ack) = c.recv5().await else { panic!("no CONNACK") };
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    assert_eq!(ack.properties.and_then(|p| p.assigned_client_identifier).as_deref(), Some("device-7"));
+    drop(c);
+    join(task).await;
+}
+
+/// Size of the future `f` returns for a `Conn` (without running it).
+fn conn_future_size<S: 'static, Fut>(_f: impl FnOnce(&'static mut Conn<S>) -> Fut) -> usize {
+    std::mem::size_of::<Fut>()
+}
+
+/// An idle connection's memory is mostly its task, and a task is as large
+/// as its largest state: the connect phase and packet handling are boxed
+/// so that the wait in the session loop stays small. (Bounds with headroom
+/// for compiler differences; a regression that inlines the connect phase
+/// again roughly doubles the size.)
+#[test]
+fn an_open_connection_task_stays_small() {
+    let h = Harness::new();
+    let (server, _client) = tokio::io::duplex(64);
+    let core: Arc<dyn Core> = h.core.clone();
+    let fut = serve(server, core, h.sessions.clone(), h.cfg.clone(), Peer::default(), h.shutdown.subscribe());
+    let task = std::mem::size_of_val(&fut);
+    let run = conn_future_size::<DuplexStream, _>(|c| c.run());
+    let conn = std::mem::size_of::<Conn<DuplexStream>>();
+    assert!(run <= 640, "the session loop's future is {run} bytes");
+    assert!(task <= conn + run + 256, "the task is {task} bytes (Conn {conn}, loop {run})");
+    assert!(task <= 2048, "the task is {task} bytes");
 }

@@ -1,0 +1,400 @@
+//! The HTTP/1.1 front door: long-lived streams without hyper's buffers.
+//!
+//! An SSE stream or a pending long poll is an idle connection most of its
+//! life, and hyper keeps about 30 KiB per HTTP/1.1 connection (a read buffer
+//! of 8 to 16 KiB, an 8 KiB header buffer, the connection state) for as long
+//! as the response lasts. The front door reads each request head itself;
+//! `GET /v1/sse` and `GET /v1/poll` are served here, with the same handlers
+//! hyper's routes use ([`crate::http::stream_get`]) and no per-connection
+//! buffer while they wait. Everything else — WebSocket and MQTT upgrades,
+//! REST, `POST /v1/poll`, HTTP/2 (h2c preface or ALPN), anything this
+//! module does not understand — goes to hyper untouched: the bytes already
+//! read are replayed in front of the connection ([`Prefixed`]).
+//!
+//! Served here, per HTTP/1.1 (RFC 9112):
+//! - keep-alive: after a complete response (a long poll's answer, an
+//!   error) the next request head is read on the same connection, so a
+//!   polling client reuses it; `Connection: close` and HTTP/1.0 close after
+//!   the response;
+//! - SSE bodies are sent chunked (HTTP/1.0: delimited by the close), one
+//!   write per event batch, each within the write timeout; a peer that
+//!   closes its side ends the stream;
+//! - the head must arrive within the handshake timeout and be at most
+//!   [`MAX_HEAD`] bytes (larger heads go to hyper, which answers 431).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{Request, Response};
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::http::{Body, HttpState};
+
+/// Largest request head the front door reads; a longer one goes to hyper.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// Headers the front door parses at most; more go to hyper.
+const MAX_HEADERS: usize = 64;
+
+/// What became of a connection.
+pub enum Outcome<IO> {
+    /// Served to the end (closed, or the peer went away).
+    Done,
+    /// Not for the front door: serve it with hyper, bytes already read first.
+    Hyper(Prefixed<IO>),
+}
+
+/// A connection with bytes already read from it, replayed first.
+pub struct Prefixed<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Release the buffer now: an upgraded connection (a
+                // WebSocket) keeps this wrapper for its whole life.
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A parsed head the front door serves.
+struct Head {
+    request: Request<()>,
+    /// Bytes of the head (the rest of the buffer is the next request).
+    len: usize,
+    /// Keep the connection open after the response.
+    keep_alive: bool,
+    /// HTTP/1.1 (chunked bodies) rather than 1.0.
+    http11: bool,
+}
+
+/// What the bytes read so far are.
+enum Parsed {
+    /// Not complete yet.
+    Partial,
+    /// Not ours (or not understood): hyper's.
+    Hyper,
+    /// A request the front door serves.
+    Ours(Box<Head>),
+}
+
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        _ => return Parsed::Hyper,
+    };
+    let (Some("GET"), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Hyper;
+    };
+    let route = path.split('?').next().unwrap_or_default();
+    if route != "/v1/sse" && route != "/v1/poll" {
+        return Parsed::Hyper;
+    }
+    let mut builder = Request::get(path);
+    let mut close = version == 0;
+    for h in req.headers.iter() {
+        let name = h.name;
+        // A body, an upgrade or an expectation: hyper knows what to do.
+        if name.eq_ignore_ascii_case("content-length") && h.value != b"0"
+            || name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            return Parsed::Hyper;
+        }
+        if name.eq_ignore_ascii_case("connection") {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if v.split(',').any(|t| t.trim() == "close") {
+                close = true;
+            } else if v.split(',').any(|t| t.trim() == "keep-alive") && version == 0 {
+                close = false;
+            }
+        }
+        builder = builder.header(name, h.value);
+    }
+    match builder.version(if version == 1 { http::Version::HTTP_11 } else { http::Version::HTTP_10 }).body(()) {
+        Ok(request) => Parsed::Ours(Box::new(Head { request, len, keep_alive: !close, http11: version == 1 })),
+        Err(_) => Parsed::Hyper,
+    }
+}
+
+/// Serves the connection's requests until one is not for the front door
+/// (returned for hyper) or the connection ends.
+pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut io: IO,
+    state: HttpState,
+    peer: SocketAddr,
+) -> Outcome<IO> {
+    let head_timeout = state.ws.handshake_timeout;
+    let write_timeout = state.ws.write_timeout;
+    let mut buf = BytesMut::new();
+    loop {
+        let head = match tokio::time::timeout(head_timeout, read_head(&mut io, &mut buf)).await {
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) => return Outcome::Hyper(Prefixed { prefix: buf.freeze(), io }),
+            Ok(Err(_)) => return Outcome::Done,
+            Err(_) => {
+                if !buf.is_empty() {
+                    // A head that never finished: tell the client, then close.
+                    let _ = write_all(&mut io, TIMEOUT_RESPONSE, write_timeout).await;
+                    tracing::debug!(%peer, "request head timed out");
+                }
+                return Outcome::Done;
+            }
+        };
+        let Head { request, len, keep_alive, http11 } = *head;
+        buf.advance(len);
+        if buf.is_empty() {
+            // An idle connection holds no read buffer.
+            buf = BytesMut::new();
+        }
+        // Boxed: the handler's state is needed only until the response
+        // starts, and the task is as large as its largest state. A client
+        // that goes away while a poll waits ends the wait (and its session).
+        let handler = Box::pin(crate::http::stream_get(state.clone(), peer, &request));
+        let response = tokio::select! {
+            r = handler => r,
+            () = peer_gone(&mut io, &mut buf) => None,
+        };
+        // The request (its header map) is not kept while a stream lasts.
+        drop(request);
+        let Some(response) = response else {
+            return Outcome::Done;
+        };
+        let keep_alive = keep_alive && !*state.shutdown.borrow();
+        match respond(&mut io, response, keep_alive, http11, write_timeout).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                return Outcome::Done;
+            }
+        }
+    }
+}
+
+/// Resolves when the peer closes or resets the connection. Bytes it sends
+/// meanwhile (a pipelined next request) are kept in `buf`, up to
+/// [`MAX_HEAD`]; beyond that reading stops until the response is out.
+async fn peer_gone<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) {
+    loop {
+        if buf.len() >= MAX_HEAD {
+            return std::future::pending().await;
+        }
+        let mut bytes = [0u8; 64];
+        match io.read(&mut bytes).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&bytes[..n]),
+        }
+    }
+}
+
+const TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// Reads until a complete head: `Some` when the front door serves it,
+/// `None` when it goes to hyper (the bytes stay in `buf`). Between requests
+/// the wait reads into a few bytes inline, so an idle keep-alive connection
+/// holds no buffer.
+async fn read_head<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) -> std::io::Result<Option<Box<Head>>> {
+    loop {
+        if !buf.is_empty() {
+            match parse(buf) {
+                Parsed::Partial => {}
+                Parsed::Hyper => return Ok(None),
+                Parsed::Ours(head) => return Ok(Some(head)),
+            }
+        }
+        let n = if buf.is_empty() {
+            let mut first = [0u8; 64];
+            let n = io.read(&mut first).await?;
+            buf.reserve(1024);
+            buf.put_slice(&first[..n]);
+            n
+        } else {
+            buf.reserve(1024.min(MAX_HEAD.saturating_sub(buf.len())).max(64));
+            io.read_buf(buf).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Writes a response. A body of known length is sent with
+/// `content-length` and the connection may go on (`Ok(true)`); a stream is
+/// sent chunked (HTTP/1.0: until the close) while the peer stays.
+async fn respond<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
+    response: Response<Body>,
+    keep_alive: bool,
+    http11: bool,
+    write_timeout: Duration,
+) -> std::io::Result<bool> {
+    use hyper::body::Body as _;
+    let (parts, mut body) = response.into_parts();
+    let exact = body.size_hint().exact();
+    let mut out = BytesMut::with_capacity(256);
+    let version = if http11 { "HTTP/1.1" } else { "HTTP/1.0" };
+    let reason = parts.status.canonical_reason().unwrap_or("");
+    out.put_slice(format!("{version} {} {reason}\r\n", parts.status.as_u16()).as_bytes());
+    for (name, value) in &parts.headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(format!("date: {}\r\n", httpdate::fmt_http_date(std::time::SystemTime::now())).as_bytes());
+    let streaming = exact.is_none();
+    // HTTP/1.0 has no chunked encoding: its stream ends with the connection.
+    let keep_alive = keep_alive && (http11 || !streaming);
+    match exact {
+        Some(len) => out.put_slice(format!("content-length: {len}\r\n").as_bytes()),
+        None if http11 => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        None => {}
+    }
+    out.put_slice(if keep_alive { b"connection: keep-alive\r\n\r\n" } else { b"connection: close\r\n\r\n" });
+
+    if !streaming {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                out.put_slice(&data);
+            }
+        }
+        write_all(io, &out, write_timeout).await?;
+        return Ok(keep_alive);
+    }
+    write_all(io, &out, write_timeout).await?;
+    drop(out);
+    let mut probe = [0u8; 16];
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            // The peer closing its side (or resetting) ends the stream;
+            // anything it sends meanwhile is ignored.
+            r = io.read(&mut probe) => match r {
+                Ok(0) | Err(_) => return Ok(false),
+                Ok(_) => continue,
+            },
+        };
+        let Some(Ok(frame)) = frame else { break };
+        let Ok(data) = frame.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        if http11 {
+            let mut chunk = BytesMut::with_capacity(data.len() + 12);
+            chunk.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            chunk.put_slice(&data);
+            chunk.put_slice(b"\r\n");
+            write_all(io, &chunk, write_timeout).await?;
+        } else {
+            write_all(io, &data, write_timeout).await?;
+        }
+    }
+    if http11 {
+        write_all(io, b"0\r\n\r\n", write_timeout).await?;
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_gets_are_ours_everything_else_goes_to_hyper() {
+        let ours = |raw: &str| matches!(parse(raw.as_bytes()), Parsed::Ours(_));
+        let hyper = |raw: &str| matches!(parse(raw.as_bytes()), Parsed::Hyper);
+        assert!(ours("GET /v1/sse?channel=a HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(ours("GET /v1/poll?channel=a HTTP/1.0\r\n\r\n"));
+        assert!(hyper("GET /v1/ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"));
+        assert!(hyper("GET /v1/sse HTTP/1.1\r\nUpgrade: h2c\r\n\r\n"));
+        assert!(hyper("POST /v1/poll HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"));
+        assert!(hyper("GET /v1/sse HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(hyper("GET /v1/channels/a/history HTTP/1.1\r\n\r\n"));
+        assert!(hyper("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(hyper("\x16\x03\x01 binary"));
+        assert!(matches!(parse(b"GET /v1/sse HTTP/1.1\r\nHost"), Parsed::Partial));
+        let long = format!("GET /v1/sse?{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
+        assert!(hyper(&long), "an oversize head is hyper's (431)");
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        let head = |raw: &str| match parse(raw.as_bytes()) {
+            Parsed::Ours(h) => h,
+            _ => panic!("not ours: {raw}"),
+        };
+        assert!(head("GET /v1/poll HTTP/1.1\r\n\r\n").keep_alive);
+        assert!(!head("GET /v1/poll HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!head("GET /v1/poll HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET /v1/poll HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        let h = head("GET /v1/poll?channel=a%2Fb HTTP/1.1\r\nLast-Event-ID: x\r\n\r\n");
+        assert_eq!(h.request.uri().query(), Some("channel=a%2Fb"));
+        assert_eq!(h.request.headers()["last-event-id"], "x");
+    }
+
+    #[tokio::test]
+    async fn a_prefixed_connection_replays_what_was_read() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.unwrap();
+        let mut p = Prefixed { prefix: Bytes::from_static(b"hello"), io: server };
+        let mut got = vec![0u8; 11];
+        p.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"hello world");
+    }
+}
