@@ -197,7 +197,7 @@ impl Default for WebSocketConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(25),
-            read_buffer: 4096,
+            read_buffer: 1024,
             write_buffer: 64 * 1024,
         }
     }

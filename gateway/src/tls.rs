@@ -216,6 +216,51 @@ fn certified(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -
     Ok(Entry { names, not_after, key: Arc::new(key) })
 }
 
+/// Sessions cached for TLS resumption on one listener (never shared: a
+/// session made without a client certificate must not resume where one is
+/// required), forgotten whenever the certificates are reloaded: a client
+/// must not skip the new certificate by resuming a session made under the
+/// old one.
+#[derive(Debug)]
+struct Resumption {
+    cache: RwLock<Arc<rustls::server::ServerSessionMemoryCache>>,
+}
+
+/// Sessions the cache holds at most (per reload).
+const RESUMPTION_CACHE: usize = 4096;
+
+impl Resumption {
+    fn new() -> Resumption {
+        Resumption { cache: RwLock::new(rustls::server::ServerSessionMemoryCache::new(RESUMPTION_CACHE)) }
+    }
+
+    fn forget_all(&self) {
+        *self.cache.write() = rustls::server::ServerSessionMemoryCache::new(RESUMPTION_CACHE);
+    }
+
+    fn current(&self) -> Arc<rustls::server::ServerSessionMemoryCache> {
+        self.cache.read().clone()
+    }
+}
+
+impl rustls::server::StoresServerSessions for Resumption {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.current().put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.current().get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.current().take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
 /// A generated self-signed certificate.
 pub struct Generated {
     /// PEM of the certificate.
@@ -355,6 +400,8 @@ fn stamp(path: &Path) -> Stamp {
 /// TLS for every listener, with hot reload.
 pub struct TlsState {
     store: Arc<CertStore>,
+    /// Session caches of HTTPS, MQTTS and QUIC.
+    resumption: [Arc<Resumption>; 3],
     settings: TlsSection,
     /// The MQTTS configuration (rebuilt when the client CA changes).
     mqtts: RwLock<Arc<ServerConfig>>,
@@ -390,10 +437,13 @@ impl TlsState {
             report_expiry(&entries);
         }
         let store = Arc::new(CertStore::new(entries));
-        let https = Arc::new(server_config(&store, None, &[b"h2", b"http/1.1"])?);
-        let mqtts = Arc::new(server_config(&store, client_verifier(settings)?, &[])?);
+        let resumption = [(); 3].map(|()| Arc::new(Resumption::new()));
+        let [https_sessions, mqtts_sessions, _] = &resumption;
+        let https = Arc::new(server_config(&store, https_sessions, None, &[b"h2", b"http/1.1"])?);
+        let mqtts = Arc::new(server_config(&store, mqtts_sessions, client_verifier(settings)?, &[])?);
         let state = TlsState {
             store,
+            resumption,
             settings: settings.clone(),
             mqtts: RwLock::new(mqtts),
             https,
@@ -433,6 +483,7 @@ impl TlsState {
             .map_err(|e| TlsError::Rustls(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(self.store.clone());
+        cfg.session_storage = self.resumption[2].clone();
         cfg.alpn_protocols = vec![b"h3".to_vec()];
         Ok(cfg)
     }
@@ -455,9 +506,12 @@ impl TlsState {
             return Ok(());
         }
         let entries = load_entries(&self.settings)?;
-        let mqtts = server_config(&self.store, client_verifier(&self.settings)?, &[])?;
+        let mqtts = server_config(&self.store, &self.resumption[1], client_verifier(&self.settings)?, &[])?;
         report_expiry(&entries);
         self.store.replace(entries);
+        for sessions in &self.resumption {
+            sessions.forget_all();
+        }
         *self.mqtts.write() = Arc::new(mqtts);
         Ok(())
     }
@@ -544,6 +598,7 @@ fn client_verifier(s: &TlsSection) -> Result<Option<Arc<dyn rustls::server::dang
 
 fn server_config(
     store: &Arc<CertStore>,
+    resumption: &Arc<Resumption>,
     verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, TlsError> {
@@ -555,6 +610,7 @@ fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(store.clone());
+    cfg.session_storage = resumption.clone();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }

@@ -6,8 +6,10 @@
 //! certificate reload applies to new QUIC handshakes as it does to HTTPS
 //! and MQTTS. [`accept_loop`] admits each connection attempt (connections
 //! per IP and per second, as the TCP listeners do), bounds the QUIC and
-//! HTTP/3 handshakes by `tls.handshake_timeout`, and hands every session
-//! request to the front end, which holds the IP's slot for its life.
+//! HTTP/3 handshakes by `tls.handshake_timeout` (a failed or slow one counts
+//! in `switchboard_tls_handshake_failures_total{listener="quic"}` with
+//! `reason` `error` or `timeout`, as on HTTPS and MQTTS), and hands every
+//! session request to the front end, which holds the IP's slot for its life.
 //!
 //! It does not inspect requests, open sessions or close them: the front end
 //! does, and on shutdown each session closes itself with 1001. The QUIC
@@ -105,6 +107,12 @@ fn refused(peer: SocketAddr, why: crate::admission::Refusal) {
     tracing::debug!(%peer, listener = "quic", reason = why.label(), "connection refused at accept");
 }
 
+/// Counts a QUIC connection that never got to its session request.
+fn handshake_failed(reason: &'static str) {
+    metrics::counter!("switchboard_tls_handshake_failures_total", "listener" => "quic", "reason" => reason)
+        .increment(1);
+}
+
 /// Accepts QUIC connections until shutdown and serves each WebTransport
 /// session request with the front end.
 pub async fn accept_loop(
@@ -137,10 +145,14 @@ pub async fn accept_loop(
             let _ticket = ticket;
             let request = match tokio::time::timeout(handshake_timeout, incoming).await {
                 Ok(Ok(request)) => request,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "QUIC or HTTP/3 handshake failed"),
+                Ok(Err(e)) => {
+                    // Counted like a failed HTTPS or MQTTS handshake: a client
+                    // that refused the certificate, a broken TLS or HTTP/3 setup.
+                    handshake_failed("error");
+                    return tracing::debug!(%peer, error = %e, "QUIC or HTTP/3 handshake failed");
+                }
                 Err(_) => {
-                    metrics::counter!("switchboard_tls_handshake_failures_total", "listener" => "quic", "reason" => "timeout")
-                        .increment(1);
+                    handshake_failed("timeout");
                     return tracing::debug!(%peer, "QUIC or HTTP/3 handshake timed out");
                 }
             };

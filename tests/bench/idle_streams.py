@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Gateway memory per idle connection: N idle SSE streams, or N pending long
+"""Gateway memory per idle connection: N idle SSE streams, N pending long
 polls, held open against a fresh `switchboard dev`, with the gateway's VmRSS
 (from /proc/PID/status) read before and after.
 
@@ -46,20 +46,24 @@ def vm_kib(pid: int) -> dict:
 
 
 def start_gateway(binary: str):
-    """`switchboard dev` on free loopback ports; returns (proc, http, admin)."""
+    """`switchboard dev` on free loopback ports (TLS listeners off); returns
+    (proc, http, admin, mqtt)."""
     proc = subprocess.Popen(
-        [binary, "dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"],
+        [binary, "dev", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--mqtt", "127.0.0.1:0",
+         "--https", "", "--mqtts", "", "--quic", ""],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    http = admin = None
+    http = admin = mqtt = None
     deadline = time.monotonic() + 15
-    while (http is None or admin is None) and time.monotonic() < deadline:
+    while (http is None or admin is None or mqtt is None) and time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
         word = line.strip().split(" ", 1)[0]
+        if word == "MQTT":
+            mqtt = line.split("mqtt://", 1)[1].split(" ", 1)[0].strip()
         if word in ("REST", "admin"):
             addr = line.split("http://", 1)[1].split("/", 1)[0]
             if word == "REST":
@@ -71,7 +75,7 @@ def start_gateway(binary: str):
         sys.exit("gateway banner did not list the REST and admin addresses")
     # Keep draining stdout so the gateway never blocks on a full pipe.
     threading.Thread(target=proc.stdout.read, daemon=True).start()
-    return proc, http, admin
+    return proc, http, admin, mqtt
 
 
 def stats(admin: str) -> dict:
@@ -103,11 +107,36 @@ async def open_poll(host, port, src, path):
     return reader, writer
 
 
+def mqtt_str(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b
+
+
+async def open_mqtt(host, port, src, path, i):
+    """MQTT 3.1.1: CONNECT (clean session, keep alive 600 s), SUBSCRIBE
+    QoS 0 to the path's channel; open once the SUBACK arrived."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(src, 0))
+    body = mqtt_str(b"MQTT") + b"\x04\x02" + (600).to_bytes(2, "big") + mqtt_str(f"idle-{i}".encode())
+    writer.write(bytes([0x10, len(body)]) + body)
+    channel = path.split("channel=", 1)[1].split("&", 1)[0].encode()
+    sub = (1).to_bytes(2, "big") + mqtt_str(channel) + b"\x00"
+    writer.write(bytes([0x82, len(sub)]) + sub)
+    await writer.drain()
+    got = b""
+    while len(got) < 4 + 5:
+        chunk = await reader.read(64)
+        if not chunk:
+            raise ConnectionError(f"closed before SUBACK: {got!r}")
+        got += chunk
+    if got[0] != 0x20 or got[3] != 0 or got[4] != 0x90:
+        raise ConnectionError(f"refused: {got!r}")
+    return reader, writer
+
+
 async def open_all(mode, http, n, sources, channels, parallel):
     host, port = http.rsplit(":", 1)
     port = int(port)
     sem = asyncio.Semaphore(parallel)
-    opener = open_sse if mode == "sse" else open_poll
+    opener = {"sse": open_sse, "poll": open_poll}.get(mode)
 
     async def one(i):
         channel = f"bench/idle/{i}" if channels == "distinct" else "bench/idle"
@@ -116,6 +145,8 @@ async def open_all(mode, http, n, sources, channels, parallel):
             path += "&timeout=60"
         src = f"127.0.0.{1 + i % sources}"
         async with sem:
+            if opener is None:
+                return await open_mqtt(host, port, src, path, i)
             return await opener(host, port, src, path)
 
     return await asyncio.gather(*(one(i) for i in range(n)))
@@ -136,12 +167,13 @@ async def run(args):
     need = args.streams + 1024
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-    proc, http, admin = start_gateway(args.bin)  # inherits the raised limit
+    proc, http, admin, mqtt = start_gateway(args.bin)  # inherits the raised limit
+    target = mqtt if args.mode == "mqtt" else http
     rounds = []
     try:
         # Warm-up: the runtime's worker threads, allocator arenas and the
         # router's first tables are start-up costs, not per-stream costs.
-        warm = await open_all("sse", http, 20, 1, args.channels, 20)
+        warm = await open_all(args.mode, target, 20, 1, args.channels, 20)
         for _, w in warm:
             w.close()
         wait_sessions(admin, lambda s: s == 0)
@@ -152,7 +184,7 @@ async def run(args):
         # that keeps growing round after round would be a leak; one that
         # stays put is the allocator keeping freed memory for reuse.
         for _ in range(args.rounds):
-            conns = await open_all(args.mode, http, args.streams, args.sources, args.channels, args.parallel)
+            conns = await open_all(args.mode, target, args.streams, args.sources, args.channels, args.parallel)
             wait_sessions(admin, lambda s: s >= args.streams)
             await asyncio.sleep(args.settle)
             held = vm_kib(proc.pid)
@@ -184,7 +216,7 @@ async def run(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["sse", "poll"], default="sse")
+    p.add_argument("--mode", choices=["sse", "poll", "mqtt"], default="sse")
     p.add_argument("--streams", type=int, default=5000)
     p.add_argument("--channels", choices=["shared", "distinct"], default="distinct",
                    help="every stream on its own channel (default) or all on one")

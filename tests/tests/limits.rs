@@ -3,6 +3,14 @@
 //! metric, and leaves the connection (where the reaction says so) and every
 //! other client working. Small configured limits keep the tests fast.
 //!
+//! WebTransport (`/v1/wt` on QUIC) has the same limits, tested at the end
+//! with a well-behaved WebTransport session next to the WebSocket and MQTT
+//! bystanders: message size, control frame size (close 1009), subscriptions,
+//! publish rate (on the control stream and for datagram publishes), the
+//! handshake timeout (4002), QUIC keep-alives and the idle timeout, and
+//! admission at the QUIC accept (connections per IP, new connections per
+//! second), which QUIC shares with the TCP listeners.
+//!
 //! Covered elsewhere, with bystanders: the WebSocket frame size (close 1009)
 //! and WebSocket payload size (`bad_input.rs`); MQTT packet size (0x95),
 //! connect timeout and keep alive on both versions (`mqtt_bad_input.rs`,
@@ -13,13 +21,19 @@
 mod common_mqtt;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
 use common_mqtt::{Mqtt, Raw, Ver, connect_packet, publish_packet, subscribe_packet};
 use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
 use serde_json::json;
-use switchboard_proto::{self as proto, ErrorCode, Publish, client_frame, server_frame};
+use switchboard::client_wt::{CertCheck, FrameReader, WtClient, WtOptions, open_session};
+use switchboard_proto::{self as proto, DeliveryMode, ErrorCode, Publish, client_frame, server_frame};
+use switchboard_protocols::wt::codec;
 use switchboard_tests::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -479,5 +493,491 @@ async fn idle_timeouts_close_only_the_silent_peers() -> anyhow::Result<()> {
     busy_mqtt.send(&publish_packet(Ver::V5, b"idle/x", 1, 1, b"awake", &[])).await?;
     assert_eq!(next_reply(&mut busy_mqtt).await?.kind(), 4, "PUBACK");
     assert_eq!(&busy_ws.next_message().await?.payload[..], b"awake");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// WebTransport: the same limits on `/v1/wt`, each next to the WebSocket and
+// MQTT bystanders and a well-behaved WebTransport session.
+
+/// A WebTransport session minding its own business: it publishes on its own
+/// channel and receives that on the channel's stream.
+struct WtBystander {
+    c: WtClient,
+    stream: Option<FrameReader>,
+    round: usize,
+}
+
+impl WtBystander {
+    async fn join(gw: &TestGateway) -> anyhow::Result<Self> {
+        let mut c = gw.wt_client("bystander-wt").await?;
+        c.subscribe(proto::Subscribe { filter: "wtby/#".into(), ..Default::default() }).await?;
+        Ok(WtBystander { c, stream: None, round: 0 })
+    }
+
+    /// A round trip through the gateway, in order.
+    async fn still_served(&mut self, case: &str) -> anyhow::Result<()> {
+        self.round += 1;
+        let payload = Bytes::from(format!("wt{}", self.round));
+        let p = Publish { channel: "wtby/x".into(), payload: payload.clone(), ..Default::default() };
+        self.c.publish(p).await.with_context(|| format!("WebTransport bystander after {case}"))?;
+        let stream = match &mut self.stream {
+            Some(s) => s,
+            None => self.stream.insert(wt_accept(&self.c).await?),
+        };
+        let m = wt_message(stream).await?;
+        assert_eq!((m.payload, m.prev_serial + 1), (payload, m.serial), "WebTransport bystander after {case}");
+        Ok(())
+    }
+}
+
+/// The WebSocket, MQTT and WebTransport bystanders.
+async fn wt_bystanders(gw: &TestGateway) -> anyhow::Result<(Bystanders, WtBystander)> {
+    Ok((Bystanders::join(gw).await?, WtBystander::join(gw).await?))
+}
+
+async fn all_still_served(by: &mut (Bystanders, WtBystander), case: &str) -> anyhow::Result<()> {
+    by.0.still_served(case).await?;
+    by.1.still_served(case).await
+}
+
+fn wt_sub(filter: &str) -> proto::Subscribe {
+    proto::Subscribe { filter: filter.into(), ..Default::default() }
+}
+
+fn wt_publish(channel: &str, payload: impl Into<Bytes>) -> Publish {
+    Publish { channel: channel.into(), payload: payload.into(), ..Default::default() }
+}
+
+/// `frame` as one length-delimited control frame.
+fn wt_framed(frame: &proto::ClientFrame) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    codec::put_frame(&mut out, &frame.encode_to_vec());
+    out.to_vec()
+}
+
+/// Publishes `p` as datagrams (request ids `first_req` and up, a few times:
+/// datagrams may be lost) until the error for one of them comes on the
+/// control stream; returns its code.
+async fn wt_datagram_refusal(c: &mut WtClient, first_req: u64, p: Publish) -> anyhow::Result<ErrorCode> {
+    for req in first_req..first_req + 5 {
+        c.publish_datagram(req, p.clone())?;
+        if let Ok(f) = tokio::time::timeout(Duration::from_secs(1), c.next_pushed()).await {
+            let f = f?;
+            anyhow::ensure!((first_req..=req).contains(&f.req), "unexpected frame {f:?}");
+            return error_of(&f).with_context(|| format!("not an error: {f:?}"));
+        }
+    }
+    bail!("no error for the refused datagram publish")
+}
+
+/// Whether a session of `client_id` is open.
+fn has_session(gw: &TestGateway, client_id: &str) -> bool {
+    gw.gateway.router.sessions().iter().any(|s| s.client_id == client_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_message_size_is_refused_and_the_session_stays() -> anyhow::Result<()> {
+    // Small enough that an oversize publish still fits in one datagram.
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.limits.max_message_size = 512;
+    })
+    .await?;
+    let mut by = wt_bystanders(&gw).await?;
+    let mut watcher = WsClient::connect(&gw.ws, Codec::Proto, "watcher").await?;
+    watcher.subscribe_to("ms/#").await?;
+    let mut c = gw.wt_client("wt-big").await?;
+    let (big, fits) = (vec![b'x'; 513], vec![b'y'; 512]);
+
+    // On the control stream: error `message_too_large`, the session stays.
+    let f = c.request(client_frame::Frame::Publish(wt_publish("ms/wt", big.clone()))).await?;
+    assert_eq!(error_of(&f), Some(ErrorCode::MessageTooLarge), "{f:?}");
+    c.publish(wt_publish("ms/wt", fits.clone())).await?;
+    // Presence data counts too.
+    let enter = proto::PresenceEnter { channel: "ms/wt".into(), data: big.clone().into() };
+    let f = c.request(client_frame::Frame::PresenceEnter(enter)).await?;
+    assert_eq!(error_of(&f), Some(ErrorCode::MessageTooLarge), "{f:?}");
+    // A datagram publish with a request id: the error on the control stream.
+    assert_eq!(wt_datagram_refusal(&mut c, 1000, wt_publish("ms/dg", big.clone())).await?, ErrorCode::MessageTooLarge);
+    c.publish(wt_publish("ms/end", "end")).await?;
+
+    // Exactly the messages that fit arrived.
+    let got: Vec<(String, usize)> =
+        watcher.messages(2).await?.into_iter().map(|e| (e.channel, e.payload.len())).collect();
+    assert_eq!(got, [("ms/wt".to_string(), 512), ("ms/end".to_string(), 3)]);
+    let n = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "message_size"), ("protocol", "wt")]).await?;
+    assert!(n >= 3.0, "metric for wt: {n}");
+    all_still_served(&mut by, "WebTransport message size").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_control_frames_over_the_frame_size_close_1009() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.limits.max_frame_size = 4096;
+        cfg.limits.max_message_size = 4000;
+    })
+    .await?;
+    let mut by = wt_bystanders(&gw).await?;
+    let mut c = gw.wt_client("wt-frames").await?;
+    // Under the limit: acknowledged.
+    c.publish(wt_publish("fs/x", vec![b'a'; 3000])).await?;
+    // A whole frame above it: `disconnect` 1009, then the close 1009.
+    let publish = client_frame::Frame::Publish(wt_publish("fs/x", vec![b'b'; 5000]));
+    c.send_raw(&wt_framed(&proto::ClientFrame { req: 99, frame: Some(publish) })).await?;
+    let f = tokio::time::timeout(WAIT, c.next_pushed()).await.context("no disconnect")??;
+    let Some(server_frame::Frame::Disconnect(d)) = f.frame else { bail!("expected disconnect, got {f:?}") };
+    assert_eq!((d.code, d.reason.as_str(), d.reconnect), (1009, "message too large", false));
+    assert_eq!(wt_closed(c.connection()).await?, (1009, "message too large".to_string()));
+    let n =
+        metric(&gw, "switchboard_protocol_errors_total", &[("protocol", "wt"), ("code", "message_too_large")]).await?;
+    assert!(n >= 1.0, "metric: {n}");
+    eventually(WAIT, "the session to end", || async { !has_session(&gw, "wt-frames") }).await?;
+    all_still_served(&mut by, "WebTransport frame size").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_subscriptions_per_session_are_capped_and_resubscribing_is_not_counted() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.limits.max_subscriptions = 3;
+    })
+    .await?;
+    let mut by = wt_bystanders(&gw).await?;
+    let mut c = gw.wt_client("wt-many").await?;
+    let sub = |f: &str| client_frame::Frame::Subscribe(wt_sub(f));
+    for f in ["s/a", "s/b", "s/c"] {
+        c.subscribe(wt_sub(f)).await?;
+    }
+    assert_eq!(error_of(&c.request(sub("s/d")).await?), Some(ErrorCode::TooManySubscriptions));
+    // The same filter again replaces it, in either delivery mode.
+    for _ in 0..5 {
+        c.subscribe(wt_sub("s/a")).await?;
+    }
+    c.subscribe(proto::Subscribe { delivery: DeliveryMode::Datagram as i32, ..wt_sub("s/b") }).await?;
+    c.subscribe(wt_sub("s/b")).await?;
+    assert_eq!(error_of(&c.request(sub("s/d")).await?), Some(ErrorCode::TooManySubscriptions), "still three");
+    // Unsubscribing frees a slot.
+    let f = c.request(client_frame::Frame::Unsubscribe(proto::Unsubscribe { filter: "s/a".into() })).await?;
+    assert!(matches!(f.frame, Some(server_frame::Frame::Unsubscribed(_))), "{f:?}");
+    c.subscribe(wt_sub("s/d")).await?;
+    assert_eq!(error_of(&c.request(sub("s/e")).await?), Some(ErrorCode::TooManySubscriptions));
+    // The session goes on.
+    c.publish(wt_publish("s/d", "live")).await?;
+    let mut stream = wt_accept(&c).await?;
+    assert_eq!(&wt_message(&mut stream).await?.payload[..], b"live");
+    let n = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "subscriptions"), ("protocol", "wt")]).await?;
+    assert!(n >= 3.0, "metric for wt: {n}");
+    all_still_served(&mut by, "WebTransport subscriptions").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_publish_rate_is_a_token_bucket_per_session() -> anyhow::Result<()> {
+    // One token every ten seconds: none comes back during the test.
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.limits.publish_rate = 0.1;
+        cfg.limits.publish_burst = 5.0;
+    })
+    .await?;
+    let mut by = wt_bystanders(&gw).await?;
+    let mut fast = gw.wt_client("wt-fast").await?;
+    let mut calm = gw.wt_client("wt-calm").await?;
+    for i in 0..5 {
+        fast.publish(wt_publish("rl/wt", format!("{i}"))).await?;
+    }
+    let f = fast.request(client_frame::Frame::Publish(wt_publish("rl/wt", "sixth"))).await?;
+    assert_eq!(error_of(&f), Some(ErrorCode::RateLimited), "{f:?}");
+    // Datagram publishes spend the same bucket.
+    assert_eq!(wt_datagram_refusal(&mut fast, 1000, wt_publish("rl/wt", "dg")).await?, ErrorCode::RateLimited);
+    // The session stays usable, and the bucket is the session's own.
+    fast.subscribe(wt_sub("rl/wt")).await?;
+    calm.publish(wt_publish("rl/wt", "from another session")).await?;
+    let mut stream = wt_accept(&fast).await?;
+    assert_eq!(&wt_message(&mut stream).await?.payload[..], b"from another session");
+    let n = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "publish_rate"), ("protocol", "wt")]).await?;
+    assert!(n >= 2.0, "metric for wt: {n}");
+    all_still_served(&mut by, "WebTransport publish rate").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_handshake_timeout_closes_silent_sessions_4002() -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(300);
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.websocket.handshake_timeout = timeout;
+    })
+    .await?;
+    let mut by = wt_bystanders(&gw).await?;
+    let opts = gw.wt_options()?;
+    let started = Instant::now();
+    // No control stream at all: nowhere for a `disconnect`, the close only.
+    let (_e1, bare) = open_session(&opts).await?;
+    // A control stream (made visible by half a frame) but no `connect`.
+    let (_e2, half) = open_session(&opts).await?;
+    let (mut send, recv) = half.open_bi().await?.await?;
+    send.write_all(&[5, 0]).await?;
+    let mut control = FrameReader::new(recv);
+    // Credentials in the request open the session before the accept; its
+    // control stream must still come in time.
+    let creds = WtOptions { url: format!("{}/v1/wt?client_id=no-control", opts.url), ..opts.clone() };
+    let (_e3, opened) = open_session(&creds).await?;
+    assert!(has_session(&gw, "no-control"));
+
+    let (bare_closed, half_frames, opened_closed) = tokio::join!(
+        wt_closed(&bare),
+        async {
+            let f = wt_next(&mut control).await?;
+            anyhow::Ok((f, wt_closed(&half).await?))
+        },
+        wt_closed(&opened)
+    );
+    let connect_expected = (4002, "connect expected".to_string());
+    assert_eq!(bare_closed?, connect_expected);
+    let (f, half_closed) = half_frames?;
+    let Some(server_frame::Frame::Disconnect(d)) = f.frame else { bail!("expected disconnect, got {f:?}") };
+    assert_eq!((d.code, d.reconnect), (4002, false));
+    assert_eq!(half_closed, connect_expected);
+    assert_eq!(opened_closed?, connect_expected);
+    let waited = started.elapsed();
+    assert!(waited >= timeout - Duration::from_millis(50) && waited < WAIT, "closed after {waited:?}");
+    eventually(WAIT, "the opened session to end", || async { !has_session(&gw, "no-control") }).await?;
+    all_still_served(&mut by, "WebTransport handshake timeouts").await
+}
+
+/// A UDP relay between one QUIC client and the gateway that can fall silent
+/// both ways at once: a peer that vanished without a word (unplugged, or
+/// its NAT binding gone).
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> anyhow::Result<Relay> {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        back.connect(to).await?;
+        let addr = front.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let silent = cut.clone();
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut up) => {
+                        let Ok((n, from)) = r else { break };
+                        client = Some(from);
+                        if !silent.load(Ordering::Relaxed) {
+                            let _ = back.send(&up[..n]).await;
+                        }
+                    }
+                    r = back.recv(&mut down) => {
+                        let Ok(n) = r else { break };
+                        if let (false, Some(c)) = (silent.load(Ordering::Relaxed), client) {
+                            let _ = front.send_to(&down[..n], c).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Relay { addr, cut, task })
+    }
+
+    /// From now on nothing passes, either way.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Options for a client of `url` (the gateway's certificate) that sends no
+/// keep-alives of its own and has `idle` as its QUIC idle timeout (`None`:
+/// none; the gateway's then applies).
+fn quiet_client(gw: &TestGateway, url: String, client_id: &str, idle: Option<Duration>) -> anyhow::Result<WtOptions> {
+    let mut transport = wtransport::config::QuicTransportConfig::default();
+    transport.keep_alive_interval(None);
+    transport.max_idle_timeout(idle.map(wtransport::quinn::IdleTimeout::try_from).transpose()?);
+    Ok(WtOptions { url, client_id: client_id.into(), transport: Some(Arc::new(transport)), ..gw.wt_options()? })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_keep_alives_hold_quiet_sessions_and_vanished_peers_are_dropped() -> anyhow::Result<()> {
+    // Keep-alives every 200 ms; the idle timeout is twice that but never
+    // under 30 s (docs/protocol.md, WebTransport). No WebSocket bystanders:
+    // with pings every 200 ms one that does not read would be closed.
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.websocket.ping_interval = Duration::from_millis(200);
+    })
+    .await?;
+    let quic = gw.gateway.quic_addr.context("no QUIC listener")?;
+    let (short_relay, long_relay) = (Relay::start(quic).await?, Relay::start(quic).await?);
+    // Three sessions that say nothing. QUIC's idle timeout is the lower of
+    // both sides': "short" asks for 1 s, "long" for none (the gateway's 30 s
+    // applies), "direct" asks for 1 s and stays reachable.
+    let one_second = Some(Duration::from_secs(1));
+    let mut short =
+        WtClient::connect(&quiet_client(&gw, format!("https://{}", short_relay.addr), "short", one_second)?).await?;
+    let mut long = WtClient::connect(&quiet_client(&gw, format!("https://{}", long_relay.addr), "long", None)?).await?;
+    let mut direct = WtClient::connect(&quiet_client(&gw, gw.wt_options()?.url, "direct", one_second)?).await?;
+    direct.subscribe(wt_sub("idle/x")).await?;
+
+    // Three times the shortest idle timeout of silence: the gateway's
+    // keep-alives hold every session.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, c) in [("short", &mut short), ("long", &mut long), ("direct", &mut direct)] {
+        let pong = c.request(client_frame::Frame::Ping(proto::Ping {})).await.with_context(|| name.to_string())?;
+        assert_eq!(pong.frame, Some(server_frame::Frame::Pong(proto::Pong {})), "{name}");
+    }
+
+    // Both relayed peers vanish. The gateway drops each after the idle
+    // timeout, without a close (nothing could reach the peer).
+    let cut_at = Instant::now();
+    short_relay.cut();
+    long_relay.cut();
+    eventually(WAIT, "the short session to be dropped", || async { !has_session(&gw, "short") }).await?;
+    let short_gone = cut_at.elapsed();
+    assert!(short_gone < Duration::from_secs(5), "short dropped after {short_gone:?}");
+    assert!(has_session(&gw, "long"), "long dropped before the gateway's idle timeout");
+    eventually(Duration::from_secs(45), "the long session to be dropped", || async { !has_session(&gw, "long") })
+        .await?;
+    let long_gone = cut_at.elapsed();
+    assert!(long_gone >= Duration::from_secs(29), "long dropped after {long_gone:?}, under the 30 s floor");
+    let short_end = tokio::time::timeout(WAIT, short.connection().closed()).await?;
+    assert!(matches!(short_end, wtransport::error::ConnectionError::TimedOut), "short ended with {short_end:?}");
+
+    // The quiet session that stayed reachable never noticed.
+    let mut mate = gw.wt_client("mate").await?;
+    mate.publish(wt_publish("idle/x", "still here")).await?;
+    let mut stream = wt_accept(&direct).await?;
+    assert_eq!(&wt_message(&mut stream).await?.payload[..], b"still here");
+    Ok(())
+}
+
+/// A WebTransport session from `local` (another loopback address is
+/// another client IP) as `client_id`, connected; returns its endpoint,
+/// session and control stream.
+async fn wt_from(
+    local: IpAddr,
+    gw: &TestGateway,
+    client_id: &str,
+) -> anyhow::Result<(
+    wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+    wtransport::Connection,
+    wtransport::SendStream,
+    FrameReader,
+)> {
+    let opts = gw.wt_options()?;
+    let CertCheck::Hash(hash) = opts.cert else { bail!("the test gateway's certificate has no hash") };
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_address(SocketAddr::new(local, 0))
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(hash)])
+        .build();
+    let endpoint = wtransport::Endpoint::client(config)?;
+    let conn = tokio::time::timeout(WAIT, endpoint.connect(opts.session_url())).await??;
+    let (mut send, recv) = conn.open_bi().await?.await?;
+    let mut control = FrameReader::new(recv);
+    let connect = proto::Connect { client_id: client_id.into(), token: String::new() };
+    send.write_all(&wt_framed(&proto::ClientFrame { req: 1, frame: Some(client_frame::Frame::Connect(connect)) }))
+        .await?;
+    let f = wt_next(&mut control).await?;
+    anyhow::ensure!(matches!(f.frame, Some(server_frame::Frame::Connected(_))), "expected connected, got {f:?}");
+    Ok((endpoint, conn, send, control))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_connections_per_ip_are_refused_at_the_quic_accept_for_that_ip_only() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.limits.max_connections_per_ip = 3;
+    })
+    .await?;
+    let there: IpAddr = "127.0.0.2".parse()?;
+    // 127.0.0.1 takes its three slots: two WebTransport sessions and a
+    // WebSocket (the listeners share the count).
+    let mut a = gw.wt_client("a").await?;
+    let mut b = gw.wt_client("b").await?;
+    b.subscribe(wt_sub("ip/#")).await?;
+    let mut ws = WsClient::connect(&gw.ws, Codec::Json, "ws").await?;
+    // A fourth from 127.0.0.1, on either listener: refused at accept.
+    let err = open_session(&gw.wt_options()?).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("refused"), "WebTransport: expected the QUIC connection refused, got {err:?}");
+    let err = raw_ws(&gw.ws, Some("switchboard.v1.json")).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("429"), "WebSocket: expected a 429 refusal, got {err:?}");
+    let refused =
+        metric(&gw, "switchboard_connections_refused_total", &[("listener", "quic"), ("reason", "per_ip")]).await?;
+    assert!(refused >= 1.0, "QUIC refusals counted: {refused}");
+
+    // Another IP is not affected.
+    let (_endpoint, there_conn, mut there_send, mut there_control) = wt_from(there, &gw, "there").await?;
+    let publish = client_frame::Frame::Publish(wt_publish("ip/there", "from there"));
+    there_send.write_all(&wt_framed(&proto::ClientFrame { req: 2, frame: Some(publish) })).await?;
+    let ack = wt_next(&mut there_control).await?;
+    assert!(matches!(ack.frame, Some(server_frame::Frame::PublishAck(_))), "{ack:?}");
+    // Nor are the sessions 127.0.0.1 holds.
+    a.publish(wt_publish("ip/here", "still")).await?;
+    ws.publish("ip/ws", b"still", "").await?;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let mut stream = wt_accept(&b).await?;
+        got.push(wt_message(&mut stream).await?.channel);
+    }
+    got.sort();
+    assert_eq!(got, ["ip/here", "ip/there", "ip/ws"]);
+    there_conn.close(wtransport::VarInt::from_u32(0), b"bye");
+
+    // A slot frees when a session ends.
+    a.close();
+    eventually(WAIT, "a slot to free", || async { gw.wt_client("c").await.map(drop).is_ok() }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wt_new_connections_per_second_are_refused_and_established_sessions_go_on() -> anyhow::Result<()> {
+    // A burst of three, then one every ten seconds: none comes back during
+    // the test.
+    let gw = TestGateway::start_with(|cfg| {
+        with_quic(cfg);
+        cfg.limits.new_connections_per_sec = 0.1;
+        cfg.limits.new_connections_burst = 3.0;
+    })
+    .await?;
+    let mut first = gw.wt_client("first").await?;
+    first.subscribe(wt_sub("rate/#")).await?;
+    let (mut ok, mut refused, mut kept) = (1, 0, Vec::new());
+    for i in 0..3 {
+        match gw.wt_client(&format!("r{i}")).await {
+            Ok(c) => {
+                ok += 1;
+                kept.push(c);
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("refused"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ok, refused), (3, 1), "the burst, then the rate");
+    // The TCP listeners share the bucket: HTTP 429.
+    let err = raw_ws(&gw.ws, Some("switchboard.v1.json")).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("429"), "WebSocket: {err:?}");
+    // The established sessions are not affected.
+    for (i, c) in kept.iter_mut().enumerate() {
+        c.publish(wt_publish(&format!("rate/{i}"), "fine")).await?;
+    }
+    for _ in 0..kept.len() {
+        let mut stream = wt_accept(&first).await?;
+        assert_eq!(&wt_message(&mut stream).await?.payload[..], b"fine");
+    }
+    let n = metric(&gw, "switchboard_connections_refused_total", &[("listener", "quic"), ("reason", "rate")]).await?;
+    assert!(n >= 1.0, "refusals counted: {n}");
     Ok(())
 }

@@ -3,7 +3,11 @@
 //! `openssl s_client` and `mosquitto_sub` / `mosquitto_pub` as clients that
 //! share no code with the gateway; SNI; hot reload of the certificate files
 //! with connections kept open; and mTLS, where a device's client
-//! certificate names its MQTT client id.
+//! certificate names its MQTT client id. WebTransport on QUIC shares the
+//! certificate store: a wtransport client that trusts the dev CA (a root
+//! store, as a browser would, not a pinned hash) subscribes over `/v1/wt`,
+//! SNI picks the certificate by name, and a reload reaches new QUIC
+//! handshakes while open sessions go on.
 //!
 //! Certificates come from `switchboard::tls::write_dev_ca` (what
 //! `switchboard cert dev` writes), one CA per set, in a temporary folder.
@@ -554,5 +558,247 @@ async fn curl_openssl_and_mosquitto_speak_to_the_tls_listeners() -> anyhow::Resu
     result?;
     let out = String::from_utf8_lossy(&output.stdout);
     ensure!(out.trim() == "hot", "mosquitto_sub printed {out:?} ({})", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// QUIC: WebTransport at /v1/wt on the same certificate store.
+
+/// Resolves every host name to the gateway's QUIC address, so a URL's host
+/// is only what the client sends as SNI and verifies the certificate
+/// against.
+#[derive(Debug)]
+struct ToGateway(std::net::SocketAddr);
+
+impl wtransport::config::DnsResolver for ToGateway {
+    fn resolve(&self, _host: &str) -> std::pin::Pin<Box<dyn wtransport::config::DnsLookupFuture>> {
+        let addr = self.0;
+        Box::pin(async move { Ok(Some(addr)) })
+    }
+}
+
+/// A gateway serving HTTPS, MQTTS and QUIC with `certs`.
+async fn quic_gateway(certs: &[&CertDir]) -> anyhow::Result<TestGateway> {
+    tls_gateway(certs, |c| c.listen.quic = "127.0.0.1:0".into()).await
+}
+
+fn quic(gw: &TestGateway) -> std::net::SocketAddr {
+    gw.gateway.quic_addr.expect("quic listener")
+}
+
+/// A WebTransport session of a client trusting the CAs of `tls` (ALPN h3),
+/// at `https://NAME:PORT/v1/wt`: `name` is the SNI and the name verified.
+/// Open auth: `connect` as `client_id`.
+struct QuicSession {
+    // Keeps the UDP socket alive with the session.
+    _endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+    conn: wtransport::Connection,
+    send: wtransport::SendStream,
+    control: switchboard::client_wt::FrameReader,
+    next_req: u64,
+}
+
+/// Opens the QUIC connection and the session, no more.
+async fn quic_connect(
+    gw: &TestGateway,
+    name: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<(wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>, wtransport::Connection)> {
+    let mut config = wtransport::ClientConfig::builder()
+        .with_bind_address("127.0.0.1:0".parse()?)
+        .with_custom_tls(rustls::ClientConfig::clone(tls))
+        .build();
+    config.set_dns_resolver(ToGateway(quic(gw)));
+    let endpoint = wtransport::Endpoint::client(config)?;
+    let url = format!("https://{name}:{}/v1/wt", quic(gw).port());
+    let conn = tokio::time::timeout(WAIT, endpoint.connect(url)).await??;
+    Ok((endpoint, conn))
+}
+
+impl QuicSession {
+    async fn open(
+        gw: &TestGateway,
+        name: &str,
+        tls: &Arc<rustls::ClientConfig>,
+        client_id: &str,
+    ) -> anyhow::Result<QuicSession> {
+        let (endpoint, conn) = quic_connect(gw, name, tls).await?;
+        let (send, recv) = conn.open_bi().await?.await?;
+        let control = switchboard::client_wt::FrameReader::new(recv);
+        let mut s = QuicSession { _endpoint: endpoint, conn, send, control, next_req: 0 };
+        let connect = switchboard_proto::Connect { client_id: client_id.into(), token: String::new() };
+        let reply = s.request(switchboard_proto::client_frame::Frame::Connect(connect)).await?;
+        ensure!(
+            matches!(reply.frame, Some(switchboard_proto::server_frame::Frame::Connected(_))),
+            "expected connected, got {reply:?}"
+        );
+        Ok(s)
+    }
+
+    /// Sends a request on the control stream; its reply.
+    async fn request(
+        &mut self,
+        frame: switchboard_proto::client_frame::Frame,
+    ) -> anyhow::Result<switchboard_proto::ServerFrame> {
+        use prost::Message as _;
+        self.next_req += 1;
+        let req = self.next_req;
+        let mut out = bytes::BytesMut::new();
+        let body = switchboard_proto::ClientFrame { req, frame: Some(frame) }.encode_to_vec();
+        switchboard_protocols::wt::codec::put_frame(&mut out, &body);
+        self.send.write_all(&out).await?;
+        loop {
+            let f = switchboard_tests::wt_next(&mut self.control).await?;
+            if f.req == req {
+                return Ok(f);
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
+        let sub = switchboard_proto::Subscribe { filter: filter.into(), ..Default::default() };
+        let reply = self.request(switchboard_proto::client_frame::Frame::Subscribe(sub)).await?;
+        ensure!(
+            matches!(reply.frame, Some(switchboard_proto::server_frame::Frame::Subscribed(_))),
+            "subscribe {filter}: {reply:?}"
+        );
+        Ok(())
+    }
+
+    /// The next message on the next channel stream the gateway opens.
+    async fn next_message_on_new_stream(&self) -> anyhow::Result<switchboard_proto::Envelope> {
+        let stream = tokio::time::timeout(WAIT, self.conn.accept_uni()).await??;
+        let mut reader = switchboard::client_wt::FrameReader::new(stream);
+        switchboard_tests::wt_message(&mut reader).await
+    }
+}
+
+/// The leaf certificate the gateway presented on a QUIC connection.
+fn quic_presented(conn: &wtransport::Connection) -> anyhow::Result<CertificateDer<'static>> {
+    let chain = conn.peer_identity().context("no server certificate")?;
+    let leaf = chain.as_ref().first().context("an empty chain")?;
+    Ok(CertificateDer::from(leaf.der().to_vec()))
+}
+
+/// `switchboard_tls_handshake_failures_total{listener="quic",reason="error"}`.
+async fn quic_handshake_failures(gw: &TestGateway) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{}/metrics", gw.admin)).await?.text().await?;
+    let line = "switchboard_tls_handshake_failures_total{listener=\"quic\",reason=\"error\"} ";
+    Ok(text.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_verifies_the_ca_signed_chain_and_delivers() -> anyhow::Result<()> {
+    let certs = cert_set("quic", "dev-device", &DEV_NAMES);
+    let gw = quic_gateway(&[&certs]).await?;
+    let trust = client_config(&[&certs.files.ca], &[b"h3"], None);
+    let leaf = leaf_of(&certs.files.server_cert);
+    let ca = leaf_of(&certs.files.ca);
+
+    // By name (SNI localhost) and by address (the certificate's IP name):
+    // the chain verifies against the dev CA; the leaf is the CA's, not a
+    // self-signed one.
+    for name in ["localhost", "127.0.0.1"] {
+        let mut s = QuicSession::open(&gw, name, &trust, &format!("quic-{name}")).await?;
+        let chain = s.conn.peer_identity().context("no chain")?;
+        let chain: Vec<&[u8]> = chain.as_ref().iter().map(|c| c.der()).collect();
+        ensure!(chain.first() == Some(&leaf.as_ref()) && chain.get(1) == Some(&ca.as_ref()), "{name}: leaf + CA");
+        ensure!(leaf != ca, "the leaf is not the CA");
+        let channel = format!("secure/{name}");
+        s.subscribe(&channel).await?;
+        let (status, _) = rest_publish(&gw.http, &channel, "over quic", &[]).await?;
+        ensure!(status == 200, "REST publish {status}");
+        let m = s.next_message_on_new_stream().await?;
+        ensure!((m.channel.as_str(), &m.payload[..]) == (channel.as_str(), &b"over quic"[..]), "{m:?}");
+    }
+
+    // A client that trusts another CA refuses the handshake; the gateway
+    // counts the failed handshake.
+    let before = quic_handshake_failures(&gw).await?;
+    let other = cert_set("quic-other", "x", &DEV_NAMES);
+    let wrong = client_config(&[&other.files.ca], &[b"h3"], None);
+    let err = quic_connect(&gw, "localhost", &wrong).await.err().map(|e| e.to_string());
+    // (Both dev CAs have the same name: the signature is what fails.)
+    ensure!(err.as_deref().is_some_and(|e| e.contains("invalid peer certificate")), "an untrusted chain: {err:?}");
+    eventually(WAIT, "the failed handshake counted", || async {
+        quic_handshake_failures(&gw).await.is_ok_and(|n| n > before)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_on_quic_chooses_the_certificate_by_name() -> anyhow::Result<()> {
+    let main = cert_set("quic-sni-main", "d", &DEV_NAMES);
+    let api = cert_set("quic-sni-api", "d", &["api.example.test", "*.tenants.example.test"]);
+    let gw = quic_gateway(&[&main, &api]).await?;
+    let trust = client_config(&[&main.files.ca, &api.files.ca], &[b"h3"], None);
+    let main_leaf = leaf_of(&main.files.server_cert);
+    let api_leaf = leaf_of(&api.files.server_cert);
+    // The URL's host is the SNI (no SNI for an address: the default).
+    for (name, want) in [
+        ("api.example.test", &api_leaf),
+        ("acme.tenants.example.test", &api_leaf),
+        ("localhost", &main_leaf),
+        ("127.0.0.1", &main_leaf),
+    ] {
+        let mut s = QuicSession::open(&gw, name, &trust, "sni").await.with_context(|| name.to_string())?;
+        ensure!(quic_presented(&s.conn)? == *want, "{name} got the wrong certificate");
+        let pong = s.request(switchboard_proto::client_frame::Frame::Ping(switchboard_proto::Ping {})).await?;
+        ensure!(matches!(pong.frame, Some(switchboard_proto::server_frame::Frame::Pong(_))), "{name}: {pong:?}");
+    }
+    // A name no certificate lists gets the default, which does not cover it.
+    let main_only = client_config(&[&main.files.ca], &[b"h3"], None);
+    let err = quic_connect(&gw, "unknown.example.test", &main_only).await.err().map(|e| e.to_string());
+    ensure!(err.as_deref().is_some_and(|e| e.contains("not valid for name")), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reaches_new_quic_handshakes_and_keeps_open_sessions() -> anyhow::Result<()> {
+    let live = cert_set("quic-reload-live", "d", &DEV_NAMES);
+    let a = cert_set("quic-reload-a", "d", &DEV_NAMES);
+    let b = cert_set("quic-reload-b", "d", &DEV_NAMES);
+    let copy = |from: &CertDir| -> anyhow::Result<()> {
+        std::fs::copy(&from.files.server_cert, &live.files.server_cert)?;
+        std::fs::copy(&from.files.server_key, &live.files.server_key)?;
+        Ok(())
+    };
+    copy(&a)?;
+    let gw = quic_gateway(&[&live]).await?;
+    let trust_a = client_config(&[&a.files.ca], &[b"h3"], None);
+    let trust_b = client_config(&[&b.files.ca], &[b"h3"], None);
+    let leaf_b = leaf_of(&b.files.server_cert);
+
+    // A session opened under certificate A.
+    let mut kept = QuicSession::open(&gw, "localhost", &trust_a, "kept").await?;
+    kept.subscribe("reload/quic").await?;
+    ensure!(quic_connect(&gw, "localhost", &trust_b).await.is_err(), "B trusted before the reload");
+
+    copy(&b)?;
+    eventually(WAIT, "new QUIC handshakes to present certificate B", || async {
+        quic_connect(&gw, "localhost", &trust_b).await.is_ok()
+    })
+    .await?;
+    let (_endpoint, conn) = quic_connect(&gw, "localhost", &trust_b).await?;
+    ensure!(quic_presented(&conn)? == leaf_b, "QUIC still presents the old certificate");
+    // The reload forgot every session made under A: neither the client that
+    // holds a ticket from before it (which would otherwise resume without
+    // seeing any certificate) nor a fresh one gets in trusting only A.
+    ensure!(quic_connect(&gw, "localhost", &trust_a).await.is_err(), "QUIC resumed a session made under A");
+    let fresh_a = client_config(&[&a.files.ca], &[b"h3"], None);
+    ensure!(quic_connect(&gw, "localhost", &fresh_a).await.is_err(), "QUIC still accepts A's chain");
+    let mut fresh = QuicSession::open(&gw, "localhost", &trust_b, "fresh").await?;
+    fresh.subscribe("reload/quic").await?;
+
+    // The session opened under A goes on, as does the new one.
+    let (status, _) = rest_publish(&gw.http, "reload/quic", "after reload", &[]).await?;
+    ensure!(status == 200, "REST publish {status}");
+    for (who, s) in [("kept", &kept), ("fresh", &fresh)] {
+        let m = s.next_message_on_new_stream().await?;
+        ensure!(&m.payload[..] == b"after reload", "{who}: {m:?}");
+    }
+    let pong = kept.request(switchboard_proto::client_frame::Frame::Ping(switchboard_proto::Ping {})).await?;
+    ensure!(matches!(pong.frame, Some(switchboard_proto::server_frame::Frame::Pong(_))), "{pong:?}");
     Ok(())
 }

@@ -558,7 +558,11 @@ pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let opening = Box::pin(open(io, core, sessions, cfg, peer, shutdown, span.clone()));
     async move {
         let Some(mut conn) = opening.await else { return };
-        let stop = match Box::pin(conn.resume_and_flush()).await {
+        let opened = async {
+            conn.resume_and_flush().await?;
+            conn.pipelined().await
+        };
+        let stop = match Box::pin(opened).await {
             Ok(()) => conn.run().await,
             Err(stop) => stop,
         };
@@ -1053,6 +1057,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 return stop;
             }
         }
+    }
+
+    /// Packets the client sent right behind its CONNECT (a SUBSCRIBE
+    /// pipelined without waiting for the CONNACK) arrived with it: handle
+    /// them now rather than at the next read.
+    async fn pipelined(&mut self) -> Result<(), Stop> {
+        if self.io.rbuf.is_empty() {
+            return Ok(());
+        }
+        self.on_bytes().await?;
+        self.write_batch().await
     }
 
     fn on_timer(&mut self) -> Result<(), Stop> {

@@ -1034,6 +1034,22 @@ async fn the_core_names_the_client() {
     join(task).await;
 }
 
+/// Clients may pipeline: a SUBSCRIBE written together with the CONNECT,
+/// before the CONNACK, is answered at once, not at the next read.
+#[tokio::test]
+async fn packets_pipelined_behind_connect_are_handled_at_once() {
+    let h = Harness::new();
+    let (mut c, _task) = h.start(false);
+    let mut bytes = BytesMut::new();
+    let mut p = v4::Connect::new("pipeliner");
+    p.keep_alive = 0;
+    v4::Packet::Connect(p).write(&mut bytes, usize::MAX).expect("encode");
+    v4::Packet::Subscribe(v4::Subscribe::new("a/b", Q4::AtLeastOnce)).write(&mut bytes, usize::MAX).expect("encode");
+    c.send_raw(&bytes).await;
+    assert!(matches!(c.recv4().await, v4::Packet::ConnAck(_)));
+    assert!(matches!(c.recv4().await, v4::Packet::SubAck(_)), "SUBACK without another byte from the client");
+}
+
 /// Size of the future `f` returns for a `Conn` (without running it).
 fn conn_future_size<S: 'static, Fut>(_f: impl FnOnce(&'static mut Conn<S>) -> Fut) -> usize {
     std::mem::size_of::<Fut>()
