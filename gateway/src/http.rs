@@ -420,11 +420,11 @@ async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, R
     let limit = state.config.limits.max_body_size;
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::MessageTooLarge.slug(),
-            format!("request body over {limit} bytes"),
-        )),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let message = format!("request body over {limit} bytes");
+            http_limit_exceeded("body_size", &message);
+            Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge.slug(), message))
+        }
         Err(e) => Err(error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read body: {e}"))),
     }
 }
@@ -647,7 +647,22 @@ async fn rest_history(
 }
 
 fn request_error(e: &RequestError) -> Response<Body> {
+    let limit = match e.code {
+        "query_too_large" => Some("query_len"),
+        c if c == ErrorCode::TooManySubscriptions.slug() => Some("stream_channels"),
+        _ => None,
+    };
+    if let Some(limit) = limit {
+        http_limit_exceeded(limit, &e.message);
+    }
     error_response(StatusCode::BAD_REQUEST, e.code, &e.message)
+}
+
+/// Counts and logs an HTTP request over a limit (`query_len`,
+/// `stream_channels`, `body_size`) in `switchboard_limit_exceeded_total`.
+fn http_limit_exceeded(limit: &'static str, message: &str) {
+    metrics::counter!("switchboard_limit_exceeded_total", "limit" => limit, "protocol" => "http").increment(1);
+    tracing::info!(limit, message, "limit exceeded");
 }
 
 /// The bearer token of an `Authorization` header, if any.
@@ -753,7 +768,9 @@ async fn poll_post(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            return error_response(StatusCode::BAD_REQUEST, "query_too_large", format!("body over {limit} bytes"));
+            let message = format!("body over {limit} bytes");
+            http_limit_exceeded("query_len", &message);
+            return error_response(StatusCode::BAD_REQUEST, "query_too_large", message);
         }
     };
     let mut pairs: Vec<(String, String)> = match parts.uri.query() {

@@ -267,6 +267,12 @@ impl std::fmt::Debug for ConnInfo {
 
 /// Sent when the peer has been silent for two ping intervals.
 // Proposed for `port::CloseReason` (owned elsewhere); local until then.
+/// Counts a connection a WebSocket timeout ended, in the metric the router
+/// uses for the limits it enforces.
+fn limit_exceeded(limit: &'static str) {
+    metrics::counter!("switchboard_limit_exceeded_total", "limit" => limit, "protocol" => "ws").increment(1);
+}
+
 const PING_TIMEOUT: CloseReason = CloseReason { code: 4004, reason: "ping timeout", reconnect: true };
 
 /// How long to wait for the peer's close reply after sending our close frame.
@@ -571,13 +577,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     fn on_timer(&mut self) -> Result<(), Stop> {
         if self.session.is_none() {
-            debug!(timeout = ?self.cfg.handshake_timeout, "no connect frame in time");
+            limit_exceeded("handshake_timeout");
+            tracing::info!(timeout = ?self.cfg.handshake_timeout, "no connect frame in time");
             return Err(Stop::Disconnect(CloseReason::CONNECT_EXPECTED));
         }
         let interval = self.cfg.ping_interval;
         let silent = self.last_seen.elapsed();
         if silent >= interval * 2 {
-            debug!(?silent, "peer silent for two ping intervals");
+            limit_exceeded("idle_timeout");
+            tracing::info!(?silent, "peer silent for two ping intervals");
             return Err(Stop::Disconnect(PING_TIMEOUT));
         }
         // The deadline is recomputed from `last_seen` only when it fires, so

@@ -443,6 +443,8 @@ async fn handshake_timeouts_close_only_the_silent_connections() -> anyhow::Resul
         metric(&gw, "switchboard_protocol_errors_total", &[("protocol", "mqtt"), ("code", "connect_timeout")]).await?
             >= 1.0
     );
+    let ws = [("limit", "handshake_timeout"), ("protocol", "ws")];
+    assert!(metric(&gw, "switchboard_limit_exceeded_total", &ws).await? >= 1.0, "WebSocket handshake timeout counted");
     by.still_served("handshake timeouts").await
 }
 
@@ -488,6 +490,8 @@ async fn idle_timeouts_close_only_the_silent_peers() -> anyhow::Result<()> {
         "{frames:?}"
     );
     assert_eq!(silent_mqtt.closed().await?.only_disconnect(), Some(0x8D));
+    let ws = [("limit", "idle_timeout"), ("protocol", "ws")];
+    assert!(metric(&gw, "switchboard_limit_exceeded_total", &ws).await? >= 1.0, "WebSocket idle timeout counted");
     // The active ones go on, and still talk to each other.
     busy_ws.subscribe_to("idle/x").await?;
     busy_mqtt.send(&publish_packet(Ver::V5, b"idle/x", 1, 1, b"awake", &[])).await?;

@@ -421,6 +421,12 @@ async fn bad_requests_are_clear_400s() -> anyhow::Result<()> {
         );
         assert_error(status, &resp.text().await?, code, what);
     }
+    // The two limits count as limits.
+    let metrics = reqwest::get(format!("{}/metrics", gw.admin)).await?.text().await?;
+    for limit in ["stream_channels", "query_len"] {
+        let series = format!("switchboard_limit_exceeded_total{{limit=\"{limit}\",protocol=\"http\"}}");
+        assert!(metrics.lines().any(|l| l.starts_with(&series)), "{series} missing");
+    }
     // The real cursor itself is fine, and refusals leave no session behind.
     let resumed = SseClient::connect(&gw.http, &query(&[("channel", "a")]), Some(&cursor)).await?;
     assert_eq!(resumed.start_id, cursor);
