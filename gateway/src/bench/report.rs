@@ -236,6 +236,11 @@ impl Report {
     }
 
     /// Fills the INVALID fields from the bench's own CPU and schedule lag.
+    ///
+    /// `threads` is capped at the CPUs this process may run on (its affinity
+    /// mask, e.g. one core under `taskset -c 1`): threads cannot use more
+    /// cores than they are allowed, so the budget is 85 % of each core the
+    /// bench can actually use.
     pub fn set_validity(&mut self, bench_cpu_us: Option<u64>, wall_us: u64, threads: usize) {
         self.bench_threads = threads as u64;
         if let Some(cpu) = bench_cpu_us
@@ -243,7 +248,8 @@ impl Report {
         {
             self.bench_cpu_pct = Some(cpu as f64 * 100.0 / wall_us as f64);
         }
-        self.invalid_reason = invalid_reason(bench_cpu_us, wall_us, threads, self.lag_p99_us);
+        let cores = std::thread::available_parallelism().map_or(threads, |n| n.get());
+        self.invalid_reason = invalid_reason(bench_cpu_us, wall_us, threads.min(cores), self.lag_p99_us);
         self.invalid = self.invalid_reason.is_some();
     }
 
