@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 SERVER_CPU = "0"
 BENCH_CPU = "1"
 APT_PACKAGES = {
-    "nats-server": "/usr/bin/nats-server",
+    "nats-server": "/usr/sbin/nats-server",
     "mosquitto": "/usr/sbin/mosquitto",
     "nginx-light": "/usr/sbin/nginx",
     "libnginx-mod-nchan": "/usr/lib/nginx/modules/ngx_nchan_module.so",
