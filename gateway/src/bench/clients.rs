@@ -410,6 +410,7 @@ pub fn mqtt_options(t: &Target, client_id: &str, session_expiry: u32) -> Result<
     let port = port.parse().map_err(|_| BenchError::Usage(format!("bad MQTT port in {}", t.mqtt)))?;
     let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_network_options(mqtt_network_options());
     // The bench sends far more than rumqttc's 10 KiB default packet limit allows for large --size.
     opts.set_max_packet_size(Some(1 << 20));
     if session_expiry > 0 {
@@ -419,6 +420,23 @@ pub fn mqtt_options(t: &Target, client_id: &str, session_expiry: u32) -> Result<
         opts.set_connect_properties(props);
     }
     Ok(opts)
+}
+
+/// Socket options for every bench MQTT connection: Nagle off, as on every
+/// other bench socket. rumqttc leaves Nagle on by default, and then a small
+/// PUBLISH written while an earlier segment awaits its (delayed) ACK waits
+/// for it: tens of milliseconds of client-made latency in the tail.
+pub fn mqtt_network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
+/// A 3.1.1 client and its event loop with [`mqtt_network_options`].
+pub fn mqtt3_client(opts: rumqttc::MqttOptions, cap: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, cap);
+    events.set_network_options(mqtt_network_options());
+    (client, events)
 }
 
 /// MQTT 3.1.1 client options (clean session, QoS per call).
@@ -469,7 +487,7 @@ pub async fn mqtt3_subscribe(
     qos: u8,
 ) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), BenchError> {
     use rumqttc::{Event, Incoming, SubscribeReasonCode};
-    let (client, mut events) = rumqttc::AsyncClient::new(mqtt3_options(t, client_id)?, 64);
+    let (client, mut events) = mqtt3_client(mqtt3_options(t, client_id)?, 64);
     client.subscribe(channel, mqtt3_qos(qos)).await.map_err(|e| BenchError::Protocol(format!("MQTT: {e}")))?;
     mqtt3_wait(&mut events, |ev| match ev {
         Event::Incoming(Incoming::SubAck(ack)) => {

@@ -340,7 +340,7 @@ impl PubConn {
             Proto::Ws => Ok(PubConn::Ws(clients::WsPublisher::new(clients::ws_open(t, id).await?))),
             Proto::Mqtt if t.mqtt_version == MqttVersion::V3 => {
                 use rumqttc::{Event, Incoming};
-                let (client, mut events) = rumqttc::AsyncClient::new(clients::mqtt3_options(t, id)?, 1024);
+                let (client, mut events) = clients::mqtt3_client(clients::mqtt3_options(t, id)?, 1024);
                 clients::mqtt3_wait(&mut events, |ev| Ok(matches!(ev, Event::Incoming(Incoming::ConnAck(_))))).await?;
                 let driver = tokio::spawn(async move {
                     // Drives the socket (acks, pings); ends when the client disconnects.
