@@ -26,6 +26,7 @@ ours/peer. Raw results (every run's JSON report) go to --out.
 
 Usage:
   python3 tests/bench/compare.py                 # everything, default scale
+  python3 tests/bench/compare.py --summarize DIR1/results.json DIR2/results.json   # pool sessions
   python3 tests/bench/compare.py --only mqtt-nats,ws-natsws --rounds 3 --duration 5s
   python3 tests/bench/compare.py --scale 0.2     # a quick look (fewer subscribers)
 """
@@ -541,7 +542,28 @@ def table(rows, peer_names):
     return "\n".join(lines)
 
 
+def summarize_files(paths):
+    """--summarize: one table over the runs of several results.json files
+    (e.g. two sessions of A/B rounds on a shared machine; only clean runs
+    count, as always)."""
+    results, peer_names = {}, {}
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for scen, sides in d["runs"].items():
+            into = results.setdefault(scen, {side: {"fanout": [], "idle": [], "writes": []} for side in sides})
+            for side, kinds in sides.items():
+                for kind, runs in kinds.items():
+                    into[side][kind].extend(runs)
+            peer_names[scen] = scen.split("-", 1)[1]
+        print(f"{path}: {d['date']}, load1 median {fmt(d.get('load1_median'))}, versions {d['versions']}")
+    print()
+    print(table(summarize(results), peer_names))
+
+
 def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
+        summarize_files(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
     ap.add_argument("--rounds", type=int, default=3, help="A/B rounds per scenario (>= 3 for the record)")
