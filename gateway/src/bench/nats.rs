@@ -631,6 +631,48 @@ mod tests {
         assert_eq!(decode(&mut BytesMut::from(&[b'x'; MAX_CONTROL_LINE + 1][..])), Err(CodecError::LineTooLong));
     }
 
+    /// A scripted NATS server on a real socket: the subscriber completes the
+    /// handshake, confirms its SUB, answers a server PING with PONG while
+    /// messages arrive split across writes, and sees end of stream.
+    #[tokio::test]
+    async fn subscriber_handshake_ping_pong_and_split_messages() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"INFO {\"server_id\":\"fake\",\"max_payload\":1048576}\r\n").await.unwrap();
+            let connect = lines.next_line().await.unwrap().unwrap();
+            assert!(connect.starts_with("CONNECT {"), "{connect}");
+            assert_eq!(lines.next_line().await.unwrap().unwrap(), "PING");
+            w.write_all(b"PONG\r\n").await.unwrap();
+            assert_eq!(lines.next_line().await.unwrap().unwrap(), "SUB bench.ab.0 1");
+            assert_eq!(lines.next_line().await.unwrap().unwrap(), "PING");
+            // The PONG and the first message in one write, then a PING and a message cut in three.
+            w.write_all(b"PONG\r\nMSG bench.ab.0 1 3\r\none\r\n").await.unwrap();
+            for part in [&b"PING\r\nMSG bench.ab.0 1 _INBOX.r "[..], b"3\r\ntw", b"o\r\n"] {
+                w.write_all(part).await.unwrap();
+                w.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The client answers the PING.
+            assert_eq!(lines.next_line().await.unwrap().unwrap(), "PONG");
+            drop(w);
+        });
+        let mut t = Target::new("127.0.0.1:1".into(), "127.0.0.1:1".into(), 1);
+        t.nats = addr;
+        let mut sub = NatsSub::open(false, &t, "bench/ab/0", "test").await.expect("subscribed");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            assert!(sub.next(&mut got).await.expect("next"), "stream ended early");
+        }
+        assert_eq!(got, vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")]);
+        server.await.expect("server script");
+        assert!(!sub.next(&mut got).await.expect("clean end"), "end of stream");
+    }
+
     #[test]
     fn encoders_and_subjects() {
         let mut out = BytesMut::new();
