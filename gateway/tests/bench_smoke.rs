@@ -177,6 +177,13 @@ struct Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        // SIGTERM first: nginx's master then stops its workers (a SIGKILLed
+        // master would leave them running, holding the port).
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
