@@ -11,7 +11,12 @@
 #   - tests/tests/mqtt_independent.rs: mosquitto_pub / mosquitto_sub (Debian
 #     `mosquitto-clients`) and the Python MQTT client paho-mqtt;
 #   - tests/tests/tls.rs: curl, openssl s_client and mosquitto-clients against
-#     the HTTPS and MQTTS listeners.
+#     the HTTPS and MQTTS listeners;
+#   - gateway/tests/bench_smoke.rs: the bench's peers nats-server (Debian
+#     `nats-server`) and nginx with Nchan (`nginx-light`,
+#     `libnginx-mod-nchan`), and `perf` (`linux-perf`) for --syscalls perf.
+#     Installing must not start Debian's nginx on port 80: where no
+#     policy-rc.d keeps services down, one is put in place for the install.
 # Those tests fail (never skip) when their tools are missing, naming this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,12 +45,27 @@ python3 -m pip --version >/dev/null 2>&1 || apt_missing+=(python3-pip)
 # tests/tests/tls.rs: independent TLS clients.
 command -v curl >/dev/null || apt_missing+=(curl)
 command -v openssl >/dev/null || apt_missing+=(openssl)
+[ -x /usr/sbin/nats-server ] || apt_missing+=(nats-server)
+[ -x /usr/sbin/nginx ] || apt_missing+=(nginx-light)
+[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || apt_missing+=(libnginx-mod-nchan)
+[ -x /usr/bin/perf ] || apt_missing+=(linux-perf)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${apt_missing[*]}" >&2
+    policy_added=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${SUDO[@]}" chmod +x /usr/sbin/policy-rc.d
+        policy_added=1
+    fi
     apt_log=$(mktemp)
-    if ! { "${SUDO[@]}" apt-get update -qq &&
+    apt_ok=1
+    { "${SUDO[@]}" apt-get update -qq &&
         "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"; } >"$apt_log" 2>&1; then
+            apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"; } >"$apt_log" 2>&1 || apt_ok=
+    if [ -n "$policy_added" ]; then
+        "${SUDO[@]}" rm -f /usr/sbin/policy-rc.d
+    fi
+    if [ -z "$apt_ok" ]; then
         cat "$apt_log" >&2
         exit 1
     fi

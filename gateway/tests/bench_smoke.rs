@@ -1,13 +1,19 @@
-//! Smoke runs of `switchboard bench` against a real `switchboard dev`: tiny
-//! loads, checking that the bench runs on every protocol and that its
-//! accounting adds up. No timing thresholds (CI machines are noisy), and
-//! `invalid` is not asserted for the same reason.
+//! Smoke runs of `switchboard bench` against a real `switchboard dev` and
+//! against the peers it is compared with (nats-server over TCP and
+//! WebSocket, nginx + Nchan for SSE and long polling): tiny loads, checking
+//! that the bench runs on every protocol and that its accounting adds up.
+//! No timing thresholds (CI machines are noisy), and `invalid` is not
+//! asserted for the same reason. The peers are Debian packages that
+//! `tests/run.sh` installs; a missing one fails the test, naming it.
 
 mod common;
 
-use std::time::Duration;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use common::{DevGateway, run_to_end};
+use common::{DevGateway, repo_root, run_to_end};
 
 fn bench_json(args: &[&str]) -> serde_json::Value {
     let (status, out) = run_to_end(args, Duration::from_secs(90));
@@ -19,11 +25,15 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
 fn fanout(proto: &str) {
     let gw = DevGateway::start();
     let (url, mqtt, pid) = (format!("http://{}", gw.http), format!("mqtt://{}", gw.mqtt), gw.pid().to_string());
-    let args = [
+    fanout_with(&["--proto", proto, "--url", &url, "--mqtt-url", &mqtt, "--server-pid", &pid]);
+}
+
+/// A tiny fan-out (2 channels × 3 subscribers, 2 publishers) with `extra`
+/// flags; asserts exact accounting and a complete report.
+fn fanout_with(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "fanout",
-        "--proto",
-        proto,
         "--channels",
         "2",
         "--subs-per-channel",
@@ -36,14 +46,9 @@ fn fanout(proto: &str) {
         "2s",
         "--size",
         "100",
-        "--url",
-        &url,
-        "--mqtt-url",
-        &mqtt,
         "--json",
-        "--server-pid",
-        &pid,
     ];
+    args.extend_from_slice(extra);
     let r = bench_json(&args);
     assert_eq!(r["lost"], 0, "{r}");
     assert_eq!(r["duplicated"], 0, "{r}");
@@ -61,6 +66,7 @@ fn fanout(proto: &str) {
         assert!(r.get(k).is_some(), "{k} missing in {r}");
     }
     assert!(r["rss_bytes"].as_u64().is_some_and(|b| b > 0), "{r}");
+    r
 }
 
 #[test]
@@ -140,4 +146,172 @@ fn idle_and_churn_complete() {
         bench_json(&["bench", "churn", "--proto", "sse", "--rate", "20", "--duration", "1s", "--url", &url, "--json"]);
     assert_eq!(r["lost"], 0, "{r}");
     assert_eq!(r["deliveries"], r["published"], "{r}");
+}
+
+#[test]
+fn fanout_mqtt_3_1_1() {
+    let gw = DevGateway::start();
+    let (mqtt, pid) = (format!("mqtt://{}", gw.mqtt), gw.pid().to_string());
+    fanout_with(&["--proto", "mqtt", "--mqtt-version", "3", "--mqtt-url", &mqtt, "--server-pid", &pid]);
+}
+
+#[test]
+fn syscalls_perf_counts_socket_writes() {
+    let gw = DevGateway::start();
+    let (url, pid) = (format!("http://{}", gw.http), gw.pid().to_string());
+    let r = fanout_with(&["--proto", "ws", "--url", &url, "--server-pid", &pid, "--syscalls", "perf"]);
+    assert_eq!(r["writes_source"], "perf", "{r}");
+    let by_name = r["write_syscalls"].as_object().unwrap_or_else(|| panic!("no write_syscalls in {r}"));
+    let total: u64 = by_name.values().filter_map(|v| v.as_u64()).sum();
+    // Every delivery left the gateway through some write syscall (several may share one).
+    assert!(total > 0, "{r}");
+    assert!(r["writes_per_delivery"].as_f64().is_some_and(|w| w > 0.0), "{r}");
+}
+
+/// A peer server (nats-server, nginx) on free loopback ports, killed (by
+/// PID) on drop.
+struct Peer {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SIGTERM first: nginx's master then stops its workers (a SIGKILLed
+        // master would leave them running, holding the port).
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback port nothing listens on now (the OS's choice, never a standard one).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn require(path: &str, package: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: install the Debian package {package} (bash tests/run.sh does)"
+    );
+}
+
+impl Peer {
+    fn start(program: &str, args: &[&str], dir: std::path::PathBuf, ports: &[u16]) -> Peer {
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let peer = Peer { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in ports {
+            while TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "{program} does not listen on {port}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        peer
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sb-bench-smoke-{name}-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// nats-server with its client and WebSocket listeners; returns it and the two ports.
+fn nats_server() -> (Peer, u16, u16) {
+    require("/usr/sbin/nats-server", "nats-server");
+    let (client, ws) = (free_port(), free_port());
+    let dir = temp_dir("nats");
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!("listen: 127.0.0.1:{client}\nwebsocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n"),
+    )
+    .expect("write nats.conf");
+    let conf = conf.to_string_lossy().into_owned();
+    (Peer::start("/usr/sbin/nats-server", &["-c", &conf], dir, &[client, ws]), client, ws)
+}
+
+#[test]
+fn fanout_nats() {
+    let (nats, client, _) = nats_server();
+    let url = format!("nats://127.0.0.1:{client}");
+    let r = fanout_with(&["--proto", "nats", "--nats-url", &url, "--server-pid", &nats.pid()]);
+    assert_eq!(r["sub_proto"], "nats", "{r}");
+}
+
+#[test]
+fn fanout_nats_ws() {
+    let (nats, _, ws) = nats_server();
+    let url = format!("http://127.0.0.1:{ws}");
+    let r = fanout_with(&["--proto", "nats-ws", "--url", &url, "--server-pid", &nats.pid()]);
+    assert_eq!(r["sub_proto"], "nats-ws", "{r}");
+}
+
+/// nginx + Nchan with tests/bench/nginx-nchan.conf; returns it and its port.
+fn nchan() -> (Peer, u16) {
+    require("/usr/sbin/nginx", "nginx-light");
+    let module = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+    require(module, "libnginx-mod-nchan");
+    let port = free_port();
+    let dir = temp_dir("nchan");
+    // nginx's worker (nobody, when started as root) reaches its temp paths.
+    let _ = Command::new("chmod").arg("755").arg(&dir).status();
+    let template = std::fs::read_to_string(repo_root().join("tests/bench/nginx-nchan.conf")).expect("nginx-nchan.conf");
+    let conf = template
+        .replace("@DIR@", &dir.to_string_lossy())
+        .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+        .replace("@MODULE@", module);
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    let (prefix, path) = (dir.to_string_lossy().into_owned(), path.to_string_lossy().into_owned());
+    (Peer::start("/usr/sbin/nginx", &["-p", &prefix, "-c", &path, "-g", "daemon off;"], dir, &[port]), port)
+}
+
+fn fanout_nchan(proto: &str) {
+    let (nginx, port) = nchan();
+    let url = format!("http://127.0.0.1:{port}");
+    // The master's PID is enough here: the figures only need to be present.
+    let r = fanout_with(&["--proto", proto, "--target", "nchan", "--url", &url, "--server-pid", &nginx.pid()]);
+    assert_eq!(r["sub_proto"], proto, "{r}");
+}
+
+#[test]
+fn fanout_nchan_sse() {
+    fanout_nchan("sse");
+}
+
+#[test]
+fn fanout_nchan_poll() {
+    fanout_nchan("poll");
+}
+
+#[test]
+fn peers_refuse_scenarios_they_cannot_run() {
+    for args in [
+        &["bench", "churn", "--proto", "nats", "--duration", "1s"][..],
+        &["bench", "recovery", "--proto", "sse", "--target", "nchan"],
+        &["bench", "recovery", "--proto", "mqtt", "--mqtt-version", "3"],
+        &["bench", "fanout", "--proto", "ws", "--target", "nchan"],
+    ] {
+        let (status, out) = run_to_end(args, Duration::from_secs(30));
+        assert!(!status.success(), "{args:?} should be refused; stdout: {out}");
+    }
 }

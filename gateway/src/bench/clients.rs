@@ -1,6 +1,7 @@
 //! Minimal, fast clients for the bench: WebSocket (protobuf subprotocol),
-//! SSE, long polling, MQTT (rumqttc) and REST publish, with optional source
-//! address spreading over 127.0.0.x.
+//! SSE, long polling, MQTT (rumqttc, 5 or 3.1.1) and REST publish, with
+//! optional source address spreading over 127.0.0.x. The peers' own clients
+//! (NATS, Nchan) are in [`super::nats`] and [`super::nchan`].
 //!
 //! Unlike [`crate::client`] these do not reconnect or print: a failure is
 //! counted by the scenario, never retried behind its back, so a lossy run
@@ -22,7 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use super::BenchError;
+use super::{BenchError, Flavour, MqttVersion};
 
 /// How long any handshake step may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,6 +35,12 @@ pub struct Target {
     pub http: String,
     /// MQTT listener `host:port`.
     pub mqtt: String,
+    /// NATS client listener `host:port` (`--proto nats`).
+    pub nats: String,
+    /// MQTT version the MQTT clients speak.
+    pub mqtt_version: MqttVersion,
+    /// What serves SSE, long polling and REST publishes at `http`.
+    pub flavour: Flavour,
     /// Source addresses 127.0.0.1..=127.0.0.N, or none (let the kernel choose).
     src_count: u8,
     next_src: AtomicUsize,
@@ -43,7 +50,15 @@ impl Target {
     /// A target; `src_addrs` > 1 spreads connections over 127.0.0.1..=N
     /// (only when the gateway is on loopback).
     pub fn new(http: String, mqtt: String, src_addrs: u8) -> Target {
-        Target { http, mqtt, src_count: src_addrs, next_src: AtomicUsize::new(0) }
+        Target {
+            http,
+            mqtt,
+            nats: "127.0.0.1:4222".into(),
+            mqtt_version: MqttVersion::V5,
+            flavour: Flavour::Switchboard,
+            src_count: src_addrs,
+            next_src: AtomicUsize::new(0),
+        }
     }
 
     /// The next source address, round robin, if spreading is on.
@@ -395,6 +410,7 @@ pub fn mqtt_options(t: &Target, client_id: &str, session_expiry: u32) -> Result<
     let port = port.parse().map_err(|_| BenchError::Usage(format!("bad MQTT port in {}", t.mqtt)))?;
     let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_network_options(mqtt_network_options());
     // The bench sends far more than rumqttc's 10 KiB default packet limit allows for large --size.
     opts.set_max_packet_size(Some(1 << 20));
     if session_expiry > 0 {
@@ -404,6 +420,87 @@ pub fn mqtt_options(t: &Target, client_id: &str, session_expiry: u32) -> Result<
         opts.set_connect_properties(props);
     }
     Ok(opts)
+}
+
+/// Socket options for every bench MQTT connection: Nagle off, as on every
+/// other bench socket. rumqttc leaves Nagle on by default, and then a small
+/// PUBLISH written while an earlier segment awaits its (delayed) ACK waits
+/// for it: tens of milliseconds of client-made latency in the tail.
+pub fn mqtt_network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
+/// A 3.1.1 client and its event loop with [`mqtt_network_options`].
+pub fn mqtt3_client(opts: rumqttc::MqttOptions, cap: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, cap);
+    events.set_network_options(mqtt_network_options());
+    (client, events)
+}
+
+/// MQTT 3.1.1 client options (clean session, QoS per call).
+///
+/// For brokers that speak only 3.1.1 (nats-server's MQTT listener) and for
+/// comparing brokers with one client: `--mqtt-version 3`.
+pub fn mqtt3_options(t: &Target, client_id: &str) -> Result<rumqttc::MqttOptions, BenchError> {
+    let (host, port) =
+        t.mqtt.rsplit_once(':').ok_or_else(|| BenchError::Usage(format!("bad MQTT address {}", t.mqtt)))?;
+    let port = port.parse().map_err(|_| BenchError::Usage(format!("bad MQTT port in {}", t.mqtt)))?;
+    let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    Ok(opts)
+}
+
+/// MQTT 3.1.1 QoS from 0..=2.
+pub fn mqtt3_qos(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+/// Polls a 3.1.1 event loop until `done` says so (bounded by the handshake timeout).
+pub async fn mqtt3_wait(
+    events: &mut rumqttc::EventLoop,
+    mut done: impl FnMut(&rumqttc::Event) -> Result<bool, BenchError>,
+) -> Result<(), BenchError> {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .map_err(|_| BenchError::Protocol("MQTT handshake timed out".into()))?
+            .map_err(|e| BenchError::Protocol(format!("MQTT: {e}")))?;
+        if done(&ev)? {
+            return Ok(());
+        }
+    }
+}
+
+/// MQTT 3.1.1: connects and subscribes; returns once the SUBACK granted it.
+pub async fn mqtt3_subscribe(
+    t: &Target,
+    client_id: &str,
+    channel: &str,
+    qos: u8,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), BenchError> {
+    use rumqttc::{Event, Incoming, SubscribeReasonCode};
+    let (client, mut events) = mqtt3_client(mqtt3_options(t, client_id)?, 64);
+    client.subscribe(channel, mqtt3_qos(qos)).await.map_err(|e| BenchError::Protocol(format!("MQTT: {e}")))?;
+    mqtt3_wait(&mut events, |ev| match ev {
+        Event::Incoming(Incoming::SubAck(ack)) => {
+            if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+                Ok(true)
+            } else {
+                Err(BenchError::Protocol(format!("SUBACK {:?}", ack.return_codes)))
+            }
+        }
+        _ => Ok(false),
+    })
+    .await?;
+    Ok((client, events))
 }
 
 /// Polls `events` until `done` says so (bounded by the handshake timeout).

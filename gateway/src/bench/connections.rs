@@ -19,7 +19,7 @@ use super::clients;
 use super::fanout::{Clock, Shared, SubConn, receive};
 use super::histogram::{self, ShardedHistogram};
 use super::payload::{self, Stamp};
-use super::procfs::{self, ProcSample};
+use super::procfs::{self, ProcSample, ServerProbe};
 use super::report::Report;
 use super::{CommonArgs, Proto};
 
@@ -40,8 +40,8 @@ pub async fn idle(proto: Proto, conns: u64, hold: Duration, common: &CommonArgs)
     let shared =
         Arc::new(Shared { clock: Clock::new(), latency: ShardedHistogram::new(1), received: AtomicU64::new(0) });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server_pid = common.server_pid.map(|p| p.to_string());
-    let server_before = server_pid.as_deref().map(ProcSample::read);
+    let mut probe = ServerProbe::prepare(common).await.context("server probe")?;
+    probe.open().await.context("server probe")?;
     let self_before = ProcSample::read("self");
     let started = Instant::now();
     let setup = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
@@ -84,7 +84,7 @@ pub async fn idle(proto: Proto, conns: u64, hold: Duration, common: &CommonArgs)
     let opened = conns - failed.len() as u64;
     tokio::time::sleep(hold).await;
     let window = started.elapsed();
-    let server_after = server_pid.as_deref().map(ProcSample::read);
+    let server = probe.close().await;
     let self_after = ProcSample::read("self");
     let _ = stop_tx.send(true);
     let mut dropped = 0u64;
@@ -106,9 +106,7 @@ pub async fn idle(proto: Proto, conns: u64, hold: Duration, common: &CommonArgs)
         ..Default::default()
     };
     r.set_handshake(histogram::summarize(&handshakes.merged()));
-    if let (Some(b), Some(a)) = (server_before, server_after) {
-        r.set_server(procfs::delta(&b, &a));
-    }
+    r.set_server_figures(server);
     if let Some(first) = failed.first() {
         r.problems.push(format!("{} connections failed (first: {first})", failed.len()));
     }
@@ -165,8 +163,8 @@ pub async fn churn(proto: Proto, rate: f64, duration: Duration, common: &CommonA
     let publisher = clients::http_client(&t)?;
     // Connections in flight are capped by --max-conns (minus the publisher's pool).
     let cap = Arc::new(Semaphore::new(common.max_conns.saturating_sub(4).max(1) as usize));
-    let server_pid = common.server_pid.map(|p| p.to_string());
-    let server_before = server_pid.as_deref().map(ProcSample::read);
+    let mut probe = ServerProbe::prepare(common).await.context("server probe")?;
+    probe.open().await.context("server probe")?;
     let self_before = ProcSample::read("self");
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
@@ -201,7 +199,7 @@ pub async fn churn(proto: Proto, rate: f64, duration: Duration, common: &CommonA
         }
     }
     let window = started.elapsed();
-    let server_after = server_pid.as_deref().map(ProcSample::read);
+    let server = probe.close().await;
     let self_after = ProcSample::read("self");
     let done = attempted - errors.len() as u64;
 
@@ -232,9 +230,7 @@ pub async fn churn(proto: Proto, rate: f64, duration: Duration, common: &CommonA
     if skipped > 0 {
         r.problems.push(format!("{skipped} cycles skipped: --max-conns in flight"));
     }
-    if let (Some(b), Some(a)) = (server_before, server_after) {
-        r.set_server(procfs::delta(&b, &a));
-    }
+    r.set_server_figures(server);
     r.set_validity(procfs::delta(&self_before, &self_after).cpu_us, window.as_micros() as u64, threads);
     Ok(r)
 }

@@ -26,9 +26,11 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use super::accounting::{SeqTracker, Tally};
 use super::clients::{self, Target};
 use super::histogram::{self, LocalBuffer, ShardedHistogram};
-use super::procfs::{self, ProcSample};
+use super::nats::{NatsPub, NatsSub};
+use super::nchan;
+use super::procfs::{self, ProcSample, ServerProbe};
 use super::report::Report;
-use super::{BenchError, CommonArgs, LoadArgs, Proto};
+use super::{BenchError, CommonArgs, Flavour, LoadArgs, MqttVersion, Proto};
 
 /// Connections opened at the same time during setup (a bound on SYN bursts).
 const SETUP_CONCURRENCY: usize = 256;
@@ -80,9 +82,34 @@ pub(crate) enum SubConn {
     // Boxed: the socket state is large and the enum is moved into tasks.
     Ws(Box<clients::Ws>),
     Sse(clients::SseEvents),
-    Poll { client: reqwest::Client, base: String, channel: String, cursor: String },
-    Mqtt { _client: rumqttc::v5::AsyncClient, events: Box<rumqttc::v5::EventLoop> },
+    Poll {
+        client: reqwest::Client,
+        base: String,
+        channel: String,
+        cursor: String,
+    },
+    Mqtt {
+        _client: rumqttc::v5::AsyncClient,
+        events: Box<rumqttc::v5::EventLoop>,
+    },
+    Mqtt3 {
+        _client: rumqttc::AsyncClient,
+        events: Box<rumqttc::EventLoop>,
+    },
+    Nats(Box<NatsSub>),
+    NchanSse(clients::SseEvents),
+    /// `first` is the first poll, already in flight when `open` returns (it
+    /// only answers once a message is published).
+    NchanPoll {
+        client: reqwest::Client,
+        url: String,
+        cursor: Option<nchan::Cursor>,
+        first: Option<tokio::task::JoinHandle<NchanPollResult>>,
+    },
 }
+
+/// What one Nchan long poll returns: messages and the next cursor.
+type NchanPollResult = Result<(Vec<Bytes>, Option<nchan::Cursor>), BenchError>;
 
 impl SubConn {
     /// Connects and subscribes to `channel`.
@@ -99,10 +126,23 @@ impl SubConn {
                 clients::ws_subscribe(&mut ws, channel, None).await?;
                 Ok(SubConn::Ws(Box::new(ws)))
             }
+            Proto::Sse if t.flavour == Flavour::Nchan => {
+                let client = clients::http_client(t)?;
+                Ok(SubConn::NchanSse(nchan::sse_open(&client, &t.http_base(), channel).await?))
+            }
             Proto::Sse => {
                 let client = clients::http_client(t)?;
                 let (events, _) = clients::sse_open(&client, &t.http_base(), channel, None).await?;
                 Ok(SubConn::Sse(events))
+            }
+            Proto::Poll if t.flavour == Flavour::Nchan => {
+                let client = clients::http_client(t)?;
+                let url = nchan::sub_url(&t.http_base(), channel);
+                let first = {
+                    let (client, url) = (client.clone(), url.clone());
+                    tokio::spawn(async move { nchan::poll_once(&client, &url, None).await })
+                };
+                Ok(SubConn::NchanPoll { client, url, cursor: None, first: Some(first) })
             }
             Proto::Poll => {
                 let client = clients::http_client(t)?;
@@ -112,11 +152,20 @@ impl SubConn {
                 let (_, cursor) = clients::poll_once(&client, &base, channel, None, 0).await?;
                 Ok(SubConn::Poll { client, base, channel: channel.into(), cursor })
             }
+            Proto::Mqtt if t.mqtt_version == MqttVersion::V3 => {
+                let (client, events) = clients::mqtt3_subscribe(t, id, channel, qos).await?;
+                Ok(SubConn::Mqtt3 { _client: client, events: Box::new(events) })
+            }
             Proto::Mqtt => {
                 let (client, events) = clients::mqtt_subscribe(t, id, channel, qos, 0).await?;
                 Ok(SubConn::Mqtt { _client: client, events: Box::new(events) })
             }
-            Proto::Rest => Err(BenchError::Usage("rest cannot subscribe (use ws, mqtt, sse or poll)".into())),
+            Proto::Nats | Proto::NatsWs => {
+                Ok(SubConn::Nats(Box::new(NatsSub::open(proto == Proto::NatsWs, t, channel, id).await?)))
+            }
+            Proto::Rest => {
+                Err(BenchError::Usage("rest cannot subscribe (use ws, mqtt, sse, poll, nats or nats-ws)".into()))
+            }
         }
     }
 
@@ -178,6 +227,40 @@ impl SubConn {
                     Ok(_) => Ok(true),
                     Err(e) => Err(BenchError::Protocol(format!("MQTT: {e}"))),
                 }
+            }
+            SubConn::Mqtt3 { events, .. } => {
+                use rumqttc::{Event, Incoming};
+                match events.poll().await {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        out.push(p.payload);
+                        Ok(true)
+                    }
+                    Ok(Event::Incoming(Incoming::Disconnect)) => Err(BenchError::Protocol("MQTT DISCONNECT".into())),
+                    Ok(_) => Ok(true),
+                    Err(e) => Err(BenchError::Protocol(format!("MQTT: {e}"))),
+                }
+            }
+            SubConn::Nats(n) => n.next(out).await,
+            SubConn::NchanSse(events) => match events.next().await {
+                None => Ok(false),
+                Some(Err(e)) => Err(BenchError::Protocol(format!("Nchan SSE: {e}"))),
+                Some(Ok(ev)) => {
+                    out.extend(nchan::sse_payload(&ev));
+                    Ok(true)
+                }
+            },
+            SubConn::NchanPoll { client, url, cursor, first } => {
+                let (payloads, next) = match first {
+                    Some(handle) => {
+                        let r = handle.await.map_err(|e| BenchError::Protocol(format!("Nchan first poll: {e}")))?;
+                        *first = None;
+                        r?
+                    }
+                    None => nchan::poll_once(client, url, cursor.as_ref()).await?,
+                };
+                out.extend(payloads);
+                *cursor = next;
+                Ok(true)
             }
         }
     }
@@ -244,7 +327,10 @@ pub(crate) async fn receive(
 pub(crate) enum PubConn {
     Ws(clients::WsPublisher),
     Mqtt { client: rumqttc::v5::AsyncClient, qos: u8, driver: tokio::task::JoinHandle<u64> },
+    Mqtt3 { client: rumqttc::AsyncClient, qos: u8, driver: tokio::task::JoinHandle<u64> },
     Rest { client: reqwest::Client, base: String },
+    Nchan { client: reqwest::Client, base: String },
+    Nats(NatsPub),
 }
 
 impl PubConn {
@@ -252,6 +338,25 @@ impl PubConn {
     pub(crate) async fn open(proto: Proto, t: &Target, id: &str, qos: u8) -> Result<PubConn, BenchError> {
         match proto {
             Proto::Ws => Ok(PubConn::Ws(clients::WsPublisher::new(clients::ws_open(t, id).await?))),
+            Proto::Mqtt if t.mqtt_version == MqttVersion::V3 => {
+                use rumqttc::{Event, Incoming};
+                let (client, mut events) = clients::mqtt3_client(clients::mqtt3_options(t, id)?, 1024);
+                clients::mqtt3_wait(&mut events, |ev| Ok(matches!(ev, Event::Incoming(Incoming::ConnAck(_))))).await?;
+                let driver = tokio::spawn(async move {
+                    // Drives the socket (acks, pings); ends when the client disconnects.
+                    loop {
+                        match events.poll().await {
+                            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return 0,
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "MQTT publisher");
+                                return 1;
+                            }
+                        }
+                    }
+                });
+                Ok(PubConn::Mqtt3 { client, qos, driver })
+            }
             Proto::Mqtt => {
                 use rumqttc::v5::{Event, Incoming};
                 let (client, mut events) = rumqttc::v5::AsyncClient::new(clients::mqtt_options(t, id, 0)?, 1024);
@@ -274,9 +379,13 @@ impl PubConn {
                 });
                 Ok(PubConn::Mqtt { client, qos, driver })
             }
+            Proto::Rest | Proto::Sse | Proto::Poll if t.flavour == Flavour::Nchan => {
+                Ok(PubConn::Nchan { client: clients::http_client(t)?, base: t.http_base() })
+            }
             Proto::Rest | Proto::Sse | Proto::Poll => {
                 Ok(PubConn::Rest { client: clients::http_client(t)?, base: t.http_base() })
             }
+            Proto::Nats | Proto::NatsWs => Ok(PubConn::Nats(NatsPub::open(proto == Proto::NatsWs, t, id).await?)),
         }
     }
 
@@ -288,7 +397,13 @@ impl PubConn {
                 .publish(channel, clients::mqtt_qos(*qos), false, payload)
                 .await
                 .map_err(|e| BenchError::Protocol(format!("MQTT: {e}"))),
+            PubConn::Mqtt3 { client, qos, .. } => client
+                .publish(channel, clients::mqtt3_qos(*qos), false, payload)
+                .await
+                .map_err(|e| BenchError::Protocol(format!("MQTT: {e}"))),
             PubConn::Rest { client, base } => clients::rest_publish(client, base, channel, payload).await,
+            PubConn::Nchan { client, base } => nchan::publish(client, base, channel, payload).await,
+            PubConn::Nats(p) => p.publish(channel, &payload).await,
         }
     }
 
@@ -306,7 +421,18 @@ impl PubConn {
                     }
                 }
             }
-            PubConn::Rest { .. } => 0,
+            PubConn::Mqtt3 { client, mut driver, .. } => {
+                let _ = client.disconnect().await;
+                match tokio::time::timeout(Duration::from_secs(5), &mut driver).await {
+                    Ok(Ok(n)) => n,
+                    _ => {
+                        driver.abort();
+                        0
+                    }
+                }
+            }
+            PubConn::Nats(p) => p.close().await,
+            PubConn::Rest { .. } | PubConn::Nchan { .. } => 0,
         }
     }
 }
@@ -427,13 +553,18 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
         anyhow::bail!("--channels, --pubs and --rate must be positive");
     }
     if matches!(pub_proto, Proto::Sse | Proto::Poll) {
-        anyhow::bail!("{} cannot publish; use ws, mqtt or rest", pub_proto.name());
+        anyhow::bail!("{} cannot publish; use ws, mqtt, rest, nats or nats-ws", pub_proto.name());
+    }
+    if common.target == Flavour::Nchan && (!matches!(sub_proto, Proto::Sse | Proto::Poll) || pub_proto != Proto::Rest) {
+        anyhow::bail!("--target nchan serves SSE and long-poll subscribers with REST publishers only");
     }
     let subs = u64::from(load.channels) * u64::from(load.subs_per_channel);
     let conns = subs + u64::from(load.pubs);
     if conns > common.max_conns {
         anyhow::bail!("{conns} connections exceed --max-conns {}", common.max_conns);
     }
+    // perf (if asked for) attaches now, counting off until the window opens.
+    let mut probe = ServerProbe::prepare(common).await.context("server probe")?;
     let target = Arc::new(common.target());
     let run_id: u32 = rand::random();
     let channels: Arc<Vec<String>> = Arc::new((0..load.channels).map(|c| format!("bench/{run_id:08x}/{c}")).collect());
@@ -486,6 +617,20 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
         }
     }
 
+    if common.target == Flavour::Nchan {
+        // A pending long poll gives no sign of life before the first message:
+        // wait until Nchan counts every subscriber of every channel.
+        let client = clients::http_client(&target)?;
+        for c in channels.iter() {
+            if let Err(e) =
+                nchan::wait_subscribers(&client, &target.http_base(), c, u64::from(load.subs_per_channel)).await
+            {
+                let _ = stop_tx.send(true);
+                return Err(e).context("Nchan subscribers");
+            }
+        }
+    }
+
     // Publishers run on their own OS thread (a current-thread runtime), so
     // thousands of busy subscriber tasks cannot delay a scheduled send.
     let lag = Arc::new(ShardedHistogram::new(1));
@@ -514,8 +659,10 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
     }
 
     // The measured window starts here.
-    let server_pid = common.server_pid.map(|p| p.to_string());
-    let server_before = server_pid.as_deref().map(ProcSample::read);
+    if let Err(e) = probe.open().await {
+        let _ = stop_tx.send(true);
+        return Err(e).context("server probe");
+    }
     let self_before = ProcSample::read("self");
     let start_ns = clock.now_ns() + 5_000_000;
     let end_ns = start_ns + load.duration.as_nanos() as u64;
@@ -547,7 +694,7 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let window_end_ns = clock.now_ns();
-    let server_after = server_pid.as_deref().map(ProcSample::read);
+    let server = probe.close().await;
     let self_after = ProcSample::read("self");
     let _ = stop_tx.send(true);
 
@@ -586,9 +733,7 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
     r.deliveries_per_sec = r.deliveries as f64 / (window_ns as f64 / 1e9);
     r.set_latency(histogram::summarize(&shared.latency.merged()));
     r.set_lag(histogram::summarize(&lag.merged()));
-    if let (Some(b), Some(a)) = (server_before, server_after) {
-        r.set_server(procfs::delta(&b, &a));
-    }
+    r.set_server_figures(server);
     // The publisher thread is a worker too: it gets its own 85 % budget.
     r.set_validity(procfs::delta(&self_before, &self_after).cpu_us, window_ns / 1000, threads + 1);
     if pub_errors > 0 {

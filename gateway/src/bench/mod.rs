@@ -9,9 +9,12 @@
 //!
 //! Layout: [`payload`] (what a message carries), [`accounting`] (sequences →
 //! loss/dup/reorder), [`histogram`] (sharded HDR histograms), [`procfs`]
-//! (server and self CPU, write syscalls, RSS), [`report`] (INVALID, table,
-//! JSON), [`clients`] (one fast client per protocol), [`fanout`],
-//! [`connections`] and [`recovery`] (the scenarios). The bench measures; it does not assert:
+//! (server and self CPU, write syscalls, RSS), [`syscalls`] (exact write
+//! syscall counts with `perf stat`), [`report`] (INVALID, table, JSON),
+//! [`clients`] (one fast client per protocol), [`nats`] and [`nchan`] (clients
+//! for the peers the gateway is compared with: nats-server over TCP and
+//! WebSocket, Nchan's EventSource and long poll), [`fanout`], [`connections`]
+//! and [`recovery`] (the scenarios). The bench measures; it does not assert:
 //! problems are printed loudly (`!!`) and the exit code stays 0 unless the
 //! run could not be carried out.
 
@@ -20,10 +23,13 @@ pub mod clients;
 pub mod connections;
 pub mod fanout;
 pub mod histogram;
+pub mod nats;
+pub mod nchan;
 pub mod payload;
 pub mod procfs;
 pub mod recovery;
 pub mod report;
+pub mod syscalls;
 
 use std::time::Duration;
 
@@ -62,6 +68,11 @@ pub enum Proto {
     Poll,
     /// REST publish (publish only).
     Rest,
+    /// NATS core protocol over TCP (an external nats-server; `--nats-url`).
+    Nats,
+    /// NATS protocol in WebSocket binary frames (nats-server's `websocket`
+    /// listener at `--url`).
+    NatsWs,
 }
 
 impl Proto {
@@ -73,6 +84,8 @@ impl Proto {
             Proto::Sse => "sse",
             Proto::Poll => "poll",
             Proto::Rest => "rest",
+            Proto::Nats => "nats",
+            Proto::NatsWs => "nats-ws",
         }
     }
 
@@ -82,8 +95,50 @@ impl Proto {
             Proto::Ws => Proto::Ws,
             Proto::Mqtt => Proto::Mqtt,
             Proto::Sse | Proto::Poll | Proto::Rest => Proto::Rest,
+            Proto::Nats => Proto::Nats,
+            Proto::NatsWs => Proto::NatsWs,
         }
     }
+
+    /// True for the protocols that only a nats-server speaks.
+    pub fn is_nats(self) -> bool {
+        matches!(self, Proto::Nats | Proto::NatsWs)
+    }
+}
+
+/// What kind of server is at `--url` for SSE, long polling and REST publishes.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum Flavour {
+    /// Switchboard: `/v1/sse`, `/v1/poll`, `/v1/channels/.../messages`.
+    #[default]
+    Switchboard,
+    /// nginx + Nchan as configured by `tests/bench/nginx-nchan.conf`:
+    /// subscribers at `/sub/<channel>` (EventSource or long poll), publishers
+    /// POST to `/pub/<channel>`.
+    Nchan,
+}
+
+/// MQTT protocol version the bench's MQTT clients speak.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1 (what nats-server's MQTT listener supports).
+    #[value(name = "3")]
+    V3,
+    /// MQTT 5.
+    #[default]
+    #[value(name = "5")]
+    V5,
+}
+
+/// How `writes_per_delivery` is measured.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum SyscallSource {
+    /// `syscw` from `/proc/PID/io`: free, but blind to send/sendto/sendmsg.
+    #[default]
+    Syscw,
+    /// `perf stat` on the syscall-entry tracepoints of write, writev, sendto,
+    /// sendmsg and sendmmsg: exact for any server (needs `perf` and root).
+    Perf,
 }
 
 /// Flags every scenario shares.
@@ -95,9 +150,22 @@ pub struct CommonArgs {
     /// Gateway MQTT listener.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt_url: String,
-    /// PID of the gateway, for CPU, write syscalls and RSS from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// MQTT version of the bench's MQTT clients (3 = 3.1.1).
+    #[arg(long, value_enum, default_value = "5")]
+    pub mqtt_version: MqttVersion,
+    /// nats-server client listener (`--proto nats`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Server at `--url` for SSE, long polling and REST publishes.
+    #[arg(long, value_enum, default_value = "switchboard")]
+    pub target: Flavour,
+    /// PID(s) of the server, comma-separated (e.g. nginx master and worker),
+    /// for CPU, write syscalls and RSS from /proc; figures are summed.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// How server write syscalls are counted (with `--server-pid`).
+    #[arg(long, value_enum, default_value = "syscw")]
+    pub syscalls: SyscallSource,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -255,7 +323,11 @@ fn host_port(url: &str) -> String {
 impl CommonArgs {
     /// The gateway as a [`clients::Target`].
     pub fn target(&self) -> clients::Target {
-        clients::Target::new(host_port(&self.url), host_port(&self.mqtt_url), self.src_addrs)
+        let mut t = clients::Target::new(host_port(&self.url), host_port(&self.mqtt_url), self.src_addrs);
+        t.nats = host_port(&self.nats_url);
+        t.mqtt_version = self.mqtt_version;
+        t.flavour = self.target;
+        t
     }
 }
 
@@ -279,8 +351,33 @@ fn raise_nofile(conns: u64) {
     }
 }
 
+/// Refuses scenario/protocol/target combinations the bench cannot run:
+/// the peers (nats-server, Nchan) have no REST publish API, no positions to
+/// recover from and no Switchboard endpoints, so `churn` and `recovery` are
+/// Switchboard-only; `recovery` over MQTT needs MQTT 5 session expiry.
+fn check_combination(scenario: &str, proto: Proto, common: &CommonArgs) -> anyhow::Result<()> {
+    let switchboard_only = matches!(scenario, "churn" | "recovery");
+    if switchboard_only && (proto.is_nats() || common.target != Flavour::Switchboard) {
+        anyhow::bail!("{scenario} runs against Switchboard only (not --proto nats/nats-ws or --target nchan)");
+    }
+    if scenario == "recovery" && proto == Proto::Mqtt && common.mqtt_version != MqttVersion::V5 {
+        anyhow::bail!("recovery over MQTT needs --mqtt-version 5 (session expiry)");
+    }
+    if common.target == Flavour::Nchan && !matches!(proto, Proto::Sse | Proto::Poll | Proto::Rest) {
+        anyhow::bail!("--target nchan serves sse and poll subscribers only");
+    }
+    Ok(())
+}
+
 /// Runs a scenario and prints its report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match &args.scenario {
+        Scenario::Fanout { proto, common, .. } => check_combination("fanout", *proto, common)?,
+        Scenario::Cross { sub_proto, common, .. } => check_combination("cross", *sub_proto, common)?,
+        Scenario::Idle { proto, common, .. } => check_combination("idle", *proto, common)?,
+        Scenario::Churn { proto, common, .. } => check_combination("churn", *proto, common)?,
+        Scenario::Recovery { proto, common, .. } => check_combination("recovery", *proto, common)?,
+    }
     let (report, json) = match args.scenario {
         Scenario::Fanout { proto, load, common } => {
             raise_nofile(u64::from(load.channels) * u64::from(load.subs_per_channel) + u64::from(load.pubs));

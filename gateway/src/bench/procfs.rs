@@ -1,8 +1,17 @@
-//! Reading `/proc/PID/{stat,io,status}`: CPU time, write syscalls, RSS.
+//! Reading `/proc/PID/{stat,io,status}`: CPU time, write syscalls, RSS; and
+//! [`ServerProbe`], which brackets a scenario's measured window with those
+//! readings of the server's PIDs (summed: nginx is a master and a worker)
+//! and, with `--syscalls perf`, exact write syscall counts
+//! ([`super::syscalls`]).
 //!
 //! The parsers take the file text, so they are tested on sample text; only
 //! [`ProcSample::read`] touches the file system. Linux only; on anything
 //! else (or without permission) the fields are simply absent.
+
+use std::collections::BTreeMap;
+
+use super::syscalls::PerfCounter;
+use super::{BenchError, CommonArgs, SyscallSource};
 
 /// Clock ticks per second of `utime`/`stime`. Linux fixes USER_HZ at 100 in
 /// its ABI on every mainstream architecture; reading `sysconf(_SC_CLK_TCK)`
@@ -67,10 +76,22 @@ impl ProcSample {
             threads: status.as_deref().and_then(parse_status_threads),
         }
     }
+
+    /// Reads every PID and sums the fields (a field is absent if any PID lacks it).
+    pub fn read_pids(pids: &[u32]) -> ProcSample {
+        let add = |a: Option<u64>, b: Option<u64>| Some(a? + b?);
+        let zero = ProcSample { cpu_us: Some(0), syscw: Some(0), rss_bytes: Some(0), threads: Some(0) };
+        pids.iter().map(|p| ProcSample::read(&p.to_string())).fold(zero, |acc, s| ProcSample {
+            cpu_us: add(acc.cpu_us, s.cpu_us),
+            syscw: add(acc.syscw, s.syscw),
+            rss_bytes: add(acc.rss_bytes, s.rss_bytes),
+            threads: add(acc.threads, s.threads),
+        })
+    }
 }
 
 /// The change between two samples.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcDelta {
     /// CPU µs used in between.
     pub cpu_us: Option<u64>,
@@ -80,6 +101,8 @@ pub struct ProcDelta {
     pub rss_bytes: Option<u64>,
     /// RSS at the start.
     pub rss_start_bytes: Option<u64>,
+    /// Write syscalls by name, counted by perf (`--syscalls perf`).
+    pub write_syscalls: Option<BTreeMap<String, u64>>,
 }
 
 /// `after - before`, field by field.
@@ -90,6 +113,61 @@ pub fn delta(before: &ProcSample, after: &ProcSample) -> ProcDelta {
         syscw: d(after.syscw, before.syscw),
         rss_bytes: after.rss_bytes,
         rss_start_bytes: before.rss_bytes,
+        write_syscalls: None,
+    }
+}
+
+/// Brackets a measured window: `/proc` readings of the server's PIDs at both
+/// ends and, with `--syscalls perf`, perf counting only in between. Without
+/// `--server-pid` it measures nothing and every figure stays absent.
+pub struct ServerProbe {
+    pids: Vec<u32>,
+    before: Option<ProcSample>,
+    perf: Option<PerfCounter>,
+}
+
+impl ServerProbe {
+    /// Prepares (perf is started and attached, counting off).
+    pub async fn prepare(common: &CommonArgs) -> Result<ServerProbe, BenchError> {
+        let pids = common.server_pid.clone();
+        let perf = if common.syscalls == SyscallSource::Perf {
+            if pids.is_empty() {
+                return Err(BenchError::Usage("--syscalls perf needs --server-pid".into()));
+            }
+            let p = pids.clone();
+            Some(tokio::task::spawn_blocking(move || PerfCounter::start(&p)).await.map_err(std::io::Error::other)??)
+        } else {
+            None
+        };
+        Ok(ServerProbe { pids, before: None, perf })
+    }
+
+    /// The window opens: first reading, perf counting on.
+    pub async fn open(&mut self) -> Result<(), BenchError> {
+        if self.pids.is_empty() {
+            return Ok(());
+        }
+        if let Some(mut perf) = self.perf.take() {
+            self.perf = Some(
+                tokio::task::spawn_blocking(move || perf.enable().map(|()| perf))
+                    .await
+                    .map_err(std::io::Error::other)??,
+            );
+        }
+        self.before = Some(ProcSample::read_pids(&self.pids));
+        Ok(())
+    }
+
+    /// The window closes: second reading, perf counts. `None` without PIDs.
+    pub async fn close(self) -> Result<Option<ProcDelta>, BenchError> {
+        let Some(before) = self.before else { return Ok(None) };
+        let after = ProcSample::read_pids(&self.pids);
+        let mut d = delta(&before, &after);
+        if let Some(perf) = self.perf {
+            d.write_syscalls =
+                Some(tokio::task::spawn_blocking(move || perf.finish()).await.map_err(std::io::Error::other)??);
+        }
+        Ok(Some(d))
     }
 }
 
@@ -128,6 +206,11 @@ mod tests {
         if cfg!(target_os = "linux") {
             let me = ProcSample::read("self");
             assert!(me.cpu_us.is_some() && me.rss_bytes.is_some());
+            // Two PIDs sum; one that does not exist makes the sum absent.
+            let pid = std::process::id();
+            let twice = ProcSample::read_pids(&[pid, pid]);
+            assert!(twice.rss_bytes.is_some_and(|r| r >= me.rss_bytes.unwrap()));
+            assert_eq!(ProcSample::read_pids(&[pid, u32::MAX]).rss_bytes, None);
         }
     }
 }

@@ -19,7 +19,7 @@ use super::clients::{self, Target};
 use super::fanout::{Clock, SubConn};
 use super::histogram::{self, LocalBuffer, ShardedHistogram};
 use super::payload::{self, Stamp};
-use super::procfs::{self, ProcSample};
+use super::procfs::{self, ProcSample, ServerProbe};
 use super::report::Report;
 use super::{BenchError, CommonArgs, Proto};
 
@@ -65,7 +65,9 @@ async fn first_visit(proto: Proto, t: &Target, channel: &str, id: &str) -> Resul
             let _ = clients::mqtt_wait(&mut events, |ev| Ok(matches!(ev, Event::Outgoing(Outgoing::Disconnect)))).await;
             Ok(Resume::Mqtt)
         }
-        Proto::Rest => Err(BenchError::Usage("rest cannot subscribe".into())),
+        Proto::Rest | Proto::Nats | Proto::NatsWs => {
+            Err(BenchError::Usage(format!("recovery cannot subscribe over {}", proto.name())))
+        }
     }
 }
 
@@ -192,8 +194,8 @@ pub async fn run(
         clients::rest_publish(&publisher, &base, &channel, p).await.context("publishing the missed messages")?;
     }
 
-    let server_pid = common.server_pid.map(|p| p.to_string());
-    let server_before = server_pid.as_deref().map(ProcSample::read);
+    let mut probe = ServerProbe::prepare(common).await.context("server probe")?;
+    probe.open().await.context("server probe")?;
     let self_before = ProcSample::read("self");
     let threads = super::worker_threads();
     let lat = Arc::new(ShardedHistogram::new(threads * 4));
@@ -231,7 +233,7 @@ pub async fn run(
         }
     }
     let window = started.elapsed();
-    let server_after = server_pid.as_deref().map(ProcSample::read);
+    let server = probe.close().await;
     let self_after = ProcSample::read("self");
 
     let mut r = Report {
@@ -260,9 +262,7 @@ pub async fn run(
     if let Some(first) = errors.first() {
         r.problems.push(format!("{} subscribers failed (first: {first})", errors.len()));
     }
-    if let (Some(b), Some(a)) = (server_before, server_after) {
-        r.set_server(procfs::delta(&b, &a));
-    }
+    r.set_server_figures(server);
     r.set_validity(procfs::delta(&self_before, &self_after).cpu_us, window.as_micros() as u64, threads);
     Ok(r)
 }

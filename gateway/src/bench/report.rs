@@ -5,6 +5,7 @@
 //! are left out of the table. Pure formatting: no I/O besides the caller's
 //! `print`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::accounting::Tally;
@@ -129,9 +130,14 @@ pub struct Report {
     pub server_cpu_us_per_delivery: Option<f64>,
     /// Deliveries per server CPU second.
     pub deliveries_per_server_cpu_sec: Option<f64>,
-    /// Server write syscalls per delivery (`syscw`: write/writev family; the
-    /// kernel does not count send/sendto/sendmsg there).
+    /// Server write syscalls per delivery, counted as `writes_source` says.
     pub writes_per_delivery: Option<f64>,
+    /// Where `writes_per_delivery` comes from: `perf` (write, writev, sendto,
+    /// sendmsg, sendmmsg, exact) or `syscw` (`/proc/PID/io`: the write/writev
+    /// family only; the kernel does not count send/sendto/sendmsg there).
+    pub writes_source: Option<String>,
+    /// With `--syscalls perf`: the server's write syscalls in the window, by name.
+    pub write_syscalls: Option<BTreeMap<String, u64>>,
     /// Server CPU over the window, % of one core.
     pub server_cpu_pct: Option<f64>,
     /// Server RSS at the end of the window, bytes.
@@ -200,11 +206,17 @@ impl Report {
                 self.server_cpu_pct = Some(cpu as f64 / 1e4 / self.window_secs);
             }
         }
-        if let Some(w) = d.syscw
-            && deliveries > 0.0
-        {
-            self.writes_per_delivery = Some(w as f64 / deliveries);
+        let (writes, source) = match &d.write_syscalls {
+            Some(by_name) => (Some(by_name.values().sum::<u64>()), "perf"),
+            None => (d.syscw, "syscw"),
+        };
+        if let Some(w) = writes {
+            self.writes_source = Some(source.into());
+            if deliveries > 0.0 {
+                self.writes_per_delivery = Some(w as f64 / deliveries);
+            }
         }
+        self.write_syscalls = d.write_syscalls;
         self.rss_bytes = d.rss_bytes;
         if let (Some(end), Some(start)) = (d.rss_bytes, d.rss_start_bytes)
             && self.connections > 0
@@ -213,7 +225,22 @@ impl Report {
         }
     }
 
+    /// Fills the server figures from a [`super::procfs::ServerProbe`]
+    /// result; a probe that failed is a loud problem, not a failed run.
+    pub fn set_server_figures(&mut self, d: Result<Option<ProcDelta>, super::BenchError>) {
+        match d {
+            Ok(Some(d)) => self.set_server(d),
+            Ok(None) => {}
+            Err(e) => self.problems.push(format!("server figures unavailable: {e}")),
+        }
+    }
+
     /// Fills the INVALID fields from the bench's own CPU and schedule lag.
+    ///
+    /// `threads` is capped at the CPUs this process may run on (its affinity
+    /// mask, e.g. one core under `taskset -c 1`): threads cannot use more
+    /// cores than they are allowed, so the budget is 85 % of each core the
+    /// bench can actually use.
     pub fn set_validity(&mut self, bench_cpu_us: Option<u64>, wall_us: u64, threads: usize) {
         self.bench_threads = threads as u64;
         if let Some(cpu) = bench_cpu_us
@@ -221,7 +248,8 @@ impl Report {
         {
             self.bench_cpu_pct = Some(cpu as f64 * 100.0 / wall_us as f64);
         }
-        self.invalid_reason = invalid_reason(bench_cpu_us, wall_us, threads, self.lag_p99_us);
+        let cores = std::thread::available_parallelism().map_or(threads, |n| n.get());
+        self.invalid_reason = invalid_reason(bench_cpu_us, wall_us, threads.min(cores), self.lag_p99_us);
         self.invalid = self.invalid_reason.is_some();
     }
 
@@ -331,7 +359,15 @@ impl Report {
             row(&mut out, "deliveries/server CPU s", format!("{v:.0}"));
         }
         if let Some(v) = self.writes_per_delivery {
-            row(&mut out, "server writes/delivery", format!("{v:.3}  (syscw: write/writev, not send)"));
+            let how = match &self.write_syscalls {
+                Some(by_name) => {
+                    let parts: Vec<String> =
+                        by_name.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+                    format!("perf: {}", parts.join(", "))
+                }
+                None => "syscw: write/writev, not send".into(),
+            };
+            row(&mut out, "server writes/delivery", format!("{v:.4}  ({how})"));
         }
         if let Some(v) = self.rss_bytes {
             row(&mut out, "server RSS", format!("{:.1} MiB", v as f64 / 1048576.0));
@@ -373,6 +409,7 @@ mod tests {
             syscw: Some(9),
             rss_bytes: Some(4096),
             rss_start_bytes: Some(2048),
+            write_syscalls: None,
         });
         r.set_validity(Some(10), 1_000_000, 2);
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
@@ -397,9 +434,29 @@ mod tests {
         }
         assert_eq!(v["server_cpu_us_per_delivery"], 100.0);
         assert_eq!(v["writes_per_delivery"], 1.0);
+        assert_eq!(v["writes_source"], "syscw");
+        assert!(v["write_syscalls"].is_null());
         assert_eq!(v["rss_per_conn_bytes"], 1024.0);
         assert_eq!(v["invalid"], false);
         let table = r.to_table();
         assert!(table.starts_with("!! 1 messages LOST\n!! 2 messages REORDERED\n"), "{table}");
+    }
+
+    #[test]
+    fn perf_counts_replace_syscw() {
+        let mut r = Report { deliveries: 1000, window_secs: 1.0, ..Default::default() };
+        let by_name: BTreeMap<String, u64> =
+            [("write".to_string(), 5), ("sendto".to_string(), 40), ("writev".to_string(), 5)].into();
+        r.set_server(ProcDelta {
+            cpu_us: Some(1000),
+            syscw: Some(10),
+            write_syscalls: Some(by_name),
+            ..Default::default()
+        });
+        assert_eq!(r.writes_per_delivery, Some(0.05));
+        assert_eq!(r.writes_source.as_deref(), Some("perf"));
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["write_syscalls"]["sendto"], 40);
+        assert!(r.to_table().contains("perf: sendto 40, write 5, writev 5"), "{}", r.to_table());
     }
 }
