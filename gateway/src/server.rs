@@ -342,18 +342,7 @@ async fn mqtt_accept_loop(
     cfg: mqtt::MqttConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer)) = next_connection(&listener, name, &mut shutdown).await {
         let ticket = match admission.admit(peer.ip(), std::time::Instant::now()) {
             Ok(t) => t,
             Err(why) => {
@@ -413,19 +402,7 @@ async fn accept_loop<S, F>(
         + 'static,
     S::Future: Send + 'static,
 {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer)) = next_connection(&listener, name, &mut shutdown).await {
         let ticket = match admission.as_ref().map(|a| a.admit(peer.ip(), std::time::Instant::now())) {
             None => None,
             Some(Ok(t)) => Some(t),
@@ -467,30 +444,68 @@ async fn accept_loop<S, F>(
         let front = front.clone();
         match tls.clone() {
             None => tokio::spawn(async move {
-                match front {
-                    Some(state) => {
-                        if let front::Outcome::Hyper(io) = front::serve(stream, state, peer).await {
-                            Box::pin(serve_http(TokioIo::new(io), service, peer, conn_shutdown)).await;
-                        }
-                    }
-                    None => serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await,
-                }
+                serve_connection(stream, front, service, peer, conn_shutdown).await;
                 drop(ticket);
             }),
             Some(tls) => tokio::spawn(async move {
                 let _ticket = ticket;
                 let Some(stream) = tls.accept(stream, name, peer).await else { return };
                 // HTTP/2 (ALPN h2) is hyper's from the first byte.
-                match front.filter(|_| stream.get_ref().1.alpn_protocol() != Some(b"h2")) {
-                    Some(state) => {
-                        if let front::Outcome::Hyper(io) = front::serve(stream, state, peer).await {
-                            Box::pin(serve_http(TokioIo::new(io), service, peer, conn_shutdown)).await;
-                        }
-                    }
-                    None => serve_http(TokioIo::new(stream), service, peer, conn_shutdown).await,
-                }
+                let front = front.filter(|_| stream.get_ref().1.alpn_protocol() != Some(b"h2"));
+                serve_connection(stream, front, service, peer, conn_shutdown).await;
             }),
         };
+    }
+}
+
+/// The next accepted connection, or `None` once the gateway stops. Accept
+/// errors (out of file descriptors and the like) are logged and retried
+/// after a short back-off.
+async fn next_connection(
+    listener: &TcpListener,
+    name: &'static str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
+/// One HTTP connection: through the front door ([`front`]) when given,
+/// which hands hyper whatever is not its own, else straight to hyper.
+async fn serve_connection<IO, S>(
+    io: IO,
+    front: Option<crate::http::HttpState>,
+    service: S,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::http::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    match front {
+        Some(state) => {
+            if let front::Outcome::Hyper(io) = front::serve(io, state, peer).await {
+                // Boxed: hyper's state is not needed while a stream lasts.
+                Box::pin(serve_http(TokioIo::new(io), service, peer, shutdown)).await;
+            }
+        }
+        None => serve_http(TokioIo::new(io), service, peer, shutdown).await,
     }
 }
 

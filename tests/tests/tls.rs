@@ -307,8 +307,13 @@ async fn reload_swaps_certificates_for_new_handshakes_and_keeps_open_connections
     ensure!(tls_connect(https(&gw), "localhost", trust_b.clone()).await.is_err(), "B trusted before the reload");
 
     // A broken file (half written) is refused; A stays in service.
+    let reload_errors = "switchboard_tls_reloads_total{result=\"error\"}";
+    let errors_before = metric(&gw, reload_errors).await?;
     std::fs::write(&live.files.server_cert, "-----BEGIN CERTIFICATE-----\nnot base64\n")?;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually(WAIT, "the broken file's reload to fail", || async {
+        metric(&gw, reload_errors).await.is_ok_and(|n| n > errors_before)
+    })
+    .await?;
     tls_connect(https(&gw), "localhost", trust_a.clone()).await.context("A after a broken reload")?;
 
     copy(&b)?;
@@ -680,11 +685,16 @@ fn quic_presented(conn: &wtransport::Connection) -> anyhow::Result<CertificateDe
     Ok(CertificateDer::from(leaf.der().to_vec()))
 }
 
+/// The value of one metric series (name and labels as exported), 0 when absent.
+async fn metric(gw: &TestGateway, series: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{}/metrics", gw.admin)).await?.text().await?;
+    let line = format!("{series} ");
+    Ok(text.lines().find_map(|l| l.strip_prefix(&line)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0))
+}
+
 /// `switchboard_tls_handshake_failures_total{listener="quic",reason="error"}`.
 async fn quic_handshake_failures(gw: &TestGateway) -> anyhow::Result<f64> {
-    let text = reqwest::get(format!("{}/metrics", gw.admin)).await?.text().await?;
-    let line = "switchboard_tls_handshake_failures_total{listener=\"quic\",reason=\"error\"} ";
-    Ok(text.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0))
+    metric(gw, "switchboard_tls_handshake_failures_total{listener=\"quic\",reason=\"error\"}").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
