@@ -89,6 +89,36 @@ fn fanout_poll() {
     fanout("poll");
 }
 
+/// `--proto wt` against the dev gateway's QUIC listener, the certificate
+/// hash read from its `/v1/wt/cert-hash` (no `--cert-hash` given).
+fn wt_args(gw: &DevGateway) -> Vec<String> {
+    let quic = gw.quic.as_deref().expect("the dev banner lists a WebTransport address");
+    vec!["--url".into(), format!("http://{}", gw.http), "--wt-url".into(), format!("https://{quic}/v1/wt")]
+}
+
+#[test]
+fn fanout_wt() {
+    let gw = DevGateway::start();
+    let pid = gw.pid().to_string();
+    let mut extra = vec!["--proto".to_string(), "wt".into(), "--server-pid".into(), pid];
+    extra.extend(wt_args(&gw));
+    let r = fanout_with(&extra.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r["sub_proto"], "wt", "{r}");
+    assert_eq!(r["pub_proto"], "wt", "{r}");
+}
+
+#[test]
+fn recovery_wt_is_exactly_once() {
+    let gw = DevGateway::start();
+    let mut args = vec!["bench", "recovery", "--proto", "wt", "--subs", "5", "--missed", "20", "--json"];
+    let wt = wt_args(&gw);
+    args.extend(wt.iter().map(String::as_str));
+    let r = bench_json(&args);
+    assert_eq!(r["exactly_once"], true, "{r}");
+    assert_eq!((r["lost"].as_u64(), r["duplicated"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert_eq!(r["deliveries"].as_u64(), Some(100), "{r}");
+}
+
 #[test]
 fn recovery_ws_is_exactly_once() {
     let gw = DevGateway::start();
@@ -144,6 +174,19 @@ fn idle_and_churn_complete() {
     assert_eq!(r["client_errors"], 0, "{r}");
     let r =
         bench_json(&["bench", "churn", "--proto", "sse", "--rate", "20", "--duration", "1s", "--url", &url, "--json"]);
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["deliveries"], r["published"], "{r}");
+    // And over WebTransport, whose sessions share the bench's endpoints.
+    let wt = wt_args(&gw);
+    let wt: Vec<&str> = wt.iter().map(String::as_str).collect();
+    let r = bench_json(
+        &[&["bench", "idle", "--proto", "wt", "--conns", "20", "--hold", "200ms", "--json"], &wt[..]].concat(),
+    );
+    assert_eq!(r["connections"], 20, "{r}");
+    assert_eq!(r["client_errors"], 0, "{r}");
+    let r = bench_json(
+        &[&["bench", "churn", "--proto", "wt", "--rate", "20", "--duration", "1s", "--json"], &wt[..]].concat(),
+    );
     assert_eq!(r["lost"], 0, "{r}");
     assert_eq!(r["deliveries"], r["published"], "{r}");
 }

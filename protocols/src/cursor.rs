@@ -147,6 +147,22 @@ impl Cursor {
         }
     }
 
+    /// Records a channel's position at subscribe time, once the stream has
+    /// been given everything up to it: moves the channel forward (never
+    /// back, never across epochs). A channel with no message yet (serial 0)
+    /// stays out, so it keeps resuming by time: whatever it gets later is
+    /// after the subscribe, even if the channel is dropped and comes back
+    /// under a new epoch meanwhile.
+    pub fn seed(&mut self, channel: &str, epoch: &str, serial: u64) {
+        if serial == 0 {
+            return;
+        }
+        match self.channels.get(channel) {
+            Some(p) if p.epoch != epoch || p.serial >= serial => {}
+            _ => self.advance(channel, epoch, serial),
+        }
+    }
+
     /// The token (base64url, no padding).
     pub fn encode(&self) -> String {
         let mut raw = Vec::with_capacity(16 + self.channels.len() * 24);
@@ -249,6 +265,21 @@ mod tests {
         c.advance("chat/lobby", "newepoch00", 1);
         assert_eq!(c.channels["chat/lobby"], ChannelPos { epoch: "newepoch00".into(), serial: 1 });
         assert_eq!(c.channels.len(), 3);
+    }
+
+    #[test]
+    fn seeding_only_moves_forward_within_an_epoch() {
+        let mut c = Cursor::new(9);
+        c.seed("empty", "E", 0);
+        assert!(!c.channels.contains_key("empty"), "a channel with no message resumes by time");
+        c.seed("a", "E", 4);
+        assert_eq!(c.channels["a"], ChannelPos { epoch: "E".into(), serial: 4 });
+        c.seed("a", "E", 2);
+        assert_eq!(c.channels["a"].serial, 4, "never back");
+        c.seed("a", "F", 7);
+        assert_eq!(c.channels["a"], ChannelPos { epoch: "E".into(), serial: 4 }, "never across epochs");
+        c.seed("a", "E", 6);
+        assert_eq!(c.channels["a"].serial, 6);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub async fn poll(
     // The cursor to return if the batch ends after event i: replayed and
     // drained events carry the cursor after themselves.
     let mut batch: Vec<StreamEvent> = replay;
-    let start_cursor = req.cursor.clone().unwrap_or_else(|| session.cursor.clone()).encode();
+    let start_cursor = session.cursor.encode();
     if batch.is_empty() {
         let wait = req.timeout.unwrap_or(cfg.default_timeout).min(cfg.max_timeout);
         let deadline = tokio::time::Instant::now() + wait;

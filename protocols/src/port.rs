@@ -81,7 +81,7 @@ impl Outbound {
         }
     }
 
-    fn channel(&self) -> &str {
+    pub(crate) fn channel(&self) -> &str {
         match self {
             Outbound::Message(d) => d.channel(),
             Outbound::Gap(g) => &g.channel,

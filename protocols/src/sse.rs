@@ -29,7 +29,6 @@ use futures_util::Stream;
 use switchboard_proto::{self as proto, server_frame};
 use tokio::sync::watch;
 
-use crate::cursor::Cursor;
 use crate::port::{CloseReason, Core, CoreError};
 use crate::stream::{StreamEvent, StreamRequest, StreamSession};
 
@@ -150,8 +149,8 @@ pub async fn open(
 ) -> Result<impl Stream<Item = Bytes> + Send + 'static + use<>, CoreError> {
     // The `connected` event names the position BEFORE the replay: a client
     // cut off before the replayed events arrive must get them again.
-    let start = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms)).encode();
     let (session, replay) = StreamSession::open(core, req, proto::Protocol::Sse, now_ms).await?;
+    let start = session.start.encode();
     let mut first = BytesMut::new();
     first.put_slice(format!("retry: {}\n\n", cfg.retry.as_millis()).as_bytes());
     let connected = proto::ServerFrame {

@@ -191,6 +191,10 @@ pub struct StreamSession {
     core: Arc<dyn Core>,
     /// Position of every channel delivered so far.
     pub cursor: Cursor,
+    /// The position before the replay: the request's cursor, or for a new
+    /// stream its start time plus the exact position of every plain
+    /// channel that had nothing to replay.
+    pub start: Cursor,
     end: CloseKind,
 }
 
@@ -225,7 +229,8 @@ impl StreamSession {
             })
             .await?;
         let cursor = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms));
-        let mut session = StreamSession { handle, core: core.clone(), cursor, end: CloseKind::Abrupt };
+        let start = cursor.clone();
+        let mut session = StreamSession { handle, core: core.clone(), cursor, start, end: CloseKind::Abrupt };
         let resuming = req.cursor.is_some();
         let mut events = Vec::new();
         for filter in &req.filters {
@@ -248,9 +253,25 @@ impl StreamSession {
                 ..Default::default()
             };
             let outcome = core.subscribe(session.handle.id, sub).await?;
+            let replayed = outcome.replay.iter().any(|o| o.channel() == filter.as_str());
             for item in outcome.replay {
                 if let Some(ev) = session.accept(item) {
                     events.push(ev);
+                }
+            }
+            // A plain channel name: once its replay is in, the stream holds
+            // everything up to the channel's position at the subscribe, so
+            // the cursor names that exact position (and so does the start,
+            // if there was no replay to come before it). Left to `since_ms`,
+            // a resume would replay a message accepted in the same
+            // millisecond just before the subscribe. Wildcard filters keep
+            // `since_ms`: their channels could outgrow the cursor.
+            if !filter.contains(['+', '#']) {
+                for state in outcome.subscribed.channels.iter().filter(|c| c.channel == *filter) {
+                    session.cursor.seed(&state.channel, &state.epoch, state.serial);
+                    if !resuming && !replayed {
+                        session.start.seed(&state.channel, &state.epoch, state.serial);
+                    }
                 }
             }
         }

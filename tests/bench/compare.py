@@ -13,7 +13,8 @@ Scenarios (ours / peer):
                   nats-server's WebSocket listener
   sse-nchan       SSE fan-out / Nchan EventSource (nginx-light + nchan)
   poll-nchan      long-poll fan-out / Nchan long poll (raw multi-message)
-  (WebTransport vs our own WebSocket: see WEBTRANSPORT below; not yet.)
+  wt-ws           WebTransport fan-out (QUIC, channel streams) / our own
+                  WebSocket path, both on one gateway with a QUIC listener
 
 For every scenario and round, A (Switchboard) then B (peer), each on a
 freshly started server:
@@ -64,7 +65,12 @@ LOADS = {
     "ws-natsws": {"channels": 50, "subs_per_channel": 100, "rate": 250.0},
     "sse-nchan": {"channels": 50, "subs_per_channel": 100, "rate": 250.0},
     "poll-nchan": {"channels": 10, "subs_per_channel": 100, "rate": 100.0},
+    # QUIC costs both sides far more per delivery than TCP (encryption, and
+    # quinn's per-packet work in user space): 10k/s keeps the bench valid.
+    "wt-ws": {"channels": 50, "subs_per_channel": 100, "rate": 100.0},
 }
+# What the peer column is, where the starter's name does not say it.
+PEER_LABELS = {"wt-ws": "Switchboard's WebSocket"}
 APT_PACKAGES = {
     "nats-server": "/usr/sbin/nats-server",
     "mosquitto": "/usr/sbin/mosquitto",
@@ -241,7 +247,7 @@ class Server:
         self.log.close()
 
 
-def start_switchboard(bin_path, ports, workdir):
+def start_switchboard(bin_path, ports, workdir, quic=False):
     env = {
         # Bench load must not be shaped by the gateway's abuse limits.
         "SWITCHBOARD_LIMITS__PUBLISH_RATE": "0",
@@ -259,7 +265,9 @@ def start_switchboard(bin_path, ports, workdir):
         # nothing may land on 8443/8883.
         "--https", "",
         "--mqtts", "",
-        "--quic", "",
+        # wt-ws: QUIC on a non-standard UDP port, with dev's generated
+        # certificate (the bench reads its hash from /v1/wt/cert-hash).
+        "--quic", f"127.0.0.1:{ports['sb_quic']}" if quic else "",
     ]
     return Server("switchboard", argv, [ports["sb_http"], ports["sb_mqtt"]], workdir, env=env)
 
@@ -336,10 +344,13 @@ def scenarios(ports):
             ("switchboard", ["--proto", "poll", "--url", sb_http]),
             ("nginx", ["--proto", "poll", "--target", "nchan", "--url", f"http://127.0.0.1:{ports['nginx']}"]),
         ),
-        # WEBTRANSPORT: "wt-ws" (our WebTransport vs our own WebSocket path) goes
-        # here once the gateway serves WebTransport and the bench has --proto wt:
-        #   "wt-ws": (("switchboard", ["--proto", "wt", ...]), ("switchboard", ["--proto", "ws", ...])),
-        # Until then there is deliberately no entry: nothing to measure.
+        # Both sides on the same gateway build and configuration (QUIC on):
+        # what WebTransport costs over the WebSocket path.
+        "wt-ws": (
+            ("switchboard-quic", ["--proto", "wt", "--url", sb_http,
+                                  "--wt-url", f"https://127.0.0.1:{ports['sb_quic']}/v1/wt"]),
+            ("switchboard-quic", ["--proto", "ws", "--url", sb_http]),
+        ),
     }
 
 
@@ -369,6 +380,7 @@ class Runner:
         self.out = out_dir
         self.starters = {
             "switchboard": lambda wd: start_switchboard(bin_path, ports, wd),
+            "switchboard-quic": lambda wd: start_switchboard(bin_path, ports, wd, quic=True),
             "nats": lambda wd: start_nats(ports, wd),
             "mosquitto": lambda wd: start_mosquitto(ports, wd),
             "nginx": lambda wd: start_nginx(ports, wd),
@@ -555,7 +567,7 @@ def summarize_files(paths):
             for side, kinds in sides.items():
                 for kind, runs in kinds.items():
                     into[side][kind].extend(runs)
-            peer_names[scen] = scen.split("-", 1)[1]
+            peer_names[scen] = PEER_LABELS.get(scen, scen.split("-", 1)[1])
         print(f"{path}: {d['date']}, load1 median {fmt(d.get('load1_median'))}, versions {d['versions']}")
     print()
     print(table(summarize(results), peer_names))
@@ -583,7 +595,7 @@ def main():
     ap.add_argument("--drain", default="3s")
     ap.add_argument("--idle-conns", type=int, default=5000)
     ap.add_argument("--idle-hold", default="2s")
-    ap.add_argument("--port-base", type=int, default=61100, help="first of 10 ports; keep them outside net.ipv4.ip_local_port_range")
+    ap.add_argument("--port-base", type=int, default=61100, help="first of 11 ports; keep them outside net.ipv4.ip_local_port_range")
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "switchboard"))
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     ap.add_argument("--no-install", action="store_true")
@@ -611,7 +623,8 @@ def main():
     if a.idle_conns + 256 > hard:
         log(f"warning: open-file hard limit {hard} < {a.idle_conns + 256} connections needed")
 
-    names = ["sb_http", "sb_mqtt", "sb_admin", "sb_https", "sb_mqtts", "nats", "nats_mqtt", "nats_ws", "mosquitto", "nginx"]
+    names = ["sb_http", "sb_mqtt", "sb_admin", "sb_https", "sb_mqtts", "nats", "nats_mqtt", "nats_ws", "mosquitto", "nginx",
+             "sb_quic"]
     ports = {n: a.port_base + i for i, n in enumerate(names)}
     busy = [p for p in ports.values() if not port_free(p)]
     if busy:
@@ -627,7 +640,7 @@ def main():
             sys.exit(f"unknown scenario {s}; known: {', '.join(all_scen)}")
 
     runner = Runner(a, bin_path, ports, out)
-    peer_names = {s: all_scen[s][1][0] for s in chosen}
+    peer_names = {s: PEER_LABELS.get(s, all_scen[s][1][0]) for s in chosen}
     results = {s: {side: {"fanout": [], "idle": [], "writes": []} for side in ("ours", "peer")} for s in chosen}
     started = time.time()
     log(f"load average at start: {os.getloadavg()}; results in {out}")

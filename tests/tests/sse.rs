@@ -496,3 +496,47 @@ async fn connected_id_is_the_position_before_the_replay() -> anyhow::Result<()> 
     assert_eq!(start, last_id, "a resumed stream starts at the position it was given");
     Ok(())
 }
+
+/// A new stream's first cursor names the exact position of each plain
+/// channel it subscribed to, not only its start time: resuming from it never
+/// replays a message accepted before the subscribe, even one stamped in the
+/// same millisecond (a resume by time includes that millisecond). Checked
+/// on the cursor itself, since "the same millisecond" cannot be forced;
+/// wildcard filters and channels with nothing in them yet keep resuming by
+/// time, and a rewind's replay still comes after the `connected` id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_cursor_names_the_position_at_subscribe() -> anyhow::Result<()> {
+    use switchboard_protocols::cursor::Cursor;
+    let gw = TestGateway::start().await?;
+    let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
+    let old = publish_round_robin(&mut publisher, &["pos/a"], 2, "old").await?;
+    let serial_of = |cursor: &str, channel: &str| -> anyhow::Result<Option<u64>> {
+        Ok(Cursor::decode(cursor)?.channels.get(channel).map(|p| p.serial))
+    };
+
+    // SSE: `connected` carries pos/a at 2; pos/empty (no message yet) and
+    // the wildcard's channels are absent.
+    let q = channels_query(&["pos/a", "pos/empty", "pos/w/+"], &[]);
+    let sse = SseClient::connect(&gw.http, &q, None).await?;
+    let start = sse.start_id.clone();
+    assert_eq!(serial_of(&start, "pos/a")?, Some(old[1].serial));
+    assert_eq!(serial_of(&start, "pos/empty")?, None);
+    sse.drop_connection();
+    let new = publish_round_robin(&mut publisher, &["pos/a", "pos/empty"], 1, "new").await?;
+    let mut sse = SseClient::connect(&gw.http, &q, Some(&start)).await?;
+    let got = sse.messages(2).await?;
+    assert_same_per_channel(&got, &new);
+
+    // Long polling: the first (immediate) poll's cursor, likewise.
+    let first = poll(&gw.http, &channels_query(&["pos/a"], &[("timeout", "0")])).await?;
+    assert!(first.messages.is_empty(), "{:?}", first.messages);
+    assert_eq!(serial_of(&first.cursor, "pos/a")?, Some(new[0].serial));
+
+    // With a rewind the replay follows `connected`, so its id stays before it.
+    let q = channels_query(&["pos/a"], &[("rewind", "2")]);
+    let mut sse = SseClient::connect(&gw.http, &q, None).await?;
+    assert_eq!(serial_of(&sse.start_id, "pos/a")?, None);
+    let got = sse.messages(2).await?;
+    assert_eq!(got.iter().map(|e| e.serial).collect::<Vec<_>>(), [old[1].serial, new[0].serial]);
+    Ok(())
+}

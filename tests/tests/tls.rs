@@ -752,7 +752,8 @@ async fn sni_on_quic_chooses_the_certificate_by_name() -> anyhow::Result<()> {
         ("localhost", &main_leaf),
         ("127.0.0.1", &main_leaf),
     ] {
-        let mut s = QuicSession::open(&gw, name, &trust, "sni").await.with_context(|| name.to_string())?;
+        let mut s =
+            QuicSession::open(&gw, name, &trust, &format!("sni-{name}")).await.with_context(|| name.to_string())?;
         ensure!(quic_presented(&s.conn)? == *want, "{name} got the wrong certificate");
         let pong = s.request(switchboard_proto::client_frame::Frame::Ping(switchboard_proto::Ping {})).await?;
         ensure!(matches!(pong.frame, Some(switchboard_proto::server_frame::Frame::Pong(_))), "{name}: {pong:?}");

@@ -41,6 +41,8 @@ pub struct Target {
     pub mqtt_version: MqttVersion,
     /// What serves SSE, long polling and REST publishes at `http`.
     pub flavour: Flavour,
+    /// The WebTransport endpoint (`--proto wt` runs only).
+    pub wt: Option<super::wt::WtTarget>,
     /// Source addresses 127.0.0.1..=127.0.0.N, or none (let the kernel choose).
     src_count: u8,
     next_src: AtomicUsize,
@@ -56,6 +58,7 @@ impl Target {
             nats: "127.0.0.1:4222".into(),
             mqtt_version: MqttVersion::V5,
             flavour: Flavour::Switchboard,
+            wt: None,
             src_count: src_addrs,
             next_src: AtomicUsize::new(0),
         }
@@ -68,6 +71,11 @@ impl Target {
         }
         let i = self.next_src.fetch_add(1, Ordering::Relaxed) % usize::from(self.src_count);
         Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + i as u8)))
+    }
+
+    /// The WebTransport endpoint; an error when the run was not set up for it.
+    pub fn wt(&self) -> Result<&super::wt::WtTarget, BenchError> {
+        self.wt.as_ref().ok_or_else(|| BenchError::Usage("no WebTransport target (a run without --proto wt)".into()))
     }
 
     /// Base URL of the HTTP listener.

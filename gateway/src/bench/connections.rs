@@ -33,7 +33,7 @@ pub async fn idle(proto: Proto, conns: u64, hold: Duration, common: &CommonArgs)
     if conns > common.max_conns {
         anyhow::bail!("{conns} connections exceed --max-conns {}", common.max_conns);
     }
-    let t = Arc::new(common.target());
+    let t = Arc::new(common.target(&[proto]).await?);
     let run_id: u32 = rand::random();
     let threads = super::worker_threads();
     let handshakes = Arc::new(ShardedHistogram::new(threads * 4));
@@ -154,7 +154,7 @@ pub async fn churn(proto: Proto, rate: f64, duration: Duration, common: &CommonA
     if rate <= 0.0 || !rate.is_finite() {
         anyhow::bail!("--rate must be positive");
     }
-    let t = Arc::new(common.target());
+    let t = Arc::new(common.target(&[proto]).await?);
     let run_id: u32 = rand::random();
     let clock = Clock::new();
     let threads = super::worker_threads();

@@ -97,6 +97,7 @@ pub(crate) enum SubConn {
         events: Box<rumqttc::EventLoop>,
     },
     Nats(Box<NatsSub>),
+    Wt(Box<super::wt::WtSub>),
     NchanSse(clients::SseEvents),
     /// `first` is the first poll, already in flight when `open` returns (it
     /// only answers once a message is published).
@@ -163,8 +164,9 @@ impl SubConn {
             Proto::Nats | Proto::NatsWs => {
                 Ok(SubConn::Nats(Box::new(NatsSub::open(proto == Proto::NatsWs, t, channel, id).await?)))
             }
+            Proto::Wt => Ok(SubConn::Wt(Box::new(super::wt::WtSub::open(t.wt()?, channel, id, None).await?.0))),
             Proto::Rest => {
-                Err(BenchError::Usage("rest cannot subscribe (use ws, mqtt, sse, poll, nats or nats-ws)".into()))
+                Err(BenchError::Usage("rest cannot subscribe (use ws, wt, mqtt, sse, poll, nats or nats-ws)".into()))
             }
         }
     }
@@ -241,6 +243,7 @@ impl SubConn {
                 }
             }
             SubConn::Nats(n) => n.next(out).await,
+            SubConn::Wt(w) => w.next(out).await,
             SubConn::NchanSse(events) => match events.next().await {
                 None => Ok(false),
                 Some(Err(e)) => Err(BenchError::Protocol(format!("Nchan SSE: {e}"))),
@@ -331,6 +334,7 @@ pub(crate) enum PubConn {
     Rest { client: reqwest::Client, base: String },
     Nchan { client: reqwest::Client, base: String },
     Nats(NatsPub),
+    Wt(super::wt::WtPub),
 }
 
 impl PubConn {
@@ -386,6 +390,7 @@ impl PubConn {
                 Ok(PubConn::Rest { client: clients::http_client(t)?, base: t.http_base() })
             }
             Proto::Nats | Proto::NatsWs => Ok(PubConn::Nats(NatsPub::open(proto == Proto::NatsWs, t, id).await?)),
+            Proto::Wt => Ok(PubConn::Wt(super::wt::WtPub::open(t.wt()?, id).await?)),
         }
     }
 
@@ -404,6 +409,7 @@ impl PubConn {
             PubConn::Rest { client, base } => clients::rest_publish(client, base, channel, payload).await,
             PubConn::Nchan { client, base } => nchan::publish(client, base, channel, payload).await,
             PubConn::Nats(p) => p.publish(channel, &payload).await,
+            PubConn::Wt(p) => p.publish(channel, payload).await,
         }
     }
 
@@ -432,6 +438,7 @@ impl PubConn {
                 }
             }
             PubConn::Nats(p) => p.close().await,
+            PubConn::Wt(p) => p.close().await,
             PubConn::Rest { .. } | PubConn::Nchan { .. } => 0,
         }
     }
@@ -553,7 +560,7 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
         anyhow::bail!("--channels, --pubs and --rate must be positive");
     }
     if matches!(pub_proto, Proto::Sse | Proto::Poll) {
-        anyhow::bail!("{} cannot publish; use ws, mqtt, rest, nats or nats-ws", pub_proto.name());
+        anyhow::bail!("{} cannot publish; use ws, wt, mqtt, rest, nats or nats-ws", pub_proto.name());
     }
     if common.target == Flavour::Nchan && (!matches!(sub_proto, Proto::Sse | Proto::Poll) || pub_proto != Proto::Rest) {
         anyhow::bail!("--target nchan serves SSE and long-poll subscribers with REST publishers only");
@@ -565,7 +572,7 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
     }
     // perf (if asked for) attaches now, counting off until the window opens.
     let mut probe = ServerProbe::prepare(common).await.context("server probe")?;
-    let target = Arc::new(common.target());
+    let target = Arc::new(common.target(&[pub_proto, sub_proto]).await?);
     let run_id: u32 = rand::random();
     let channels: Arc<Vec<String>> = Arc::new((0..load.channels).map(|c| format!("bench/{run_id:08x}/{c}")).collect());
     let clock = Clock::new();

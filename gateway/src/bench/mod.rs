@@ -30,6 +30,7 @@ pub mod procfs;
 pub mod recovery;
 pub mod report;
 pub mod syscalls;
+pub mod wt;
 
 use std::time::Duration;
 
@@ -73,6 +74,9 @@ pub enum Proto {
     /// NATS protocol in WebSocket binary frames (nats-server's `websocket`
     /// listener at `--url`).
     NatsWs,
+    /// WebTransport (HTTP/3 over QUIC) at `--wt-url`: publishes on the
+    /// control stream, deliveries on the channel streams.
+    Wt,
 }
 
 impl Proto {
@@ -86,6 +90,7 @@ impl Proto {
             Proto::Rest => "rest",
             Proto::Nats => "nats",
             Proto::NatsWs => "nats-ws",
+            Proto::Wt => "wt",
         }
     }
 
@@ -97,6 +102,7 @@ impl Proto {
             Proto::Sse | Proto::Poll | Proto::Rest => Proto::Rest,
             Proto::Nats => Proto::Nats,
             Proto::NatsWs => Proto::NatsWs,
+            Proto::Wt => Proto::Wt,
         }
     }
 
@@ -153,6 +159,17 @@ pub struct CommonArgs {
     /// MQTT version of the bench's MQTT clients (3 = 3.1.1).
     #[arg(long, value_enum, default_value = "5")]
     pub mqtt_version: MqttVersion,
+    /// Gateway WebTransport endpoint (`--proto wt`; QUIC, UDP).
+    #[arg(long, default_value = "https://127.0.0.1:8443/v1/wt")]
+    pub wt_url: String,
+    /// SHA-256 of the gateway's QUIC certificate (64 hex digits) for
+    /// `--proto wt`; by default the one served at `--url`'s
+    /// `/v1/wt/cert-hash` (what `switchboard dev` generates).
+    #[arg(long)]
+    pub cert_hash: Option<String>,
+    /// `--proto wt` accepts any certificate.
+    #[arg(long, conflicts_with = "cert_hash")]
+    pub insecure: bool,
     /// nats-server client listener (`--proto nats`).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -321,13 +338,22 @@ fn host_port(url: &str) -> String {
 }
 
 impl CommonArgs {
-    /// The gateway as a [`clients::Target`].
-    pub fn target(&self) -> clients::Target {
+    /// The gateway as a [`clients::Target`] for a run that speaks `protos`
+    /// (WebTransport endpoints are only made when one of them is `wt`).
+    pub async fn target(&self, protos: &[Proto]) -> Result<clients::Target, BenchError> {
         let mut t = clients::Target::new(host_port(&self.url), host_port(&self.mqtt_url), self.src_addrs);
         t.nats = host_port(&self.nats_url);
         t.mqtt_version = self.mqtt_version;
         t.flavour = self.target;
-        t
+        if protos.contains(&Proto::Wt) {
+            let cert = match (&self.cert_hash, self.insecure) {
+                (_, true) => wt::CertCheck::Insecure,
+                (Some(hex), false) => wt::CertCheck::Hash(wt::parse_hash(hex)?),
+                (None, false) => wt::CertCheck::Hash(wt::fetch_cert_hash(&t.http_base()).await?),
+            };
+            t.wt = Some(wt::WtTarget::new(&self.wt_url, cert)?);
+        }
+        Ok(t)
     }
 }
 
@@ -362,6 +388,9 @@ fn check_combination(scenario: &str, proto: Proto, common: &CommonArgs) -> anyho
     }
     if scenario == "recovery" && proto == Proto::Mqtt && common.mqtt_version != MqttVersion::V5 {
         anyhow::bail!("recovery over MQTT needs --mqtt-version 5 (session expiry)");
+    }
+    if scenario == "recovery" && proto == Proto::Rest {
+        anyhow::bail!("recovery needs a subscribing protocol (ws, wt, sse, poll or mqtt)");
     }
     if common.target == Flavour::Nchan && !matches!(proto, Proto::Sse | Proto::Poll | Proto::Rest) {
         anyhow::bail!("--target nchan serves sse and poll subscribers only");

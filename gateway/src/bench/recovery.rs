@@ -1,6 +1,6 @@
 //! `recovery`: N subscribers on one channel disconnect, K messages are
 //! published (over REST) while they are away, and they reconnect with their
-//! positions — WebSocket: subscribe `positions`; SSE: `Last-Event-ID`; long
+//! positions — WebSocket and WebTransport: subscribe `positions`; SSE: `Last-Event-ID`; long
 //! polling: the cursor; MQTT: a persistent session (clean start 0, session
 //! expiry) at QoS 1. The report gives the catch-up time (reconnect start
 //! until every subscriber holds all K) and whether every subscriber got every
@@ -32,6 +32,7 @@ const SESSION_EXPIRY_S: u32 = 300;
 /// Where a subscriber was when it left.
 enum Resume {
     Ws(proto::Position),
+    Wt(proto::Position),
     Sse(String),
     Poll(String),
     Mqtt,
@@ -45,6 +46,11 @@ async fn first_visit(proto: Proto, t: &Target, channel: &str, id: &str) -> Resul
             let pos = clients::ws_subscribe(&mut ws, channel, None).await?;
             let _ = ws.close(None).await;
             Ok(Resume::Ws(pos))
+        }
+        Proto::Wt => {
+            let (sub, pos) = super::wt::WtSub::open(t.wt()?, channel, id, None).await?;
+            sub.close();
+            Ok(Resume::Wt(pos))
         }
         Proto::Sse => {
             let client = clients::http_client(t)?;
@@ -78,6 +84,10 @@ async fn reconnect(resume: Resume, t: &Target, channel: &str, id: &str) -> Resul
             let mut ws = clients::ws_open(t, id).await?;
             clients::ws_subscribe(&mut ws, channel, Some(pos)).await?;
             Ok(SubConn::Ws(Box::new(ws)))
+        }
+        Resume::Wt(pos) => {
+            let (sub, _) = super::wt::WtSub::open(t.wt()?, channel, id, Some(pos)).await?;
+            Ok(SubConn::Wt(Box::new(sub)))
         }
         Resume::Sse(last) => {
             let client = clients::http_client(t)?;
@@ -166,7 +176,7 @@ pub async fn run(
     if conns > common.max_conns {
         anyhow::bail!("{conns} connections exceed --max-conns {}", common.max_conns);
     }
-    let t = Arc::new(common.target());
+    let t = Arc::new(common.target(&[proto]).await?);
     let run_id: u32 = rand::random();
     let channel = Arc::new(format!("bench/{run_id:08x}/recovery"));
     let publisher = clients::http_client(&t)?;

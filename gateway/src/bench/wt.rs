@@ -1,0 +1,373 @@
+//! The bench's WebTransport client (`--proto wt`): sessions at the gateway's
+//! QUIC listener, a control stream each, deliveries read from the channel
+//! streams the gateway opens.
+//!
+//! Sessions share a small pool of client endpoints ([`ENDPOINTS`] UDP
+//! sockets, one quinn driver each) instead of one socket per session, so
+//! that thousands of sessions cost the generator neither thousands of
+//! drivers nor thousands of file descriptors. The certificate check is the
+//! browser's: `--cert-hash`, or the hash the gateway serves at
+//! `GET /v1/wt/cert-hash` on its HTTP listener (what `switchboard dev`
+//! generates); `--insecure` skips it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
+use switchboard_proto::{self as proto, client_frame, server_frame};
+use switchboard_protocols::wt::codec;
+use wtransport::endpoint::endpoint_side::Client;
+use wtransport::tls::Sha256Digest;
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+
+use super::BenchError;
+use super::clients::HANDSHAKE_TIMEOUT;
+
+/// Client endpoints (UDP sockets) the sessions are spread over.
+pub const ENDPOINTS: usize = 8;
+/// Largest frame the bench accepts on a stream (a whole replay).
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Bytes asked of quinn per stream read.
+const READ_CHUNK: usize = 64 * 1024;
+
+fn wt_err(what: &str, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Protocol(format!("WebTransport {what}: {e}"))
+}
+
+/// How the bench checks the gateway's QUIC certificate.
+#[derive(Debug, Clone, Copy)]
+pub enum CertCheck {
+    /// Only the certificate with this SHA-256.
+    Hash([u8; 32]),
+    /// Anything (`--insecure`).
+    Insecure,
+}
+
+/// Where the gateway's WebTransport endpoint is and how sessions reach it.
+pub struct WtTarget {
+    url: String,
+    endpoints: Vec<Endpoint<Client>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for WtTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WtTarget").field("url", &self.url).field("endpoints", &self.endpoints.len()).finish()
+    }
+}
+
+impl WtTarget {
+    /// Endpoints for `url` (`https://HOST:PORT/v1/wt`) checking `cert`.
+    /// Must run inside the tokio runtime (quinn spawns its drivers).
+    pub fn new(url: &str, cert: CertCheck) -> Result<WtTarget, BenchError> {
+        let parsed = url::Url::parse(url).map_err(|e| BenchError::Usage(format!("bad --wt-url {url:?}: {e}")))?;
+        if parsed.scheme() != "https" {
+            return Err(BenchError::Usage(format!("--wt-url starts with https://, got {url:?}")));
+        }
+        let ipv6 = matches!(parsed.host(), Some(url::Host::Ipv6(_)));
+        let bind: SocketAddr = if ipv6 { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("a socket address");
+        let mut endpoints = Vec::with_capacity(ENDPOINTS);
+        for _ in 0..ENDPOINTS {
+            let builder = ClientConfig::builder().with_bind_address(bind);
+            let config = match cert {
+                CertCheck::Hash(h) => builder.with_server_certificate_hashes([Sha256Digest::new(h)]).build(),
+                CertCheck::Insecure => builder.with_no_cert_validation().build(),
+            };
+            endpoints.push(Endpoint::client(config).map_err(|e| wt_err("endpoint", e))?);
+        }
+        Ok(WtTarget { url: url.to_string(), endpoints, next: AtomicUsize::new(0) })
+    }
+
+    /// Opens a session, its control stream, and connects as `client_id`.
+    pub async fn open(&self, client_id: &str) -> Result<WtSession, BenchError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open_inner(client_id))
+            .await
+            .map_err(|_| BenchError::Protocol(format!("WebTransport: no session within {HANDSHAKE_TIMEOUT:?}")))?
+    }
+
+    async fn open_inner(&self, client_id: &str) -> Result<WtSession, BenchError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        let conn = self.endpoints[i].connect(self.url.as_str()).await.map_err(|e| wt_err("connect", e))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| wt_err("open", e))?.await.map_err(|e| wt_err("open", e))?;
+        let mut s = WtSession { conn, send, control: Reader::new(recv), req: 0 };
+        let connect = proto::Connect { token: String::new(), client_id: client_id.into() };
+        match s.request(client_frame::Frame::Connect(connect)).await?.frame {
+            Some(server_frame::Frame::Connected(_)) => Ok(s),
+            other => Err(BenchError::Protocol(format!("expected connected, got {other:?}"))),
+        }
+    }
+}
+
+/// Fetches the certificate hash `switchboard dev` serves at
+/// `GET {http_base}/v1/wt/cert-hash`.
+pub async fn fetch_cert_hash(http_base: &str) -> Result<[u8; 32], BenchError> {
+    let url = format!("{http_base}/v1/wt/cert-hash");
+    let resp = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?.get(&url).send().await?;
+    if !resp.status().is_success() {
+        return Err(BenchError::Usage(format!(
+            "GET {url}: HTTP {} (give --cert-hash, or --insecure for a certificate you trust anyway)",
+            resp.status()
+        )));
+    }
+    let body: serde_json::Value = resp.json().await?;
+    let hex = body["hex"].as_str().ok_or_else(|| BenchError::Protocol(format!("GET {url}: no \"hex\" in {body}")))?;
+    parse_hash(hex)
+}
+
+/// Parses 64 hex digits (`:` separators allowed).
+pub fn parse_hash(hex: &str) -> Result<[u8; 32], BenchError> {
+    let digits: Vec<u8> = hex.bytes().filter(|c| *c != b':').collect();
+    let bad = || BenchError::Usage(format!("a certificate hash is 64 hex digits (SHA-256), got {hex:?}"));
+    if digits.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Length-delimited frames of one stream.
+struct Reader {
+    stream: RecvStream,
+    buf: BytesMut,
+}
+
+impl Reader {
+    fn new(stream: RecvStream) -> Reader {
+        Reader { stream, buf: BytesMut::new() }
+    }
+
+    /// The next frame's bytes; `None` when the stream finished cleanly.
+    async fn next(&mut self) -> Result<Option<Bytes>, BenchError> {
+        loop {
+            if let Some(body) = codec::split_frame(&mut self.buf, MAX_FRAME).map_err(|e| wt_err("frame", e))? {
+                return Ok(Some(body));
+            }
+            match self.stream.quic_stream_mut().read_chunk(READ_CHUNK, true).await.map_err(|e| wt_err("read", e))? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(BenchError::Protocol("WebTransport stream ended inside a frame".into())),
+            }
+        }
+    }
+}
+
+fn decode(raw: Bytes) -> Result<proto::ServerFrame, BenchError> {
+    proto::ServerFrame::decode(raw).map_err(|e| wt_err("decode", e))
+}
+
+/// A connected session: the control stream, its request counter.
+pub struct WtSession {
+    conn: Connection,
+    // Held open: finishing the control stream ends the session.
+    send: SendStream,
+    control: Reader,
+    req: u64,
+}
+
+impl WtSession {
+    async fn send(&mut self, frame: client_frame::Frame) -> Result<u64, BenchError> {
+        self.req += 1;
+        let mut out = BytesMut::new();
+        codec::put_frame(&mut out, &proto::ClientFrame { req: self.req, frame: Some(frame) }.encode_to_vec());
+        self.send.write_all(&out).await.map_err(|e| wt_err("write", e))?;
+        Ok(self.req)
+    }
+
+    /// Sends `frame` and waits for the reply with its `req` (an `error`
+    /// reply is an `Err`).
+    async fn request(&mut self, frame: client_frame::Frame) -> Result<proto::ServerFrame, BenchError> {
+        let req = self.send(frame).await?;
+        loop {
+            let raw = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.control.next())
+                .await
+                .map_err(|_| BenchError::Protocol(format!("WebTransport: no reply within {HANDSHAKE_TIMEOUT:?}")))??
+                .ok_or_else(|| BenchError::Protocol("WebTransport control stream finished".into()))?;
+            let f = decode(raw)?;
+            match f.frame {
+                Some(server_frame::Frame::Error(e)) => {
+                    return Err(BenchError::Protocol(format!("{}: {}", e.code().slug(), e.message)));
+                }
+                Some(server_frame::Frame::Disconnect(d)) => {
+                    return Err(BenchError::Protocol(format!("disconnected: {} {}", d.code, d.reason)));
+                }
+                _ if f.req == req => return Ok(f),
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribes to `channel` (from `position`, if any); the channel's
+    /// position then.
+    pub async fn subscribe(
+        &mut self,
+        channel: &str,
+        position: Option<proto::Position>,
+    ) -> Result<proto::Position, BenchError> {
+        let mut sub = proto::Subscribe { filter: channel.into(), ..Default::default() };
+        if let Some(p) = position {
+            sub.positions.insert(channel.into(), p);
+        }
+        match self.request(client_frame::Frame::Subscribe(sub)).await?.frame {
+            Some(server_frame::Frame::Subscribed(s)) => Ok(s
+                .channels
+                .into_iter()
+                .find(|c| c.channel == channel)
+                .map(|c| proto::Position { epoch: c.epoch, serial: c.serial })
+                .unwrap_or_default()),
+            other => Err(BenchError::Protocol(format!("expected subscribed, got {other:?}"))),
+        }
+    }
+
+    /// Ends the session (application code 0).
+    pub fn close(&self) {
+        self.conn.close(wtransport::VarInt::from_u32(0), b"bench done");
+    }
+}
+
+/// A subscriber: a session subscribed to one channel, reading that
+/// channel's stream.
+pub struct WtSub {
+    session: WtSession,
+    stream: Option<Reader>,
+}
+
+impl WtSub {
+    /// A session subscribed to `channel` (from `position`, if any), and
+    /// the channel's position at the subscribe.
+    pub async fn open(
+        t: &WtTarget,
+        channel: &str,
+        id: &str,
+        position: Option<proto::Position>,
+    ) -> Result<(WtSub, proto::Position), BenchError> {
+        let mut session = t.open(id).await?;
+        let at = session.subscribe(channel, position).await?;
+        Ok((WtSub { session, stream: None }, at))
+    }
+
+    /// Waits for the next payload(s); `Ok(false)` when the session ended.
+    /// A `gap` or a `disconnect` is an error. The bench subscribes to one
+    /// channel per session, so once that channel's stream is open it is the
+    /// only one read.
+    pub async fn next(&mut self, out: &mut Vec<Bytes>) -> Result<bool, BenchError> {
+        let WtSub { session, stream } = self;
+        let raw = match stream {
+            None => tokio::select! {
+                s = session.conn.accept_uni() => {
+                    *stream = Some(Reader::new(s.map_err(|e| wt_err("session", e))?));
+                    return Ok(true);
+                }
+                f = session.control.next() => return control_frame(f?),
+            },
+            // Only the channel stream from here on (the hot path): if the
+            // gateway ends the session, the read fails with its close code
+            // and reason.
+            Some(reader) => match reader.next().await? {
+                Some(raw) => raw,
+                None => return Err(BenchError::Protocol("WebTransport: the channel stream finished".into())),
+            },
+        };
+        if let Some(p) = super::clients::message_payload(&raw) {
+            out.push(p);
+            return Ok(true);
+        }
+        match decode(raw)?.frame {
+            Some(server_frame::Frame::Gap(g)) => {
+                Err(BenchError::Protocol(format!("gap on {}: {}", g.channel, g.reason)))
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Ends the session.
+    pub fn close(&self) {
+        self.session.close();
+    }
+}
+
+/// What a frame on a subscriber's control stream means for it.
+fn control_frame(raw: Option<Bytes>) -> Result<bool, BenchError> {
+    let Some(raw) = raw else { return Ok(false) };
+    match decode(raw)?.frame {
+        Some(server_frame::Frame::Disconnect(d)) => {
+            Err(BenchError::Protocol(format!("disconnected: {} {}", d.code, d.reason)))
+        }
+        Some(server_frame::Frame::Error(e)) => Err(BenchError::Protocol(format!("{}: {}", e.code().slug(), e.message))),
+        _ => Ok(true),
+    }
+}
+
+/// A publisher: publish frames on the control stream, acks drained by a
+/// task that counts refusals.
+pub struct WtPub {
+    send: SendStream,
+    req: u64,
+    conn: Connection,
+    drain: tokio::task::JoinHandle<u64>,
+}
+
+impl WtPub {
+    /// A connected session for publishing.
+    pub async fn open(t: &WtTarget, id: &str) -> Result<WtPub, BenchError> {
+        let WtSession { conn, send, mut control, req } = t.open(id).await?;
+        let drain = tokio::spawn(async move {
+            let mut errors = 0;
+            while let Ok(Some(raw)) = control.next().await {
+                if let Ok(proto::ServerFrame { frame: Some(server_frame::Frame::Error(e)), .. }) = decode(raw) {
+                    tracing::warn!(code = e.code().slug(), message = %e.message, "publish refused");
+                    errors += 1;
+                }
+            }
+            errors
+        });
+        Ok(WtPub { send, req, conn, drain })
+    }
+
+    /// Sends one publish frame (not waiting for its ack: open loop).
+    pub async fn publish(&mut self, channel: &str, payload: Vec<u8>) -> Result<(), BenchError> {
+        self.req += 1;
+        let p = proto::Publish { channel: channel.into(), payload: payload.into(), ..Default::default() };
+        let frame = proto::ClientFrame { req: self.req, frame: Some(client_frame::Frame::Publish(p)) };
+        let mut out = BytesMut::new();
+        codec::put_frame(&mut out, &frame.encode_to_vec());
+        self.send.write_all(&out).await.map_err(|e| wt_err("write", e))
+    }
+
+    /// Finishes the control stream (the gateway then ends the session)
+    /// and returns the refusals the gateway sent.
+    pub async fn close(mut self) -> u64 {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.send.finish()).await;
+        let errors = match tokio::time::timeout(Duration::from_secs(5), &mut self.drain).await {
+            Ok(Ok(n)) => n,
+            _ => {
+                self.drain.abort();
+                0
+            }
+        };
+        self.conn.close(wtransport::VarInt::from_u32(0), b"bench done");
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_hashes_parse_with_or_without_colons() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let h = parse_hash(hex).expect("plain hex");
+        assert_eq!(h[0], 0x00);
+        assert_eq!(h[15], 0xff);
+        let colons: Vec<String> = h.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(parse_hash(&colons.join(":")).expect("colons"), h);
+        assert!(parse_hash(&hex[..62]).is_err());
+        assert!(parse_hash(&format!("{}zz", &hex[..62])).is_err());
+    }
+}
