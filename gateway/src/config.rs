@@ -145,6 +145,12 @@ pub struct LimitsConfig {
     pub new_connections_burst: f64,
     /// Bytes a session's outbound queue may hold.
     pub outbox_bytes: usize,
+    /// Write coalescing: after a delivery is queued, a connection waits this
+    /// long before writing, so everything queued meanwhile goes out in one
+    /// write (fewer syscalls and packets for that much added latency; at
+    /// most 1 s). 0 writes at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_delay: Duration,
     /// Largest REST request body in bytes.
     pub max_body_size: usize,
     /// Most `channel=` filters in one SSE stream or long poll.
@@ -165,6 +171,7 @@ impl Default for LimitsConfig {
             new_connections_per_sec: 5_000.0,
             new_connections_burst: 10_000.0,
             outbox_bytes: 1024 * 1024,
+            write_delay: Duration::ZERO,
             max_body_size: 1024 * 1024,
             max_stream_channels: 64,
             max_query_len: 8192,
@@ -694,6 +701,9 @@ impl Config {
         if l.outbox_bytes < 2 * l.max_message_size {
             return bad("limits.outbox_bytes must be at least twice limits.max_message_size".into());
         }
+        if l.write_delay > Duration::from_secs(1) {
+            return bad("limits.write_delay must be at most 1s (it adds that much latency to every delivery)".into());
+        }
         if !(l.publish_rate >= 0.0 && l.publish_rate.is_finite()) || (l.publish_rate > 0.0 && l.publish_burst < 1.0) {
             return bad("limits.publish_rate must be >= 0 and limits.publish_burst >= 1".into());
         }
@@ -810,6 +820,7 @@ impl Config {
             max_message_size: self.limits.max_message_size,
             max_subscriptions: self.limits.max_subscriptions,
             outbox_capacity: self.limits.outbox_bytes,
+            write_delay: self.limits.write_delay,
             publish_rate: self.limits.publish_rate,
             publish_burst: self.limits.publish_burst,
         }
@@ -863,6 +874,10 @@ mod tests {
         assert!(Config::from_toml("[listen]\nhttp = \"nowhere\"\n", Vec::new()).is_err());
         assert!(Config::from_toml("[[channels.rules]]\npattern = \"a/#/b\"\n", Vec::new()).is_err());
         assert!(Config::from_toml("[channels]\nhistory_ttl = \"ten\"\n", Vec::new()).is_err());
+        let delayed = Config::from_toml("[limits]\nwrite_delay = \"2ms\"\n", Vec::new()).unwrap();
+        assert_eq!(delayed.router_limits().write_delay, Duration::from_millis(2));
+        let e = Config::from_toml("[limits]\nwrite_delay = \"2s\"\n", Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("limits.write_delay"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct RouterLimits {
     pub max_subscriptions: usize,
     /// Bytes a session's outbound queue may hold.
     pub outbox_capacity: usize,
+    /// How long a session's writer waits after a delivery before writing,
+    /// to send what else arrives meanwhile in the same write (0 = at once).
+    pub write_delay: std::time::Duration,
     /// Sustained publishes per second per session (0 = unlimited).
     pub publish_rate: f64,
     /// Publishes a session may send at once before the rate applies.
@@ -95,6 +98,7 @@ impl Default for RouterLimits {
             max_message_size: 64 * 1024,
             max_subscriptions: 256,
             outbox_capacity: 1024 * 1024,
+            write_delay: std::time::Duration::ZERO,
             publish_rate: 1000.0,
             publish_burst: 10_000.0,
         }
@@ -523,7 +527,7 @@ impl Core for Router {
             connection_id: connection_id.as_str().into(),
             protocol: req.protocol,
         };
-        let outbox = Outbox::new(self.limits.outbox_capacity);
+        let outbox = Outbox::with_write_delay(self.limits.outbox_capacity, self.limits.write_delay);
         self.engine.attach(&caller, outbox.clone());
         self.sessions.lock().insert(
             id,

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -165,18 +166,29 @@ struct OutboxState {
 /// Producers (the core) never wait: [`Outbox::push`] applies the channel's
 /// [`SlowPolicy`] when the queue is full. The single consumer (the
 /// connection's writer) waits with [`Outbox::ready`] and takes everything at
-/// once with [`Outbox::drain`], so one flush carries many messages.
+/// once with [`Outbox::drain`], so one flush carries many messages. With a
+/// write delay, [`Outbox::ready`] returns that long after the first push, so
+/// everything pushed meanwhile goes out in the same write.
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<OutboxState>,
     notify: Notify,
     capacity: usize,
+    write_delay: Duration,
 }
 
 impl Outbox {
-    /// A queue holding at most `capacity` bytes.
+    /// A queue holding at most `capacity` bytes, ready as soon as anything
+    /// is pushed.
     pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(Outbox { state: Mutex::new(OutboxState::default()), notify: Notify::new(), capacity })
+        Outbox::with_write_delay(capacity, Duration::ZERO)
+    }
+
+    /// A queue holding at most `capacity` bytes whose consumer waits
+    /// `write_delay` after a push before taking what is queued (write
+    /// coalescing: fewer, larger writes for that much latency).
+    pub fn with_write_delay(capacity: usize, write_delay: Duration) -> Arc<Self> {
+        Arc::new(Outbox { state: Mutex::new(OutboxState::default()), notify: Notify::new(), capacity, write_delay })
     }
 
     /// The byte bound.
@@ -278,11 +290,14 @@ impl Outbox {
         Ok(())
     }
 
-    /// Waits until something was pushed or the outbox closed. Cancel-safe: a
-    /// wake-up lost to a dropped future is harmless because callers drain
-    /// after every event anyway.
+    /// Waits until something was pushed or the outbox closed, then the
+    /// write delay (if any). Cancel-safe: a wake-up lost to a dropped future
+    /// is harmless because callers drain after every event anyway.
     pub async fn ready(&self) {
         self.notify.notified().await;
+        if !self.write_delay.is_zero() {
+            tokio::time::sleep(self.write_delay).await;
+        }
     }
 }
 
@@ -472,6 +487,37 @@ mod tests {
     fn oversize_item_closes_even_under_drop_oldest() {
         let ob = Outbox::new(200);
         assert_eq!(ob.push(msg("a", 1, 1000), SlowPolicy::DropOldest), PushOutcome::Closed);
+    }
+
+    /// With a write delay, `ready` returns that long after the first push
+    /// (not before), and what was pushed meanwhile is drained with it.
+    #[tokio::test(start_paused = true)]
+    async fn write_delay_holds_the_wake_up_and_gathers_the_burst() {
+        let delay = Duration::from_millis(5);
+        let ob = Outbox::with_write_delay(10_000, delay);
+        let started = tokio::time::Instant::now();
+        let waiter = {
+            let ob = ob.clone();
+            tokio::spawn(async move {
+                ob.ready().await;
+                tokio::time::Instant::now()
+            })
+        };
+        tokio::task::yield_now().await;
+        ob.push(msg("a", 1, 10), SlowPolicy::Disconnect);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        ob.push(msg("a", 2, 10), SlowPolicy::Disconnect);
+        ob.push(msg("a", 3, 10), SlowPolicy::Disconnect);
+        let woke = waiter.await.unwrap();
+        assert!(woke - started >= delay, "woke after {:?}", woke - started);
+        assert_eq!(serials(&ob), vec![1, 2, 3]);
+
+        // Without one, `ready` returns with the push.
+        let ob = Outbox::new(10_000);
+        ob.push(msg("a", 1, 10), SlowPolicy::Disconnect);
+        let before = tokio::time::Instant::now();
+        ob.ready().await;
+        assert_eq!(tokio::time::Instant::now(), before);
     }
 
     #[test]
