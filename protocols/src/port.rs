@@ -36,6 +36,7 @@ pub struct Delivery {
     pub size: usize,
     proto_frame: OnceLock<Bytes>,
     json_frame: OnceLock<Utf8Bytes>,
+    channel_bytes: OnceLock<Bytes>,
 }
 
 /// Fixed cost added to every queued item, for the envelope's fields and the
@@ -46,7 +47,13 @@ impl Delivery {
     /// Wraps a sequenced envelope.
     pub fn new(envelope: proto::Envelope) -> Arc<Self> {
         let size = envelope.encoded_len() + ITEM_OVERHEAD;
-        Arc::new(Delivery { envelope, size, proto_frame: OnceLock::new(), json_frame: OnceLock::new() })
+        Arc::new(Delivery {
+            envelope,
+            size,
+            proto_frame: OnceLock::new(),
+            json_frame: OnceLock::new(),
+            channel_bytes: OnceLock::new(),
+        })
     }
 
     /// `ServerFrame{message}` as protobuf, encoded on first use.
@@ -62,6 +69,11 @@ impl Delivery {
     /// The channel this delivery belongs to.
     pub fn channel(&self) -> &str {
         &self.envelope.channel
+    }
+
+    /// The channel name as shared bytes (an MQTT topic), copied on first use.
+    pub fn channel_bytes(&self) -> &Bytes {
+        self.channel_bytes.get_or_init(|| Bytes::copy_from_slice(self.envelope.channel.as_bytes()))
     }
 }
 

@@ -1424,7 +1424,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     fn build_publish(&mut self, pkid: u16, dup: bool, msg: &Queued, now_ms: u64, assign_alias: bool) -> codec::Publish {
         let env = &msg.delivery.envelope;
         let mut props = codec::PublishProps::default();
-        let mut topic = Bytes::copy_from_slice(env.channel.as_bytes());
+        let mut topic = msg.delivery.channel_bytes().clone();
         if self.v5() {
             props.payload_utf8 = env.payload_utf8;
             if env.message_expiry > 0 {
@@ -1497,7 +1497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 let probe = codec::Publish {
                     qos: q.qos,
                     retain: q.retain,
-                    topic: Bytes::copy_from_slice(env.channel.as_bytes()),
+                    topic: q.delivery.channel_bytes().clone(),
                     pkid: 1,
                     payload: env.payload.clone(),
                     ..Default::default()

@@ -203,7 +203,7 @@ impl SessionState {
     /// epoch).
     pub fn advance(&mut self, channel: &str, epoch: &str, serial: u64) {
         match self.delivered.get_mut(channel) {
-            Some(p) if p.epoch == epoch && p.serial >= serial => {}
+            Some(p) if p.epoch == epoch => p.serial = p.serial.max(serial),
             Some(p) => {
                 p.epoch = epoch.to_string();
                 p.serial = serial;
@@ -222,10 +222,9 @@ impl SessionState {
             return Err(Overflow(max_bytes));
         }
         let env = &msg.delivery.envelope;
-        let (channel, epoch, serial) = (env.channel.clone(), env.epoch.clone(), env.serial);
+        self.advance(&env.channel, &env.epoch, env.serial);
         self.pending_bytes += size;
         self.pending.push_back(msg);
-        self.advance(&channel, &epoch, serial);
         Ok(())
     }
 
