@@ -112,7 +112,12 @@ pub const CURSOR_FULL: CloseReason =
 struct State {
     session: StreamSession,
     first: Option<Bytes>,
+    /// Fires at the earliest moment a keep-alive may be due; moved forward
+    /// only when it fires (not per event: a timer reset per delivery costs
+    /// more than the delivery's own work).
     keepalive: tokio::time::Interval,
+    /// When the stream last sent anything.
+    last_sent: tokio::time::Instant,
     shutdown: watch::Receiver<bool>,
     events: Vec<StreamEvent>,
     done: bool,
@@ -168,7 +173,15 @@ pub async fn open(
     }
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + cfg.keepalive, cfg.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let state = State { session, first: Some(first.freeze()), keepalive, shutdown, events: Vec::new(), done: false };
+    let state = State {
+        session,
+        first: Some(first.freeze()),
+        keepalive,
+        last_sent: tokio::time::Instant::now(),
+        shutdown,
+        events: Vec::new(),
+        done: false,
+    };
     Ok(futures_util::stream::unfold(state, |mut st| async move {
         if let Some(first) = st.first.take() {
             return Some((first, st));
@@ -178,7 +191,7 @@ pub async fn open(
         }
         loop {
             if let Some(chunk) = st.render_ready() {
-                st.keepalive.reset();
+                st.last_sent = tokio::time::Instant::now();
                 return Some((chunk, st));
             }
             tokio::select! {
@@ -193,7 +206,16 @@ pub async fn open(
                     return Some((out.freeze(), st));
                 }
                 () = st.session.handle.outbox.ready() => {}
-                _ = st.keepalive.tick() => return Some((Bytes::from_static(b": keep-alive\n\n"), st)),
+                _ = st.keepalive.tick() => {
+                    let due = st.last_sent + st.keepalive.period();
+                    if tokio::time::Instant::now() < due {
+                        // Something was sent since: not silent for a whole period yet.
+                        st.keepalive.reset_at(due);
+                        continue;
+                    }
+                    st.last_sent = tokio::time::Instant::now();
+                    return Some((Bytes::from_static(b": keep-alive\n\n"), st));
+                }
             }
         }
     }))

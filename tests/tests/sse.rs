@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common_sse::*;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use switchboard_proto::{self as proto, Kind, Protocol, client_frame, server_frame};
 use switchboard_tests::*;
 
@@ -98,6 +98,38 @@ async fn headers_retry_connected_and_keepalive_comments() -> anyhow::Result<()> 
     // Nothing but keep-alive comments follow on an idle stream.
     let rest: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
     assert!(rest.len() >= 2 && rest.iter().all(|l| *l == ": keep-alive"), "{text:?}");
+    Ok(())
+}
+
+/// A keep-alive goes out only after a whole `sse.keepalive` of silence: a
+/// stream busy with messages gets none, and one follows once they stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_comments_only_after_silence() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| cfg.sse.keepalive = Duration::from_millis(1000)).await?;
+    let resp = sse_request(&gw.http, &query(&[("channel", "busy")]), None).await?;
+    let mut body = resp.bytes_stream();
+    let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
+    let mut text = String::new();
+    // 25 messages 100 ms apart: 2.5 s of traffic, never 1 s of silence.
+    for i in 0..25 {
+        publisher.publish("busy", format!("m{i}").as_bytes(), &format!("p{i}")).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while let Some(chunk) = body.next().now_or_never().flatten() {
+            text.push_str(std::str::from_utf8(&chunk?)?);
+        }
+    }
+    // (The last one may still be on its way.)
+    assert!(text.matches("event: message").count() >= 24, "{text:?}");
+    assert!(!text.contains(": keep-alive"), "a keep-alive while messages flowed: {text:?}");
+    // Then silence: a keep-alive comes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !text.contains(": keep-alive\n\n") {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no keep-alive within {WAIT:?} of silence: {text:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("stream ended: {text:?}"))??;
+        text.push_str(std::str::from_utf8(&chunk)?);
+    }
     Ok(())
 }
 
