@@ -204,6 +204,39 @@ impl std::fmt::Debug for StreamSession {
     }
 }
 
+/// Whether a subscribe's position for `filter` may go into the cursor
+/// before anything of the channel was delivered: only for a plain channel
+/// name that no other filter of the stream matches. Another filter
+/// subscribed before it may already have queued one of its messages, not
+/// yet delivered and at or below that position: seeding would then skip it
+/// as a duplicate. Wildcards keep `since_ms` (their channels could outgrow
+/// the cursor), and so do `$` channels (presence companions among them).
+fn seedable(filter: &str, filters: &[String]) -> bool {
+    if filter.contains(['+', '#']) || filter.starts_with('$') {
+        return false;
+    }
+    !filters.iter().any(|f| f != filter && filter_matches(f, filter))
+}
+
+/// Seeds `cursor` with a channel's position unless that would take the
+/// cursor past half of [`MAX_CURSOR_LEN`]: the rest stays for the channels
+/// the stream will actually deliver from (a seeded cursor must never be the
+/// reason a stream ends `cursor full`, or a `Last-Event-ID` is refused).
+fn seed_within_limit(cursor: &mut Cursor, state: &proto::ChannelState) {
+    let before = cursor.channels.get(&state.channel).cloned();
+    cursor.seed(&state.channel, &state.epoch, state.serial);
+    if cursor.encoded_len() > MAX_CURSOR_LEN / 2 {
+        match before {
+            Some(p) => {
+                cursor.channels.insert(state.channel.clone(), p);
+            }
+            None => {
+                cursor.channels.remove(&state.channel);
+            }
+        }
+    }
+}
+
 impl Drop for StreamSession {
     fn drop(&mut self) {
         self.core.close(self.handle.id, self.end);
@@ -264,13 +297,12 @@ impl StreamSession {
             // the cursor names that exact position (and so does the start,
             // if there was no replay to come before it). Left to `since_ms`,
             // a resume would replay a message accepted in the same
-            // millisecond just before the subscribe. Wildcard filters keep
-            // `since_ms`: their channels could outgrow the cursor.
-            if !filter.contains(['+', '#']) {
+            // millisecond just before the subscribe.
+            if seedable(filter, &req.filters) {
                 for state in outcome.subscribed.channels.iter().filter(|c| c.channel == *filter) {
-                    session.cursor.seed(&state.channel, &state.epoch, state.serial);
+                    seed_within_limit(&mut session.cursor, state);
                     if !resuming && !replayed {
-                        session.start.seed(&state.channel, &state.epoch, state.serial);
+                        seed_within_limit(&mut session.start, state);
                     }
                 }
             }
@@ -334,6 +366,135 @@ impl StreamSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::port::{Delivery, SlowPolicy, SubscribeOutcome};
+    use bytes::Bytes;
+    use std::collections::HashMap;
+
+    /// A core whose subscribes report fixed channel positions and may queue
+    /// a live message first (as a publish landing between two subscribes
+    /// of one stream would).
+    struct SeedCore {
+        outbox: Arc<crate::port::Outbox>,
+        positions: HashMap<String, u64>,
+        live_on: parking_lot::Mutex<HashMap<String, Outbound>>,
+    }
+
+    fn delivery(channel: &str, serial: u64) -> Outbound {
+        Outbound::Message(Delivery::new(proto::Envelope {
+            channel: channel.into(),
+            epoch: "E".into(),
+            serial,
+            payload: Bytes::from_static(b"x"),
+            ..Default::default()
+        }))
+    }
+
+    fn unused() -> CoreError {
+        CoreError::new(ErrorCode::Internal, "not used by these tests")
+    }
+
+    #[async_trait::async_trait]
+    impl Core for SeedCore {
+        async fn open(&self, _: OpenSession) -> Result<SessionHandle, CoreError> {
+            Ok(SessionHandle {
+                id: 1,
+                client_id: "c".into(),
+                connection_id: "n-1".into(),
+                node: "n".into(),
+                outbox: self.outbox.clone(),
+            })
+        }
+        async fn subscribe(&self, _: u64, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError> {
+            if let Some(item) = self.live_on.lock().remove(&req.filter) {
+                self.outbox.push(item, SlowPolicy::Disconnect);
+            }
+            let channels = self
+                .positions
+                .iter()
+                .filter(|(name, _)| filter_matches(&req.filter, name))
+                .map(|(name, serial)| proto::ChannelState {
+                    channel: name.clone(),
+                    epoch: "E".into(),
+                    serial: *serial,
+                    recovered: false,
+                })
+                .collect();
+            Ok(SubscribeOutcome { subscribed: proto::Subscribed { filter: req.filter, channels }, replay: Vec::new() })
+        }
+        async fn unsubscribe(&self, _: u64, _: &str) -> Result<(), CoreError> {
+            Err(unused())
+        }
+        async fn publish(&self, _: u64, _: proto::Publish) -> Result<proto::PublishAck, CoreError> {
+            Err(unused())
+        }
+        async fn presence_enter(&self, _: u64, _: &str, _: Bytes, _: bool) -> Result<(), CoreError> {
+            Err(unused())
+        }
+        async fn presence_leave(&self, _: u64, _: &str) -> Result<(), CoreError> {
+            Err(unused())
+        }
+        async fn presence_members(&self, _: u64, _: &str) -> Result<proto::PresenceMembers, CoreError> {
+            Err(unused())
+        }
+        async fn history(&self, _: u64, _: proto::History) -> Result<proto::HistoryResult, CoreError> {
+            Err(unused())
+        }
+        fn close(&self, _: u64, _: CloseKind) {}
+    }
+
+    fn seed_core(positions: &[(&str, u64)]) -> SeedCore {
+        SeedCore {
+            outbox: crate::port::Outbox::new(1 << 20),
+            positions: positions.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            live_on: Default::default(),
+        }
+    }
+
+    fn stream_of(filters: &[&str]) -> StreamRequest {
+        StreamRequest { filters: filters.iter().map(|f| f.to_string()).collect(), ..Default::default() }
+    }
+
+    /// `chat/+` (subscribed first: filters are sorted) queues chat/room1 #9
+    /// before `chat/room1` reports position 9: the message must still be
+    /// delivered, so chat/room1 is not seeded.
+    #[tokio::test]
+    async fn a_channel_another_filter_matches_is_not_seeded() {
+        let core = seed_core(&[("chat/room1", 9)]);
+        core.live_on.lock().insert("chat/+".into(), delivery("chat/room1", 9));
+        let core: Arc<dyn Core> = Arc::new(core);
+        let (mut session, replay) =
+            StreamSession::open(core, &stream_of(&["chat/+", "chat/room1"]), proto::Protocol::Sse, 5).await.unwrap();
+        assert!(replay.is_empty());
+        assert!(!session.start.channels.contains_key("chat/room1"), "{:?}", session.start);
+        let mut live = Vec::new();
+        session.drain(&mut live).unwrap();
+        assert!(matches!(&live[..], [StreamEvent::Message(d, _)] if d.envelope.serial == 9), "lost: {live:?}");
+    }
+
+    /// A lone plain channel is seeded (start and cursor); a wildcard is not.
+    #[tokio::test]
+    async fn a_lone_plain_channel_is_seeded() {
+        let core: Arc<dyn Core> = Arc::new(seed_core(&[("a", 4), ("w/1", 2)]));
+        let (session, _) = StreamSession::open(core, &stream_of(&["a", "w/+"]), proto::Protocol::Sse, 5).await.unwrap();
+        assert_eq!(session.start.channels.get("a").map(|p| p.serial), Some(4));
+        assert_eq!(session.cursor.channels.get("a").map(|p| p.serial), Some(4));
+        assert!(!session.start.channels.contains_key("w/1"));
+    }
+
+    /// Seeding stops at half the cursor limit, so a stream of many long
+    /// channel names never starts with a cursor too long to resume from.
+    #[tokio::test]
+    async fn seeding_keeps_the_cursor_well_under_its_limit() {
+        let names: Vec<String> = (0..64).map(|i| format!("a-rather-long-channel-name-number-{i:03}")).collect();
+        let positions: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 1_000_000)).collect();
+        let core: Arc<dyn Core> = Arc::new(seed_core(&positions));
+        let filters: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (session, _) = StreamSession::open(core, &stream_of(&filters), proto::Protocol::Sse, 5).await.unwrap();
+        assert!(!session.start.channels.is_empty());
+        assert!(session.start.encoded_len() <= MAX_CURSOR_LEN / 2, "{}", session.start.encoded_len());
+        assert!(session.cursor.encoded_len() <= MAX_CURSOR_LEN / 2);
+        assert!(!session.cursor_too_long());
+    }
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

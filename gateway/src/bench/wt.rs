@@ -11,7 +11,8 @@
 //! generates); `--insecure` skips it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -309,24 +310,33 @@ pub struct WtPub {
     send: SendStream,
     req: u64,
     conn: Connection,
-    drain: tokio::task::JoinHandle<u64>,
+    /// Highest `req` the gateway answered, and the refusals among them
+    /// (shared with the drain task, so an aborted drain loses no count).
+    answered: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    drain: tokio::task::JoinHandle<()>,
 }
 
 impl WtPub {
     /// A connected session for publishing.
     pub async fn open(t: &WtTarget, id: &str) -> Result<WtPub, BenchError> {
         let WtSession { conn, send, mut control, req } = t.open(id).await?;
-        let drain = tokio::spawn(async move {
-            let mut errors = 0;
-            while let Ok(Some(raw)) = control.next().await {
-                if let Ok(proto::ServerFrame { frame: Some(server_frame::Frame::Error(e)), .. }) = decode(raw) {
-                    tracing::warn!(code = e.code().slug(), message = %e.message, "publish refused");
-                    errors += 1;
+        let answered = Arc::new(AtomicU64::new(req));
+        let refused = Arc::new(AtomicU64::new(0));
+        let drain = {
+            let (answered, refused) = (answered.clone(), refused.clone());
+            tokio::spawn(async move {
+                while let Ok(Some(raw)) = control.next().await {
+                    let Ok(f) = decode(raw) else { continue };
+                    if let Some(server_frame::Frame::Error(e)) = &f.frame {
+                        tracing::warn!(code = e.code().slug(), message = %e.message, "publish refused");
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    answered.fetch_max(f.req, Ordering::Release);
                 }
-            }
-            errors
-        });
-        Ok(WtPub { send, req, conn, drain })
+            })
+        };
+        Ok(WtPub { send, req, conn, answered, refused, drain })
     }
 
     /// Sends one publish frame (not waiting for its ack: open loop).
@@ -339,19 +349,19 @@ impl WtPub {
         self.send.write_all(&out).await.map_err(|e| wt_err("write", e))
     }
 
-    /// Finishes the control stream (the gateway then ends the session)
-    /// and returns the refusals the gateway sent.
+    /// Waits (at most 5 s) until every publish was answered, then ends the
+    /// session; returns the refusals the gateway sent.
     pub async fn close(mut self) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.answered.load(Ordering::Acquire) < self.req && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.send.finish()).await;
-        let errors = match tokio::time::timeout(Duration::from_secs(5), &mut self.drain).await {
-            Ok(Ok(n)) => n,
-            _ => {
-                self.drain.abort();
-                0
-            }
-        };
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.drain).await.is_err() {
+            self.drain.abort();
+        }
         self.conn.close(wtransport::VarInt::from_u32(0), b"bench done");
-        errors
+        self.refused.load(Ordering::Relaxed)
     }
 }
 
