@@ -171,6 +171,8 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     let head_timeout = state.ws.handshake_timeout;
     let write_timeout = state.ws.write_timeout;
     let mut buf = BytesMut::new();
+    // A long poller's session between its polls on this connection.
+    let poll_slot = crate::http::PollSlot::default();
     loop {
         let head = match tokio::time::timeout(head_timeout, read_head(&mut io, &mut buf)).await {
             Ok(Ok(Some(head))) => head,
@@ -185,7 +187,8 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 return Outcome::Done;
             }
         };
-        let Head { request, len, keep_alive, http11 } = *head;
+        let Head { mut request, len, keep_alive, http11 } = *head;
+        request.extensions_mut().insert(poll_slot.clone());
         buf.advance(len);
         if buf.is_empty() {
             // An idle connection holds no read buffer.

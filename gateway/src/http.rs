@@ -713,6 +713,12 @@ async fn serve_sse<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> R
     r
 }
 
+/// A keep-alive connection's long-poll session between its polls (see
+/// [`poll::KeptPoll`]). The front door puts one in every request's
+/// extensions; the session goes when the connection does.
+#[derive(Clone, Default)]
+pub struct PollSlot(Arc<parking_lot::Mutex<Option<poll::KeptPoll>>>);
+
 async fn serve_poll<B>(
     state: HttpState,
     peer: SocketAddr,
@@ -725,7 +731,15 @@ async fn serve_poll<B>(
     };
     let core: Arc<dyn Core> = state.router.clone();
     let now = crate::router::now_ms() as u64;
-    match poll::poll(core, &parsed, &state.poll, state.shutdown.clone(), now).await {
+    let slot = req.extensions().get::<PollSlot>();
+    let kept = slot.and_then(|s| s.0.lock().take());
+    let polled = poll::poll_kept(core, &parsed, &state.poll, state.shutdown.clone(), now, kept).await;
+    match polled.map(|(body, kept)| {
+        if let Some(s) = slot {
+            *s.0.lock() = kept;
+        }
+        body
+    }) {
         Ok(body) => {
             let mut r = raw_json(body);
             r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

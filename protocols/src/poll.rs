@@ -1,10 +1,12 @@
 //! HTTP long polling front end: `GET /v1/poll` and `POST /v1/poll`.
 //!
-//! Stateless: each poll opens a short session, resumes every channel from
-//! the request's cursor (see [`crate::stream`]), answers at once when
-//! messages exist after it, and otherwise waits up to the timeout for new
-//! ones. The response carries a new self-contained cursor, so any gateway
-//! node can serve the next poll — no sticky session, no server-side mailbox.
+//! Stateless: a poll opens a session, resumes every channel from the
+//! request's cursor (see [`crate::stream`]), answers at once when messages
+//! exist after it, and otherwise waits up to the timeout for new ones. The
+//! response carries a new self-contained cursor, so any gateway node can
+//! serve the next poll — no sticky session, no server-side mailbox. As an
+//! optimisation only, the session may be kept for the next poll on the same
+//! keep-alive connection ([`KeptPoll`]).
 //!
 //! Response body:
 //!
@@ -44,15 +46,73 @@ impl Default for PollConfig {
     }
 }
 
+/// A poller's session kept between the polls of one keep-alive connection:
+/// a next poll that continues exactly where the last response left it (same
+/// stream parameters, the cursor it was just given) drains it instead of
+/// opening, resubscribing and replaying from history. Anything else — a
+/// different request, an older cursor, a session the core closed or whose
+/// slow-consumer policy dropped messages meanwhile — opens afresh from the
+/// request's cursor, as every poll on another connection or node does.
+/// Dropping it closes the session (clean, as a finished poll).
+pub struct KeptPoll {
+    session: StreamSession,
+    /// The request it served, cursor aside.
+    request: StreamRequest,
+    /// Items the outbox had dropped when the session was kept.
+    dropped: u64,
+}
+
+impl std::fmt::Debug for KeptPoll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptPoll").field("session", &self.session).finish_non_exhaustive()
+    }
+}
+
+impl KeptPoll {
+    /// Whether `req` continues exactly where this session left off.
+    fn continues(&self, req: &StreamRequest) -> bool {
+        let (a, b) = (&self.request, req);
+        req.cursor.as_ref() == Some(&self.session.cursor)
+            && a.filters == b.filters
+            && a.presence == b.presence
+            && a.retained == b.retained
+            && a.client_id == b.client_id
+            && a.token == b.token
+            && self.session.handle.outbox.closed().is_none()
+            && self.session.handle.outbox.dropped() == self.dropped
+    }
+}
+
 /// Serves one poll; returns the JSON response body.
 pub async fn poll(
     core: Arc<dyn Core>,
     req: &StreamRequest,
     cfg: &PollConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     now_ms: u64,
 ) -> Result<String, CoreError> {
-    let (mut session, replay) = StreamSession::open(core, req, proto::Protocol::Poll, now_ms).await?;
+    poll_kept(core, req, cfg, shutdown, now_ms, None).await.map(|(body, _)| body)
+}
+
+/// Serves one poll, continuing `kept` when the request allows it (see
+/// [`KeptPoll`]); returns the JSON response body and the session to keep
+/// for the connection's next poll (none when the batch was cut short).
+pub async fn poll_kept(
+    core: Arc<dyn Core>,
+    req: &StreamRequest,
+    cfg: &PollConfig,
+    mut shutdown: watch::Receiver<bool>,
+    now_ms: u64,
+    kept: Option<KeptPoll>,
+) -> Result<(String, Option<KeptPoll>), CoreError> {
+    let (mut session, replay) = match kept {
+        Some(k) if k.continues(req) => (k.session, Vec::new()),
+        other => {
+            // A finished poll's session: clean, as if it had ended then.
+            drop(other);
+            StreamSession::open(core, req, proto::Protocol::Poll, now_ms).await?
+        }
+    };
     let batch_max = cfg.batch_max.max(1);
     // The cursor to return if the batch ends after event i: replayed and
     // drained events carry the cursor after themselves.
@@ -81,7 +141,17 @@ pub async fn poll(
         Some(StreamEvent::Message(_, c) | StreamEvent::Gap(_, c)) => c.clone(),
         None => start_cursor,
     };
-    Ok(render(&batch, &cursor, more))
+    let body = render(&batch, &cursor, more);
+    // Kept only when the cursor returned is the session's own: a cut batch
+    // leaves accepted events behind it.
+    let keep = !more && session.handle.outbox.closed().is_none() && !*shutdown.borrow();
+    let kept = keep.then(|| {
+        let mut request = req.clone();
+        request.cursor = None;
+        let dropped = session.handle.outbox.dropped();
+        KeptPoll { session, request, dropped }
+    });
+    Ok((body, kept))
 }
 
 fn render(batch: &[StreamEvent], cursor: &str, more: bool) -> String {

@@ -382,10 +382,12 @@ async fn bad_requests_are_clear_400s() -> anyhow::Result<()> {
     assert_error(status, &body, "invalid_filter", "JSON body with an invalid filter");
     let (status, body) = poll_post(&gw.http, "application/json", format!(r#"{{"channel":"{long}"}}"#)).await?;
     assert_error(status, &body, "query_too_large", "oversized JSON body");
-    // The real cursor is fine, and no refusal left a session behind.
+    // The real cursor is fine, and no refusal left a session behind (the
+    // last good poll's session goes with its connection, which the client
+    // closed).
     let ok = poll(&gw.http, &pq(&["a"], &[("cursor", &cursor), ("timeout", "0")])).await?;
     assert_eq!((ok.messages.len(), ok.cursor), (0, cursor));
-    assert_eq!(gw.sessions(), 0);
+    eventually(WAIT, "no session left", || async { gw.sessions() == 0 }).await?;
     Ok(())
 }
 
@@ -412,5 +414,111 @@ async fn abandoned_polls_free_their_sessions() -> anyhow::Result<()> {
     let (status, stats) = get_json(&format!("{}/v1/stats", gw.admin)).await?;
     assert_eq!(status, 200);
     assert_eq!((stats["sessions"].as_u64(), stats["subscriptions"].as_u64()), (Some(0), Some(0)), "{stats}");
+    Ok(())
+}
+
+/// Polls on one keep-alive connection that continue from the cursor they
+/// were just given are served by one kept session (no re-subscribe, no
+/// replay), and every message still arrives exactly once, published during
+/// or between polls. A poll with any other cursor starts afresh from it; the
+/// kept session goes with its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_poller_keeps_its_session_between_polls() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let client = reqwest::Client::new();
+    let get = |q: String| {
+        let (client, http) = (client.clone(), gw.http.clone());
+        async move {
+            let resp = tokio::time::timeout(WAIT, client.get(format!("{http}/v1/poll?{q}")).send()).await??;
+            parse_batch(&resp.text().await?)
+        }
+    };
+    let q =
+        |cursor: &str, timeout: &str| pq(&CHS, &[("cursor", cursor), ("timeout", timeout), ("client_id", "keeper")]);
+    let keeper = || -> Vec<String> {
+        let sessions = gw.gateway.router.sessions();
+        sessions.into_iter().filter(|s| s.client_id == "keeper").map(|s| s.connection_id).collect()
+    };
+
+    let first = get(pq(&CHS, &[("timeout", "0"), ("client_id", "keeper")])).await?;
+    let kept = keeper();
+    assert_eq!(kept.len(), 1, "the first poll's session is kept while its connection is open");
+    let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
+    let (mut sent, mut got, mut cursor) = (Vec::new(), Vec::new(), first.cursor.clone());
+    for round in 0..4 {
+        // Published between polls: queued in the kept session meanwhile.
+        sent.extend(publish_round_robin(&mut publisher, &CHS, 3, &format!("between{round}")).await?);
+        while got.len() < sent.len() {
+            let b = get(q(&cursor, "5")).await?;
+            assert!(b.gaps.is_empty() && !b.messages.is_empty(), "{b:?}");
+            got.extend(b.messages);
+            cursor = b.cursor;
+        }
+        assert_eq!(keeper(), kept, "round {round}: the kept session served the poll");
+    }
+    // Published while a poll waits.
+    let waiting = tokio::spawn(get(q(&cursor, "5")));
+    eventually(WAIT, "the poll to wait", || async { gw.gateway.router.sessions().len() == 2 }).await?;
+    let last = publish_round_robin(&mut publisher, &CHS, 1, "during").await?;
+    sent.extend(last);
+    let b = waiting.await??;
+    got.extend(b.messages);
+    cursor = b.cursor;
+    // The poll answered with the first of them; the rest wait in the session.
+    while got.len() < sent.len() {
+        let b = get(q(&cursor, "5")).await?;
+        got.extend(b.messages);
+        cursor = b.cursor;
+    }
+    assert_same_per_channel(&got, &sent);
+    assert_eq!(keeper(), kept);
+
+    // An older cursor is not a continuation: a fresh session replays from it.
+    let again = get(q(&first.cursor, "0")).await?;
+    assert_same_per_channel(&again.messages, &sent);
+    let fresh = keeper();
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh, kept, "an older cursor reused the kept session");
+    // The session goes with the connection.
+    drop(client);
+    eventually(WAIT, "the kept session to close with its connection", || async { keeper().is_empty() }).await?;
+    Ok(())
+}
+
+/// A kept session whose slow-consumer policy dropped messages between polls
+/// (here `drop-oldest` on a tiny queue) is not continued: the next poll
+/// starts afresh from its cursor and gets every message from history, as a
+/// poll on a new connection would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_that_dropped_messages_is_not_continued() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.limits.max_message_size = 1024;
+        cfg.limits.outbox_bytes = 2048;
+        cfg.channels.slow_consumer = switchboard::config::SlowConsumer::DropOldest;
+    })
+    .await?;
+    let client = reqwest::Client::new();
+    let get = |q: String| {
+        let (client, http) = (client.clone(), gw.http.clone());
+        async move {
+            let resp = tokio::time::timeout(WAIT, client.get(format!("{http}/v1/poll?{q}")).send()).await??;
+            parse_batch(&resp.text().await?)
+        }
+    };
+    let first = get(pq(&["drop/a"], &[("timeout", "0"), ("client_id", "slow")])).await?;
+    let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
+    // ~60 × 150 bytes: far more than the 2 KiB queue holds between polls.
+    let sent = publish_round_robin(&mut publisher, &["drop/a"], 60, &"x".repeat(150)).await?;
+    let dropped = gw.gateway.router.sessions().iter().filter(|s| s.client_id == "slow").map(|s| s.dropped).sum::<u64>();
+    assert!(dropped > 0, "the kept session's queue overflowed");
+    let mut got = Vec::new();
+    let mut cursor = first.cursor;
+    while got.len() < sent.len() {
+        let b = get(pq(&["drop/a"], &[("cursor", &cursor), ("timeout", "5"), ("client_id", "slow")])).await?;
+        assert!(b.gaps.is_empty(), "{b:?}");
+        got.extend(b.messages);
+        cursor = b.cursor;
+    }
+    assert_same_per_channel(&got, &sent);
     Ok(())
 }
