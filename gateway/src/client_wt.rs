@@ -140,15 +140,26 @@ async fn endpoint(opts: &WtOptions, url: &str) -> Result<Endpoint<Client>, Clien
         .next()
         .ok_or_else(|| wt_err(format!("{host} resolves to nothing")))?;
     let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(wt_err)?;
+    client_endpoint(bind, opts.cert, opts.transport.clone())
+}
+
+/// A client endpoint (one UDP socket and its quinn driver) bound to `bind`,
+/// checking the server's certificate with `cert`; many sessions may share
+/// it. Must run inside the tokio runtime.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    cert: CertCheck,
+    transport: Option<Arc<QuicTransportConfig>>,
+) -> Result<Endpoint<Client>, ClientError> {
     let builder = ClientConfig::builder().with_bind_address(bind);
-    let builder = match opts.cert {
+    let builder = match cert {
         CertCheck::System => builder.with_native_certs(),
         CertCheck::Hash(h) => builder.with_server_certificate_hashes([Sha256Digest::new(h)]),
         CertCheck::Insecure => builder.with_no_cert_validation(),
     };
     let mut config = builder.build();
-    if let Some(t) = &opts.transport {
-        config.quic_config_mut().transport_config(t.clone());
+    if let Some(t) = transport {
+        config.quic_config_mut().transport_config(t);
     }
     Endpoint::client(config).map_err(wt_err)
 }

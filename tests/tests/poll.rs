@@ -417,6 +417,12 @@ async fn abandoned_polls_free_their_sessions() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `GET /v1/poll?{query}` on `client`'s pooled (keep-alive) connection.
+async fn keep_alive_poll(client: reqwest::Client, http: String, query: String) -> anyhow::Result<PollBatch> {
+    let resp = tokio::time::timeout(WAIT, client.get(format!("{http}/v1/poll?{query}")).send()).await??;
+    parse_batch(&resp.text().await?)
+}
+
 /// Polls on one keep-alive connection that continue from the cursor they
 /// were just given are served by one kept session (no re-subscribe, no
 /// replay), and every message still arrives exactly once, published during
@@ -426,13 +432,7 @@ async fn abandoned_polls_free_their_sessions() -> anyhow::Result<()> {
 async fn a_keep_alive_poller_keeps_its_session_between_polls() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
     let client = reqwest::Client::new();
-    let get = |q: String| {
-        let (client, http) = (client.clone(), gw.http.clone());
-        async move {
-            let resp = tokio::time::timeout(WAIT, client.get(format!("{http}/v1/poll?{q}")).send()).await??;
-            parse_batch(&resp.text().await?)
-        }
-    };
+    let get = |q: String| keep_alive_poll(client.clone(), gw.http.clone(), q);
     let q =
         |cursor: &str, timeout: &str| pq(&CHS, &[("cursor", cursor), ("timeout", timeout), ("client_id", "keeper")]);
     let keeper = || -> Vec<String> {
@@ -498,13 +498,7 @@ async fn a_kept_session_that_dropped_messages_is_not_continued() -> anyhow::Resu
     })
     .await?;
     let client = reqwest::Client::new();
-    let get = |q: String| {
-        let (client, http) = (client.clone(), gw.http.clone());
-        async move {
-            let resp = tokio::time::timeout(WAIT, client.get(format!("{http}/v1/poll?{q}")).send()).await??;
-            parse_batch(&resp.text().await?)
-        }
-    };
+    let get = |q: String| keep_alive_poll(client.clone(), gw.http.clone(), q);
     let first = get(pq(&["drop/a"], &[("timeout", "0"), ("client_id", "slow")])).await?;
     let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
     // ~60 × 150 bytes: far more than the 2 KiB queue holds between polls.

@@ -217,12 +217,22 @@ pub async fn ws_subscribe(
     channel: &str,
     position: Option<proto::Position>,
 ) -> Result<proto::Position, BenchError> {
+    ws.send(frame_message(subscribe_frame(channel, position), 2)).await?;
+    subscribed_position(ws_expect(ws, "subscribed").await?, channel)
+}
+
+/// A `subscribe` to `channel`, from `position` if any.
+pub fn subscribe_frame(channel: &str, position: Option<proto::Position>) -> client_frame::Frame {
     let mut sub = proto::Subscribe { filter: channel.into(), ..Default::default() };
     if let Some(p) = position {
         sub.positions.insert(channel.into(), p);
     }
-    ws.send(frame_message(client_frame::Frame::Subscribe(sub), 2)).await?;
-    match ws_expect(ws, "subscribed").await?.frame {
+    client_frame::Frame::Subscribe(sub)
+}
+
+/// The channel's position in a `subscribed` reply (anything else is an error).
+pub fn subscribed_position(reply: proto::ServerFrame, channel: &str) -> Result<proto::Position, BenchError> {
+    match reply.frame {
         Some(server_frame::Frame::Subscribed(s)) => Ok(s
             .channels
             .into_iter()

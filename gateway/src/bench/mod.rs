@@ -348,8 +348,8 @@ impl CommonArgs {
         if protos.contains(&Proto::Wt) {
             let cert = match (&self.cert_hash, self.insecure) {
                 (_, true) => wt::CertCheck::Insecure,
-                (Some(hex), false) => wt::CertCheck::Hash(wt::parse_hash(hex)?),
-                (None, false) => wt::CertCheck::Hash(wt::fetch_cert_hash(&t.http_base()).await?),
+                (Some(hex), false) => wt::parse_hash(hex)?,
+                (None, false) => wt::fetch_cert_hash(&t.http_base()).await?,
             };
             t.wt = Some(wt::WtTarget::new(&self.wt_url, cert)?);
         }

@@ -8,7 +8,9 @@
 //! drivers nor thousands of file descriptors. The certificate check is the
 //! browser's: `--cert-hash`, or the hash the gateway serves at
 //! `GET /v1/wt/cert-hash` on its HTTP listener (what `switchboard dev`
-//! generates); `--insecure` skips it.
+//! generates); `--insecure` skips it. Endpoints, the certificate check and
+//! frame reading are [`crate::client_wt`]'s; what is the bench's own is the
+//! lean session handling around them (no background tasks per session).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,30 +22,18 @@ use prost::Message as _;
 use switchboard_proto::{self as proto, client_frame, server_frame};
 use switchboard_protocols::wt::codec;
 use wtransport::endpoint::endpoint_side::Client;
-use wtransport::tls::Sha256Digest;
-use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+use wtransport::{Connection, Endpoint, SendStream};
+
+pub use crate::client_wt::CertCheck;
+use crate::client_wt::{FrameReader, client_endpoint};
 
 use super::BenchError;
-use super::clients::HANDSHAKE_TIMEOUT;
+use super::clients::{HANDSHAKE_TIMEOUT, subscribe_frame, subscribed_position};
 
 /// Client endpoints (UDP sockets) the sessions are spread over.
 pub const ENDPOINTS: usize = 8;
-/// Largest frame the bench accepts on a stream (a whole replay).
-const MAX_FRAME: usize = 16 * 1024 * 1024;
-/// Bytes asked of quinn per stream read.
-const READ_CHUNK: usize = 64 * 1024;
-
 fn wt_err(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Protocol(format!("WebTransport {what}: {e}"))
-}
-
-/// How the bench checks the gateway's QUIC certificate.
-#[derive(Debug, Clone, Copy)]
-pub enum CertCheck {
-    /// Only the certificate with this SHA-256.
-    Hash([u8; 32]),
-    /// Anything (`--insecure`).
-    Insecure,
 }
 
 /// Where the gateway's WebTransport endpoint is and how sessions reach it.
@@ -71,12 +61,7 @@ impl WtTarget {
         let bind: SocketAddr = if ipv6 { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("a socket address");
         let mut endpoints = Vec::with_capacity(ENDPOINTS);
         for _ in 0..ENDPOINTS {
-            let builder = ClientConfig::builder().with_bind_address(bind);
-            let config = match cert {
-                CertCheck::Hash(h) => builder.with_server_certificate_hashes([Sha256Digest::new(h)]).build(),
-                CertCheck::Insecure => builder.with_no_cert_validation().build(),
-            };
-            endpoints.push(Endpoint::client(config).map_err(|e| wt_err("endpoint", e))?);
+            endpoints.push(client_endpoint(bind, cert, None).map_err(|e| wt_err("endpoint", e))?);
         }
         Ok(WtTarget { url: url.to_string(), endpoints, next: AtomicUsize::new(0) })
     }
@@ -92,7 +77,7 @@ impl WtTarget {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         let conn = self.endpoints[i].connect(self.url.as_str()).await.map_err(|e| wt_err("connect", e))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| wt_err("open", e))?.await.map_err(|e| wt_err("open", e))?;
-        let mut s = WtSession { conn, send, control: Reader::new(recv), req: 0 };
+        let mut s = WtSession { conn, send, control: FrameReader::new(recv), req: 0 };
         let connect = proto::Connect { token: String::new(), client_id: client_id.into() };
         match s.request(client_frame::Frame::Connect(connect)).await?.frame {
             Some(server_frame::Frame::Connected(_)) => Ok(s),
@@ -103,7 +88,7 @@ impl WtTarget {
 
 /// Fetches the certificate hash `switchboard dev` serves at
 /// `GET {http_base}/v1/wt/cert-hash`.
-pub async fn fetch_cert_hash(http_base: &str) -> Result<[u8; 32], BenchError> {
+pub async fn fetch_cert_hash(http_base: &str) -> Result<CertCheck, BenchError> {
     let url = format!("{http_base}/v1/wt/cert-hash");
     let resp = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?.get(&url).send().await?;
     if !resp.status().is_success() {
@@ -117,45 +102,14 @@ pub async fn fetch_cert_hash(http_base: &str) -> Result<[u8; 32], BenchError> {
     parse_hash(hex)
 }
 
-/// Parses 64 hex digits (`:` separators allowed).
-pub fn parse_hash(hex: &str) -> Result<[u8; 32], BenchError> {
-    let digits: Vec<u8> = hex.bytes().filter(|c| *c != b':').collect();
-    let bad = || BenchError::Usage(format!("a certificate hash is 64 hex digits (SHA-256), got {hex:?}"));
-    if digits.len() != 64 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+/// Parses `--cert-hash`: 64 hex digits, `:` separators allowed.
+pub fn parse_hash(hex: &str) -> Result<CertCheck, BenchError> {
+    CertCheck::from_hex(hex).map_err(|e| BenchError::Usage(e.to_string()))
 }
 
-/// Length-delimited frames of one stream.
-struct Reader {
-    stream: RecvStream,
-    buf: BytesMut,
-}
-
-impl Reader {
-    fn new(stream: RecvStream) -> Reader {
-        Reader { stream, buf: BytesMut::new() }
-    }
-
-    /// The next frame's bytes; `None` when the stream finished cleanly.
-    async fn next(&mut self) -> Result<Option<Bytes>, BenchError> {
-        loop {
-            if let Some(body) = codec::split_frame(&mut self.buf, MAX_FRAME).map_err(|e| wt_err("frame", e))? {
-                return Ok(Some(body));
-            }
-            match self.stream.quic_stream_mut().read_chunk(READ_CHUNK, true).await.map_err(|e| wt_err("read", e))? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
-                None if self.buf.is_empty() => return Ok(None),
-                None => return Err(BenchError::Protocol("WebTransport stream ended inside a frame".into())),
-            }
-        }
-    }
+/// The next frame's bytes on `reader`; `None` when the stream finished cleanly.
+async fn next_raw(reader: &mut FrameReader) -> Result<Option<Bytes>, BenchError> {
+    reader.next_raw().await.map_err(|e| BenchError::Protocol(e.to_string()))
 }
 
 fn decode(raw: Bytes) -> Result<proto::ServerFrame, BenchError> {
@@ -167,7 +121,7 @@ pub struct WtSession {
     conn: Connection,
     // Held open: finishing the control stream ends the session.
     send: SendStream,
-    control: Reader,
+    control: FrameReader,
     req: u64,
 }
 
@@ -185,7 +139,7 @@ impl WtSession {
     async fn request(&mut self, frame: client_frame::Frame) -> Result<proto::ServerFrame, BenchError> {
         let req = self.send(frame).await?;
         loop {
-            let raw = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.control.next())
+            let raw = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_raw(&mut self.control))
                 .await
                 .map_err(|_| BenchError::Protocol(format!("WebTransport: no reply within {HANDSHAKE_TIMEOUT:?}")))??
                 .ok_or_else(|| BenchError::Protocol("WebTransport control stream finished".into()))?;
@@ -210,19 +164,8 @@ impl WtSession {
         channel: &str,
         position: Option<proto::Position>,
     ) -> Result<proto::Position, BenchError> {
-        let mut sub = proto::Subscribe { filter: channel.into(), ..Default::default() };
-        if let Some(p) = position {
-            sub.positions.insert(channel.into(), p);
-        }
-        match self.request(client_frame::Frame::Subscribe(sub)).await?.frame {
-            Some(server_frame::Frame::Subscribed(s)) => Ok(s
-                .channels
-                .into_iter()
-                .find(|c| c.channel == channel)
-                .map(|c| proto::Position { epoch: c.epoch, serial: c.serial })
-                .unwrap_or_default()),
-            other => Err(BenchError::Protocol(format!("expected subscribed, got {other:?}"))),
-        }
+        let reply = self.request(subscribe_frame(channel, position)).await?;
+        subscribed_position(reply, channel)
     }
 
     /// Ends the session (application code 0).
@@ -235,7 +178,7 @@ impl WtSession {
 /// channel's stream.
 pub struct WtSub {
     session: WtSession,
-    stream: Option<Reader>,
+    stream: Option<FrameReader>,
 }
 
 impl WtSub {
@@ -261,15 +204,15 @@ impl WtSub {
         let raw = match stream {
             None => tokio::select! {
                 s = session.conn.accept_uni() => {
-                    *stream = Some(Reader::new(s.map_err(|e| wt_err("session", e))?));
+                    *stream = Some(FrameReader::new(s.map_err(|e| wt_err("session", e))?));
                     return Ok(true);
                 }
-                f = session.control.next() => return control_frame(f?),
+                f = next_raw(&mut session.control) => return control_frame(f?),
             },
             // Only the channel stream from here on (the hot path): if the
             // gateway ends the session, the read fails with its close code
             // and reason.
-            Some(reader) => match reader.next().await? {
+            Some(reader) => match next_raw(reader).await? {
                 Some(raw) => raw,
                 None => return Err(BenchError::Protocol("WebTransport: the channel stream finished".into())),
             },
@@ -310,9 +253,9 @@ pub struct WtPub {
     send: SendStream,
     req: u64,
     conn: Connection,
-    /// Highest `req` the gateway answered, and the refusals among them
-    /// (shared with the drain task, so an aborted drain loses no count).
-    answered: Arc<AtomicU64>,
+    /// Highest `req` the gateway answered, as the drain task sees them.
+    answered: tokio::sync::watch::Receiver<u64>,
+    /// Refusals among them (shared, so an aborted drain loses no count).
     refused: Arc<AtomicU64>,
     drain: tokio::task::JoinHandle<()>,
 }
@@ -321,18 +264,22 @@ impl WtPub {
     /// A connected session for publishing.
     pub async fn open(t: &WtTarget, id: &str) -> Result<WtPub, BenchError> {
         let WtSession { conn, send, mut control, req } = t.open(id).await?;
-        let answered = Arc::new(AtomicU64::new(req));
+        let (answered_tx, answered) = tokio::sync::watch::channel(req);
         let refused = Arc::new(AtomicU64::new(0));
         let drain = {
-            let (answered, refused) = (answered.clone(), refused.clone());
+            let refused = refused.clone();
             tokio::spawn(async move {
-                while let Ok(Some(raw)) = control.next().await {
+                while let Ok(Some(raw)) = next_raw(&mut control).await {
                     let Ok(f) = decode(raw) else { continue };
                     if let Some(server_frame::Frame::Error(e)) = &f.frame {
                         tracing::warn!(code = e.code().slug(), message = %e.message, "publish refused");
                         refused.fetch_add(1, Ordering::Relaxed);
                     }
-                    answered.fetch_max(f.req, Ordering::Release);
+                    answered_tx.send_if_modified(|a| {
+                        let higher = f.req > *a;
+                        *a = (*a).max(f.req);
+                        higher
+                    });
                 }
             })
         };
@@ -352,32 +299,13 @@ impl WtPub {
     /// Waits (at most 5 s) until every publish was answered, then ends the
     /// session; returns the refusals the gateway sent.
     pub async fn close(mut self) -> u64 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.answered.load(Ordering::Acquire) < self.req && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let req = self.req;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.answered.wait_for(|a| *a >= req)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.send.finish()).await;
         if tokio::time::timeout(Duration::from_secs(2), &mut self.drain).await.is_err() {
             self.drain.abort();
         }
         self.conn.close(wtransport::VarInt::from_u32(0), b"bench done");
         self.refused.load(Ordering::Relaxed)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn certificate_hashes_parse_with_or_without_colons() {
-        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-        let h = parse_hash(hex).expect("plain hex");
-        assert_eq!(h[0], 0x00);
-        assert_eq!(h[15], 0xff);
-        let colons: Vec<String> = h.iter().map(|b| format!("{b:02X}")).collect();
-        assert_eq!(parse_hash(&colons.join(":")).expect("colons"), h);
-        assert!(parse_hash(&hex[..62]).is_err());
-        assert!(parse_hash(&format!("{}zz", &hex[..62])).is_err());
     }
 }
