@@ -8,7 +8,7 @@
 #     tests/browser/package-lock.json; it drives /usr/bin/chromium and
 #     downloads no browser of its own);
 #   - gateway/tests/python_sse.rs: the Python SSE client sseclient-py;
-#   - tests/tests/mqtt_independent.rs: mosquitto_pub / mosquitto_sub (Debian
+#   - tests/tests/it/mqtt_independent.rs: mosquitto_pub / mosquitto_sub (Debian
 #     `mosquitto-clients`) and the Python MQTT client paho-mqtt;
 #   - tests/tests/tls.rs: curl, openssl s_client and mosquitto-clients against
 #     the HTTPS and MQTTS listeners;

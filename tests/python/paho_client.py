@@ -21,7 +21,7 @@ until the QoS flow completed, prints ``{"event": "published"}``,
 disconnects and exits 0.
 
 Either exits 1 with the reason on stderr if the connection is refused or
-lost, or when nothing finishes within 20 s. tests/tests/mqtt_independent.rs
+lost, or when nothing finishes within 20 s. tests/tests/it/mqtt_independent.rs
 runs it; tests/run.sh installs paho-mqtt.
 """
 

@@ -6,6 +6,7 @@
 //! connections holds [`SERIAL`]: the metrics test can then assert exact
 //! deltas.
 
+#[allow(dead_code)] // each test binary uses part of it
 mod common_b;
 
 use std::time::{Duration, Instant};

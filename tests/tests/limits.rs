@@ -18,6 +18,7 @@
 //! (`sse.rs`, `poll.rs`); REST body size 413 (`bad_input.rs`); slow
 //! consumers (`slow_consumer.rs`).
 
+#[allow(dead_code)] // each test binary uses part of it
 mod common_mqtt;
 
 use std::net::{IpAddr, SocketAddr};

@@ -9,6 +9,7 @@
 //! writes back up quickly; the server's write timeout is long so it does not
 //! drop the blocked socket before the test reads.
 
+#[allow(dead_code)] // each test binary uses part of it
 mod common_b;
 
 use std::collections::BTreeMap;

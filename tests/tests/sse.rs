@@ -6,6 +6,7 @@
 //! every channel exactly (or says `gap`); presence works through the REST
 //! uplink; bad requests are clear 400s; abandoned streams free their sessions.
 
+#[allow(dead_code)] // each test binary uses part of it
 mod common_sse;
 
 use std::time::Duration;

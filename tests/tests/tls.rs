@@ -14,6 +14,7 @@
 //! curl, openssl and mosquitto-clients are installed by `tests/run.sh`; when
 //! one is missing the test fails and says so. It never skips.
 
+#[allow(dead_code)] // each test binary uses part of it
 mod common_mqtt;
 
 use std::path::{Path, PathBuf};

@@ -22,7 +22,9 @@
 //! status with a minimal HTTP/3 client (quinn, and wtransport's own HTTP/3
 //! frames and QPACK headers).
 
+#[allow(dead_code)] // each test binary uses part of it
 mod common_auth;
+#[allow(dead_code)]
 mod common_mqtt;
 
 use std::time::Duration;

@@ -2,9 +2,6 @@
 //! a keep-alive REST client, pipelined WebSocket publishing, raw JSON frames
 //! on the wire, and background message collectors.
 
-// Each test crate uses a different subset.
-#![allow(dead_code)]
-
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};

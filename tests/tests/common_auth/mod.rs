@@ -5,11 +5,8 @@
 //! client library sends: a CONNECT with a password and the MQTT 5
 //! Authentication Method / Data, and AUTH packets.
 //!
-//! A crate using this module declares `common_mqtt` too (the raw packet
-//! helpers live there).
-
-// Each test crate uses a different subset.
-#![allow(dead_code)]
+//! The raw packet helpers live in `common_mqtt`, which a binary using this
+//! module declares too.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -2,9 +2,6 @@
 //! tests: a JSON client on a socket with a tiny receive buffer (to make a
 //! slow consumer quickly), a bystander that proves the gateway still serves
 //! other clients, and readers for the admin API and `/metrics`.
-//!
-//! Each test file compiles this module on its own and uses only part of it.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -4,9 +4,6 @@
 //! did not ask for is seen), and a raw MQTT socket with hand-made packets
 //! for what no well-behaved client would send.
 
-// Each test crate uses a different subset.
-#![allow(dead_code)]
-
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -298,8 +295,6 @@ pub struct Mqtt {
     /// Messages received while waiting for something else.
     pending: VecDeque<Msg>,
     task: JoinHandle<()>,
-    /// Protocol version.
-    pub ver: Ver,
     /// Client id.
     pub id: String,
     /// CONNACK session present flag.
@@ -348,7 +343,6 @@ impl Mqtt {
             events,
             pending: VecDeque::new(),
             task,
-            ver: opts.ver,
             id: opts.id,
             session_present: false,
             connack: None,
@@ -608,12 +602,6 @@ impl Mqtt {
             .await
             .map_err(|_| anyhow!("{}: the server kept the connection open after DISCONNECT", self.id))??;
         Ok(())
-    }
-
-    /// Drops the TCP connection without DISCONNECT.
-    pub async fn drop_abruptly(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
     }
 }
 

@@ -3,9 +3,6 @@
 //! decodes the documented response body, query encoding, and a WebSocket
 //! publisher that records its acks.
 
-// Each test crate uses a different subset.
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
@@ -57,8 +54,6 @@ pub async fn sse_request(http: &str, query: &str, last_event_id: Option<&str>) -
 /// An open SSE stream.
 pub struct SseClient {
     events: Events,
-    /// Response headers.
-    pub headers: reqwest::header::HeaderMap,
     /// The `connected` event's frame.
     pub connected: proto::Connected,
     /// The `connected` event's `id:` (the starting cursor).
@@ -90,15 +85,9 @@ impl SseClient {
             let body = resp.text().await.unwrap_or_default();
             bail!("GET /v1/sse?{query}: {status} {body}");
         }
-        let headers = resp.headers().clone();
         let events: Events = Box::pin(resp.bytes_stream().eventsource());
-        let mut c = SseClient {
-            events,
-            headers,
-            connected: Default::default(),
-            start_id: String::new(),
-            last_id: String::new(),
-        };
+        let mut c =
+            SseClient { events, connected: Default::default(), start_id: String::new(), last_id: String::new() };
         let first = c.next_event().await?;
         match first.frame.frame {
             Some(server_frame::Frame::Connected(conn)) if first.name == "connected" => {
@@ -148,15 +137,6 @@ impl SseClient {
             out.push(self.next_message().await?);
         }
         Ok(out)
-    }
-
-    /// The next event, which must be a `gap` event.
-    pub async fn next_gap(&mut self) -> anyhow::Result<proto::Gap> {
-        let ev = self.next_event().await?;
-        match ev.frame.frame {
-            Some(server_frame::Frame::Gap(g)) if ev.name == "gap" => Ok(g),
-            other => bail!("expected a gap event, got {} {other:?}", ev.name),
-        }
     }
 
     /// The next event, which must be a `presence` event; returns its envelope.

@@ -22,8 +22,8 @@
 //! Refresh and expiry are in `auth.rs`. WebTransport repeats these tables
 //! in its own tests.
 
-mod common_auth;
-mod common_mqtt;
+use super::common_auth;
+use super::common_mqtt;
 
 use common_auth::Op::{History as H, Presence as Pr, Publish as P, Subscribe as S};
 use common_auth::*;

@@ -5,8 +5,8 @@
 //! gaps a client can see, datagram publishes, and head-of-line independence
 //! between channels.
 
-mod common_mqtt;
-mod common_sse;
+use super::common_mqtt;
+use super::common_sse;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

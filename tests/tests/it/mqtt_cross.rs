@@ -5,8 +5,8 @@
 //! wildcard filters work both ways; MQTT over WebSocket (`/mqtt`) and MQTT
 //! over TCP share a channel.
 
-mod common_mqtt;
-mod common_sse;
+use super::common_mqtt;
+use super::common_sse;
 
 use bytes::{Bytes, BytesMut};
 use common_mqtt::*;

@@ -4,7 +4,7 @@
 //! to new subscribers first, on both codecs, until an empty retained publish
 //! clears it.
 
-mod common_a;
+use super::common_a;
 
 use bytes::Bytes;
 use common_a::*;

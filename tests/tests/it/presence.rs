@@ -2,7 +2,7 @@
 //! member lists, identity, and what an abrupt drop, a clean close and a
 //! reconnect within the grace period do.
 
-mod common_b;
+use super::common_b;
 
 use std::time::Duration;
 

@@ -9,7 +9,7 @@
 //! installs them. It never skips. Every spawned process is killed (by PID)
 //! when its handle drops, and every wait is bounded.
 
-mod common_mqtt;
+use super::common_mqtt;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -6,7 +6,7 @@
 //! the `id` property as idempotency key, the `rewind` subscription property
 //! and `$presence/<channel>`.
 
-mod common_mqtt;
+use super::common_mqtt;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! case a bystander MQTT client and a WebSocket client still exchange
 //! messages, no session is left behind, and `/healthz` answers 200.
 
-mod common_mqtt;
+use super::common_mqtt;
 
 use std::time::Duration;
 

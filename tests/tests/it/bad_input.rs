@@ -3,7 +3,7 @@
 //! keeps a bystander subscriber that must still receive a message published
 //! at the end, and `/healthz` must still answer.
 
-mod common_b;
+use super::common_b;
 
 use std::collections::BTreeMap;
 

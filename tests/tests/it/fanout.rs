@@ -3,7 +3,7 @@
 //! payload bytes and the same (epoch, serial); wildcard filters get exactly
 //! the channels they match.
 
-mod common_a;
+use super::common_a;
 
 use common_a::*;
 use switchboard_proto::{self as proto, payload};

@@ -3,7 +3,7 @@
 //! an explicit gap; rewind replays exactly the asked-for window; REST history
 //! returns the right slices and refuses bad positions.
 
-mod common_a;
+use super::common_a;
 
 use std::collections::HashMap;
 use std::time::Duration;

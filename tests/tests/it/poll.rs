@@ -7,7 +7,7 @@
 //! connection may carry it); polls hold until a message or their (capped)
 //! timeout; bad requests are clear 400s; abandoned polls free their sessions.
 
-mod common_sse;
+use super::common_sse;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! 1..=N with an unbroken `prev_serial` chain, the same message at each
 //! serial, and every publisher's messages in the order it sent them.
 
-mod common_a;
+use super::common_a;
 
 use std::collections::HashMap;
 

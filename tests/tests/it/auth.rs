@@ -7,8 +7,8 @@
 //! protocol's documented code. The full refusal and caps tables are in
 //! `auth_matrix.rs`.
 
-mod common_auth;
-mod common_mqtt;
+use super::common_auth;
+use super::common_mqtt;
 
 use std::time::Duration;
 
