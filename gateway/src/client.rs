@@ -484,6 +484,9 @@ fn mqtt_options(url: &str, client_id: &str) -> Result<rumqttc::v5::MqttOptions, 
     };
     let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(30));
+    // rumqttc sizes its in-flight table by this limit up front (16 MB at
+    // its default of 65 535); the CLI never has more than 100 requests queued.
+    opts.set_outgoing_inflight_upper_limit(100);
     Ok(opts)
 }
 

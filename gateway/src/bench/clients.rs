@@ -418,16 +418,34 @@ pub fn mqtt_qos(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-/// MQTT 5 client options; `session_expiry` > 0 asks for a persistent session.
+/// Outgoing QoS 1/2 publishes a bench MQTT 5 subscriber may have in flight
+/// (it publishes none). rumqttc sizes a table by this limit when the client
+/// is created, about 250 bytes a slot: left at its default (65 535) that is
+/// 16 MB per connection, and a few thousand subscribers exhaust the memory.
+pub const MQTT_SUB_INFLIGHT: u16 = 16;
+
+/// Outgoing QoS 1/2 publishes a bench MQTT 5 publisher may have in flight:
+/// as many as its request queue holds.
+pub const MQTT_PUB_INFLIGHT: u16 = 1024;
+
+/// MQTT 5 client options; `session_expiry` > 0 asks for a persistent
+/// session; `inflight` bounds the client's outgoing QoS 1/2 publishes in
+/// flight (the broker's Receive Maximum may lower it further).
 ///
 /// rumqttc opens its own sockets, so MQTT connections do not take part in
 /// source address spreading.
-pub fn mqtt_options(t: &Target, client_id: &str, session_expiry: u32) -> Result<rumqttc::v5::MqttOptions, BenchError> {
+pub fn mqtt_options(
+    t: &Target,
+    client_id: &str,
+    session_expiry: u32,
+    inflight: u16,
+) -> Result<rumqttc::v5::MqttOptions, BenchError> {
     let (host, port) =
         t.mqtt.rsplit_once(':').ok_or_else(|| BenchError::Usage(format!("bad MQTT address {}", t.mqtt)))?;
     let port = port.parse().map_err(|_| BenchError::Usage(format!("bad MQTT port in {}", t.mqtt)))?;
     let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_outgoing_inflight_upper_limit(inflight);
     opts.set_network_options(mqtt_network_options());
     // The bench sends far more than rumqttc's 10 KiB default packet limit allows for large --size.
     opts.set_max_packet_size(Some(1 << 20));
@@ -547,7 +565,7 @@ pub async fn mqtt_subscribe(
     session_expiry: u32,
 ) -> Result<(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop), BenchError> {
     use rumqttc::v5::{Event, Incoming};
-    let (client, mut events) = rumqttc::v5::AsyncClient::new(mqtt_options(t, client_id, session_expiry)?, 64);
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(mqtt_options(t, client_id, session_expiry, MQTT_SUB_INFLIGHT)?, 64);
     client.subscribe(channel, mqtt_qos(qos)).await.map_err(|e| BenchError::Protocol(format!("MQTT: {e}")))?;
     mqtt_wait(&mut events, |ev| match ev {
         Event::Incoming(Incoming::SubAck(ack)) => {

@@ -363,7 +363,10 @@ impl PubConn {
             }
             Proto::Mqtt => {
                 use rumqttc::v5::{Event, Incoming};
-                let (client, mut events) = rumqttc::v5::AsyncClient::new(clients::mqtt_options(t, id, 0)?, 1024);
+                let (client, mut events) = rumqttc::v5::AsyncClient::new(
+                    clients::mqtt_options(t, id, 0, clients::MQTT_PUB_INFLIGHT)?,
+                    usize::from(clients::MQTT_PUB_INFLIGHT),
+                );
                 clients::mqtt_wait(&mut events, |ev| Ok(matches!(ev, Event::Incoming(Incoming::ConnAck(_))))).await?;
                 let driver = tokio::spawn(async move {
                     // Drives the socket (acks, pings); ends when the client disconnects.

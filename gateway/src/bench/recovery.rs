@@ -100,7 +100,10 @@ async fn reconnect(resume: Resume, t: &Target, channel: &str, id: &str) -> Resul
         Resume::Mqtt => {
             use rumqttc::v5::{Event, Incoming};
             let (client, mut events) =
-                rumqttc::v5::AsyncClient::new(clients::mqtt_options(t, id, SESSION_EXPIRY_S)?, 64);
+                rumqttc::v5::AsyncClient::new(
+                clients::mqtt_options(t, id, SESSION_EXPIRY_S, clients::MQTT_SUB_INFLIGHT)?,
+                64,
+            );
             clients::mqtt_wait(&mut events, |ev| match ev {
                 Event::Incoming(Incoming::ConnAck(a)) if a.session_present => Ok(true),
                 Event::Incoming(Incoming::ConnAck(_)) => Err(BenchError::Protocol("MQTT session not kept".into())),
