@@ -715,9 +715,11 @@ async fn serve_sse<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> R
 
 /// A keep-alive connection's long-poll session between its polls (see
 /// [`poll::KeptPoll`]). The front door puts one in every request's
-/// extensions; the session goes when the connection does.
+/// extensions; the session goes when the connection does. Boxed: every
+/// front-door connection has a slot, SSE streams too, and an empty one
+/// costs a pointer instead of a session's size.
 #[derive(Clone, Default)]
-pub struct PollSlot(Arc<parking_lot::Mutex<Option<poll::KeptPoll>>>);
+pub struct PollSlot(Arc<parking_lot::Mutex<Option<Box<poll::KeptPoll>>>>);
 
 async fn serve_poll<B>(
     state: HttpState,
@@ -732,11 +734,11 @@ async fn serve_poll<B>(
     let core: Arc<dyn Core> = state.router.clone();
     let now = crate::router::now_ms() as u64;
     let slot = req.extensions().get::<PollSlot>();
-    let kept = slot.and_then(|s| s.0.lock().take());
+    let kept = slot.and_then(|s| s.0.lock().take()).map(|k| *k);
     let polled = poll::poll_kept(core, &parsed, &state.poll, state.shutdown.clone(), now, kept).await;
     match polled.map(|(body, kept)| {
         if let Some(s) = slot {
-            *s.0.lock() = kept;
+            *s.0.lock() = kept.map(Box::new);
         }
         body
     }) {

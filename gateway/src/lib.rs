@@ -19,5 +19,6 @@ pub mod front;
 pub mod http;
 pub mod router;
 pub mod server;
+pub mod str_set;
 pub mod tls;
 pub mod wt;

@@ -20,7 +20,9 @@
 //! and the publish rate (a token bucket per session) are checked here; each
 //! refusal counts in `switchboard_limit_exceeded_total{limit,protocol}`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use crate::str_set::StrSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -113,7 +115,7 @@ struct SessionEntry {
     /// Filters held, for `max_subscriptions`: subscribing a held filter
     /// again replaces it (as the engine and MQTT §3.8.4 do), it does not
     /// count twice.
-    filters: HashSet<String>,
+    filters: StrSet,
     opened_ms: i64,
     /// What the session's token allows (everything in open mode).
     caps: Arc<Caps>,
@@ -534,7 +536,7 @@ impl Core for Router {
             SessionEntry {
                 caller,
                 outbox: outbox.clone(),
-                filters: HashSet::new(),
+                filters: StrSet::new(),
                 opened_ms: now_ms(),
                 caps,
                 expires_at,

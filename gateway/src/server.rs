@@ -505,7 +505,9 @@ async fn serve_connection<IO, S>(
                 Box::pin(serve_http(TokioIo::new(io), service, peer, shutdown)).await;
             }
         }
-        None => serve_http(TokioIo::new(io), service, peer, shutdown).await,
+        // Boxed too: inline, hyper's connection state would make every
+        // task as large, the front door's idle streams included.
+        None => Box::pin(serve_http(TokioIo::new(io), service, peer, shutdown)).await,
     }
 }
 

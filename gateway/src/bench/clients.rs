@@ -565,7 +565,8 @@ pub async fn mqtt_subscribe(
     session_expiry: u32,
 ) -> Result<(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop), BenchError> {
     use rumqttc::v5::{Event, Incoming};
-    let (client, mut events) = rumqttc::v5::AsyncClient::new(mqtt_options(t, client_id, session_expiry, MQTT_SUB_INFLIGHT)?, 64);
+    let (client, mut events) =
+        rumqttc::v5::AsyncClient::new(mqtt_options(t, client_id, session_expiry, MQTT_SUB_INFLIGHT)?, 64);
     client.subscribe(channel, mqtt_qos(qos)).await.map_err(|e| BenchError::Protocol(format!("MQTT: {e}")))?;
     mqtt_wait(&mut events, |ev| match ev {
         Event::Incoming(Incoming::SubAck(ack)) => {

@@ -99,8 +99,7 @@ async fn reconnect(resume: Resume, t: &Target, channel: &str, id: &str) -> Resul
         }
         Resume::Mqtt => {
             use rumqttc::v5::{Event, Incoming};
-            let (client, mut events) =
-                rumqttc::v5::AsyncClient::new(
+            let (client, mut events) = rumqttc::v5::AsyncClient::new(
                 clients::mqtt_options(t, id, SESSION_EXPIRY_S, clients::MQTT_SUB_INFLIGHT)?,
                 64,
             );

@@ -14,7 +14,9 @@
 //! Nothing survives a restart: a new process starts new epochs, and clients
 //! that recover from an old position get an explicit `epoch_changed` gap.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::str_set::StrSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -129,14 +131,14 @@ struct Session {
     caller: Caller,
     outbox: Arc<Outbox>,
     /// Filters the client subscribed to.
-    filters: HashSet<String>,
+    filters: StrSet,
     /// Filters whose `$presence/<filter>` companion this session holds
     /// because it subscribed with `presence: true`. Kept apart from
     /// `filters` so that an explicit `$presence/...` subscription survives
     /// unsubscribing the base filter.
-    companions: HashSet<String>,
+    companions: StrSet,
     /// Channels whose presence this session entered.
-    presence: HashSet<String>,
+    presence: StrSet,
 }
 
 /// A subscription's target in the trie.
@@ -203,9 +205,9 @@ impl MemoryState {
             Session {
                 caller: caller.clone(),
                 outbox,
-                filters: HashSet::new(),
-                companions: HashSet::new(),
-                presence: HashSet::new(),
+                filters: StrSet::new(),
+                companions: StrSet::new(),
+                presence: StrSet::new(),
             },
         );
     }
