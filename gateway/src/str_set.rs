@@ -43,7 +43,7 @@ impl StrSet {
     pub fn insert(&mut self, s: String) -> bool {
         match self {
             StrSet::Few(v) => {
-                if v.iter().any(|x| *x == s) {
+                if v.contains(&s) {
                     return false;
                 }
                 if v.len() < SMALL {
