@@ -288,8 +288,6 @@ fn upgrade(
     let mqtt_sessions = state.mqtt_sessions.clone();
     let mqtt_cfg = state.mqtt.clone();
     tokio::spawn(async move {
-        // The connection's admission slot lives as long as the WebSocket.
-        let _ticket = ticket;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -301,15 +299,21 @@ fn upgrade(
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg)))
                 .await;
         let core: Arc<dyn Core> = router;
-        // Boxed per route: the task is as large as its largest state, and a
-        // WebSocket session must not pay for MQTT's or the echo's.
+        // The session runs in a task of its own, as large as its route's
+        // future and no larger (a WebSocket session does not pay for MQTT's
+        // or the echo's); this task, which held the upgrade, ends here.
+        // The connection's admission slot goes with the session.
+        let hold = move |()| drop(ticket);
+        use futures_util::FutureExt as _;
         match route {
-            Route::Echo => Box::pin(ws::serve_echo(stream, shutdown)).await,
-            Route::Mqtt => Box::pin(mqtt::serve_ws(stream, core, mqtt_sessions, mqtt_cfg, Some(peer), shutdown)).await,
-            Route::Switchboard => {
-                Box::pin(ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown)).await;
+            Route::Echo => tokio::spawn(ws::serve_echo(stream, shutdown).map(hold)),
+            Route::Mqtt => {
+                tokio::spawn(mqtt::serve_ws(stream, core, mqtt_sessions, mqtt_cfg, Some(peer), shutdown).map(hold))
             }
-        }
+            Route::Switchboard => tokio::spawn(
+                ws::serve(stream, codec.unwrap_or(ws::Codec::Json), core, info, ws_cfg, shutdown).map(hold),
+            ),
+        };
     });
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
