@@ -87,7 +87,7 @@ pub struct HttpShared {
     /// Limits on SSE and long-poll requests.
     pub stream_limits: StreamLimits,
     /// MQTT front-end settings (for `/mqtt`).
-    pub mqtt: mqtt::MqttConfig,
+    pub mqtt: Arc<mqtt::MqttConfig>,
     /// MQTT persistent sessions, shared with the TCP listener.
     pub mqtt_sessions: Arc<mqtt::MqttSessions>,
 }

@@ -121,7 +121,7 @@ impl Gateway {
         let mut quic_addr = None;
 
         // One persistent-session store for MQTT over TCP and over WebSocket.
-        let mqtt_cfg = config.mqtt.front_end();
+        let mqtt_cfg = Arc::new(config.mqtt.front_end());
         let mqtt_sessions = Arc::new(mqtt::MqttSessions::new(&mqtt_cfg));
         tasks.push(spawn_mqtt_sweeper(&mqtt_sessions));
 
@@ -339,7 +339,7 @@ async fn mqtt_accept_loop(
     admission: Arc<Admission>,
     router: Arc<Router>,
     sessions: Arc<mqtt::MqttSessions>,
-    cfg: mqtt::MqttConfig,
+    cfg: Arc<mqtt::MqttConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     while let Some((stream, peer)) = next_connection(&listener, name, &mut shutdown).await {
@@ -358,10 +358,10 @@ async fn mqtt_accept_loop(
         // One task per kind of connection: a task is as large as its
         // largest state, and a plain connection must not pay for TLS's.
         let Some(tls) = tls else {
-            tokio::spawn(async move {
-                mqtt::serve(stream, core, sessions, cfg, mqtt::Peer::addr(Some(peer)), shutdown).await;
-                drop(ticket);
-            });
+            // The session's future is built here and not inside an `async`
+            // block: the block would keep its own copy of every argument.
+            let session = mqtt::serve(stream, core, sessions, cfg, mqtt::Peer::addr(Some(peer)), shutdown);
+            tokio::spawn(futures_util::FutureExt::map(session, move |()| drop(ticket)));
             continue;
         };
         tokio::spawn(async move {

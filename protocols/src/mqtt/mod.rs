@@ -539,7 +539,7 @@ pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     io: S,
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
-    cfg: MqttConfig,
+    cfg: Arc<MqttConfig>,
     peer: Peer,
     shutdown: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + Send {
@@ -584,7 +584,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut io: Io<S>,
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
-    cfg: MqttConfig,
+    cfg: Arc<MqttConfig>,
     peer: Peer,
     mut shutdown: watch::Receiver<bool>,
     span: Span,
@@ -709,7 +709,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     c: codec::Connect,
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
-    cfg: MqttConfig,
+    cfg: Arc<MqttConfig>,
     peer: Peer,
     shutdown: watch::Receiver<bool>,
     span: &Span,
@@ -761,7 +761,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 props: w.props.clone(),
                 ..Default::default()
             };
-            Some(WillMsg { publish: publish_request(topic.to_string(), &p), delay: w.delay })
+            Some(Box::new(WillMsg { publish: publish_request(topic.to_string(), &p), delay: w.delay }))
         }
     };
 
@@ -943,7 +943,8 @@ struct Conn<S> {
     window: usize,
     /// The client's Maximum Packet Size (MQTT 5), else unlimited.
     client_max_packet: usize,
-    will: Option<WillMsg>,
+    /// Boxed: most connections have none, and every connection holds this.
+    will: Option<Box<WillMsg>>,
     /// Zero: the session ends with the connection.
     session_expiry: Duration,
     /// MQTT 5 §3.14.2.2.2: a DISCONNECT may not raise a zero expiry.
@@ -954,7 +955,7 @@ struct Conn<S> {
     /// Channels whose presence this client entered via `$presence/...`.
     entered: HashSet<String>,
     drained: Vec<Outbound>,
-    cfg: MqttConfig,
+    cfg: Arc<MqttConfig>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -1576,7 +1577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     async fn publish_will(&mut self, end: End) {
-        let Some(will) = self.will.take() else { return };
+        let Some(will) = self.will.take().map(|w| *w) else { return };
         let expiry = self.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32;
         match session::will_action(end, will.delay, expiry) {
             session::WillAction::Discard => debug!("will discarded"),

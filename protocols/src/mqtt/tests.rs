@@ -244,7 +244,7 @@ impl Client {
 struct Harness {
     core: Arc<FakeCore>,
     sessions: Arc<MqttSessions>,
-    cfg: MqttConfig,
+    cfg: Arc<MqttConfig>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -257,7 +257,7 @@ impl Harness {
         Harness {
             core: FakeCore::new(),
             sessions: Arc::new(MqttSessions::new(&cfg)),
-            cfg,
+            cfg: Arc::new(cfg),
             shutdown: watch::channel(false).0,
         }
     }
@@ -1057,9 +1057,11 @@ fn conn_future_size<S: 'static, Fut>(_f: impl FnOnce(&'static mut Conn<S>) -> Fu
 
 /// An idle connection's memory is mostly its task, and a task is as large
 /// as its largest state: the connect phase and packet handling are boxed
-/// so that the wait in the session loop stays small. (Bounds with headroom
-/// for compiler differences; a regression that inlines the connect phase
-/// again roughly doubles the size.)
+/// so that the wait in the session loop stays small, and what most
+/// connections never use (a will, topic aliases) is boxed on demand, the
+/// configuration shared. (Bounds with headroom for compiler differences; a
+/// regression that inlines the connect phase again roughly doubles the
+/// size. 1 736 bytes before the will, aliases and configuration moved out.)
 #[test]
 fn an_open_connection_task_stays_small() {
     let h = Harness::new();
@@ -1071,5 +1073,5 @@ fn an_open_connection_task_stays_small() {
     let conn = std::mem::size_of::<Conn<DuplexStream>>();
     assert!(run <= 640, "the session loop's future is {run} bytes");
     assert!(task <= conn + run + 256, "the task is {task} bytes (Conn {conn}, loop {run})");
-    assert!(task <= 2048, "the task is {task} bytes");
+    assert!(task <= 1536, "the task is {task} bytes");
 }

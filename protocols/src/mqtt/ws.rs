@@ -112,7 +112,7 @@ pub async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ws: WebSocketStream<S>,
     core: Arc<dyn Core>,
     sessions: Arc<MqttSessions>,
-    cfg: MqttConfig,
+    cfg: Arc<MqttConfig>,
     peer: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,
 ) {
