@@ -393,7 +393,9 @@ async fn stream_body<IO: AsyncRead + AsyncWrite + Unpin>(
 
 /// Writes and flushes `bytes`: at once when the socket takes them all (the
 /// usual case: no timer, no allocation), otherwise in a boxed
-/// [`write_all`] bounded by `limit`.
+/// [`write_all`] bounded by `limit`. The idea of
+/// [`switchboard_protocols::deadline`], with the rest of the write boxed
+/// too: this future is part of every idle SSE stream's state.
 async fn send<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
     use futures_util::FutureExt as _;
     let mut rest = bytes;

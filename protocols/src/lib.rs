@@ -6,6 +6,7 @@
 //! the core hands back.
 
 pub mod cursor;
+pub mod deadline;
 mod frames;
 pub mod mqtt;
 pub mod poll;

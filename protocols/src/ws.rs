@@ -328,26 +328,23 @@ fn close_message(code: CloseCode, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
-/// Feeds `msgs` and flushes once, all within `limit`.
+/// Feeds `msgs` and flushes once, all within `limit` (without a timer when
+/// the socket takes the batch at once: [`crate::deadline`]).
 ///
-/// Not an `async fn`, and `msgs` is iterated in place: every binding of a
-/// future or of `msgs` would be one more copy in the connection's task.
-fn send_batch<'a, S, I>(
-    ws: &'a mut WebSocketStream<S>,
-    mut msgs: I,
-    limit: Duration,
-) -> impl Future<Output = Result<(), Stop>> + Send + 'a
+/// `msgs` is iterated in place and the write is pinned once: every binding
+/// of a future or of `msgs` would be one more copy in the connection's task.
+async fn send_batch<S, I>(ws: &mut WebSocketStream<S>, mut msgs: I, limit: Duration) -> Result<(), Stop>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
-    I: Iterator<Item = Message> + Send + 'a,
+    I: Iterator<Item = Message> + Send,
 {
-    tokio::time::timeout(limit, async move {
+    let write = std::pin::pin!(async {
         for m in msgs.by_ref() {
             ws.feed(m).await?;
         }
         ws.flush().await
-    })
-    .map(move |written| match written {
+    });
+    match crate::deadline::within(limit, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e @ (WsError::AlreadyClosed | WsError::Protocol(ProtocolError::SendAfterClosing)))) => {
             // Writing after a close is a bug here, not the peer's doing.
@@ -362,7 +359,7 @@ where
             debug!(timeout = ?limit, "write timed out; dropping connection");
             Err(Stop::Gone)
         }
-    })
+    }
 }
 
 /// After our close frame: read (and discard) until the peer's close reply or

@@ -478,11 +478,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         if self.delivered > 0 {
             self.counters.messages_out.increment(std::mem::take(&mut self.delivered));
         }
-        let write = async {
+        let write = std::pin::pin!(async {
             self.stream.write_all(&self.wbuf).await?;
             self.stream.flush().await
-        };
-        let res = tokio::time::timeout(self.write_timeout, write).await;
+        });
+        let res = crate::deadline::within(self.write_timeout, write).await;
         self.wbuf.clear();
         if self.wbuf.capacity() > KEEP_BUFFER {
             self.wbuf = BytesMut::new();
