@@ -738,11 +738,11 @@ async fn serve_poll<B>(
     let core: Arc<dyn Core> = state.router.clone();
     let now = crate::router::now_ms() as u64;
     let slot = req.extensions().get::<PollSlot>();
-    let kept = slot.and_then(|s| s.0.lock().take()).map(|k| *k);
+    let kept = slot.and_then(|s| s.0.lock().take());
     let polled = poll::poll_kept(core, &parsed, &state.poll, state.shutdown.clone(), now, kept).await;
     match polled.map(|(body, kept)| {
         if let Some(s) = slot {
-            *s.0.lock() = kept.map(Box::new);
+            *s.0.lock() = kept;
         }
         body
     }) {

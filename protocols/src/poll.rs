@@ -97,14 +97,17 @@ pub async fn poll(
 /// Serves one poll, continuing `kept` when the request allows it (see
 /// [`KeptPoll`]); returns the JSON response body and the session to keep
 /// for the connection's next poll (none when the batch was cut short).
+///
+/// The kept session is passed boxed: a pending poll's future would
+/// otherwise hold a session's size for it while it waits.
 pub async fn poll_kept(
     core: Arc<dyn Core>,
     req: &StreamRequest,
     cfg: &PollConfig,
     mut shutdown: watch::Receiver<bool>,
     now_ms: u64,
-    kept: Option<KeptPoll>,
-) -> Result<(String, Option<KeptPoll>), CoreError> {
+    kept: Option<Box<KeptPoll>>,
+) -> Result<(String, Option<Box<KeptPoll>>), CoreError> {
     let (mut session, replay) = match kept {
         Some(k) if k.continues(req) => (k.session, Vec::new()),
         other => {
@@ -149,7 +152,7 @@ pub async fn poll_kept(
         let mut request = req.clone();
         request.cursor = None;
         let dropped = session.handle.outbox.dropped();
-        KeptPoll { session, request, dropped }
+        Box::new(KeptPoll { session, request, dropped })
     });
     Ok((body, kept))
 }
