@@ -408,14 +408,6 @@ async fn real_cursor(gw: &TestGateway) -> anyhow::Result<(SseClient, String)> {
     Ok((sse, id))
 }
 
-/// The same cursor with one character changed (still base64url).
-fn tamper(cursor: &str) -> String {
-    let mut b = cursor.as_bytes().to_vec();
-    let i = b.len() / 2;
-    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
-    String::from_utf8(b).expect("ascii")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_clear_400s() -> anyhow::Result<()> {
     let gw = TestGateway::start_with(|cfg| {

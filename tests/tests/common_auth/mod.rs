@@ -79,6 +79,12 @@ pub fn ed(claims: &Value) -> String {
     sign(Algorithm::EdDSA, Some("ed1"), &key, claims)
 }
 
+/// `claims` signed once with each configured algorithm, named by algorithm
+/// and key source.
+pub fn every_algorithm(claims: &Value) -> [(&'static str, String); 4] {
+    [("HS256 inline", hs(claims)), ("RS256 inline", rs(claims)), ("ES256 file", es(claims)), ("EdDSA JWKS", ed(claims))]
+}
+
 /// A valid HS256 token for `sub`, living `ttl` seconds, with `caps`.
 pub fn token(sub: &str, ttl: i64, caps: Value) -> String {
     hs(&claims(sub, ttl, caps))

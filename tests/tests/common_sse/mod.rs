@@ -388,3 +388,11 @@ pub fn assert_mixed(got: &[(String, proto::Envelope)], want: &[Mixed]) {
         assert_eq!(e.kind(), proto::Kind::Message);
     }
 }
+
+/// The same cursor with one character changed (still base64url).
+pub fn tamper(cursor: &str) -> String {
+    let mut b = cursor.as_bytes().to_vec();
+    let i = b.len() / 2;
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(b).expect("ascii")
+}
