@@ -333,7 +333,10 @@ impl Mqtt {
                 o.set_keep_alive(Duration::from_secs(30))
                     .set_clean_start(opts.clean)
                     .set_session_expiry_interval(opts.session_expiry)
-                    .set_topic_alias_max(opts.topic_alias_max);
+                    .set_topic_alias_max(opts.topic_alias_max)
+                    // rumqttc sizes a table by this up front: 16 MB per
+                    // client at its default of 65 535.
+                    .set_outgoing_inflight_upper_limit(1024);
                 let (c, el) = rumqttc::v5::AsyncClient::new(o, 64);
                 (Client::V5(c), tokio::spawn(pump_v5(el, tx)))
             }

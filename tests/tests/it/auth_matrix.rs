@@ -210,6 +210,7 @@ async fn mqtt5(gw: &TestGateway, client_id: &str, token: &str) -> anyhow::Result
     use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, Incoming, MqttOptions};
     let mut opts = MqttOptions::new(client_id, gw.mqtt.ip().to_string(), gw.mqtt.port());
+    opts.set_outgoing_inflight_upper_limit(16);
     if !token.is_empty() {
         opts.set_credentials("anything", token);
     }
