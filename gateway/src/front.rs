@@ -327,21 +327,29 @@ fn respond<'a, IO: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The status line and headers of a response.
+/// The status line and headers of a response, in a buffer with room for a
+/// body of known length after them (up to 64 KiB): written in place, without
+/// a temporary string per line or a reallocation for the body.
 fn head(parts: &http::response::Parts, exact: Option<u64>, keep_alive: bool, http11: bool) -> BytesMut {
-    let mut out = BytesMut::with_capacity(256);
+    use std::fmt::Write as _;
+    const ROOM: usize = 256;
+    let body = exact.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).min(64 * 1024));
+    let mut out = BytesMut::with_capacity(ROOM + body);
     let version = if http11 { "HTTP/1.1" } else { "HTTP/1.0" };
     let reason = parts.status.canonical_reason().unwrap_or("");
-    out.put_slice(format!("{version} {} {reason}\r\n", parts.status.as_u16()).as_bytes());
+    // Writing to a `BytesMut` cannot fail.
+    let _ = write!(out, "{version} {} {reason}\r\n", parts.status.as_u16());
     for (name, value) in &parts.headers {
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
-    out.put_slice(format!("date: {}\r\n", httpdate::fmt_http_date(std::time::SystemTime::now())).as_bytes());
+    let _ = write!(out, "date: {}\r\n", httpdate::HttpDate::from(std::time::SystemTime::now()));
     match exact {
-        Some(len) => out.put_slice(format!("content-length: {len}\r\n").as_bytes()),
+        Some(len) => {
+            let _ = write!(out, "content-length: {len}\r\n");
+        }
         None if http11 => out.put_slice(b"transfer-encoding: chunked\r\n"),
         None => {}
     }
@@ -377,7 +385,7 @@ async fn stream_body<IO: AsyncRead + AsyncWrite + Unpin>(
         }
         if http11 {
             let mut chunk = BytesMut::with_capacity(data.len() + 12);
-            chunk.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            let _ = std::fmt::Write::write_fmt(&mut chunk, format_args!("{:x}\r\n", data.len()));
             chunk.put_slice(&data);
             chunk.put_slice(b"\r\n");
             send(io, &chunk, write_timeout).await?;
@@ -486,6 +494,23 @@ mod tests {
         let mut first = [0u8; 8];
         client.read_exact(&mut first).await.expect("the first 8 bytes");
         assert_eq!(&first[..], &bytes[..8]);
+    }
+
+    #[test]
+    fn a_response_head_is_complete_and_leaves_room_for_its_body() {
+        let mut r = Response::new(());
+        r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+        let (parts, ()) = r.into_parts();
+        let text = |b: &BytesMut| String::from_utf8(b.to_vec()).expect("ascii");
+        let fixed = head(&parts, Some(1000), true, true);
+        let t = text(&fixed);
+        assert!(t.starts_with("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: "), "{t}");
+        assert!(t.ends_with("GMT\r\ncontent-length: 1000\r\nconnection: keep-alive\r\n\r\n"), "{t}");
+        assert!(fixed.capacity() >= fixed.len() + 1000, "room for the body");
+        let stream = text(&head(&parts, None, false, true));
+        assert!(stream.ends_with("\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"), "{stream}");
+        let old = text(&head(&parts, None, false, false));
+        assert!(old.starts_with("HTTP/1.0 200 OK\r\n") && !old.contains("chunked"), "{old}");
     }
 
     #[tokio::test]
