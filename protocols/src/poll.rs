@@ -83,17 +83,6 @@ impl KeptPoll {
     }
 }
 
-/// Serves one poll; returns the JSON response body.
-pub async fn poll(
-    core: Arc<dyn Core>,
-    req: &StreamRequest,
-    cfg: &PollConfig,
-    shutdown: watch::Receiver<bool>,
-    now_ms: u64,
-) -> Result<String, CoreError> {
-    poll_kept(core, req, cfg, shutdown, now_ms, None).await.map(|(body, _)| body)
-}
-
 /// Serves one poll, continuing `kept` when the request allows it (see
 /// [`KeptPoll`]); returns the JSON response body and the session to keep
 /// for the connection's next poll (none when the batch was cut short).
