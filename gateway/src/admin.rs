@@ -65,6 +65,8 @@ pub async fn handle(
         (&Method::GET, "/readyz") => {
             if *shutdown.borrow() {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting down"}))
+            } else if let Err(reason) = router.health() {
+                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "storage failed", "reason": reason}))
             } else {
                 json_response(StatusCode::OK, &json!({"status": "ready"}))
             }

@@ -83,6 +83,10 @@ pub enum Command {
         /// Listener overrides.
         #[command(flatten)]
         listen: ListenArgs,
+        /// Keep channel state in this directory (durable, survives restarts)
+        /// instead of memory.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
     },
     /// Run with a configuration file.
     Serve {
@@ -290,6 +294,10 @@ fn banner(gw: &Gateway) {
     if let Some(a) = gw.admin_addr {
         println!("  admin       http://{a}/metrics  /healthz  /readyz  /v1/sessions  /v1/stats");
     }
+    match gw.storage.as_ref() {
+        Some(s) => println!("  storage     {} (sync = {})", s.dir.display(), s.sync.name()),
+        None => println!("  storage     memory (nothing survives a restart; --data DIR keeps it on disk)"),
+    }
     if let Some(a) = gw.https_addr {
         println!("  HTTPS       https://{a}/   (same routes: wss://{a}/v1/ws, /v1/sse, ...; HTTP/1.1 and HTTP/2)");
     }
@@ -323,6 +331,8 @@ async fn run_gateway(cfg: Config, dev: Option<&ListenArgs>) -> anyhow::Result<()
             mqtts = ?gw.mqtts_addr,
             quic = ?gw.quic_addr,
             admin = ?gw.admin_addr,
+            storage = ?gw.storage.as_ref().map(|s| s.dir.display().to_string()),
+            sync = gw.storage.as_ref().map(|s| s.sync.name()),
             "switchboard serving"
         ),
     }
@@ -362,9 +372,13 @@ fn print_envelope(env: &switchboard_proto::Envelope, json: bool) {
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { listen } => {
+        Command::Dev { listen, data } => {
             let mut cfg = Config::dev_defaults()?;
             apply_listen(&mut cfg, &listen);
+            if let Some(dir) = data {
+                cfg.storage.kind = crate::config::StorageKind::Disk;
+                cfg.storage.dir = dir;
+            }
             for (name, addr) in cfg.listen.all() {
                 let name = name.trim_start_matches("listen.");
                 if addr.is_empty() {

@@ -8,12 +8,13 @@
 //! `deploy/switchboard.example.toml` documents every key and default.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use switchboard_protocols::port::SlowPolicy;
 
+use crate::engine::disk::{DiskOptions, SyncPolicy};
 use crate::engine::{ChannelPolicy, ChannelRule, EngineConfig};
 use crate::router::RouterLimits;
 
@@ -474,6 +475,65 @@ impl Default for EchoConfig {
     }
 }
 
+/// Where channel state lives.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// A durable embedded store in `[storage] dir` (the default).
+    #[default]
+    Disk,
+    /// This process's memory: nothing survives a restart (`dev`'s default).
+    Memory,
+}
+
+/// `[storage]`: where history, channel positions, retained values and
+/// idempotency keys are kept (docs/storage.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// `disk` or `memory`.
+    pub kind: StorageKind,
+    /// The store's directory (created if missing; relative paths are from
+    /// the working directory).
+    pub dir: PathBuf,
+    /// When an acknowledged publish is on disk: `always`, `interval`, `never`.
+    pub sync: SyncPolicy,
+    /// fsync period under `sync = "interval"`.
+    #[serde(deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
+    /// The store's block cache, bytes.
+    pub cache_bytes: u64,
+    /// Where the machine's boot id is read (an unclean stop on another boot
+    /// means the machine went down; see docs/storage.md).
+    pub boot_id_file: PathBuf,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            kind: StorageKind::Disk,
+            dir: PathBuf::from("switchboard-data"),
+            sync: SyncPolicy::Interval,
+            sync_interval: Duration::from_millis(100),
+            cache_bytes: 16 * 1024 * 1024,
+            boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+        }
+    }
+}
+
+impl StorageSection {
+    /// The store's options, when the kind is `disk`.
+    pub fn disk(&self) -> Option<DiskOptions> {
+        (self.kind == StorageKind::Disk).then(|| DiskOptions {
+            dir: self.dir.clone(),
+            sync: self.sync,
+            sync_interval: self.sync_interval,
+            cache_bytes: self.cache_bytes,
+            boot_id_file: self.boot_id_file.clone(),
+        })
+    }
+}
+
 /// `[shutdown]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -522,6 +582,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// `[tls]`.
     pub tls: TlsSection,
+    /// `[storage]`.
+    pub storage: StorageSection,
     /// Set by `dev` (never from a file): TLS listeners without a configured
     /// certificate get a generated self-signed one.
     #[serde(skip)]
@@ -663,6 +725,8 @@ impl Config {
         let mut cfg = Self::from_toml("", std::env::vars())?;
         cfg.echo.enabled = true;
         cfg.dev = true;
+        // Dev keeps everything in memory unless `--data DIR` says otherwise.
+        cfg.storage.kind = StorageKind::Memory;
         // Dev serves TLS beside the plain listeners, with a generated
         // certificate unless [tls] names one.
         let l = &mut cfg.listen;
@@ -732,6 +796,14 @@ impl Config {
         }
         if self.poll.default_timeout > self.poll.max_timeout {
             return bad("poll.default_timeout must not exceed poll.max_timeout".into());
+        }
+        let st = &self.storage;
+        if st.kind == StorageKind::Disk && st.dir.as_os_str().is_empty() {
+            return bad("storage.dir must name a directory (or set storage.kind = \"memory\")".into());
+        }
+        if st.sync == SyncPolicy::Interval && (st.sync_interval.is_zero() || st.sync_interval > Duration::from_secs(60))
+        {
+            return bad("storage.sync_interval must be above zero and at most 60s".into());
         }
         if self.sse.keepalive < Duration::from_millis(100) {
             return bad("sse.keepalive must be at least 100ms".into());

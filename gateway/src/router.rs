@@ -280,6 +280,16 @@ impl Router {
         self.engine.stats()
     }
 
+    /// `Err` with the reason while the engine cannot accept publishes.
+    pub fn health(&self) -> Result<(), String> {
+        self.engine.health()
+    }
+
+    /// Flushes and closes the engine (after every session closed).
+    pub fn close_engine(&self) {
+        self.engine.close();
+    }
+
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.lock().len()

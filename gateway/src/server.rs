@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 
 use crate::admission::{Admission, Refusal, Ticket};
 use crate::config::Config;
-use crate::engine::memory::MemoryEngine;
+use crate::engine::Engine;
+use crate::engine::disk::DiskStore;
+use crate::engine::local::LocalEngine;
 use crate::front;
 use crate::http::{HttpShared, HttpState};
 use crate::router::Router;
@@ -32,6 +34,10 @@ pub enum ServerError {
     /// The configuration cannot be used.
     #[error("{0}")]
     Config(String),
+    /// The store cannot be opened (the message names the directory and
+    /// what to do).
+    #[error("{0}")]
+    Storage(String),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({name}): {source}")]
     Bind {
@@ -61,6 +67,8 @@ pub struct Gateway {
     /// TLS state shared by the HTTPS, MQTTS and QUIC listeners, if any is
     /// enabled.
     pub tls: Option<Arc<TlsState>>,
+    /// The store, when channel state is on disk (`None`: memory).
+    pub storage: Option<crate::engine::disk::DiskOptions>,
     /// The router (for in-process inspection).
     pub router: Arc<Router>,
     shutdown_tx: watch::Sender<bool>,
@@ -92,7 +100,14 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, ServerError> {
         let config = Arc::new(config);
         crate::admin::metrics_handle();
-        let engine = Arc::new(MemoryEngine::new(config.engine()));
+        let storage = config.storage.disk();
+        let engine: Arc<dyn Engine> = match &storage {
+            Some(opts) => {
+                let (store, recovery) = DiskStore::open(opts).map_err(|e| ServerError::Storage(e.to_string()))?;
+                Arc::new(LocalEngine::with_store(config.engine(), store, recovery, crate::router::now_ms()))
+            }
+            None => Arc::new(LocalEngine::new(config.engine())),
+        };
         // Validated at load: a bad key configuration never gets this far.
         let auth = config.auth.verifier().map_err(|e| ServerError::Config(e.to_string()))?;
         let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth);
@@ -239,6 +254,7 @@ impl Gateway {
             mqtts_addr,
             quic_addr,
             tls,
+            storage,
             router,
             shutdown_tx,
             tasks,
@@ -262,6 +278,9 @@ impl Gateway {
         for t in self.tasks {
             t.abort();
         }
+        // After the sessions: nothing publishes any more, and the store
+        // records a clean stop.
+        self.router.close_engine();
     }
 }
 

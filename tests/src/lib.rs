@@ -48,6 +48,8 @@ impl TestGateway {
         cfg.listen.admin = "127.0.0.1:0".into();
         cfg.listen.mqtt = "127.0.0.1:0".into();
         cfg.echo.enabled = true;
+        // In memory unless a test asks for a store (and names its directory).
+        cfg.storage.kind = switchboard::config::StorageKind::Memory;
         tweak(&mut cfg);
         cfg.validate()?;
         let gateway = Gateway::start(cfg).await?;

@@ -3,11 +3,13 @@
 //! The [`crate::router::Router`] validates, authorises, counts and keeps
 //! sessions; an [`Engine`] sequences publications, keeps history, dedupe
 //! windows, retained values and presence, and fans out to local sessions'
-//! outboxes. `memory` is the embedded single-node engine. A NATS JetStream
-//! engine implements the same trait (subjects for channels, JetStream for
-//! history and dedupe) without the front ends or the router changing.
+//! outboxes. [`local::LocalEngine`] is the single-node engine: in memory
+//! only, or durable over a [`disk::DiskStore`] (`[storage] kind = "disk"`).
+//! The router sees only this trait, so which engine runs is a matter of
+//! configuration.
 
-pub mod memory;
+pub mod disk;
+pub mod local;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,4 +160,11 @@ pub trait Engine: Send + Sync + 'static {
     fn sweep(&self, now_ms: i64);
     /// Current counts.
     fn stats(&self) -> EngineStats;
+    /// `Err` with the reason while the engine cannot accept publishes
+    /// (a failed store): `/readyz` reports it.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Flushes and releases what the engine holds (clean shutdown).
+    fn close(&self) {}
 }

@@ -1,4 +1,4 @@
-//! Unit tests of [`MemoryState`]: the state machine is driven directly, with
+//! Unit tests of [`LocalEngine`] in memory: the state machine is driven directly, with
 //! explicit times, and what reaches each session is read from its [`Outbox`].
 
 use super::*;
@@ -32,16 +32,16 @@ fn rule(pattern: &str, policy: ChannelPolicy) -> ChannelRule {
     ChannelRule { pattern: pattern.into(), policy }
 }
 
-fn state() -> MemoryState {
-    MemoryState::new(EngineConfig::default())
+fn state() -> LocalEngine {
+    LocalEngine::new(EngineConfig::default())
 }
 
-fn state_with_rules(rules: Vec<ChannelRule>) -> MemoryState {
-    MemoryState::new(EngineConfig { rules, ..EngineConfig::default() })
+fn state_with_rules(rules: Vec<ChannelRule>) -> LocalEngine {
+    LocalEngine::new(EngineConfig { rules, ..EngineConfig::default() })
 }
 
 /// Attaches session `id` (client `client`) with an outbox of `cap` bytes.
-fn attach(st: &mut MemoryState, id: SessionId, client: &str, cap: usize) -> Arc<Outbox> {
+fn attach(st: &LocalEngine, id: SessionId, client: &str, cap: usize) -> Arc<Outbox> {
     let outbox = Outbox::new(cap);
     st.attach(&caller(id, client), outbox.clone());
     outbox
@@ -52,16 +52,16 @@ fn publish_req(channel: &str, payload: &str) -> proto::Publish {
 }
 
 /// Publishes `payload` on `channel` as session 99.
-fn publish(st: &mut MemoryState, channel: &str, payload: &str, now: i64) -> proto::PublishAck {
+fn publish(st: &LocalEngine, channel: &str, payload: &str, now: i64) -> proto::PublishAck {
     st.publish(&caller(99, "publisher"), publish_req(channel, payload), now)
 }
 
-fn publish_with_id(st: &mut MemoryState, channel: &str, payload: &str, id: &str, now: i64) -> proto::PublishAck {
+fn publish_with_id(st: &LocalEngine, channel: &str, payload: &str, id: &str, now: i64) -> proto::PublishAck {
     let req = proto::Publish { id: id.into(), ..publish_req(channel, payload) };
     st.publish(&caller(99, "publisher"), req, now)
 }
 
-fn publish_retained(st: &mut MemoryState, channel: &str, payload: &str, now: i64) -> proto::PublishAck {
+fn publish_retained(st: &LocalEngine, channel: &str, payload: &str, now: i64) -> proto::PublishAck {
     let req = proto::Publish { retain: true, ..publish_req(channel, payload) };
     st.publish(&caller(99, "publisher"), req, now)
 }
@@ -82,7 +82,7 @@ fn sub_rewind(filter: &str, count: u32, duration_ms: u64) -> proto::Subscribe {
     proto::Subscribe { filter: filter.into(), rewind: Some(proto::Rewind { count, duration_ms }), ..Default::default() }
 }
 
-fn subscribe(st: &mut MemoryState, session: SessionId, req: &proto::Subscribe, now: i64) -> SubscribeOutcome {
+fn subscribe(st: &LocalEngine, session: SessionId, req: &proto::Subscribe, now: i64) -> SubscribeOutcome {
     st.subscribe(session, req, now).expect("subscribe succeeds")
 }
 
@@ -120,16 +120,16 @@ fn payloads(items: &[Outbound]) -> Vec<String> {
     envelopes(items).iter().map(|e| String::from_utf8(e.payload.to_vec()).expect("utf-8")).collect()
 }
 
-fn history(st: &mut MemoryState, channel: &str, now: i64) -> proto::HistoryResult {
+fn history(st: &LocalEngine, channel: &str, now: i64) -> proto::HistoryResult {
     let req = proto::History { channel: channel.into(), ..Default::default() };
     st.history(&req, now).expect("history succeeds")
 }
 
-fn history_serials(st: &mut MemoryState, channel: &str, now: i64) -> Vec<u64> {
+fn history_serials(st: &LocalEngine, channel: &str, now: i64) -> Vec<u64> {
     history(st, channel, now).messages.iter().map(|e| e.serial).collect()
 }
 
-fn member_ids(st: &MemoryState, channel: &str) -> Vec<(String, String, String)> {
+fn member_ids(st: &LocalEngine, channel: &str) -> Vec<(String, String, String)> {
     st.presence_members(channel)
         .members
         .into_iter()
@@ -156,13 +156,13 @@ fn ev(kind: proto::Kind, client: &str, conn: &str, data: &str) -> (proto::Kind, 
 
 #[test]
 fn serials_increase_by_one_with_unbroken_prev_serial_chain() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("orders"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("orders"), T0);
 
     let mut epoch = String::new();
     for i in 1..=50u64 {
-        let ack = publish(&mut st, "orders", &format!("m{i}"), T0 + i as i64);
+        let ack = publish(&st, "orders", &format!("m{i}"), T0 + i as i64);
         assert_eq!(ack.channel, "orders");
         assert_eq!(ack.serial, i);
         assert!(!ack.duplicate);
@@ -190,9 +190,9 @@ fn serials_increase_by_one_with_unbroken_prev_serial_chain() {
 
 #[test]
 fn envelope_carries_publisher_and_request_fields() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("a"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("a"), T0);
     let req = proto::Publish {
         content_type: "text/plain".into(),
         headers: [("k".to_string(), "v".to_string())].into_iter().collect(),
@@ -216,14 +216,14 @@ fn envelope_carries_publisher_and_request_fields() {
 
 #[test]
 fn channels_have_independent_serials_and_epochs() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("#"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("#"), T0);
 
     let mut acks = Vec::new();
     for i in 0..6 {
         let channel = if i % 3 == 0 { "b" } else { "a" };
-        acks.push(publish(&mut st, channel, "x", T0 + i));
+        acks.push(publish(&st, channel, "x", T0 + i));
     }
     let a: Vec<u64> = acks.iter().filter(|k| k.channel == "a").map(|k| k.serial).collect();
     let b: Vec<u64> = acks.iter().filter(|k| k.channel == "b").map(|k| k.serial).collect();
@@ -243,21 +243,21 @@ fn channels_have_independent_serials_and_epochs() {
 
 #[test]
 fn fanout_matches_exact_plus_and_hash_filters() {
-    let mut st = state();
+    let st = state();
     let filters = ["a/b", "a/+", "a/#", "#", "+/b"];
     let outboxes: Vec<Arc<Outbox>> = filters
         .iter()
         .enumerate()
         .map(|(i, f)| {
             let id = i as SessionId + 1;
-            let ob = attach(&mut st, id, "sub", BIG);
-            subscribe(&mut st, id, &sub(f), T0);
+            let ob = attach(&st, id, "sub", BIG);
+            subscribe(&st, id, &sub(f), T0);
             ob
         })
         .collect();
 
     for channel in ["a/b", "a/c", "a", "a/b/c", "x/b", "b"] {
-        publish(&mut st, channel, channel, T0);
+        publish(&st, channel, channel, T0);
     }
 
     let expected: [&[&str]; 5] = [
@@ -275,32 +275,32 @@ fn fanout_matches_exact_plus_and_hash_filters() {
 
 #[test]
 fn overlapping_filters_deliver_once() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
     for f in ["a/b", "a/+", "a/#", "#", "+/b"] {
-        subscribe(&mut st, 1, &sub(f), T0);
+        subscribe(&st, 1, &sub(f), T0);
     }
-    let other = attach(&mut st, 2, "sub", BIG);
-    subscribe(&mut st, 2, &sub("a/b"), T0);
+    let other = attach(&st, 2, "sub", BIG);
+    subscribe(&st, 2, &sub("a/b"), T0);
     assert_eq!(st.stats().subscriptions, 6);
 
-    publish(&mut st, "a/b", "one", T0);
-    publish(&mut st, "a/b", "two", T0);
+    publish(&st, "a/b", "one", T0);
+    publish(&st, "a/b", "two", T0);
     assert_eq!(serials(&drain(&ob)), vec![1, 2]);
     assert_eq!(serials(&drain(&other)), vec![1, 2]);
 }
 
 #[test]
 fn unsubscribe_stops_delivery() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("a/+"), T0);
-    subscribe(&mut st, 1, &sub("b"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("a/+"), T0);
+    subscribe(&st, 1, &sub("b"), T0);
 
-    publish(&mut st, "a/x", "1", T0);
+    publish(&st, "a/x", "1", T0);
     st.unsubscribe(1, "a/+").expect("subscribed");
-    publish(&mut st, "a/x", "2", T0);
-    publish(&mut st, "b", "3", T0);
+    publish(&st, "a/x", "2", T0);
+    publish(&st, "b", "3", T0);
 
     assert_eq!(payloads(&drain(&ob)), vec!["1", "3"]);
     assert_eq!(st.stats().subscriptions, 1);
@@ -308,9 +308,9 @@ fn unsubscribe_stops_delivery() {
 
 #[test]
 fn unsubscribe_errors() {
-    let mut st = state();
-    attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("a"), T0);
+    let st = state();
+    attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("a"), T0);
 
     let e = st.unsubscribe(1, "never").unwrap_err();
     assert_eq!(e.code, ErrorCode::NotSubscribed);
@@ -323,15 +323,15 @@ fn unsubscribe_errors() {
 
 #[test]
 fn detach_removes_subscriptions() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("a"), T0);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("b/#") }, T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("a"), T0);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("b/#") }, T0);
     assert_eq!(st.stats().subscriptions, 3, "b/# and its presence companion");
 
     st.detach(1, CloseKind::Clean, T0);
     assert_eq!(st.stats().subscriptions, 0);
-    publish(&mut st, "a", "x", T0);
+    publish(&st, "a", "x", T0);
     assert!(drain(&ob).is_empty());
 }
 
@@ -339,20 +339,20 @@ fn detach_removes_subscriptions() {
 /// allows it), independently of `<channel>`; the two must not be one.
 #[test]
 fn unsubscribing_a_channel_keeps_an_explicit_presence_subscription() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "mqtt", BIG);
-    subscribe(&mut st, 1, &sub("$presence/chat"), T0);
-    subscribe(&mut st, 1, &sub("chat"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "mqtt", BIG);
+    subscribe(&st, 1, &sub("$presence/chat"), T0);
+    subscribe(&st, 1, &sub("chat"), T0);
     st.unsubscribe(1, "chat").expect("subscribed");
     assert_eq!(st.stats().subscriptions, 1, "$presence/chat is still subscribed");
 
-    attach(&mut st, 2, "alice", BIG);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     assert_eq!(presence_events(&drain(&ob)), vec![ev(proto::Kind::PresenceEnter, "alice", "conn-2", "d")]);
 
     // And "chat" itself was never subscribed by this session.
-    attach(&mut st, 3, "mqtt", BIG);
-    subscribe(&mut st, 3, &sub("$presence/chat"), T0);
+    attach(&st, 3, "mqtt", BIG);
+    subscribe(&st, 3, &sub("$presence/chat"), T0);
     assert_eq!(st.unsubscribe(3, "chat").unwrap_err().code, ErrorCode::NotSubscribed);
 }
 
@@ -360,44 +360,44 @@ fn unsubscribing_a_channel_keeps_an_explicit_presence_subscription() {
 
 #[test]
 fn history_is_bounded_by_count() {
-    let mut st = state_with_rules(vec![rule("capped/#", policy(3, 600, SlowPolicy::Disconnect))]);
+    let st = state_with_rules(vec![rule("capped/#", policy(3, 600, SlowPolicy::Disconnect))]);
     for i in 1..=5 {
-        publish(&mut st, "capped/x", &format!("m{i}"), T0);
-        publish(&mut st, "free", &format!("m{i}"), T0);
+        publish(&st, "capped/x", &format!("m{i}"), T0);
+        publish(&st, "free", &format!("m{i}"), T0);
     }
-    let h = history(&mut st, "capped/x", T0);
+    let h = history(&st, "capped/x", T0);
     assert_eq!(h.serial, 5);
     assert_eq!(h.messages.iter().map(|e| e.serial).collect::<Vec<_>>(), vec![3, 4, 5]);
     assert_eq!(
         h.messages.iter().map(|e| e.payload.clone()).collect::<Vec<_>>(),
         vec![Bytes::from("m3"), Bytes::from("m4"), Bytes::from("m5")]
     );
-    assert_eq!(history_serials(&mut st, "free", T0), vec![1, 2, 3, 4, 5], "the default policy keeps 1000");
+    assert_eq!(history_serials(&st, "free", T0), vec![1, 2, 3, 4, 5], "the default policy keeps 1000");
 }
 
 #[test]
 fn history_is_bounded_by_age() {
-    let mut st = state_with_rules(vec![rule("short", policy(100, 10, SlowPolicy::Disconnect))]);
-    publish(&mut st, "short", "1", T0);
-    publish(&mut st, "short", "2", T0 + 4_000);
-    publish(&mut st, "short", "3", T0 + 8_000);
+    let st = state_with_rules(vec![rule("short", policy(100, 10, SlowPolicy::Disconnect))]);
+    publish(&st, "short", "1", T0);
+    publish(&st, "short", "2", T0 + 4_000);
+    publish(&st, "short", "3", T0 + 8_000);
 
-    assert_eq!(history_serials(&mut st, "short", T0 + 9_999), vec![1, 2, 3]);
-    assert_eq!(history_serials(&mut st, "short", T0 + 12_000), vec![2, 3]);
-    assert_eq!(history_serials(&mut st, "short", T0 + 17_999), vec![3]);
-    let h = history(&mut st, "short", T0 + 18_001);
+    assert_eq!(history_serials(&st, "short", T0 + 9_999), vec![1, 2, 3]);
+    assert_eq!(history_serials(&st, "short", T0 + 12_000), vec![2, 3]);
+    assert_eq!(history_serials(&st, "short", T0 + 17_999), vec![3]);
+    let h = history(&st, "short", T0 + 18_001);
     assert!(h.messages.is_empty());
     assert_eq!(h.serial, 3, "the position survives its history");
 }
 
 #[test]
 fn history_since_limit_and_reverse() {
-    let mut st = MemoryState::new(EngineConfig { history_page_max: 4, ..EngineConfig::default() });
+    let st = LocalEngine::new(EngineConfig { history_page_max: 4, ..EngineConfig::default() });
     let mut epoch = String::new();
     for i in 1..=10 {
-        epoch = publish(&mut st, "h", &i.to_string(), T0).epoch;
+        epoch = publish(&st, "h", &i.to_string(), T0).epoch;
     }
-    let query = |st: &mut MemoryState, since: Option<u64>, limit: u32, reverse: bool| -> Vec<u64> {
+    let query = |st: &LocalEngine, since: Option<u64>, limit: u32, reverse: bool| -> Vec<u64> {
         let req = proto::History { channel: "h".into(), since: since.map(|s| pos(&epoch, s)), limit, reverse };
         let res = st.history(&req, T0).expect("history");
         assert_eq!(res.channel, "h");
@@ -406,34 +406,34 @@ fn history_since_limit_and_reverse() {
         res.messages.iter().map(|e| e.serial).collect()
     };
 
-    assert_eq!(query(&mut st, None, 0, false), vec![1, 2, 3, 4], "page max applies");
-    assert_eq!(query(&mut st, None, 100, false), vec![1, 2, 3, 4], "limit is capped by the page max");
-    assert_eq!(query(&mut st, None, 2, false), vec![1, 2]);
-    assert_eq!(query(&mut st, Some(4), 3, false), vec![5, 6, 7]);
-    assert_eq!(query(&mut st, Some(7), 0, false), vec![8, 9, 10]);
-    assert_eq!(query(&mut st, Some(0), 0, true), vec![10, 9, 8, 7]);
-    assert_eq!(query(&mut st, Some(4), 3, true), vec![10, 9, 8]);
-    assert_eq!(query(&mut st, Some(8), 0, true), vec![10, 9]);
-    assert_eq!(query(&mut st, Some(10), 0, false), Vec::<u64>::new(), "at the top");
+    assert_eq!(query(&st, None, 0, false), vec![1, 2, 3, 4], "page max applies");
+    assert_eq!(query(&st, None, 100, false), vec![1, 2, 3, 4], "limit is capped by the page max");
+    assert_eq!(query(&st, None, 2, false), vec![1, 2]);
+    assert_eq!(query(&st, Some(4), 3, false), vec![5, 6, 7]);
+    assert_eq!(query(&st, Some(7), 0, false), vec![8, 9, 10]);
+    assert_eq!(query(&st, Some(0), 0, true), vec![10, 9, 8, 7]);
+    assert_eq!(query(&st, Some(4), 3, true), vec![10, 9, 8]);
+    assert_eq!(query(&st, Some(8), 0, true), vec![10, 9]);
+    assert_eq!(query(&st, Some(10), 0, false), Vec::<u64>::new(), "at the top");
 }
 
 #[test]
 fn history_rejects_bad_positions() {
-    let mut st = state();
-    let epoch = publish(&mut st, "h", "1", T0).epoch;
-    publish(&mut st, "h", "2", T0);
+    let st = state();
+    let epoch = publish(&st, "h", "1", T0).epoch;
+    publish(&st, "h", "2", T0);
 
-    let bad = |st: &mut MemoryState, channel: &str, since: proto::Position| -> ErrorCode {
+    let bad = |st: &LocalEngine, channel: &str, since: proto::Position| -> ErrorCode {
         let req = proto::History { channel: channel.into(), since: Some(since), ..Default::default() };
         st.history(&req, T0).unwrap_err().code
     };
-    assert_eq!(bad(&mut st, "h", pos("otherepoch", 1)), ErrorCode::BadPosition, "wrong epoch");
-    assert_eq!(bad(&mut st, "h", pos(&epoch, 3)), ErrorCode::BadPosition, "serial ahead");
-    assert_eq!(bad(&mut st, "nothing", pos("e", 3)), ErrorCode::BadPosition, "unknown channel, serial ahead");
+    assert_eq!(bad(&st, "h", pos("otherepoch", 1)), ErrorCode::BadPosition, "wrong epoch");
+    assert_eq!(bad(&st, "h", pos(&epoch, 3)), ErrorCode::BadPosition, "serial ahead");
+    assert_eq!(bad(&st, "nothing", pos("e", 3)), ErrorCode::BadPosition, "unknown channel, serial ahead");
 
     let ok = proto::History { channel: "h".into(), since: Some(pos(&epoch, 2)), ..Default::default() };
     assert!(st.history(&ok, T0).expect("top is fine").messages.is_empty());
-    let unknown = history(&mut st, "nothing", T0);
+    let unknown = history(&st, "nothing", T0);
     assert_eq!(unknown.channel, "nothing");
     assert_eq!(unknown.serial, 0);
     assert!(unknown.messages.is_empty());
@@ -441,25 +441,25 @@ fn history_rejects_bad_positions() {
 
 #[test]
 fn history_disabled_keeps_serials() {
-    let mut st = state_with_rules(vec![rule("live/#", policy(0, 600, SlowPolicy::Disconnect))]);
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("live/x"), T0);
-    publish(&mut st, "live/x", "1", T0);
-    let ack = publish(&mut st, "live/x", "2", T0);
+    let st = state_with_rules(vec![rule("live/#", policy(0, 600, SlowPolicy::Disconnect))]);
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("live/x"), T0);
+    publish(&st, "live/x", "1", T0);
+    let ack = publish(&st, "live/x", "2", T0);
     assert_eq!(ack.serial, 2);
     assert_eq!(serials(&drain(&ob)), vec![1, 2], "still delivered live");
-    let h = history(&mut st, "live/x", T0);
+    let h = history(&st, "live/x", T0);
     assert_eq!(h.serial, 2);
     assert!(h.messages.is_empty());
 
     // Behind the top without history: an explicit gap, never a silent skip.
-    attach(&mut st, 2, "sub", BIG);
-    let out = subscribe(&mut st, 2, &sub_from("live/x", &[("live/x", pos(&ack.epoch, 1))]), T0);
+    attach(&st, 2, "sub", BIG);
+    let out = subscribe(&st, 2, &sub_from("live/x", &[("live/x", pos(&ack.epoch, 1))]), T0);
     assert!(!out.subscribed.channels[0].recovered);
     assert!(matches!(&out.replay[..], [Outbound::Gap(g)] if g.reason == "trimmed"));
     // At the top: recovered, nothing to send.
-    attach(&mut st, 3, "sub", BIG);
-    let out = subscribe(&mut st, 3, &sub_from("live/x", &[("live/x", pos(&ack.epoch, 2))]), T0);
+    attach(&st, 3, "sub", BIG);
+    let out = subscribe(&st, 3, &sub_from("live/x", &[("live/x", pos(&ack.epoch, 2))]), T0);
     assert!(out.subscribed.channels[0].recovered);
     assert!(out.replay.is_empty());
 }
@@ -468,13 +468,13 @@ fn history_disabled_keeps_serials() {
 
 #[test]
 fn recovery_replays_exactly_the_missed_messages_then_live() {
-    let mut st = state();
+    let st = state();
     let mut epoch = String::new();
     for i in 1..=5 {
-        epoch = publish(&mut st, "r", &format!("m{i}"), T0 + i).epoch;
+        epoch = publish(&st, "r", &format!("m{i}"), T0 + i).epoch;
     }
-    let ob = attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &sub_from("r", &[("r", pos(&epoch, 2))]), T0 + 10);
+    let ob = attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &sub_from("r", &[("r", pos(&epoch, 2))]), T0 + 10);
 
     assert_eq!(out.subscribed.filter, "r");
     assert_eq!(
@@ -485,18 +485,18 @@ fn recovery_replays_exactly_the_missed_messages_then_live() {
     assert_eq!(payloads(&out.replay), vec!["m3", "m4", "m5"]);
     assert!(drain(&ob).is_empty(), "replay is returned, not queued");
 
-    publish(&mut st, "r", "m6", T0 + 11);
+    publish(&st, "r", "m6", T0 + 11);
     let live = envelopes(&drain(&ob));
     assert_eq!(live.iter().map(|e| (e.prev_serial, e.serial)).collect::<Vec<_>>(), vec![(5, 6)]);
 }
 
 #[test]
 fn recovery_at_the_top_is_recovered_and_empty() {
-    let mut st = state();
-    publish(&mut st, "r", "1", T0);
-    let epoch = publish(&mut st, "r", "2", T0).epoch;
-    attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &sub_from("r", &[("r", pos(&epoch, 2))]), T0);
+    let st = state();
+    publish(&st, "r", "1", T0);
+    let epoch = publish(&st, "r", "2", T0).epoch;
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &sub_from("r", &[("r", pos(&epoch, 2))]), T0);
     assert!(out.replay.is_empty());
     assert_eq!(out.subscribed.channels.len(), 1);
     assert!(out.subscribed.channels[0].recovered);
@@ -505,15 +505,15 @@ fn recovery_at_the_top_is_recovered_and_empty() {
 
 #[test]
 fn recovery_from_trimmed_history_is_one_gap() {
-    let mut st = state_with_rules(vec![rule("t", policy(3, 600, SlowPolicy::Disconnect))]);
+    let st = state_with_rules(vec![rule("t", policy(3, 600, SlowPolicy::Disconnect))]);
     let mut epoch = String::new();
     for i in 1..=6 {
-        epoch = publish(&mut st, "t", &i.to_string(), T0).epoch;
+        epoch = publish(&st, "t", &i.to_string(), T0).epoch;
     }
     // History holds 4..=6.
     for from in [0, 1, 2] {
-        attach(&mut st, from + 1, "sub", BIG);
-        let out = subscribe(&mut st, from + 1, &sub_from("t", &[("t", pos(&epoch, from))]), T0);
+        attach(&st, from + 1, "sub", BIG);
+        let out = subscribe(&st, from + 1, &sub_from("t", &[("t", pos(&epoch, from))]), T0);
         assert_eq!(out.replay.len(), 1, "from {from}: {:?}", out.replay);
         let Outbound::Gap(gap) = &out.replay[0] else { panic!("from {from}: expected a gap") };
         assert_eq!(
@@ -528,33 +528,33 @@ fn recovery_from_trimmed_history_is_one_gap() {
         assert!(!out.subscribed.channels[0].recovered);
     }
     // From 3 the next message (4) is still there: a full recovery.
-    attach(&mut st, 10, "sub", BIG);
-    let out = subscribe(&mut st, 10, &sub_from("t", &[("t", pos(&epoch, 3))]), T0);
+    attach(&st, 10, "sub", BIG);
+    let out = subscribe(&st, 10, &sub_from("t", &[("t", pos(&epoch, 3))]), T0);
     assert!(out.subscribed.channels[0].recovered);
     assert_eq!(serials(&out.replay), vec![4, 5, 6]);
 }
 
 #[test]
 fn recovery_after_age_trim_is_a_gap() {
-    let mut st = state_with_rules(vec![rule("t", policy(100, 10, SlowPolicy::Disconnect))]);
-    let epoch = publish(&mut st, "t", "1", T0).epoch;
-    publish(&mut st, "t", "2", T0 + 5_000);
-    attach(&mut st, 1, "sub", BIG);
+    let st = state_with_rules(vec![rule("t", policy(100, 10, SlowPolicy::Disconnect))]);
+    let epoch = publish(&st, "t", "1", T0).epoch;
+    publish(&st, "t", "2", T0 + 5_000);
+    attach(&st, 1, "sub", BIG);
     // At T0 + 12s message 1 has aged out, 2 has not.
-    let out = subscribe(&mut st, 1, &sub_from("t", &[("t", pos(&epoch, 1))]), T0 + 12_000);
+    let out = subscribe(&st, 1, &sub_from("t", &[("t", pos(&epoch, 1))]), T0 + 12_000);
     assert_eq!(serials(&out.replay), vec![2]);
-    let out = subscribe(&mut st, 1, &sub_from("t", &[("t", pos(&epoch, 0))]), T0 + 12_000);
+    let out = subscribe(&st, 1, &sub_from("t", &[("t", pos(&epoch, 0))]), T0 + 12_000);
     assert!(matches!(&out.replay[..], [Outbound::Gap(g)] if g.reason == "trimmed" && g.to == Some(pos(&epoch, 2))));
 }
 
 #[test]
 fn recovery_with_another_epoch_is_an_epoch_changed_gap() {
-    let mut st = state();
-    publish(&mut st, "e", "1", T0);
-    let epoch = publish(&mut st, "e", "2", T0).epoch;
-    attach(&mut st, 1, "sub", BIG);
+    let st = state();
+    publish(&st, "e", "1", T0);
+    let epoch = publish(&st, "e", "2", T0).epoch;
+    attach(&st, 1, "sub", BIG);
     // An old epoch, even with a serial beyond the current one, is not "ahead".
-    let out = subscribe(&mut st, 1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), T0);
+    let out = subscribe(&st, 1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), T0);
     assert_eq!(out.replay.len(), 1);
     let Outbound::Gap(gap) = &out.replay[0] else { panic!("expected a gap") };
     assert_eq!(gap.channel, "e");
@@ -567,9 +567,9 @@ fn recovery_with_another_epoch_is_an_epoch_changed_gap() {
 
 #[test]
 fn recovery_of_an_unknown_channel_is_an_epoch_changed_gap() {
-    let mut st = state();
-    attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &sub_from("gone", &[("gone", pos("oldepoch00", 3))]), T0);
+    let st = state();
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &sub_from("gone", &[("gone", pos("oldepoch00", 3))]), T0);
     let [Outbound::Gap(gap)] = &out.replay[..] else { panic!("expected one gap: {:?}", out.replay) };
     assert_eq!(gap.reason, "epoch_changed");
     let state = &out.subscribed.channels[0];
@@ -579,32 +579,32 @@ fn recovery_of_an_unknown_channel_is_an_epoch_changed_gap() {
 
 #[test]
 fn position_ahead_of_the_channel_is_rejected_without_subscribing() {
-    let mut st = state();
-    let epoch = publish(&mut st, "a", "1", T0).epoch;
-    let ob = attach(&mut st, 1, "sub", BIG);
+    let st = state();
+    let epoch = publish(&st, "a", "1", T0).epoch;
+    let ob = attach(&st, 1, "sub", BIG);
 
     let e = st.subscribe(1, &sub_from("a", &[("a", pos(&epoch, 2))]), T0).unwrap_err();
     assert_eq!(e.code, ErrorCode::BadPosition);
     assert_eq!(st.stats().subscriptions, 0);
 
     // One bad position among good ones rejects the whole subscribe.
-    publish(&mut st, "w/1", "1", T0);
-    let w2 = publish(&mut st, "w/2", "1", T0).epoch;
+    publish(&st, "w/1", "1", T0);
+    let w2 = publish(&st, "w/2", "1", T0).epoch;
     let req = sub_from("w/+", &[("w/1", pos("whatever00", 0)), ("w/2", pos(&w2, 9))]);
     assert_eq!(st.subscribe(1, &req, T0).unwrap_err().code, ErrorCode::BadPosition);
     assert_eq!(st.stats().subscriptions, 0);
 
-    publish(&mut st, "a", "2", T0);
-    publish(&mut st, "w/1", "2", T0);
+    publish(&st, "a", "2", T0);
+    publish(&st, "w/1", "2", T0);
     assert!(drain(&ob).is_empty(), "nothing was registered");
 }
 
 #[test]
 fn position_outside_the_filter_or_without_epoch_is_rejected() {
-    let mut st = state();
-    let epoch = publish(&mut st, "b", "1", T0).epoch;
-    publish(&mut st, "a", "1", T0);
-    attach(&mut st, 1, "sub", BIG);
+    let st = state();
+    let epoch = publish(&st, "b", "1", T0).epoch;
+    publish(&st, "a", "1", T0);
+    attach(&st, 1, "sub", BIG);
 
     let out_of_scope = sub_from("a", &[("b", pos(&epoch, 1))]);
     assert_eq!(st.subscribe(1, &out_of_scope, T0).unwrap_err().code, ErrorCode::BadPosition);
@@ -622,21 +622,21 @@ fn position_outside_the_filter_or_without_epoch_is_rejected() {
 
 #[test]
 fn wildcard_recovery_covers_each_channel_with_a_position() {
-    let mut st = state();
+    let st = state();
     let mut e1 = String::new();
     let mut e2 = String::new();
     for i in 1..=3 {
-        e1 = publish(&mut st, "room/1", &format!("r1-{i}"), T0).epoch;
+        e1 = publish(&st, "room/1", &format!("r1-{i}"), T0).epoch;
     }
     for i in 1..=4 {
-        e2 = publish(&mut st, "room/2", &format!("r2-{i}"), T0).epoch;
+        e2 = publish(&st, "room/2", &format!("r2-{i}"), T0).epoch;
     }
-    publish(&mut st, "room/3", "r3-1", T0);
-    publish(&mut st, "other", "o-1", T0);
+    publish(&st, "room/3", "r3-1", T0);
+    publish(&st, "other", "o-1", T0);
 
-    let ob = attach(&mut st, 1, "sub", BIG);
+    let ob = attach(&st, 1, "sub", BIG);
     let req = sub_from("room/+", &[("room/1", pos(&e1, 1)), ("room/2", pos(&e2, 4))]);
-    let out = subscribe(&mut st, 1, &req, T0);
+    let out = subscribe(&st, 1, &req, T0);
     assert_eq!(channel_serials(&out.replay), vec![("room/1".into(), 2), ("room/1".into(), 3)]);
     let states: Vec<(String, u64, bool)> =
         out.subscribed.channels.iter().map(|c| (c.channel.clone(), c.serial, c.recovered)).collect();
@@ -645,23 +645,23 @@ fn wildcard_recovery_covers_each_channel_with_a_position() {
     assert_eq!(out.subscribed.channels[1].epoch, e2);
 
     for ch in ["room/1", "room/2", "room/3", "other"] {
-        publish(&mut st, ch, "live", T0);
+        publish(&st, ch, "live", T0);
     }
     assert_eq!(channel_serials(&drain(&ob)), vec![("room/1".into(), 4), ("room/2".into(), 5), ("room/3".into(), 2)]);
 }
 
 #[test]
 fn wildcard_recovery_mixes_recovered_and_gapped_channels() {
-    let mut st = state_with_rules(vec![rule("room/2", policy(1, 600, SlowPolicy::Disconnect))]);
-    let e1 = publish(&mut st, "room/1", "1", T0).epoch;
-    publish(&mut st, "room/1", "2", T0);
-    let e2 = publish(&mut st, "room/2", "1", T0).epoch;
-    publish(&mut st, "room/2", "2", T0);
-    publish(&mut st, "room/2", "3", T0);
+    let st = state_with_rules(vec![rule("room/2", policy(1, 600, SlowPolicy::Disconnect))]);
+    let e1 = publish(&st, "room/1", "1", T0).epoch;
+    publish(&st, "room/1", "2", T0);
+    let e2 = publish(&st, "room/2", "1", T0).epoch;
+    publish(&st, "room/2", "2", T0);
+    publish(&st, "room/2", "3", T0);
 
-    attach(&mut st, 1, "sub", BIG);
+    attach(&st, 1, "sub", BIG);
     let req = sub_from("room/#", &[("room/1", pos(&e1, 0)), ("room/2", pos(&e2, 1))]);
-    let out = subscribe(&mut st, 1, &req, T0);
+    let out = subscribe(&st, 1, &req, T0);
     let mut msgs = Vec::new();
     let mut gaps = Vec::new();
     for item in &out.replay {
@@ -688,53 +688,53 @@ fn wildcard_recovery_mixes_recovered_and_gapped_channels() {
 
 #[test]
 fn rewind_by_count_returns_the_last_n() {
-    let mut st = state();
+    let st = state();
     for i in 1..=10 {
-        publish(&mut st, "rw", &i.to_string(), T0);
+        publish(&st, "rw", &i.to_string(), T0);
     }
-    attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 3, 0), T0);
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 3, 0), T0);
     assert_eq!(serials(&out.replay), vec![8, 9, 10]);
     assert_eq!(out.subscribed.channels[0].serial, 10);
     assert!(!out.subscribed.channels[0].recovered);
 
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 50, 0), T0);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 50, 0), T0);
     assert_eq!(serials(&out.replay), (1..=10).collect::<Vec<_>>());
 
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 0, 0), T0);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 0, 0), T0);
     assert!(out.replay.is_empty(), "an empty rewind is no rewind");
 }
 
 #[test]
 fn rewind_by_duration_returns_only_recent_messages() {
-    let mut st = state();
+    let st = state();
     for i in 0..10 {
-        publish(&mut st, "rw", &i.to_string(), T0 + i * 1_000);
+        publish(&st, "rw", &i.to_string(), T0 + i * 1_000);
     }
-    attach(&mut st, 1, "sub", BIG);
+    attach(&st, 1, "sub", BIG);
     let now = T0 + 10_000;
     // Newer than now - 3.5 s: timestamps T0+7s, +8s, +9s (serials 8..=10).
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 0, 3_500), now);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 0, 3_500), now);
     assert_eq!(serials(&out.replay), vec![8, 9, 10]);
     // Both limits: the stricter wins.
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 2, 3_500), now);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 2, 3_500), now);
     assert_eq!(serials(&out.replay), vec![9, 10]);
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 5, 1_500), now);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 5, 1_500), now);
     assert_eq!(serials(&out.replay), vec![10]);
-    let out = subscribe(&mut st, 1, &sub_rewind("rw", 0, 500), now);
+    let out = subscribe(&st, 1, &sub_rewind("rw", 0, 500), now);
     assert!(out.replay.is_empty());
 }
 
 #[test]
 fn rewind_on_a_wildcard_returns_each_matching_channel() {
-    let mut st = state();
+    let st = state();
     for i in 1..=3 {
-        publish(&mut st, "w/b", &format!("b{i}"), T0);
-        publish(&mut st, "w/a", &format!("a{i}"), T0);
-        publish(&mut st, "x/c", &format!("c{i}"), T0);
+        publish(&st, "w/b", &format!("b{i}"), T0);
+        publish(&st, "w/a", &format!("a{i}"), T0);
+        publish(&st, "x/c", &format!("c{i}"), T0);
     }
-    attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &sub_rewind("w/+", 2, 0), T0);
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &sub_rewind("w/+", 2, 0), T0);
     assert_eq!(
         channel_serials(&out.replay),
         vec![("w/a".into(), 2), ("w/a".into(), 3), ("w/b".into(), 2), ("w/b".into(), 3)]
@@ -745,17 +745,17 @@ fn rewind_on_a_wildcard_returns_each_matching_channel() {
 
 #[test]
 fn a_position_wins_over_rewind() {
-    let mut st = state();
+    let st = state();
     let mut epoch = String::new();
     for i in 1..=5 {
-        epoch = publish(&mut st, "p", &i.to_string(), T0).epoch;
+        epoch = publish(&st, "p", &i.to_string(), T0).epoch;
     }
-    attach(&mut st, 1, "sub", BIG);
+    attach(&st, 1, "sub", BIG);
     let req = proto::Subscribe {
         rewind: Some(proto::Rewind { count: 5, duration_ms: 0 }),
         ..sub_from("p", &[("p", pos(&epoch, 4))])
     };
-    let out = subscribe(&mut st, 1, &req, T0);
+    let out = subscribe(&st, 1, &req, T0);
     assert_eq!(serials(&out.replay), vec![5]);
     assert!(out.subscribed.channels[0].recovered);
 }
@@ -764,51 +764,51 @@ fn a_position_wins_over_rewind() {
 
 #[test]
 fn repeated_publish_id_is_acknowledged_once() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("#"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("#"), T0);
 
-    let first = publish_with_id(&mut st, "a", "x", "k1", T0);
+    let first = publish_with_id(&st, "a", "x", "k1", T0);
     assert_eq!((first.serial, first.duplicate), (1, false));
-    let again = publish_with_id(&mut st, "a", "x again", "k1", T0 + 1_000);
+    let again = publish_with_id(&st, "a", "x again", "k1", T0 + 1_000);
     assert_eq!(
         again,
         proto::PublishAck { channel: "a".into(), epoch: first.epoch.clone(), serial: 1, duplicate: true }
     );
-    let next = publish(&mut st, "a", "no id", T0 + 2_000);
+    let next = publish(&st, "a", "no id", T0 + 2_000);
     assert_eq!((next.serial, next.duplicate), (2, false));
     // Ids are per channel.
-    let other = publish_with_id(&mut st, "b", "x", "k1", T0 + 3_000);
+    let other = publish_with_id(&st, "b", "x", "k1", T0 + 3_000);
     assert_eq!((other.serial, other.duplicate), (1, false));
 
     let got = envelopes(&drain(&ob));
     let summary: Vec<(&str, u64, &str)> = got.iter().map(|e| (e.channel.as_str(), e.serial, e.id.as_str())).collect();
     assert_eq!(summary, vec![("a", 1, "k1"), ("a", 2, ""), ("b", 1, "k1")]);
-    assert_eq!(history_serials(&mut st, "a", T0 + 3_000), vec![1, 2]);
+    assert_eq!(history_serials(&st, "a", T0 + 3_000), vec![1, 2]);
 }
 
 #[test]
 fn publish_id_is_new_again_after_the_dedupe_window() {
     let window = 120_000;
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("a"), T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("a"), T0);
 
-    publish_with_id(&mut st, "a", "x", "k1", T0);
-    let dup = publish_with_id(&mut st, "a", "x", "k1", T0 + window - 1);
+    publish_with_id(&st, "a", "x", "k1", T0);
+    let dup = publish_with_id(&st, "a", "x", "k1", T0 + window - 1);
     assert!(dup.duplicate, "still within the window");
     assert_eq!(dup.serial, 1);
 
     st.sweep(T0 + window + 1);
-    let fresh = publish_with_id(&mut st, "a", "x", "k1", T0 + window + 1);
+    let fresh = publish_with_id(&st, "a", "x", "k1", T0 + window + 1);
     assert_eq!((fresh.serial, fresh.duplicate), (2, false));
     // The new acceptance opens a new window.
-    let dup = publish_with_id(&mut st, "a", "x", "k1", T0 + window + 2);
+    let dup = publish_with_id(&st, "a", "x", "k1", T0 + window + 2);
     assert_eq!((dup.serial, dup.duplicate), (2, true));
 
     // Without a sweep in between, publish itself forgets expired ids.
     let later = T0 + 3 * window;
-    let fresh = publish_with_id(&mut st, "a", "x", "k1", later);
+    let fresh = publish_with_id(&st, "a", "x", "k1", later);
     assert_eq!((fresh.serial, fresh.duplicate), (3, false));
 
     assert_eq!(serials(&drain(&ob)), vec![1, 2, 3]);
@@ -816,13 +816,13 @@ fn publish_id_is_new_again_after_the_dedupe_window() {
 
 #[test]
 fn dedupe_forgets_the_oldest_ids_beyond_the_per_channel_bound() {
-    let mut st = MemoryState::new(EngineConfig { dedupe_max_per_channel: 2, ..EngineConfig::default() });
-    publish_with_id(&mut st, "a", "x", "k1", T0);
-    publish_with_id(&mut st, "a", "x", "k2", T0);
-    publish_with_id(&mut st, "a", "x", "k3", T0);
-    assert!(publish_with_id(&mut st, "a", "x", "k3", T0).duplicate);
-    assert!(publish_with_id(&mut st, "a", "x", "k2", T0).duplicate);
-    let k1 = publish_with_id(&mut st, "a", "x", "k1", T0);
+    let st = LocalEngine::new(EngineConfig { dedupe_max_per_channel: 2, ..EngineConfig::default() });
+    publish_with_id(&st, "a", "x", "k1", T0);
+    publish_with_id(&st, "a", "x", "k2", T0);
+    publish_with_id(&st, "a", "x", "k3", T0);
+    assert!(publish_with_id(&st, "a", "x", "k3", T0).duplicate);
+    assert!(publish_with_id(&st, "a", "x", "k2", T0).duplicate);
+    let k1 = publish_with_id(&st, "a", "x", "k1", T0);
     assert_eq!((k1.serial, k1.duplicate), (4, false), "k1 was forgotten first");
 }
 
@@ -830,83 +830,83 @@ fn dedupe_forgets_the_oldest_ids_beyond_the_per_channel_bound() {
 
 #[test]
 fn retained_value_is_replayed_on_subscribe() {
-    let mut st = state();
-    publish_retained(&mut st, "r", "v1", T0);
-    publish(&mut st, "r", "not retained", T0);
+    let st = state();
+    publish_retained(&st, "r", "v1", T0);
+    publish(&st, "r", "not retained", T0);
 
-    attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &proto::Subscribe { retained: true, ..sub("r") }, T0);
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &proto::Subscribe { retained: true, ..sub("r") }, T0);
     let got = envelopes(&out.replay);
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].serial, got[0].payload.clone(), got[0].retain), (1, Bytes::from("v1"), true));
 
-    let out = subscribe(&mut st, 1, &sub("r"), T0);
+    let out = subscribe(&st, 1, &sub("r"), T0);
     assert!(out.replay.is_empty(), "only when asked for");
 
-    publish_retained(&mut st, "r", "v2", T0);
-    let out = subscribe(&mut st, 1, &proto::Subscribe { retained: true, ..sub("r") }, T0);
+    publish_retained(&st, "r", "v2", T0);
+    let out = subscribe(&st, 1, &proto::Subscribe { retained: true, ..sub("r") }, T0);
     assert_eq!(serials(&out.replay), vec![3]);
     assert_eq!(payloads(&out.replay), vec!["v2"]);
 }
 
 #[test]
 fn empty_retained_publish_clears_the_value() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("r"), T0);
-    publish_retained(&mut st, "r", "v1", T0);
-    publish_retained(&mut st, "r", "", T0);
+    let st = state();
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("r"), T0);
+    publish_retained(&st, "r", "v1", T0);
+    publish_retained(&st, "r", "", T0);
     assert_eq!(serials(&drain(&ob)), vec![1, 2], "the clearing publish is still delivered live");
 
-    attach(&mut st, 2, "sub", BIG);
-    let out = subscribe(&mut st, 2, &proto::Subscribe { retained: true, ..sub("r") }, T0);
+    attach(&st, 2, "sub", BIG);
+    let out = subscribe(&st, 2, &proto::Subscribe { retained: true, ..sub("r") }, T0);
     assert!(out.replay.is_empty(), "{:?}", out.replay);
 }
 
 #[test]
 fn retained_value_outlives_history_and_wildcards_get_each() {
-    let mut st = state_with_rules(vec![rule("r/#", policy(1, 600, SlowPolicy::Disconnect))]);
-    publish_retained(&mut st, "r/a", "a-retained", T0);
-    publish(&mut st, "r/a", "a-2", T0);
-    publish_retained(&mut st, "r/b", "b-retained", T0);
-    publish(&mut st, "r/c", "c-plain", T0);
-    publish_retained(&mut st, "elsewhere", "x", T0);
-    assert_eq!(history_serials(&mut st, "r/a", T0), vec![2]);
+    let st = state_with_rules(vec![rule("r/#", policy(1, 600, SlowPolicy::Disconnect))]);
+    publish_retained(&st, "r/a", "a-retained", T0);
+    publish(&st, "r/a", "a-2", T0);
+    publish_retained(&st, "r/b", "b-retained", T0);
+    publish(&st, "r/c", "c-plain", T0);
+    publish_retained(&st, "elsewhere", "x", T0);
+    assert_eq!(history_serials(&st, "r/a", T0), vec![2]);
 
-    attach(&mut st, 1, "sub", BIG);
-    let out = subscribe(&mut st, 1, &proto::Subscribe { retained: true, ..sub("r/+") }, T0);
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &proto::Subscribe { retained: true, ..sub("r/+") }, T0);
     assert_eq!(payloads(&out.replay), vec!["a-retained", "b-retained"]);
     assert_eq!(channel_serials(&out.replay), vec![("r/a".into(), 1), ("r/b".into(), 1)]);
 }
 
 #[test]
 fn retained_value_is_not_duplicated_by_recovery_or_rewind() {
-    let mut st = state();
-    publish(&mut st, "r", "1", T0);
-    let epoch = publish_retained(&mut st, "r", "retained-2", T0).epoch;
-    publish(&mut st, "r", "3", T0);
-    attach(&mut st, 1, "sub", BIG);
+    let st = state();
+    publish(&st, "r", "1", T0);
+    let epoch = publish_retained(&st, "r", "retained-2", T0).epoch;
+    publish(&st, "r", "3", T0);
+    attach(&st, 1, "sub", BIG);
     let with = |req: proto::Subscribe| proto::Subscribe { retained: true, ..req };
 
     // Recovery that covers the retained message sends it once, in order.
-    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos(&epoch, 1))])), T0);
+    let out = subscribe(&st, 1, &with(sub_from("r", &[("r", pos(&epoch, 1))])), T0);
     assert_eq!(serials(&out.replay), vec![2, 3]);
     // The client already has it: nothing.
-    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos(&epoch, 2))])), T0);
+    let out = subscribe(&st, 1, &with(sub_from("r", &[("r", pos(&epoch, 2))])), T0);
     assert_eq!(serials(&out.replay), vec![3]);
-    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos(&epoch, 3))])), T0);
+    let out = subscribe(&st, 1, &with(sub_from("r", &[("r", pos(&epoch, 3))])), T0);
     assert!(out.replay.is_empty());
 
     // Rewind covering it: once. Rewind not reaching it: first, then the rewind.
-    let out = subscribe(&mut st, 1, &with(sub_rewind("r", 3, 0)), T0);
+    let out = subscribe(&st, 1, &with(sub_rewind("r", 3, 0)), T0);
     assert_eq!(serials(&out.replay), vec![1, 2, 3]);
-    let out = subscribe(&mut st, 1, &with(sub_rewind("r", 2, 0)), T0);
+    let out = subscribe(&st, 1, &with(sub_rewind("r", 2, 0)), T0);
     assert_eq!(serials(&out.replay), vec![2, 3], "the rewind starts at the retained message");
-    let out = subscribe(&mut st, 1, &with(sub_rewind("r", 1, 0)), T0);
+    let out = subscribe(&st, 1, &with(sub_rewind("r", 1, 0)), T0);
     assert_eq!(serials(&out.replay), vec![2, 3]);
 
     // A gap still tells the client the last value.
-    let out = subscribe(&mut st, 1, &with(sub_from("r", &[("r", pos("oldepoch00", 1))])), T0);
+    let out = subscribe(&st, 1, &with(sub_from("r", &[("r", pos("oldepoch00", 1))])), T0);
     assert!(matches!(&out.replay[0], Outbound::Gap(g) if g.reason == "epoch_changed"));
     assert_eq!(serials(&out.replay[1..]), vec![2]);
     assert_eq!(out.replay.len(), 2);
@@ -916,14 +916,14 @@ fn retained_value_is_not_duplicated_by_recovery_or_rewind() {
 
 #[test]
 fn presence_events_reach_only_presence_subscribers() {
-    let mut st = state();
-    let with_presence = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    let without = attach(&mut st, 2, "plain", BIG);
-    subscribe(&mut st, 2, &sub("chat"), T0);
-    let everything = attach(&mut st, 3, "all", BIG);
-    subscribe(&mut st, 3, &sub("#"), T0);
-    attach(&mut st, 4, "bob", BIG);
+    let st = state();
+    let with_presence = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    let without = attach(&st, 2, "plain", BIG);
+    subscribe(&st, 2, &sub("chat"), T0);
+    let everything = attach(&st, 3, "all", BIG);
+    subscribe(&st, 3, &sub("#"), T0);
+    attach(&st, 4, "bob", BIG);
     let bob = caller(4, "bob");
 
     st.presence_enter(&bob, "chat", Bytes::from("hi"), false, T0).expect("enter");
@@ -964,11 +964,11 @@ fn presence_events_reach_only_presence_subscribers() {
 
 #[test]
 fn presence_of_wildcard_subscriptions_and_recovery() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("rooms/+") }, T0);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("rooms/+") }, T0);
     let alice = caller(2, "alice");
-    attach(&mut st, 2, "alice", BIG);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&alice, "rooms/1", Bytes::from("a"), false, T0).expect("enter");
     st.presence_enter(&alice, "rooms/2", Bytes::from("a"), false, T0).expect("enter");
     st.presence_enter(&alice, "elsewhere", Bytes::from("a"), false, T0).expect("enter");
@@ -976,32 +976,32 @@ fn presence_of_wildcard_subscriptions_and_recovery() {
     assert_eq!(got, vec!["$presence/rooms/1", "$presence/rooms/2"]);
 
     // Presence events have positions and recover like messages.
-    let epoch = history(&mut st, "$presence/rooms/1", T0).epoch;
+    let epoch = history(&st, "$presence/rooms/1", T0).epoch;
     st.presence_leave(&alice, "rooms/1", T0 + 1).expect("leave");
-    attach(&mut st, 3, "late", BIG);
+    attach(&st, 3, "late", BIG);
     let req = proto::Subscribe { presence: true, ..sub_from("rooms/+", &[("$presence/rooms/1", pos(&epoch, 1))]) };
-    let out = subscribe(&mut st, 3, &req, T0 + 2);
+    let out = subscribe(&st, 3, &req, T0 + 2);
     assert_eq!(presence_events(&out.replay), vec![ev(proto::Kind::PresenceLeave, "alice", "conn-2", "a")]);
     assert!(out.subscribed.channels[0].recovered);
 }
 
 #[test]
 fn presence_errors() {
-    let mut st = MemoryState::new(EngineConfig { presence_max_members: 1, ..EngineConfig::default() });
-    attach(&mut st, 1, "", BIG);
+    let st = LocalEngine::new(EngineConfig { presence_max_members: 1, ..EngineConfig::default() });
+    attach(&st, 1, "", BIG);
     let anonymous = caller(1, "");
     let e = st.presence_enter(&anonymous, "chat", Bytes::new(), false, T0).unwrap_err();
     assert_eq!(e.code, ErrorCode::NoIdentity);
 
     let alice = caller(2, "alice");
-    attach(&mut st, 2, "alice", BIG);
+    attach(&st, 2, "alice", BIG);
     let e = st.presence_enter(&alice, "chat", Bytes::from("x"), true, T0).unwrap_err();
     assert_eq!(e.code, ErrorCode::BadRequest, "update before enter");
     assert_eq!(st.presence_leave(&alice, "chat", T0).unwrap_err().code, ErrorCode::BadRequest);
 
     st.presence_enter(&alice, "chat", Bytes::new(), false, T0).expect("enter");
     let bob = caller(3, "bob");
-    attach(&mut st, 3, "bob", BIG);
+    attach(&st, 3, "bob", BIG);
     assert_eq!(st.presence_enter(&bob, "chat", Bytes::new(), false, T0).unwrap_err().code, ErrorCode::Unavailable);
     assert_eq!(member_ids(&st, "chat").len(), 1);
     assert_eq!(st.stats().presence_members, 1);
@@ -1009,10 +1009,10 @@ fn presence_errors() {
 
 #[test]
 fn clean_detach_leaves_at_once() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    attach(&mut st, 2, "alice", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     st.presence_enter(&caller(2, "alice"), "lobby", Bytes::from("d"), false, T0).expect("enter");
 
@@ -1035,10 +1035,10 @@ fn clean_detach_leaves_at_once() {
 #[test]
 fn abrupt_detach_leaves_after_the_grace_period() {
     let grace = 5_000;
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    attach(&mut st, 2, "alice", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     drain(&ob);
 
@@ -1059,15 +1059,15 @@ fn abrupt_detach_leaves_after_the_grace_period() {
 #[test]
 fn resuming_within_the_grace_period_keeps_presence() {
     let grace = 5_000;
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    attach(&mut st, 2, "alice", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     drain(&ob);
 
     st.detach(2, CloseKind::Abrupt, T0);
-    attach(&mut st, 3, "alice", BIG);
+    attach(&st, 3, "alice", BIG);
     st.presence_enter(&caller(3, "alice"), "chat", Bytes::from("d"), false, T0 + 2_000).expect("resume");
     assert!(drain(&ob).is_empty(), "no leave, no second enter");
     assert_eq!(member_ids(&st, "chat"), vec![("alice".into(), "conn-3".into(), "d".into())]);
@@ -1083,15 +1083,15 @@ fn resuming_within_the_grace_period_keeps_presence() {
 
 #[test]
 fn resuming_with_new_data_is_an_update() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    attach(&mut st, 2, "alice", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("old"), false, T0).expect("enter");
     drain(&ob);
 
     st.detach(2, CloseKind::Abrupt, T0);
-    attach(&mut st, 3, "alice", BIG);
+    attach(&st, 3, "alice", BIG);
     st.presence_enter(&caller(3, "alice"), "chat", Bytes::from("new"), false, T0 + 1).expect("resume");
     assert_eq!(presence_events(&drain(&ob)), vec![ev(proto::Kind::PresenceUpdate, "alice", "conn-3", "new")]);
     assert_eq!(member_ids(&st, "chat").len(), 1);
@@ -1101,11 +1101,11 @@ fn resuming_with_new_data_is_an_update() {
 
 #[test]
 fn one_client_may_be_present_from_several_connections() {
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    attach(&mut st, 2, "alice", BIG);
-    attach(&mut st, 3, "alice", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&st, 2, "alice", BIG);
+    attach(&st, 3, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("phone"), false, T0).expect("enter");
     st.presence_enter(&caller(3, "alice"), "chat", Bytes::from("laptop"), false, T0).expect("enter");
     assert_eq!(
@@ -1127,13 +1127,13 @@ fn one_client_may_be_present_from_several_connections() {
 #[test]
 fn another_client_does_not_resume_a_pending_member() {
     let grace = 5_000;
-    let mut st = state();
-    let ob = attach(&mut st, 1, "watcher", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
-    attach(&mut st, 2, "alice", BIG);
+    let st = state();
+    let ob = attach(&st, 1, "watcher", BIG);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("chat") }, T0);
+    attach(&st, 2, "alice", BIG);
     st.presence_enter(&caller(2, "alice"), "chat", Bytes::from("d"), false, T0).expect("enter");
     st.detach(2, CloseKind::Abrupt, T0);
-    attach(&mut st, 3, "bob", BIG);
+    attach(&st, 3, "bob", BIG);
     st.presence_enter(&caller(3, "bob"), "chat", Bytes::from("d"), false, T0 + 1).expect("enter");
     st.sweep(T0 + grace);
     assert_eq!(
@@ -1152,7 +1152,7 @@ fn another_client_does_not_resume_a_pending_member() {
 /// The outbox size of one message like those the slow-consumer tests publish,
 /// measured on a probe channel whose name has the same length. Later messages
 /// are a few bytes bigger (a non-zero `prev_serial` is encoded), never smaller.
-fn message_size(st: &mut MemoryState, channel: &str, payload: &str) -> usize {
+fn message_size(st: &LocalEngine, channel: &str, payload: &str) -> usize {
     let probe = attach(st, 1000, "probe", BIG);
     subscribe(st, 1000, &sub(channel), T0);
     publish(st, channel, payload, T0);
@@ -1166,16 +1166,16 @@ fn message_size(st: &mut MemoryState, channel: &str, payload: &str) -> usize {
 
 #[test]
 fn slow_consumer_is_disconnected_others_keep_everything() {
-    let mut st = state();
+    let st = state();
     let payload = "p".repeat(100);
-    let one = message_size(&mut st, "sloe", &payload);
-    let slow = attach(&mut st, 1, "slow", one * 3 + one / 2);
-    let fast = attach(&mut st, 2, "fast", BIG);
-    subscribe(&mut st, 1, &sub("slow"), T0);
-    subscribe(&mut st, 2, &sub("slow"), T0);
+    let one = message_size(&st, "sloe", &payload);
+    let slow = attach(&st, 1, "slow", one * 3 + one / 2);
+    let fast = attach(&st, 2, "fast", BIG);
+    subscribe(&st, 1, &sub("slow"), T0);
+    subscribe(&st, 2, &sub("slow"), T0);
 
     for _ in 0..10 {
-        publish(&mut st, "slow", &payload, T0);
+        publish(&st, "slow", &payload, T0);
         assert!(slow.peak_bytes() <= slow.capacity());
     }
     assert_eq!(slow.closed(), Some(CloseReason::SLOW));
@@ -1187,14 +1187,14 @@ fn slow_consumer_is_disconnected_others_keep_everything() {
 
 #[test]
 fn drop_oldest_policy_keeps_the_newest() {
-    let mut st = state_with_rules(vec![rule("lossy/#", policy(1000, 600, SlowPolicy::DropOldest))]);
+    let st = state_with_rules(vec![rule("lossy/#", policy(1000, 600, SlowPolicy::DropOldest))]);
     let payload = "p".repeat(100);
-    let one = message_size(&mut st, "lossy/p", &payload);
-    let ob = attach(&mut st, 1, "sub", one * 3 + one / 2);
-    subscribe(&mut st, 1, &sub("lossy/a"), T0);
+    let one = message_size(&st, "lossy/p", &payload);
+    let ob = attach(&st, 1, "sub", one * 3 + one / 2);
+    subscribe(&st, 1, &sub("lossy/a"), T0);
 
     for _ in 0..10 {
-        publish(&mut st, "lossy/a", &payload, T0);
+        publish(&st, "lossy/a", &payload, T0);
         assert!(ob.peak_bytes() <= ob.capacity());
     }
     assert!(ob.closed().is_none());
@@ -1208,16 +1208,16 @@ fn drop_oldest_policy_keeps_the_newest() {
 
 #[test]
 fn conflate_policy_keeps_the_latest_per_channel() {
-    let mut st = state_with_rules(vec![rule("ticker/#", policy(1000, 600, SlowPolicy::Conflate))]);
+    let st = state_with_rules(vec![rule("ticker/#", policy(1000, 600, SlowPolicy::Conflate))]);
     let payload = "p".repeat(100);
-    let one = message_size(&mut st, "ticker/p", &payload);
-    let ob = attach(&mut st, 1, "sub", one * 3 + one / 2);
-    subscribe(&mut st, 1, &sub("ticker/+"), T0);
+    let one = message_size(&st, "ticker/p", &payload);
+    let ob = attach(&st, 1, "sub", one * 3 + one / 2);
+    subscribe(&st, 1, &sub("ticker/+"), T0);
 
     let mut last = BTreeMap::new();
     for i in 0..20 {
         let channel = if i % 2 == 0 { "ticker/a" } else { "ticker/b" };
-        let ack = publish(&mut st, channel, &payload, T0);
+        let ack = publish(&st, channel, &payload, T0);
         last.insert(channel.to_string(), ack.serial);
         assert!(ob.peak_bytes() <= ob.capacity());
     }
@@ -1236,13 +1236,13 @@ fn conflate_policy_keeps_the_latest_per_channel() {
 
 #[test]
 fn presence_events_follow_the_base_channel_policy() {
-    let mut st = state_with_rules(vec![rule("quiet/#", policy(1000, 600, SlowPolicy::DropOldest))]);
+    let st = state_with_rules(vec![rule("quiet/#", policy(1000, 600, SlowPolicy::DropOldest))]);
     // About two presence events fit, four do not.
-    let ob = attach(&mut st, 1, "watcher", 300);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("quiet/x") }, T0);
+    let ob = attach(&st, 1, "watcher", 300);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("quiet/x") }, T0);
     for i in 0..4 {
         let id = 10 + i;
-        attach(&mut st, id, &format!("m{i}"), BIG);
+        attach(&st, id, &format!("m{i}"), BIG);
         st.presence_enter(&caller(id, &format!("m{i}")), "quiet/x", Bytes::from("d"), false, T0).expect("enter");
     }
     assert!(ob.closed().is_none(), "drop-oldest, not disconnect");
@@ -1255,7 +1255,7 @@ fn presence_events_follow_the_base_channel_policy() {
 #[test]
 fn sweep_drops_idle_empty_channels_after_the_ttl() {
     let ttl = 60_000;
-    let mut st = MemoryState::new(EngineConfig {
+    let st = LocalEngine::new(EngineConfig {
         idle_channel_ttl: Duration::from_millis(ttl as u64),
         rules: vec![
             rule("nohist", policy(0, 600, SlowPolicy::Disconnect)),
@@ -1264,12 +1264,12 @@ fn sweep_drops_idle_empty_channels_after_the_ttl() {
         ],
         ..EngineConfig::default()
     });
-    attach(&mut st, 1, "sub", BIG);
-    subscribe(&mut st, 1, &sub("empty"), T0);
-    let kept = publish(&mut st, "kept", "x", T0);
-    let nohist = publish(&mut st, "nohist", "x", T0);
-    publish(&mut st, "short", "x", T0);
-    publish_retained(&mut st, "retained", "x", T0);
+    attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("empty"), T0);
+    let kept = publish(&st, "kept", "x", T0);
+    let nohist = publish(&st, "nohist", "x", T0);
+    publish(&st, "short", "x", T0);
+    publish_retained(&st, "retained", "x", T0);
     assert_eq!(st.stats().channels, 5);
 
     st.sweep(T0 + ttl);
@@ -1279,11 +1279,11 @@ fn sweep_drops_idle_empty_channels_after_the_ttl() {
     // for 100 s, "retained" its value, "kept" its history.
     st.sweep(T0 + ttl + 1);
     assert_eq!(st.stats().channels, 3);
-    assert_eq!(history(&mut st, "kept", T0 + ttl + 1).epoch, kept.epoch, "a channel with history is kept");
-    assert_eq!(history(&mut st, "kept", T0 + ttl + 1).serial, 1);
+    assert_eq!(history(&st, "kept", T0 + ttl + 1).epoch, kept.epoch, "a channel with history is kept");
+    assert_eq!(history(&st, "kept", T0 + ttl + 1).serial, 1);
 
     // A dropped channel starts a new incarnation.
-    let again = publish(&mut st, "nohist", "x", T0 + ttl + 2);
+    let again = publish(&st, "nohist", "x", T0 + ttl + 2);
     assert_eq!(again.serial, 1);
     assert_ne!(again.epoch, nohist.epoch);
 
@@ -1291,31 +1291,31 @@ fn sweep_drops_idle_empty_channels_after_the_ttl() {
     // "nohist" is idle but was active 38 s ago: kept.
     st.sweep(T0 + 100_001);
     assert_eq!(st.stats().channels, 3, "kept, nohist, retained");
-    assert_eq!(history(&mut st, "retained", T0 + 100_001).serial, 1, "a retained value keeps its channel");
+    assert_eq!(history(&st, "retained", T0 + 100_001).serial, 1, "a retained value keeps its channel");
 }
 
 #[test]
 fn sweep_keeps_channels_with_members_or_recent_ids() {
     let ttl = 60_000;
-    let mut st = MemoryState::new(EngineConfig {
+    let st = LocalEngine::new(EngineConfig {
         idle_channel_ttl: Duration::from_millis(ttl as u64),
         dedupe_window: Duration::from_secs(300),
         rules: vec![rule("#", policy(0, 600, SlowPolicy::Disconnect))],
         ..EngineConfig::default()
     });
-    attach(&mut st, 1, "alice", BIG);
+    attach(&st, 1, "alice", BIG);
     st.presence_enter(&caller(1, "alice"), "room", Bytes::new(), false, T0).expect("enter");
-    let first = publish_with_id(&mut st, "ids", "x", "k", T0);
+    let first = publish_with_id(&st, "ids", "x", "k", T0);
 
     st.sweep(T0 + 2 * ttl);
     assert_eq!(member_ids(&st, "room").len(), 1);
     // Still the same incarnation: the id is still known.
-    let dup = publish_with_id(&mut st, "ids", "x", "k", T0 + 2 * ttl);
+    let dup = publish_with_id(&st, "ids", "x", "k", T0 + 2 * ttl);
     assert_eq!((dup.epoch.as_str(), dup.serial, dup.duplicate), (first.epoch.as_str(), 1, true));
 
     // After the dedupe window the channel has nothing left and goes.
     st.sweep(T0 + 300_001);
-    let fresh = publish(&mut st, "ids", "x", T0 + 300_002);
+    let fresh = publish(&st, "ids", "x", T0 + 300_002);
     assert_ne!(fresh.epoch, first.epoch);
 }
 
@@ -1324,40 +1324,40 @@ fn sweep_keeps_channels_with_members_or_recent_ids() {
 #[test]
 fn last_member_leaving_restarts_the_idle_ttl() {
     let ttl = 60_000;
-    let mut st = MemoryState::new(EngineConfig {
+    let st = LocalEngine::new(EngineConfig {
         idle_channel_ttl: Duration::from_millis(ttl as u64),
         rules: vec![rule("room", policy(10, 10, SlowPolicy::Disconnect))],
         ..EngineConfig::default()
     });
-    publish(&mut st, "room", "1", T0);
-    let epoch = publish(&mut st, "room", "2", T0).epoch;
-    attach(&mut st, 1, "alice", BIG);
+    publish(&st, "room", "1", T0);
+    let epoch = publish(&st, "room", "2", T0).epoch;
+    attach(&st, 1, "alice", BIG);
     st.presence_enter(&caller(1, "alice"), "room", Bytes::new(), false, T0).expect("enter");
 
     let left = T0 + 5 * ttl;
     st.sweep(left);
-    assert_eq!(history(&mut st, "room", left).epoch, epoch, "a member keeps the channel");
+    assert_eq!(history(&st, "room", left).epoch, epoch, "a member keeps the channel");
     st.presence_leave(&caller(1, "alice"), "room", left).expect("leave");
     st.sweep(left + 1);
 
     // A client caught up at (epoch, 2) reconnects a moment later.
-    attach(&mut st, 2, "bob", BIG);
-    let out = subscribe(&mut st, 2, &sub_from("room", &[("room", pos(&epoch, 2))]), left + 2);
+    attach(&st, 2, "bob", BIG);
+    let out = subscribe(&st, 2, &sub_from("room", &[("room", pos(&epoch, 2))]), left + 2);
     assert!(out.replay.is_empty(), "false gap: {:?}", out.replay);
     assert!(out.subscribed.channels[0].recovered);
 }
 
 #[test]
 fn stats_count_channels_subscriptions_and_members() {
-    let mut st = state();
+    let st = state();
     assert_eq!(st.stats(), EngineStats::default());
-    attach(&mut st, 1, "alice", BIG);
-    attach(&mut st, 2, "bob", BIG);
-    subscribe(&mut st, 1, &sub("a"), T0);
-    subscribe(&mut st, 1, &sub("a"), T0);
-    subscribe(&mut st, 1, &proto::Subscribe { presence: true, ..sub("b/#") }, T0);
-    subscribe(&mut st, 2, &sub("a"), T0);
-    publish(&mut st, "c", "x", T0);
+    attach(&st, 1, "alice", BIG);
+    attach(&st, 2, "bob", BIG);
+    subscribe(&st, 1, &sub("a"), T0);
+    subscribe(&st, 1, &sub("a"), T0);
+    subscribe(&st, 1, &proto::Subscribe { presence: true, ..sub("b/#") }, T0);
+    subscribe(&st, 2, &sub("a"), T0);
+    publish(&st, "c", "x", T0);
     st.presence_enter(&caller(1, "alice"), "a", Bytes::new(), false, T0).expect("enter");
     st.presence_enter(&caller(2, "bob"), "a", Bytes::new(), false, T0).expect("enter");
 
@@ -1378,17 +1378,17 @@ fn sub_since(filter: &str, since: i64, positions: &[(&str, proto::Position)]) ->
 
 #[test]
 fn since_replays_channels_without_a_position_from_that_time() {
-    let mut st = state();
-    publish(&mut st, "s/a", "old", T0);
-    publish(&mut st, "s/b", "old", T0);
-    publish(&mut st, "s/a", "a1", T0 + 100);
-    let b2 = publish(&mut st, "s/b", "b2", T0 + 100);
-    publish(&mut st, "s/c", "c1", T0 + 150);
-    publish(&mut st, "s/b", "b3", T0 + 200);
-    publish(&mut st, "other", "x", T0 + 200);
-    attach(&mut st, 1, "u", BIG);
+    let st = state();
+    publish(&st, "s/a", "old", T0);
+    publish(&st, "s/b", "old", T0);
+    publish(&st, "s/a", "a1", T0 + 100);
+    let b2 = publish(&st, "s/b", "b2", T0 + 100);
+    publish(&st, "s/c", "c1", T0 + 150);
+    publish(&st, "s/b", "b3", T0 + 200);
+    publish(&st, "other", "x", T0 + 200);
+    attach(&st, 1, "u", BIG);
     // s/b has a position (serial 2): only 3 follows; s/a and s/c resume by time.
-    let out = subscribe(&mut st, 1, &sub_since("s/+", T0 + 100, &[("s/b", pos(&b2.epoch, 2))]), T0 + 300);
+    let out = subscribe(&st, 1, &sub_since("s/+", T0 + 100, &[("s/b", pos(&b2.epoch, 2))]), T0 + 300);
     let mut got = channel_serials(&out.replay);
     got.sort();
     assert_eq!(got, vec![("s/a".into(), 2), ("s/b".into(), 3), ("s/c".into(), 1)]);
@@ -1397,30 +1397,30 @@ fn since_replays_channels_without_a_position_from_that_time() {
 
 #[test]
 fn since_before_trimmed_history_is_a_gap_without_from() {
-    let mut st = state_with_rules(vec![rule("t/#", policy(2, 600, SlowPolicy::Disconnect))]);
+    let st = state_with_rules(vec![rule("t/#", policy(2, 600, SlowPolicy::Disconnect))]);
     for i in 0..5 {
-        publish(&mut st, "t/a", &format!("m{i}"), T0 + i);
+        publish(&st, "t/a", &format!("m{i}"), T0 + i);
     }
-    attach(&mut st, 1, "u", BIG);
+    attach(&st, 1, "u", BIG);
     // Messages at T0+0..T0+2 were trimmed: resuming from T0+1 cannot be complete.
-    let out = subscribe(&mut st, 1, &sub_since("t/a", T0 + 1, &[]), T0 + 10);
+    let out = subscribe(&st, 1, &sub_since("t/a", T0 + 1, &[]), T0 + 10);
     assert_eq!(out.replay.len(), 1, "{:?}", out.replay);
     let Outbound::Gap(g) = &out.replay[0] else { panic!("expected a gap: {:?}", out.replay) };
     assert_eq!((g.channel.as_str(), g.from.is_none(), g.reason.as_str()), ("t/a", true, "trimmed"));
     assert_eq!(g.to.as_ref().map(|p| p.serial), Some(5));
     // From T0+3 on, history is complete: exactly 4 and 5.
-    let out = subscribe(&mut st, 1, &sub_since("t/a", T0 + 3, &[]), T0 + 10);
+    let out = subscribe(&st, 1, &sub_since("t/a", T0 + 3, &[]), T0 + 10);
     assert_eq!(serials(&out.replay), vec![4, 5]);
 }
 
 #[test]
 fn since_covers_presence_companions() {
-    let mut st = state();
-    attach(&mut st, 7, "member", BIG);
+    let st = state();
+    attach(&st, 7, "member", BIG);
     st.presence_enter(&caller(7, "member"), "room", Bytes::from_static(b"hi"), false, T0 + 50).unwrap();
-    attach(&mut st, 1, "u", BIG);
+    attach(&st, 1, "u", BIG);
     let req = proto::Subscribe { presence: true, ..sub_since("room", T0, &[]) };
-    let out = subscribe(&mut st, 1, &req, T0 + 100);
+    let out = subscribe(&st, 1, &req, T0 + 100);
     let got = channel_serials(&out.replay);
     assert_eq!(got, vec![("$presence/room".into(), 1)]);
 }
@@ -1429,34 +1429,34 @@ fn since_covers_presence_companions() {
 
 #[test]
 fn no_local_skips_own_publishes_only() {
-    let mut st = state();
-    let own = attach(&mut st, 1, "a", BIG);
-    let other = attach(&mut st, 2, "b", BIG);
-    subscribe(&mut st, 1, &proto::Subscribe { no_local: true, ..sub("n/#") }, T0);
-    subscribe(&mut st, 2, &proto::Subscribe { no_local: true, ..sub("n/#") }, T0);
+    let st = state();
+    let own = attach(&st, 1, "a", BIG);
+    let other = attach(&st, 2, "b", BIG);
+    subscribe(&st, 1, &proto::Subscribe { no_local: true, ..sub("n/#") }, T0);
+    subscribe(&st, 2, &proto::Subscribe { no_local: true, ..sub("n/#") }, T0);
     st.publish(&caller(1, "a"), publish_req("n/x", "from-1"), T0);
     st.publish(&caller(2, "b"), publish_req("n/x", "from-2"), T0);
     assert_eq!(payloads(&drain(&own)), vec!["from-2".to_string()]);
     assert_eq!(payloads(&drain(&other)), vec!["from-1".to_string()]);
     // A second, local-allowing filter of the same session still delivers once.
-    subscribe(&mut st, 1, &sub("n/x"), T0);
+    subscribe(&st, 1, &sub("n/x"), T0);
     st.publish(&caller(1, "a"), publish_req("n/x", "again"), T0);
     assert_eq!(payloads(&drain(&own)), vec!["again".to_string()]);
 }
 
 #[test]
 fn shared_group_gives_each_message_to_one_member() {
-    let mut st = state();
-    let m1 = attach(&mut st, 1, "a", BIG);
-    let m2 = attach(&mut st, 2, "b", BIG);
-    let plain = attach(&mut st, 3, "c", BIG);
+    let st = state();
+    let m1 = attach(&st, 1, "a", BIG);
+    let m2 = attach(&st, 2, "b", BIG);
+    let plain = attach(&st, 3, "c", BIG);
     for s in [1, 2] {
-        let out = subscribe(&mut st, s, &sub("$share/workers/jobs/+"), T0);
+        let out = subscribe(&st, s, &sub("$share/workers/jobs/+"), T0);
         assert!(out.replay.is_empty());
     }
-    subscribe(&mut st, 3, &sub("jobs/+"), T0);
+    subscribe(&st, 3, &sub("jobs/+"), T0);
     for i in 0..10 {
-        publish(&mut st, "jobs/q", &format!("{i}"), T0);
+        publish(&st, "jobs/q", &format!("{i}"), T0);
     }
     let (a, b) = (serials(&drain(&m1)), serials(&drain(&m2)));
     assert_eq!(a.len() + b.len(), 10, "every message to exactly one member: {a:?} {b:?}");
@@ -1467,12 +1467,12 @@ fn shared_group_gives_each_message_to_one_member() {
     assert_eq!(serials(&drain(&plain)).len(), 10, "plain subscribers still get everything");
     // A member leaving: the rest get everything.
     st.unsubscribe(2, "$share/workers/jobs/+").unwrap();
-    publish(&mut st, "jobs/q", "x", T0);
-    publish(&mut st, "jobs/q", "y", T0);
+    publish(&st, "jobs/q", "x", T0);
+    publish(&st, "jobs/q", "y", T0);
     assert_eq!(serials(&drain(&m1)).len(), 2);
     assert!(drain(&m2).is_empty());
     // Detach removes the last member and the group.
     st.detach(1, CloseKind::Clean, T0);
-    publish(&mut st, "jobs/q", "z", T0);
-    assert!(st.shared.is_empty());
+    publish(&st, "jobs/q", "z", T0);
+    assert!(st.hub.read().shared_keys.is_empty() && st.hub.read().shared.is_empty());
 }

@@ -1,0 +1,630 @@
+//! Durable channel state on local disk: the `[storage] kind = "disk"`
+//! store behind the [`super::local::LocalEngine`].
+//!
+//! The store is [fjall](https://docs.rs/fjall), an embedded LSM tree with a
+//! write-ahead journal. Each publish is one atomic write batch (message,
+//! channel head, retained value, idempotency key, the message trimmed by
+//! count); fjall hands every batch to the operating system before `commit`
+//! returns, so an acknowledged message survives a crash of the process
+//! (SIGKILL) with no fsync. Durability against a crash of the machine is the
+//! sync policy's business:
+//!
+//! - `always`: a publish is acknowledged and delivered only after an fsync
+//!   that covers it. One committer thread fsyncs for every publish that
+//!   arrived meanwhile (group commit), so concurrent publishes share a sync.
+//! - `interval` (default): acknowledged once in the OS; a background thread
+//!   fsyncs every `sync_interval`.
+//! - `never`: acknowledged once in the OS; fsync is left to the OS (and to a
+//!   clean shutdown).
+//!
+//! Why fjall and not redb: redb keeps nothing of a non-durable commit after a
+//! crash, so surviving SIGKILL would need an fsync per acknowledgement;
+//! fjall's journal survives a process crash at the cost of one `write`
+//! (measurements in docs/storage.md).
+//!
+//! Layout: keyspaces `channels` (name → [`StoredChannel`]), `messages`
+//! (name, NUL, serial big-endian → envelope without its epoch, which the
+//! channel's record holds), `retained` (name → envelope), `ids` (name, NUL,
+//! id → [`StoredId`]) and `node` (the clean-shutdown marker). Values are
+//! protobuf (prost) messages; there is no hand-written file format.
+//!
+//! What this module does not do: decide anything. Sequencing, trimming
+//! rules and fan-out belong to the engine, which tells the store what to
+//! write. Presence channels (`$presence/...`) are not stored: members come
+//! back when clients reconnect, so their event history is node-local.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::{Condvar, Mutex};
+use prost::Message as _;
+use switchboard_proto as proto;
+use tokio::sync::watch;
+
+/// When an acknowledged publish is on disk (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// fsync before every acknowledgement (grouped).
+    Always,
+    /// fsync every `sync_interval`; acknowledged once in the OS.
+    #[default]
+    Interval,
+    /// Never fsync (the OS writes back); acknowledged once in the OS.
+    Never,
+}
+
+impl SyncPolicy {
+    /// The policy's name in config and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncPolicy::Always => "always",
+            SyncPolicy::Interval => "interval",
+            SyncPolicy::Never => "never",
+        }
+    }
+}
+
+/// What the store needs to open.
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    /// The directory (created if missing).
+    pub dir: PathBuf,
+    /// When acknowledged publishes reach the disk.
+    pub sync: SyncPolicy,
+    /// fsync period under [`SyncPolicy::Interval`].
+    pub sync_interval: Duration,
+    /// Block cache of the store, bytes.
+    pub cache_bytes: u64,
+    /// Where the machine's boot id is read from (Linux:
+    /// `/proc/sys/kernel/random/boot_id`). A different boot id after an
+    /// unclean stop means the machine itself went down, not just the process.
+    pub boot_id_file: PathBuf,
+}
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// Opening or recovering the directory failed.
+    #[error("cannot open storage at {path}: {detail}. {hint}")]
+    Open {
+        /// The directory.
+        path: String,
+        /// What went wrong.
+        detail: String,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A stored record does not decode.
+    #[error(
+        "storage at {path} holds a record that does not decode ({what}): the files are damaged. Restore the directory \
+         from a backup, or move it away to start empty (every channel then starts a new epoch)"
+    )]
+    Corrupt {
+        /// The directory.
+        path: String,
+        /// Which record.
+        what: String,
+    },
+    /// A write failed (full or read-only disk, I/O error). The store refuses
+    /// writes from then on; the gateway must be restarted once the disk is
+    /// fixed (a failed write or fsync leaves the file's state unknown).
+    #[error("storage write failed: {0}")]
+    Write(String),
+}
+
+/// A channel's head as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredChannel {
+    /// The channel's epoch.
+    #[prost(string, tag = "1")]
+    pub epoch: String,
+    /// Its newest serial.
+    #[prost(uint64, tag = "2")]
+    pub serial: u64,
+    /// Timestamp of the newest message trimmed from history (0: none).
+    #[prost(int64, tag = "3")]
+    pub trimmed_ts: i64,
+    /// Unix ms of the last activity (idle channels are forgotten).
+    #[prost(int64, tag = "4")]
+    pub last_active: i64,
+}
+
+/// A remembered idempotency key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredId {
+    /// The serial the first publish got.
+    #[prost(uint64, tag = "1")]
+    pub serial: u64,
+    /// Unix ms when the key is forgotten.
+    #[prost(int64, tag = "2")]
+    pub expires_ms: i64,
+}
+
+/// The node's record: was the last stop clean, and on which boot.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredNode {
+    #[prost(bool, tag = "1")]
+    clean: bool,
+    #[prost(string, tag = "2")]
+    boot_id: String,
+}
+
+/// A channel as found on disk at start.
+#[derive(Debug)]
+pub struct LoadedChannel {
+    /// The name.
+    pub name: String,
+    /// Its head.
+    pub head: StoredChannel,
+    /// History, oldest first, epochs filled in.
+    pub history: Vec<proto::Envelope>,
+    /// The retained value.
+    pub retained: Option<proto::Envelope>,
+    /// Idempotency keys still in their window: (id, serial, expiry).
+    pub ids: Vec<(String, u64, i64)>,
+}
+
+/// What start-up found.
+#[derive(Debug)]
+pub struct Recovery {
+    /// Every stored channel.
+    pub channels: Vec<LoadedChannel>,
+    /// The last stop was not clean (crash, SIGKILL, power loss).
+    pub unclean: bool,
+    /// The machine restarted since the unclean stop and the sync policy
+    /// does not fsync every acknowledgement: the newest acknowledged
+    /// messages may be gone, so every channel must start a new epoch.
+    pub tail_may_be_lost: bool,
+}
+
+/// One publish's writes, applied atomically.
+#[derive(Debug)]
+pub struct AppendBatch<'a> {
+    /// Channel name.
+    pub channel: &'a str,
+    /// The new head.
+    pub head: &'a StoredChannel,
+    /// The message for history, (serial, encoded envelope without its
+    /// epoch); `None` when the channel keeps no history.
+    pub message: Option<(u64, &'a [u8])>,
+    /// `Some(Some(_))` sets the retained value (encoded as `message`),
+    /// `Some(None)` clears it.
+    pub retained: Option<Option<&'a [u8]>>,
+    /// A new idempotency key: (id, record).
+    pub id: Option<(&'a str, StoredId)>,
+    /// A serial that leaves history by count.
+    pub trim: Option<u64>,
+}
+
+/// Group-commit state under [`SyncPolicy::Always`].
+#[derive(Debug, Default)]
+struct CommitQueue {
+    /// Batches written so far (a ticket is the count after one's write).
+    written: u64,
+    /// The committer is stopping.
+    stop: bool,
+}
+
+/// The store (see the module docs).
+pub struct DiskStore {
+    path: String,
+    db: Database,
+    channels: Keyspace,
+    messages: Keyspace,
+    retained: Keyspace,
+    ids: Keyspace,
+    node: Keyspace,
+    sync: SyncPolicy,
+    /// Batches written, and the committer's wake-up.
+    queue: Mutex<CommitQueue>,
+    wake: Condvar,
+    /// The newest ticket an fsync covered; `u64::MAX` once syncing failed.
+    synced: watch::Sender<u64>,
+    /// Set after the first failed write or sync: `/readyz` reports it.
+    failed: Mutex<Option<String>>,
+    /// Something was written since the last interval fsync.
+    dirty: AtomicBool,
+    /// Bytes on disk, refreshed by [`DiskStore::refresh_size`].
+    size: AtomicU64,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStore").field("path", &self.path).field("sync", &self.sync).finish_non_exhaustive()
+    }
+}
+
+const NODE_KEY: &str = "node";
+
+fn channel_key(name: &str, serial: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 9);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&serial.to_be_bytes());
+    k
+}
+
+fn id_key(name: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 1 + id.len());
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn prefix(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 1);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k
+}
+
+fn read_boot_id(file: &Path) -> String {
+    std::fs::read_to_string(file).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+impl DiskStore {
+    /// Opens (or creates) the store and reads everything back. Fails with a
+    /// clear error naming the directory; never starts empty over data it
+    /// cannot read.
+    pub fn open(opts: &DiskOptions) -> Result<(Arc<DiskStore>, Recovery), DiskError> {
+        let path = opts.dir.display().to_string();
+        let open_err = |detail: String, hint: &'static str| DiskError::Open { path: path.clone(), detail, hint };
+        std::fs::create_dir_all(&opts.dir).map_err(|e| {
+            open_err(e.to_string(), "Create the directory and give the gateway's user write access to it")
+        })?;
+        // fjall wants to write into the directory; say so plainly rather than
+        // through an error deep inside its recovery.
+        let probe = opts.dir.join(".switchboard-write-test");
+        std::fs::write(&probe, b"ok")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| open_err(e.to_string(), "Give the gateway's user write access to the directory"))?;
+        let db = Database::builder(&opts.dir)
+            .cache_size(opts.cache_bytes)
+            .max_journaling_size(64 * 1024 * 1024)
+            .worker_threads(2)
+            .open()
+            .map_err(|e| {
+                let hint = match e {
+                    fjall::Error::Locked => "Another process (a second gateway?) holds this directory",
+                    _ => {
+                        "The files are damaged or from an incompatible version: restore the directory from a backup, \
+                          or move it away to start empty"
+                    }
+                };
+                open_err(e.to_string(), hint)
+            })?;
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| open_err(e.to_string(), "The files are damaged: restore from a backup or move it away"))
+        };
+        let store = DiskStore {
+            channels: ks("channels")?,
+            messages: ks("messages")?,
+            retained: ks("retained")?,
+            ids: ks("ids")?,
+            node: ks("node")?,
+            db,
+            path: path.clone(),
+            sync: opts.sync,
+            queue: Mutex::new(CommitQueue::default()),
+            wake: Condvar::new(),
+            synced: watch::channel(0).0,
+            failed: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+            size: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+        };
+        let boot_id = read_boot_id(&opts.boot_id_file);
+        let previous = store.read_node()?;
+        let unclean = previous.as_ref().is_some_and(|n| !n.clean);
+        let machine_restarted = previous.as_ref().is_some_and(|n| n.boot_id.is_empty() || n.boot_id != boot_id);
+        let tail_may_be_lost = unclean && machine_restarted && opts.sync != SyncPolicy::Always;
+        let channels = store.load_channels()?;
+        // From here until a clean close, a crash is an unclean stop.
+        let node = StoredNode { clean: false, boot_id };
+        store.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| open_err(e.to_string(), "Check the disk"))?;
+        store.db.persist(PersistMode::SyncAll).map_err(|e| open_err(e.to_string(), "Check the disk"))?;
+        let store = Arc::new(store);
+        store.refresh_size();
+        store.spawn_syncer(opts.sync_interval);
+        Ok((store, Recovery { channels, unclean, tail_may_be_lost }))
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> DiskError {
+        DiskError::Corrupt { path: self.path.clone(), what: what.into() }
+    }
+
+    fn read_node(&self) -> Result<Option<StoredNode>, DiskError> {
+        let Some(v) = self.node.get(NODE_KEY).map_err(|e| self.corrupt(format!("node record: {e}")))? else {
+            return Ok(None);
+        };
+        StoredNode::decode(&*v).map(Some).map_err(|e| self.corrupt(format!("node record: {e}")))
+    }
+
+    fn load_channels(&self) -> Result<Vec<LoadedChannel>, DiskError> {
+        let mut out = Vec::new();
+        for kv in self.channels.iter() {
+            let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("channel list: {e}")))?;
+            let name = String::from_utf8(k.to_vec()).map_err(|_| self.corrupt("a channel name is not UTF-8"))?;
+            let head = StoredChannel::decode(&*v).map_err(|e| self.corrupt(format!("head of {name:?}: {e}")))?;
+            let mut history = Vec::new();
+            for kv in self.messages.prefix(prefix(&name)) {
+                let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
+                let mut env =
+                    proto::Envelope::decode(&*v).map_err(|e| self.corrupt(format!("a message of {name:?}: {e}")))?;
+                env.epoch.clone_from(&head.epoch);
+                history.push(env);
+            }
+            let retained =
+                match self.retained.get(&name).map_err(|e| self.corrupt(format!("retained {name:?}: {e}")))? {
+                    Some(v) => {
+                        let mut env = proto::Envelope::decode(&*v)
+                            .map_err(|e| self.corrupt(format!("retained value of {name:?}: {e}")))?;
+                        env.epoch.clone_from(&head.epoch);
+                        Some(env)
+                    }
+                    None => None,
+                };
+            let mut ids = Vec::new();
+            let p = prefix(&name);
+            for kv in self.ids.prefix(&p) {
+                let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("ids of {name:?}: {e}")))?;
+                let id = String::from_utf8(k[p.len()..].to_vec())
+                    .map_err(|_| self.corrupt(format!("an id of {name:?} is not UTF-8")))?;
+                let rec = StoredId::decode(&*v).map_err(|e| self.corrupt(format!("id of {name:?}: {e}")))?;
+                ids.push((id, rec.serial, rec.expires_ms));
+            }
+            out.push(LoadedChannel { name, head, history, retained, ids });
+        }
+        Ok(out)
+    }
+
+    /// The sync policy.
+    pub fn sync_policy(&self) -> SyncPolicy {
+        self.sync
+    }
+
+    /// Writes one publish atomically and returns its ticket: under
+    /// [`SyncPolicy::Always`], wait for [`DiskStore::synced`] to reach it
+    /// before acknowledging or delivering.
+    pub fn append(&self, b: &AppendBatch<'_>) -> Result<u64, DiskError> {
+        self.check()?;
+        let started = Instant::now();
+        let mut batch = self.db.batch();
+        batch.insert(&self.channels, b.channel, b.head.encode_to_vec());
+        if let Some((serial, bytes)) = b.message {
+            batch.insert(&self.messages, channel_key(b.channel, serial), bytes);
+        }
+        match b.retained {
+            Some(Some(bytes)) => batch.insert(&self.retained, b.channel, bytes),
+            Some(None) => batch.remove(&self.retained, b.channel),
+            None => {}
+        }
+        if let Some((id, rec)) = &b.id {
+            batch.insert(&self.ids, id_key(b.channel, id), rec.encode_to_vec());
+        }
+        if let Some(serial) = b.trim {
+            batch.remove(&self.messages, channel_key(b.channel, serial));
+        }
+        // The queue lock orders tickets as the journal orders batches: a
+        // sync that reads `written` covers every batch counted in it.
+        let mut q = self.queue.lock();
+        batch.commit().map_err(|e| self.fail("write", e))?;
+        q.written += 1;
+        let ticket = q.written;
+        drop(q);
+        self.dirty.store(true, Ordering::Relaxed);
+        metrics::histogram!("switchboard_storage_write_seconds").record(started.elapsed().as_secs_f64());
+        if self.sync == SyncPolicy::Always {
+            self.wake.notify_one();
+        }
+        Ok(ticket)
+    }
+
+    /// Waits until an fsync covered `ticket` (only meaningful under
+    /// [`SyncPolicy::Always`]; returns at once otherwise).
+    pub async fn synced(&self, ticket: u64) -> Result<(), DiskError> {
+        if self.sync != SyncPolicy::Always {
+            return Ok(());
+        }
+        let mut rx = self.synced.subscribe();
+        let got = rx.wait_for(|s| *s >= ticket).await.map(|s| *s).unwrap_or(u64::MAX);
+        if got == u64::MAX {
+            return Err(DiskError::Write(self.failure().unwrap_or_else(|| "sync failed".into())));
+        }
+        Ok(())
+    }
+
+    /// Whether `ticket` is already covered by an fsync (or needs none).
+    pub fn is_synced(&self, ticket: u64) -> bool {
+        self.sync != SyncPolicy::Always || *self.synced.borrow() >= ticket
+    }
+
+    /// Writes a channel's head alone (creation by subscribe, trimming by
+    /// age). Not waited for: a lost head write is redone by the next one.
+    pub fn put_head(&self, channel: &str, head: &StoredChannel) {
+        if self.check().is_ok()
+            && let Err(e) = self.channels.insert(channel, head.encode_to_vec())
+        {
+            self.fail("write", e);
+        }
+    }
+
+    /// Removes messages that left history by age, in one batch. Not waited
+    /// for: after a crash, loading trims again.
+    pub fn remove_messages(&self, channel: &str, serials: impl IntoIterator<Item = u64>) {
+        let mut batch = self.db.batch();
+        for s in serials {
+            batch.remove(&self.messages, channel_key(channel, s));
+        }
+        if !batch.is_empty()
+            && self.check().is_ok()
+            && let Err(e) = batch.commit()
+        {
+            self.fail("write", e);
+        }
+    }
+
+    /// Forgets idempotency keys whose window ended.
+    pub fn remove_ids<'a>(&self, channel: &str, ids: impl IntoIterator<Item = &'a str>) {
+        let mut batch = self.db.batch();
+        for id in ids {
+            batch.remove(&self.ids, id_key(channel, id));
+        }
+        if !batch.is_empty()
+            && self.check().is_ok()
+            && let Err(e) = batch.commit()
+        {
+            self.fail("write", e);
+        }
+    }
+
+    /// Forgets a channel entirely (idle, nothing left to keep).
+    pub fn remove_channel(&self, channel: &str) {
+        let mut batch = self.db.batch();
+        batch.remove(&self.channels, channel);
+        batch.remove(&self.retained, channel);
+        if self.check().is_ok()
+            && let Err(e) = batch.commit()
+        {
+            self.fail("write", e);
+        }
+    }
+
+    /// Replaces a channel's stored state wholesale (start-up: a new epoch,
+    /// or trimming what aged out while the gateway was down).
+    pub fn rewrite_head(&self, channel: &str, head: &StoredChannel, drop_serials: &[u64]) -> Result<(), DiskError> {
+        let mut batch = self.db.batch();
+        batch.insert(&self.channels, channel, head.encode_to_vec());
+        for s in drop_serials {
+            batch.remove(&self.messages, channel_key(channel, *s));
+        }
+        batch.commit().map_err(|e| self.fail("write", e))
+    }
+
+    /// The first failure, if the store stopped accepting writes.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
+    fn check(&self) -> Result<(), DiskError> {
+        match self.failure() {
+            Some(f) => Err(DiskError::Write(f)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failed write or sync (first one wins), counts and logs it.
+    fn fail(&self, op: &'static str, e: fjall::Error) -> DiskError {
+        let msg = format!("{op} to {} failed: {e}", self.path);
+        metrics::counter!("switchboard_storage_errors_total", "op" => op).increment(1);
+        let mut f = self.failed.lock();
+        if f.is_none() {
+            tracing::error!(path = %self.path, op, error = %e, "storage failed; publishes are refused until restart");
+            *f = Some(msg.clone());
+        }
+        drop(f);
+        DiskError::Write(msg)
+    }
+
+    /// fsyncs the journal now, timing it.
+    fn sync_now(&self) -> Result<(), DiskError> {
+        let started = Instant::now();
+        self.db.persist(PersistMode::SyncAll).map_err(|e| self.fail("sync", e))?;
+        metrics::histogram!("switchboard_storage_sync_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Starts the thread that fsyncs: the group committer under `always`,
+    /// the periodic syncer under `interval`, none under `never`.
+    fn spawn_syncer(self: &Arc<Self>, interval: Duration) {
+        let weak = Arc::downgrade(self);
+        let handle = match self.sync {
+            SyncPolicy::Never => return,
+            SyncPolicy::Always => std::thread::Builder::new().name("storage-commit".into()).spawn(move || {
+                loop {
+                    let Some(store) = weak.upgrade() else { return };
+                    let mut q = store.queue.lock();
+                    let covered = *store.synced.borrow();
+                    while q.written == covered && !q.stop {
+                        store.wake.wait(&mut q);
+                    }
+                    if q.stop {
+                        return;
+                    }
+                    let upto = q.written;
+                    drop(q);
+                    let result = store.sync_now();
+                    store.synced.send_replace(if result.is_ok() { upto } else { u64::MAX });
+                    if result.is_err() {
+                        return;
+                    }
+                }
+            }),
+            SyncPolicy::Interval => std::thread::Builder::new().name("storage-sync".into()).spawn(move || {
+                loop {
+                    {
+                        let Some(store) = weak.upgrade() else { return };
+                        let mut q = store.queue.lock();
+                        if !q.stop {
+                            store.wake.wait_for(&mut q, interval);
+                        }
+                        if q.stop {
+                            return;
+                        }
+                        drop(q);
+                        if store.dirty.swap(false, Ordering::Relaxed) && store.sync_now().is_err() {
+                            return;
+                        }
+                    }
+                }
+            }),
+        };
+        match handle {
+            Ok(h) => self.threads.lock().push(h),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the storage sync thread");
+            }
+        }
+    }
+
+    /// Bytes the store takes on disk now (also the
+    /// `switchboard_storage_bytes` gauge).
+    pub fn refresh_size(&self) -> u64 {
+        let n = self.db.disk_space().unwrap_or(0);
+        self.size.store(n, Ordering::Relaxed);
+        metrics::gauge!("switchboard_storage_bytes").set(n as f64);
+        n
+    }
+
+    /// Stops the sync thread, fsyncs and marks the stop clean. Idempotent.
+    pub fn close(&self) {
+        {
+            let mut q = self.queue.lock();
+            q.stop = true;
+        }
+        self.wake.notify_all();
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+        if self.check().is_err() {
+            return;
+        }
+        let node = StoredNode { clean: true, boot_id: String::new() };
+        let done = self.sync_now().and_then(|()| {
+            self.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| self.fail("write", e))?;
+            self.sync_now()
+        });
+        match done {
+            Ok(()) => tracing::info!(path = %self.path, "storage closed cleanly"),
+            Err(e) => tracing::error!(path = %self.path, error = %e, "storage did not close cleanly"),
+        }
+    }
+}

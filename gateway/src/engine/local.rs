@@ -1,0 +1,1294 @@
+//! The single-node engine: channel state in this process, optionally made
+//! durable by a [`DiskStore`]; `[storage] kind = "memory"` runs it without
+//! one.
+//!
+//! Locks, and why publishes to different channels never wait for each
+//! other:
+//!
+//! - each channel has its own mutex. A publish takes only its channel's:
+//!   it dedupes, assigns the serial, writes the store, appends to history
+//!   and fans out under it, so every subscriber sees the channel's serial
+//!   order;
+//! - the channel map is an `RwLock` taken for reading to find a channel
+//!   and for writing only to create or forget one;
+//! - the [`Hub`] (sessions, the filter trie, shared groups) is an `RwLock`
+//!   that fan-out takes for reading; subscribe, unsubscribe and detach take
+//!   it for writing, briefly;
+//! - fan-out only `try`-pushes into bounded outboxes, so no lock is held
+//!   while waiting for a subscriber.
+//!
+//! A subscribe that replays (positions, rewind, resume by time, retained)
+//! locks each channel it replays from, registers in the hub and computes
+//! the replay before unlocking, so replayed and live messages neither
+//! overlap nor leave a hole. For a wildcard it also holds the channel map
+//! for reading meanwhile, so no channel can be created (and published to)
+//! between listing the matching channels and registering. Lock order: the
+//! map, then channels (a channel before its `$presence/` companion, else
+//! by name), then the hub. Nothing takes the map while holding a channel.
+//!
+//! With a store under `sync = "always"`, a publish is written under its
+//! channel's lock and then waits, unlocked, for the group fsync; whoever
+//! sees the fsync first delivers the channel's synced publishes in serial
+//! order. So nothing is delivered (or readable from history) before it is
+//! on disk as the policy promises.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
+use prost::Message as _;
+use rand::Rng as _;
+use switchboard_proto::{self as proto, ErrorCode};
+use switchboard_protocols::port::{
+    CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SlowPolicy, SubscribeOutcome,
+};
+
+use super::disk::{AppendBatch, DiskError, DiskStore, Recovery, StoredChannel, StoredId, SyncPolicy};
+use super::{Caller, ChannelPolicy, Engine, EngineConfig, EngineStats};
+use crate::channel::{self, TopicTrie};
+use crate::str_set::StrSet;
+
+/// A fresh random channel epoch: 10 characters of `[0-9a-z]` (~51 bits).
+fn new_epoch() -> Arc<str> {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..10).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect::<String>().into()
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> CoreError {
+    CoreError::new(code, msg)
+}
+
+fn storage_error(e: DiskError) -> CoreError {
+    err(ErrorCode::Unavailable, format!("storage unavailable: {e}"))
+}
+
+#[derive(Debug)]
+struct Member {
+    data: Bytes,
+    protocol: proto::Protocol,
+    /// Set when the session dropped abruptly: the member leaves at this time
+    /// unless the same client enters again first.
+    leave_at: Option<i64>,
+}
+
+/// Presence members are keyed by (client id, connection id).
+type MemberKey = (Arc<str>, Arc<str>);
+
+/// A publish written to the store, waiting for its fsync before delivery.
+#[derive(Debug)]
+struct Pending {
+    ticket: u64,
+    delivery: Arc<Delivery>,
+    from: SessionId,
+}
+
+#[derive(Debug)]
+struct Channel {
+    epoch: Arc<str>,
+    /// The newest serial delivered (what subscribers and history see).
+    serial: u64,
+    /// The newest serial assigned; above `serial` while publishes wait for
+    /// their fsync.
+    assigned: u64,
+    policy: ChannelPolicy,
+    history: VecDeque<Arc<Delivery>>,
+    retained: Option<Arc<Delivery>>,
+    /// Timestamp of the newest message trimmed from history: a resume by
+    /// time from before it cannot be complete.
+    trimmed_ts: Option<i64>,
+    /// Publish ids seen recently → (serial, expiry).
+    dedupe: HashMap<String, (u64, i64)>,
+    /// Ids in expiry order, to forget them without scanning.
+    dedupe_order: VecDeque<(i64, String)>,
+    members: BTreeMap<MemberKey, Member>,
+    last_active: i64,
+    /// Written to the store (false for presence channels and without one).
+    durable: bool,
+    /// Publishes waiting for their fsync, in serial order.
+    pending: VecDeque<Pending>,
+    /// Forgotten by the sweep: whoever still holds this cell looks again.
+    removed: bool,
+}
+
+type Cell = Mutex<Channel>;
+
+/// A locked channel that owns its cell (so it can be held across calls).
+type Guard = ArcMutexGuard<RawMutex, Channel>;
+
+impl Channel {
+    fn new(policy: ChannelPolicy, now: i64, durable: bool) -> Self {
+        Channel {
+            epoch: new_epoch(),
+            serial: 0,
+            assigned: 0,
+            policy,
+            history: VecDeque::new(),
+            retained: None,
+            trimmed_ts: None,
+            dedupe: HashMap::new(),
+            dedupe_order: VecDeque::new(),
+            members: BTreeMap::new(),
+            last_active: now,
+            durable,
+            pending: VecDeque::new(),
+            removed: false,
+        }
+    }
+
+    fn position(&self) -> proto::Position {
+        proto::Position { epoch: self.epoch.to_string(), serial: self.serial }
+    }
+
+    fn head(&self, serial: u64) -> StoredChannel {
+        StoredChannel {
+            epoch: self.epoch.to_string(),
+            serial,
+            trimmed_ts: self.trimmed_ts.unwrap_or(0),
+            last_active: self.last_active,
+        }
+    }
+
+    /// Trims history by count and age; returns the serials that left by
+    /// age (those that left by count are removed from the store with the
+    /// publish that pushed them out).
+    fn trim(&mut self, now: i64) -> Vec<u64> {
+        while self.history.len() > self.policy.history_size {
+            if let Some(d) = self.history.pop_front() {
+                self.trimmed_ts = Some(d.envelope.timestamp);
+            }
+        }
+        let min_ts = now.saturating_sub(self.policy.history_ttl.as_millis() as i64);
+        let mut aged = Vec::new();
+        while self.history.front().is_some_and(|d| d.envelope.timestamp < min_ts) {
+            if let Some(d) = self.history.pop_front() {
+                self.trimmed_ts = Some(d.envelope.timestamp);
+                aged.push(d.envelope.serial);
+            }
+        }
+        aged
+    }
+
+    /// Forgets expired ids and those beyond `max`; returns them.
+    fn forget_ids(&mut self, now: i64, max: usize) -> Vec<String> {
+        let mut gone = Vec::new();
+        while let Some((exp, _)) = self.dedupe_order.front() {
+            if *exp > now && self.dedupe_order.len() <= max {
+                break;
+            }
+            if let Some((_, id)) = self.dedupe_order.pop_front() {
+                self.dedupe.remove(&id);
+                gone.push(id);
+            }
+        }
+        gone
+    }
+
+    /// Messages after `serial`, if history still holds all of them.
+    fn after(&self, serial: u64) -> Option<Vec<Arc<Delivery>>> {
+        if serial >= self.serial {
+            return Some(Vec::new());
+        }
+        let first = self.history.front()?.envelope.serial;
+        if first > serial + 1 {
+            return None;
+        }
+        Some(self.history.iter().filter(|d| d.envelope.serial > serial).cloned().collect())
+    }
+
+    fn is_idle(&self) -> bool {
+        self.history.is_empty()
+            && self.retained.is_none()
+            && self.members.is_empty()
+            && self.dedupe.is_empty()
+            && self.pending.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    caller: Caller,
+    outbox: Arc<Outbox>,
+    /// Filters the client subscribed to.
+    filters: StrSet,
+    /// Filters whose `$presence/<filter>` companion this session holds
+    /// because it subscribed with `presence: true`. Kept apart from
+    /// `filters` so that an explicit `$presence/...` subscription survives
+    /// unsubscribing the base filter.
+    companions: StrSet,
+    /// Channels whose presence this session entered.
+    presence: StrSet,
+}
+
+/// A subscription's target in the trie.
+#[derive(Debug, Clone)]
+struct Sub {
+    outbox: Arc<Outbox>,
+    /// Skip messages this session published itself (MQTT 5 no-local).
+    no_local: bool,
+}
+
+/// An MQTT 5 shared subscription `$share/{group}/{filter}`: each message
+/// goes to one member, round robin.
+#[derive(Debug, Default)]
+struct SharedGroup {
+    members: Vec<(SessionId, Sub)>,
+    next: usize,
+}
+
+/// Node-local fan-out: sessions and who subscribed to what. Shared groups
+/// are indexed by filter in a trie of their own, like plain subscriptions,
+/// so a publish visits only the groups whose filter matches its channel.
+#[derive(Debug, Default)]
+struct Hub {
+    trie: TopicTrie<SessionId, Sub>,
+    shared: TopicTrie<u64, Arc<Mutex<SharedGroup>>>,
+    /// (group, filter) → the group's key in `shared`, and the group.
+    shared_keys: HashMap<(String, String), (u64, Arc<Mutex<SharedGroup>>)>,
+    next_shared: u64,
+    sessions: HashMap<SessionId, Session>,
+}
+
+impl Hub {
+    fn join_group(&mut self, group: &str, filter: &str, session: SessionId, sub: Sub) {
+        let key = (group.to_string(), filter.to_string());
+        let g = match self.shared_keys.get(&key) {
+            Some((_, g)) => g.clone(),
+            None => {
+                self.next_shared += 1;
+                let id = self.next_shared;
+                let g = Arc::new(Mutex::new(SharedGroup::default()));
+                self.shared.insert(filter, id, g.clone());
+                self.shared_keys.insert(key, (id, g.clone()));
+                g
+            }
+        };
+        let mut g = g.lock();
+        match g.members.iter_mut().find(|(sid, _)| *sid == session) {
+            Some(m) => m.1 = sub,
+            None => g.members.push((session, sub)),
+        }
+    }
+
+    fn leave_group(&mut self, group: &str, filter: &str, session: SessionId) {
+        let key = (group.to_string(), filter.to_string());
+        let Some((id, g)) = self.shared_keys.get(&key) else { return };
+        let id = *id;
+        let mut g = g.lock();
+        g.members.retain(|(sid, _)| *sid != session);
+        let empty = g.members.is_empty();
+        if !empty {
+            g.next %= g.members.len();
+        }
+        drop(g);
+        if empty {
+            self.shared.remove(filter, id);
+            self.shared_keys.remove(&key);
+        }
+    }
+
+    /// Pushes a delivery to every matching subscriber, once per session,
+    /// and to one member of every matching shared group. `from` is the
+    /// publishing session (0 for none), skipped where it asked for no-local.
+    fn fanout(&self, delivery: &Arc<Delivery>, policy: SlowPolicy, from: SessionId) {
+        let channel = delivery.channel();
+        let mut targets: Vec<(SessionId, &Sub)> = Vec::new();
+        self.trie.for_each_match(channel, |sid, sub| {
+            if !(sub.no_local && *sid == from) {
+                targets.push((*sid, sub));
+            }
+        });
+        if targets.len() > 1 {
+            // A session subscribed through several matching filters gets
+            // the message once.
+            targets.sort_unstable_by_key(|(sid, _)| *sid);
+            targets.dedup_by_key(|(sid, _)| *sid);
+        }
+        for (_, sub) in targets {
+            sub.outbox.push(Outbound::Message(delivery.clone()), policy);
+        }
+        self.shared.for_each_match(channel, |_, group| {
+            // Round robin over members that can take it: not closed, and not
+            // the publisher when it asked for no-local.
+            let mut g = group.lock();
+            let n = g.members.len();
+            for step in 0..n {
+                let i = (g.next + step) % n;
+                let (sid, sub) = &g.members[i];
+                if (sub.no_local && *sid == from) || sub.outbox.closed().is_some() {
+                    continue;
+                }
+                sub.outbox.push(Outbound::Message(delivery.clone()), policy);
+                g.next = (i + 1) % n;
+                break;
+            }
+        });
+    }
+}
+
+/// What a publish needs after its channel's lock is released.
+enum Started {
+    /// Acknowledged (and delivered, unless a duplicate).
+    Done(proto::PublishAck),
+    /// Written; acknowledge once the fsync covers `ticket`, after
+    /// delivering what it covers.
+    Syncing { cell: Arc<Cell>, ticket: u64, ack: proto::PublishAck },
+}
+
+/// The single-node engine (see the module docs).
+#[derive(Debug)]
+pub struct LocalEngine {
+    cfg: EngineConfig,
+    channels: RwLock<HashMap<String, Arc<Cell>>>,
+    hub: RwLock<Hub>,
+    /// Abrupt leaves waiting for their grace to end: (time, channel, member).
+    /// Grace is constant, so pushing at the back keeps it sorted.
+    pending_leaves: Mutex<VecDeque<(i64, String, MemberKey)>>,
+    store: Option<Arc<DiskStore>>,
+}
+
+/// The order in which a subscribe locks several channels: a channel
+/// before its presence companion (presence changes lock them in that
+/// order), otherwise by name.
+fn lock_order(name: &str) -> (&str, bool) {
+    match name.strip_prefix(channel::PRESENCE_PREFIX) {
+        Some(base) => (base, true),
+        None => (name, false),
+    }
+}
+
+impl LocalEngine {
+    /// An empty engine whose state lives in memory only.
+    pub fn new(cfg: EngineConfig) -> Self {
+        LocalEngine {
+            cfg,
+            channels: RwLock::new(HashMap::new()),
+            hub: RwLock::new(Hub::default()),
+            pending_leaves: Mutex::new(VecDeque::new()),
+            store: None,
+        }
+    }
+
+    /// An engine over a store, with what the store held at `now`: history
+    /// trimmed by today's rules, ids still in their window. When the last
+    /// stop may have lost acknowledged messages (see [`Recovery`]), every
+    /// channel starts a new epoch, so no client can mistake a reissued
+    /// serial for one it saw.
+    pub fn with_store(cfg: EngineConfig, store: Arc<DiskStore>, recovery: Recovery, now: i64) -> Self {
+        let mut channels = HashMap::new();
+        let mut messages = 0usize;
+        for loaded in recovery.channels {
+            let policy = cfg.policy_for(&loaded.name).clone();
+            let mut ch = Channel::new(policy, now, true);
+            ch.epoch = if recovery.tail_may_be_lost { new_epoch() } else { loaded.head.epoch.as_str().into() };
+            ch.serial = loaded.head.serial;
+            ch.assigned = loaded.head.serial;
+            ch.trimmed_ts = (loaded.head.trimmed_ts != 0).then_some(loaded.head.trimmed_ts);
+            ch.last_active = loaded.head.last_active;
+            let epoch = ch.epoch.to_string();
+            let stamp = |mut env: proto::Envelope| {
+                env.epoch.clone_from(&epoch);
+                Delivery::new(env)
+            };
+            ch.history = loaded.history.into_iter().map(stamp).collect();
+            ch.retained = loaded.retained.map(stamp);
+            let before: Vec<u64> = ch.history.iter().map(|d| d.envelope.serial).collect();
+            ch.trim(now);
+            let first_kept = ch.history.front().map_or(u64::MAX, |d| d.envelope.serial);
+            let dropped: Vec<u64> = before.into_iter().filter(|s| *s < first_kept).collect();
+            let mut ids: Vec<(String, u64, i64)> = loaded.ids.into_iter().filter(|(_, _, exp)| *exp > now).collect();
+            ids.sort_by_key(|(_, _, exp)| *exp);
+            for (id, serial, exp) in ids {
+                ch.dedupe.insert(id.clone(), (serial, exp));
+                ch.dedupe_order.push_back((exp, id));
+            }
+            if (recovery.tail_may_be_lost || !dropped.is_empty())
+                && let Err(e) = store.rewrite_head(&loaded.name, &ch.head(ch.serial), &dropped)
+            {
+                tracing::error!(channel = %loaded.name, error = %e, "cannot update a channel at start");
+            }
+            messages += ch.history.len();
+            channels.insert(loaded.name, Arc::new(Mutex::new(ch)));
+        }
+        if recovery.tail_may_be_lost {
+            tracing::warn!(
+                channels = channels.len(),
+                "the machine restarted after an unclean stop and sync is not \"always\": the newest acknowledged \
+                 messages may be lost, so every channel starts a new epoch (clients get an epoch_changed gap)"
+            );
+        }
+        tracing::info!(channels = channels.len(), messages, unclean = recovery.unclean, "storage loaded");
+        LocalEngine {
+            cfg,
+            channels: RwLock::new(channels),
+            hub: RwLock::new(Hub::default()),
+            pending_leaves: Mutex::new(VecDeque::new()),
+            store: Some(store),
+        }
+    }
+
+    /// The channel's cell, created (with a new epoch) if missing.
+    fn cell(&self, name: &str, now: i64) -> Arc<Cell> {
+        if let Some(c) = self.channels.read().get(name) {
+            return c.clone();
+        }
+        let mut map = self.channels.write();
+        if let Some(c) = map.get(name) {
+            return c.clone();
+        }
+        let durable = self.store.is_some() && !name.starts_with(channel::PRESENCE_PREFIX);
+        let ch = Channel::new(self.cfg.policy_for(name).clone(), now, durable);
+        if durable && let Some(store) = &self.store {
+            // Best effort: a lost head only costs an empty channel's epoch.
+            store.put_head(name, &ch.head(0));
+        }
+        let cell = Arc::new(Mutex::new(ch));
+        map.insert(name.to_string(), cell.clone());
+        cell
+    }
+
+    /// The channel locked, created if missing. Never called with another
+    /// channel locked (it may take the map).
+    fn lock_channel(&self, name: &str, now: i64) -> Guard {
+        loop {
+            let guard = Mutex::lock_arc(&self.cell(name, now));
+            if !guard.removed {
+                return guard;
+            }
+        }
+    }
+
+    /// Registers a session.
+    pub fn attach(&self, caller: &Caller, outbox: Arc<Outbox>) {
+        self.hub.write().sessions.insert(
+            caller.session,
+            Session {
+                caller: caller.clone(),
+                outbox,
+                filters: StrSet::new(),
+                companions: StrSet::new(),
+                presence: StrSet::new(),
+            },
+        );
+    }
+
+    /// Removes a session (see [`Engine::detach`]).
+    pub fn detach(&self, session: SessionId, kind: CloseKind, now: i64) {
+        let s = {
+            let mut hub = self.hub.write();
+            let Some(s) = hub.sessions.remove(&session) else { return };
+            for f in &s.filters {
+                match channel::parse_shared(f) {
+                    Some((group, inner)) => hub.leave_group(group, inner, session),
+                    None => {
+                        hub.trie.remove(f, session);
+                    }
+                }
+            }
+            for f in &s.companions {
+                hub.trie.remove(&channel::presence_channel(f), session);
+            }
+            s
+        };
+        let key: MemberKey = (s.caller.client_id.clone(), s.caller.connection_id.clone());
+        for ch in &s.presence {
+            match kind {
+                CloseKind::Clean => self.remove_member(ch, &key, now),
+                CloseKind::Abrupt => {
+                    let at = now + self.cfg.presence_grace.as_millis() as i64;
+                    let Some(cell) = self.channels.read().get(ch).cloned() else { continue };
+                    let mut c = cell.lock();
+                    if let Some(m) = c.members.get_mut(&key) {
+                        m.leave_at = Some(at);
+                        self.pending_leaves.lock().push_back((at, ch.to_string(), key.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one sequenced message: history, retained value, fan-out.
+    fn deliver(&self, name: &str, ch: &mut Channel, delivery: Arc<Delivery>, from: SessionId, now: i64) {
+        ch.serial = delivery.envelope.serial;
+        if ch.policy.history_size > 0 {
+            ch.history.push_back(delivery.clone());
+        }
+        let aged = ch.trim(now);
+        self.forget_on_disk(name, ch, aged);
+        if delivery.envelope.retain {
+            ch.retained = if delivery.envelope.payload.is_empty() { None } else { Some(delivery.clone()) };
+        }
+        self.hub.read().fanout(&delivery, ch.policy.slow_policy, from);
+    }
+
+    /// Delivers the channel's publishes whose fsync is done, in order.
+    fn deliver_synced(&self, name: &str, ch: &mut Channel, now: i64) {
+        let Some(store) = &self.store else { return };
+        while ch.pending.front().is_some_and(|p| store.is_synced(p.ticket)) {
+            if let Some(p) = ch.pending.pop_front() {
+                self.deliver(name, ch, p.delivery, p.from, now);
+            }
+        }
+    }
+
+    /// Removes from the store what left history by age.
+    fn forget_on_disk(&self, name: &str, ch: &Channel, aged: Vec<u64>) {
+        if ch.durable
+            && !aged.is_empty()
+            && let Some(store) = &self.store
+        {
+            store.remove_messages(name, aged);
+            store.put_head(name, &ch.head(ch.assigned));
+        }
+    }
+
+    /// Sequences an envelope on a locked channel: writes it to the store
+    /// (durable channels) and delivers it, or queues it for its fsync.
+    fn append(
+        &self,
+        name: &str,
+        ch: &mut Channel,
+        mut env: proto::Envelope,
+        from: SessionId,
+        id: Option<(&str, i64)>,
+        now: i64,
+    ) -> Result<(proto::Position, Option<u64>), CoreError> {
+        let serial = ch.assigned + 1;
+        env.serial = serial;
+        env.prev_serial = serial - 1;
+        env.timestamp = now;
+        ch.last_active = now;
+        let mut ticket = None;
+        if ch.durable
+            && let Some(store) = &self.store
+        {
+            // Stored without the epoch (the channel's head holds it).
+            let stored = env.encode_to_vec();
+            let head = ch.head(serial);
+            let keep = ch.policy.history_size as u64;
+            let retained = env.retain.then(|| (!env.payload.is_empty()).then_some(stored.as_slice()));
+            let batch = AppendBatch {
+                channel: name,
+                head: &head,
+                message: (keep > 0).then_some((serial, stored.as_slice())),
+                retained,
+                id: id.map(|(id, exp)| (id, StoredId { serial, expires_ms: exp })),
+                trim: (keep > 0 && serial > keep).then(|| serial - keep),
+            };
+            ticket = Some(store.append(&batch).map_err(storage_error)?);
+        }
+        ch.assigned = serial;
+        env.epoch = ch.epoch.to_string();
+        let delivery = Delivery::new(env);
+        let pos = proto::Position { epoch: ch.epoch.to_string(), serial };
+        match (ticket, &self.store) {
+            (Some(t), Some(store)) if store.sync_policy() == SyncPolicy::Always => {
+                ch.pending.push_back(Pending { ticket: t, delivery, from });
+                self.deliver_synced(name, ch, now);
+                let waiting = ch.pending.iter().any(|p| p.ticket == t);
+                Ok((pos, waiting.then_some(t)))
+            }
+            _ => {
+                self.deliver(name, ch, delivery, from, now);
+                Ok((pos, None))
+            }
+        }
+    }
+
+    fn publisher(&self, caller: &Caller) -> proto::Publisher {
+        proto::Publisher {
+            client_id: caller.client_id.to_string(),
+            protocol: caller.protocol as i32,
+            node: self.cfg.node.clone(),
+            connection_id: caller.connection_id.to_string(),
+        }
+    }
+
+    /// Forgets ids beyond the window or the per-channel bound, on disk too.
+    fn forget_ids(&self, name: &str, ch: &mut Channel, now: i64) {
+        let gone = ch.forget_ids(now, self.cfg.dedupe_max_per_channel);
+        if ch.durable
+            && !gone.is_empty()
+            && let Some(store) = &self.store
+        {
+            store.remove_ids(name, gone.iter().map(String::as_str));
+        }
+    }
+
+    /// The first half of a publish, under the channel's lock.
+    fn start_publish(&self, caller: &Caller, req: proto::Publish, now: i64) -> Result<Started, CoreError> {
+        let name = req.channel.clone();
+        let mut ch = self.lock_channel(&name, now);
+        let cell = ArcMutexGuard::mutex(&ch).clone();
+        if !req.id.is_empty() {
+            self.forget_ids(&name, &mut ch, now);
+            if let Some((serial, _)) = ch.dedupe.get(&req.id) {
+                let ack =
+                    proto::PublishAck { channel: name, epoch: ch.epoch.to_string(), serial: *serial, duplicate: true };
+                // The first publish may still wait for its fsync: so does
+                // its repeat.
+                return Ok(match ch.pending.iter().find(|p| p.delivery.envelope.serial == *serial) {
+                    Some(p) => Started::Syncing { cell: cell.clone(), ticket: p.ticket, ack },
+                    None => Started::Done(ack),
+                });
+            }
+        }
+        let exp = now + self.cfg.dedupe_window.as_millis() as i64;
+        let env = proto::Envelope {
+            channel: req.channel,
+            payload: req.payload,
+            id: req.id,
+            publisher: Some(self.publisher(caller)),
+            content_type: req.content_type,
+            headers: req.headers,
+            kind: proto::Kind::Message as i32,
+            retain: req.retain,
+            qos: req.qos,
+            message_expiry: req.message_expiry,
+            response_topic: req.response_topic,
+            correlation_data: req.correlation_data,
+            payload_utf8: req.payload_utf8,
+            ..Default::default()
+        };
+        let id = (!env.id.is_empty()).then(|| env.id.clone());
+        let (pos, ticket) = self.append(&name, &mut ch, env, caller.session, id.as_deref().map(|i| (i, exp)), now)?;
+        if let Some(id) = id {
+            ch.dedupe.insert(id.clone(), (pos.serial, exp));
+            ch.dedupe_order.push_back((exp, id));
+            self.forget_ids(&name, &mut ch, now);
+        }
+        let ack = proto::PublishAck { channel: name, epoch: pos.epoch, serial: pos.serial, duplicate: false };
+        drop(ch);
+        Ok(match ticket {
+            Some(ticket) => Started::Syncing { cell, ticket, ack },
+            None => Started::Done(ack),
+        })
+    }
+
+    /// Publishes (see [`Engine::publish`]): acknowledged once the store's
+    /// sync policy is met. The router validated the name.
+    pub async fn publish_at(
+        &self,
+        caller: &Caller,
+        req: proto::Publish,
+        now: i64,
+    ) -> Result<proto::PublishAck, CoreError> {
+        match self.start_publish(caller, req, now)? {
+            Started::Done(ack) => Ok(ack),
+            Started::Syncing { cell, ticket, ack } => {
+                let store = self.store.as_ref().expect("only a store makes a publish wait");
+                store.synced(ticket).await.map_err(storage_error)?;
+                let mut ch = cell.lock();
+                self.deliver_synced(&ack.channel, &mut ch, now);
+                Ok(ack)
+            }
+        }
+    }
+}
+
+impl LocalEngine {
+    /// Subscribes (see [`Engine::subscribe`]). The router validated the filter.
+    pub fn subscribe(
+        &self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        now: i64,
+    ) -> Result<SubscribeOutcome, CoreError> {
+        if let Some((group, inner)) = channel::parse_shared(&req.filter) {
+            // Shared subscriptions get no replay (MQTT 5 sends no retained
+            // messages to them; recovery belongs to one member, not a group).
+            let mut hub = self.hub.write();
+            let s = hub.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
+            let sub = Sub { outbox: s.outbox.clone(), no_local: req.no_local };
+            s.filters.insert(req.filter.clone());
+            hub.join_group(group, inner, session, sub);
+            return Ok(SubscribeOutcome {
+                subscribed: proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
+                replay: Vec::new(),
+            });
+        }
+        if !self.hub.read().sessions.contains_key(&session) {
+            return Err(err(ErrorCode::NotConnected, "no such session"));
+        }
+        let filter = req.filter.as_str();
+        let companion = req.presence.then(|| channel::presence_channel(filter));
+        // Validate every position's shape before changing anything.
+        for (name, pos) in &req.positions {
+            channel::validate_channel(name).map_err(|e| channel::channel_error(name, e))?;
+            let in_scope = channel::filter_matches(filter, name)
+                || companion.as_deref().is_some_and(|c| channel::filter_matches(c, name));
+            if !in_scope {
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("position for {name:?} does not match filter {filter:?}"),
+                ));
+            }
+            if pos.epoch.is_empty() {
+                return Err(err(ErrorCode::BadPosition, format!("position for {name:?} has an empty epoch")));
+            }
+        }
+        let rewind = req.rewind.filter(|r| r.count > 0 || r.duration_ms > 0);
+        let since = (req.since_ms > 0).then_some(req.since_ms as i64);
+        let concrete = channel::is_concrete(filter);
+        let scan = !concrete && (rewind.is_some() || req.retained || since.is_some());
+
+        // Channels named outright exist (with an epoch) before anything is
+        // locked; then, with the map held for reading, the ones a wildcard
+        // finds.
+        let mut named: Vec<String> = Vec::new();
+        if concrete {
+            named.push(filter.to_string());
+        }
+        named.extend(req.positions.keys().filter(|k| k.as_str() != filter).cloned());
+        loop {
+            for n in &named {
+                self.cell(n, now);
+            }
+            let map = self.channels.read();
+            // (name, cell) in reply order.
+            let mut targets: Vec<(String, Arc<Cell>)> = Vec::new();
+            let mut missing = false;
+            for n in &named {
+                match map.get(n) {
+                    Some(c) => targets.push((n.clone(), c.clone())),
+                    None => missing = true,
+                }
+            }
+            if missing {
+                continue; // forgotten by the sweep meanwhile
+            }
+            if let (true, Some(c), Some(_)) = (concrete, companion.as_ref(), since)
+                && !req.positions.contains_key(c)
+                && let Some(cell) = map.get(c)
+            {
+                targets.push((c.clone(), cell.clone()));
+            }
+            if scan {
+                let mut matching: Vec<(String, Arc<Cell>)> = map
+                    .iter()
+                    .filter(|(k, _)| {
+                        let in_scope = channel::filter_matches(filter, k)
+                            || companion.as_deref().is_some_and(|c| since.is_some() && channel::filter_matches(c, k));
+                        in_scope && !req.positions.contains_key(*k)
+                    })
+                    .map(|(k, c)| (k.clone(), c.clone()))
+                    .collect();
+                matching.sort_by(|a, b| a.0.cmp(&b.0));
+                targets.extend(matching);
+            }
+            // Lock in the one order, then keep the guards in reply order.
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            order.sort_by(|a, b| lock_order(&targets[*a].0).cmp(&lock_order(&targets[*b].0)));
+            let mut guards: Vec<Option<Guard>> = (0..targets.len()).map(|_| None).collect();
+            for i in order {
+                guards[i] = Some(Mutex::lock_arc(&targets[i].1));
+            }
+            let mut guards: Vec<Guard> = guards.into_iter().flatten().collect();
+            if guards.iter().any(|g| g.removed) {
+                continue;
+            }
+            if !scan {
+                drop(map);
+            }
+            let out = self.subscribe_locked(session, req, filter, companion.as_deref(), &targets, &mut guards, now)?;
+            return Ok(out);
+        }
+    }
+
+    /// Validates positions against the locked channels, computes each
+    /// channel's state and replay, and registers the subscription.
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe_locked(
+        &self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        filter: &str,
+        companion: Option<&str>,
+        targets: &[(String, Arc<Cell>)],
+        guards: &mut [Guard],
+        now: i64,
+    ) -> Result<SubscribeOutcome, CoreError> {
+        for ((name, _), ch) in targets.iter().zip(guards.iter()) {
+            if let Some(pos) = req.positions.get(name)
+                && ch.epoch.as_ref() == pos.epoch
+                && pos.serial > ch.serial
+            {
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!(
+                        "position {}:{} of {name:?} is ahead of the channel ({})",
+                        pos.epoch, pos.serial, ch.serial
+                    ),
+                ));
+            }
+        }
+        let rewind = req.rewind.filter(|r| r.count > 0 || r.duration_ms > 0);
+        let since = (req.since_ms > 0).then_some(req.since_ms as i64);
+        let mut out = SubscribeOutcome {
+            subscribed: proto::Subscribed { filter: filter.to_string(), channels: Vec::new() },
+            replay: Vec::new(),
+        };
+        for ((name, _), ch) in targets.iter().zip(guards.iter_mut()) {
+            let aged = ch.trim(now);
+            self.forget_on_disk(name, ch, aged);
+            let mut state = proto::ChannelState {
+                channel: name.clone(),
+                epoch: ch.epoch.to_string(),
+                serial: ch.serial,
+                recovered: false,
+            };
+            let mut replay: Vec<Arc<Delivery>> = Vec::new();
+            let mut want_retained = req.retained;
+            if let Some(pos) = req.positions.get(name) {
+                let recovered = if pos.epoch == ch.epoch.as_ref() { ch.after(pos.serial) } else { None };
+                match recovered {
+                    Some(msgs) => {
+                        state.recovered = true;
+                        want_retained = false;
+                        replay = msgs;
+                    }
+                    None => {
+                        let reason = if pos.epoch == ch.epoch.as_ref() { "trimmed" } else { "epoch_changed" };
+                        out.replay.push(Outbound::Gap(proto::Gap {
+                            channel: name.clone(),
+                            from: Some(pos.clone()),
+                            to: Some(ch.position()),
+                            reason: reason.into(),
+                        }));
+                    }
+                }
+            } else if let Some(since) = since {
+                // Resume by time: everything accepted at or after `since`,
+                // or a gap when history already dropped some of it.
+                let lost = ch.trimmed_ts.is_some_and(|t| t >= since)
+                    || (ch.policy.history_size == 0 && ch.last_active >= since && ch.serial > 0);
+                if lost {
+                    out.replay.push(Outbound::Gap(proto::Gap {
+                        channel: name.clone(),
+                        from: None,
+                        to: Some(ch.position()),
+                        reason: "trimmed".into(),
+                    }));
+                } else {
+                    replay = ch.history.iter().filter(|d| d.envelope.timestamp >= since).cloned().collect();
+                }
+            } else if let Some(rw) = rewind {
+                let min_ts = if rw.duration_ms > 0 { now.saturating_sub(rw.duration_ms as i64) } else { i64::MIN };
+                let count = if rw.count > 0 { rw.count as usize } else { usize::MAX };
+                let recent: Vec<_> = ch
+                    .history
+                    .iter()
+                    .rev()
+                    .take_while(|d| d.envelope.timestamp > min_ts)
+                    .take(count)
+                    .cloned()
+                    .collect();
+                replay = recent.into_iter().rev().collect();
+            }
+            if want_retained
+                && let Some(r) = &ch.retained
+                && replay.first().is_none_or(|f| r.envelope.serial < f.envelope.serial)
+            {
+                out.replay.push(Outbound::Message(r.clone()));
+            }
+            out.replay.extend(replay.into_iter().map(Outbound::Message));
+            out.subscribed.channels.push(state);
+        }
+
+        // Register last: nothing above can fail after this point. A repeated
+        // subscribe to the same filter replaces its options (MQTT semantics),
+        // so `presence: false` drops an earlier companion.
+        let mut guard = self.hub.write();
+        let hub = &mut *guard;
+        let s = hub.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
+        let sub = Sub { outbox: s.outbox.clone(), no_local: req.no_local };
+        hub.trie.insert(filter, session, sub.clone());
+        s.filters.insert(filter.to_string());
+        match companion {
+            Some(c) => {
+                hub.trie.insert(c, session, sub);
+                s.companions.insert(filter.to_string());
+            }
+            None => {
+                if s.companions.remove(filter) {
+                    let c = channel::presence_channel(filter);
+                    if !s.filters.contains(&c) {
+                        hub.trie.remove(&c, session);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unsubscribes a filter and its presence companion (an explicit
+    /// `$presence/...` subscription of the same session stays).
+    pub fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {
+        let mut guard = self.hub.write();
+        let hub = &mut *guard;
+        let s = hub.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
+        if !s.filters.remove(filter) {
+            return Err(err(ErrorCode::NotSubscribed, format!("not subscribed to {filter:?}")));
+        }
+        if let Some((group, inner)) = channel::parse_shared(filter) {
+            hub.leave_group(group, inner, session);
+            return Ok(());
+        }
+        // The trie holds one entry per (filter, session): keep it while the
+        // same filter is still held as someone's presence companion.
+        let held_as_companion =
+            filter.strip_prefix(channel::PRESENCE_PREFIX).is_some_and(|base| s.companions.contains(base));
+        let dropped_companion = s.companions.remove(filter);
+        let companion_subscribed = s.filters.contains(&channel::presence_channel(filter));
+        if !held_as_companion {
+            hub.trie.remove(filter, session);
+        }
+        if dropped_companion && !companion_subscribed {
+            hub.trie.remove(&channel::presence_channel(filter), session);
+        }
+        Ok(())
+    }
+
+    /// Appends a presence event to `$presence/<channel>`, whose cell the
+    /// caller fetched before locking `channel` (so no map lock is taken
+    /// while a channel is held).
+    fn presence_event(
+        &self,
+        presence: &Arc<Cell>,
+        channel: &str,
+        kind: proto::Kind,
+        key: &MemberKey,
+        protocol: proto::Protocol,
+        data: Bytes,
+        now: i64,
+    ) {
+        let name = channel::presence_channel(channel);
+        let env = proto::Envelope {
+            channel: name.clone(),
+            payload: data,
+            publisher: Some(proto::Publisher {
+                client_id: key.0.to_string(),
+                protocol: protocol as i32,
+                node: self.cfg.node.clone(),
+                connection_id: key.1.to_string(),
+            }),
+            kind: kind as i32,
+            ..Default::default()
+        };
+        let mut pc = presence.lock();
+        // Presence channels are never stored, so this cannot fail.
+        let _ = self.append(&name, &mut pc, env, 0, None, now);
+    }
+
+    /// The `$presence/` companion's cell, for [`Self::presence_event`].
+    fn presence_cell(&self, channel: &str, now: i64) -> Arc<Cell> {
+        loop {
+            let cell = self.cell(&channel::presence_channel(channel), now);
+            if !cell.lock().removed {
+                return cell;
+            }
+        }
+    }
+
+    fn remove_member(&self, channel: &str, key: &MemberKey, now: i64) {
+        let Some(cell) = self.channels.read().get(channel).cloned() else { return };
+        let presence = self.presence_cell(channel, now);
+        let mut c = cell.lock();
+        let Some(m) = c.members.remove(key) else { return };
+        // A leave is activity: the channel keeps its position for another
+        // idle period, so a caught-up client recovers without a false gap.
+        c.last_active = now;
+        self.presence_event(&presence, channel, proto::Kind::PresenceLeave, key, m.protocol, m.data, now);
+    }
+
+    /// Enters or updates presence (see [`Engine::presence_enter`]).
+    pub fn presence_enter(
+        &self,
+        caller: &Caller,
+        name: &str,
+        data: Bytes,
+        update: bool,
+        now: i64,
+    ) -> Result<(), CoreError> {
+        if caller.client_id.is_empty() {
+            return Err(err(ErrorCode::NoIdentity, "presence needs a client id"));
+        }
+        let max = self.cfg.presence_max_members;
+        let key: MemberKey = (caller.client_id.clone(), caller.connection_id.clone());
+        let presence = self.presence_cell(name, now);
+        let mut ch = self.lock_channel(name, now);
+        ch.last_active = now;
+        let kind = if let Some(m) = ch.members.get_mut(&key) {
+            if m.data == data {
+                None
+            } else {
+                m.data = data.clone();
+                Some(proto::Kind::PresenceUpdate)
+            }
+        } else {
+            if update {
+                return Err(err(ErrorCode::BadRequest, format!("not present on {name:?}; enter first")));
+            }
+            // The same client coming back within the grace period takes
+            // over its old membership: no leave, no second enter.
+            let resumed = ch
+                .members
+                .iter()
+                .find(|(k, m)| k.0 == key.0 && m.leave_at.is_some())
+                .map(|(k, m)| (k.clone(), m.data.clone()));
+            if resumed.is_none() && ch.members.len() >= max {
+                return Err(err(ErrorCode::Unavailable, format!("presence of {name:?} is full ({max} members)")));
+            }
+            if let Some((old, _)) = &resumed {
+                ch.members.remove(old);
+            }
+            ch.members.insert(key.clone(), Member { data: data.clone(), protocol: caller.protocol, leave_at: None });
+            match resumed {
+                Some((_, old_data)) if old_data == data => None,
+                Some(_) => Some(proto::Kind::PresenceUpdate),
+                None => Some(proto::Kind::PresenceEnter),
+            }
+        };
+        if let Some(s) = self.hub.write().sessions.get_mut(&caller.session) {
+            s.presence.insert(name.to_string());
+        }
+        if let Some(kind) = kind {
+            self.presence_event(&presence, name, kind, &key, caller.protocol, data, now);
+        }
+        Ok(())
+    }
+
+    /// Leaves presence.
+    pub fn presence_leave(&self, caller: &Caller, name: &str, now: i64) -> Result<(), CoreError> {
+        let key: MemberKey = (caller.client_id.clone(), caller.connection_id.clone());
+        let present = self.channels.read().get(name).cloned().is_some_and(|c| c.lock().members.contains_key(&key));
+        if !present {
+            return Err(err(ErrorCode::BadRequest, format!("not present on {name:?}")));
+        }
+        if let Some(s) = self.hub.write().sessions.get_mut(&caller.session) {
+            s.presence.remove(name);
+        }
+        self.remove_member(name, &key, now);
+        Ok(())
+    }
+
+    /// Lists a channel's members (those within their grace included).
+    pub fn presence_members(&self, name: &str) -> proto::PresenceMembers {
+        let cell = self.channels.read().get(name).cloned();
+        let members = cell
+            .map(|c| {
+                c.lock()
+                    .members
+                    .iter()
+                    .map(|((client, conn), m)| proto::Member {
+                        client_id: client.to_string(),
+                        connection_id: conn.to_string(),
+                        data: m.data.clone(),
+                        protocol: m.protocol as i32,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        proto::PresenceMembers { channel: name.to_string(), members }
+    }
+
+    /// Reads history (see [`Engine::history`]).
+    pub fn history(&self, req: &proto::History, now: i64) -> Result<proto::HistoryResult, CoreError> {
+        let page_max = self.cfg.history_page_max;
+        let Some(cell) = self.channels.read().get(&req.channel).cloned() else {
+            if let Some(p) = &req.since
+                && p.serial > 0
+            {
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("channel {:?} has no epoch {:?}", req.channel, p.epoch),
+                ));
+            }
+            return Ok(proto::HistoryResult { channel: req.channel.clone(), ..Default::default() });
+        };
+        let mut ch = cell.lock();
+        let aged = ch.trim(now);
+        self.forget_on_disk(&req.channel, &ch, aged);
+        let since = match &req.since {
+            None => 0,
+            Some(p) if p.epoch != ch.epoch.as_ref() => {
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("epoch {:?} is not the channel's epoch {:?}", p.epoch, ch.epoch),
+                ));
+            }
+            Some(p) if p.serial > ch.serial => {
+                return Err(err(
+                    ErrorCode::BadPosition,
+                    format!("serial {} is ahead of the channel ({})", p.serial, ch.serial),
+                ));
+            }
+            Some(p) => p.serial,
+        };
+        let limit = if req.limit == 0 { page_max } else { (req.limit as usize).min(page_max) };
+        let range = ch.history.iter().filter(|d| d.envelope.serial > since);
+        let messages: Vec<proto::Envelope> = if req.reverse {
+            range.rev().take(limit).map(|d| d.envelope.clone()).collect()
+        } else {
+            range.take(limit).map(|d| d.envelope.clone()).collect()
+        };
+        Ok(proto::HistoryResult {
+            channel: req.channel.clone(),
+            epoch: ch.epoch.to_string(),
+            serial: ch.serial,
+            messages,
+        })
+    }
+
+    /// Housekeeping (see [`Engine::sweep`]): one channel locked at a time,
+    /// so publishes elsewhere go on.
+    pub fn sweep(&self, now: i64) {
+        loop {
+            let due = {
+                let mut leaves = self.pending_leaves.lock();
+                match leaves.front() {
+                    Some((at, _, _)) if *at <= now => leaves.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((at, ch, key)) = due else { break };
+            // Only if the member is still the one that was left pending.
+            let cell = self.channels.read().get(&ch).cloned();
+            let still = cell.is_some_and(|c| c.lock().members.get(&key).is_some_and(|m| m.leave_at == Some(at)));
+            if still {
+                self.remove_member(&ch, &key, now);
+            }
+        }
+        let idle_ttl = self.cfg.idle_channel_ttl.as_millis() as i64;
+        let cells: Vec<(String, Arc<Cell>)> =
+            self.channels.read().iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        let mut idle = Vec::new();
+        for (name, cell) in &cells {
+            let mut ch = cell.lock();
+            let aged = ch.trim(now);
+            self.forget_on_disk(name, &ch, aged);
+            self.forget_ids(name, &mut ch, now);
+            if ch.is_idle() && now - ch.last_active > idle_ttl {
+                idle.push(name.clone());
+            }
+        }
+        if !idle.is_empty() {
+            let mut map = self.channels.write();
+            for name in idle {
+                let Some(cell) = map.get(&name).cloned() else { continue };
+                let mut ch = cell.lock();
+                if ch.is_idle() && now - ch.last_active > idle_ttl {
+                    ch.removed = true;
+                    map.remove(&name);
+                    if ch.durable
+                        && let Some(store) = &self.store
+                    {
+                        store.remove_channel(&name);
+                    }
+                }
+            }
+        }
+        if let Some(store) = &self.store {
+            store.refresh_size();
+        }
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> EngineStats {
+        let cells: Vec<Arc<Cell>> = self.channels.read().values().cloned().collect();
+        EngineStats {
+            channels: cells.len(),
+            subscriptions: self.hub.read().trie.len(),
+            presence_members: cells.iter().map(|c| c.lock().members.len()).sum(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for LocalEngine {
+    fn attach(&self, caller: &Caller, outbox: Arc<Outbox>) {
+        LocalEngine::attach(self, caller, outbox);
+    }
+
+    fn detach(&self, session: SessionId, kind: CloseKind, now_ms: i64) {
+        LocalEngine::detach(self, session, kind, now_ms);
+    }
+
+    async fn publish(&self, caller: &Caller, req: proto::Publish, now_ms: i64) -> Result<proto::PublishAck, CoreError> {
+        self.publish_at(caller, req, now_ms).await
+    }
+
+    async fn subscribe(
+        &self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        now_ms: i64,
+    ) -> Result<SubscribeOutcome, CoreError> {
+        LocalEngine::subscribe(self, session, req, now_ms)
+    }
+
+    async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {
+        LocalEngine::unsubscribe(self, session, filter)
+    }
+
+    async fn presence_enter(
+        &self,
+        caller: &Caller,
+        channel: &str,
+        data: Bytes,
+        update: bool,
+        now_ms: i64,
+    ) -> Result<(), CoreError> {
+        LocalEngine::presence_enter(self, caller, channel, data, update, now_ms)
+    }
+
+    async fn presence_leave(&self, caller: &Caller, channel: &str, now_ms: i64) -> Result<(), CoreError> {
+        LocalEngine::presence_leave(self, caller, channel, now_ms)
+    }
+
+    async fn presence_members(&self, channel: &str) -> Result<proto::PresenceMembers, CoreError> {
+        Ok(LocalEngine::presence_members(self, channel))
+    }
+
+    async fn history(&self, req: &proto::History, now_ms: i64) -> Result<proto::HistoryResult, CoreError> {
+        LocalEngine::history(self, req, now_ms)
+    }
+
+    fn sweep(&self, now_ms: i64) {
+        LocalEngine::sweep(self, now_ms);
+    }
+
+    fn stats(&self) -> EngineStats {
+        LocalEngine::stats(self)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.store.as_ref().and_then(|s| s.failure()) {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&self) {
+        if let Some(store) = &self.store {
+            store.close();
+        }
+    }
+}
+
+#[cfg(test)]
+impl LocalEngine {
+    /// A publish on an engine without a store, which never waits.
+    pub(crate) fn publish(&self, caller: &Caller, req: proto::Publish, now: i64) -> proto::PublishAck {
+        match self.start_publish(caller, req, now) {
+            Ok(Started::Done(ack)) => ack,
+            Ok(Started::Syncing { .. }) => panic!("a memory engine never waits for a sync"),
+            Err(e) => panic!("publish failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "local_tests.rs"]
+mod tests;
