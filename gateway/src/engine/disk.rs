@@ -617,6 +617,14 @@ impl DiskStore {
         if self.check().is_err() {
             return;
         }
+        // Flushing the memtables into tables lets the journals go, so the
+        // next start reads tables instead of replaying journals (measured:
+        // 2.3 s -> 0.15 s for a million messages; docs/storage.md).
+        for ks in [&self.channels, &self.messages, &self.retained, &self.ids] {
+            if let Err(e) = ks.rotate_memtable_and_wait() {
+                tracing::warn!(path = %self.path, error = %e, "cannot flush a memtable at close");
+            }
+        }
         let node = StoredNode { clean: true, boot_id: String::new() };
         let done = self.sync_now().and_then(|()| {
             self.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| self.fail("write", e))?;
