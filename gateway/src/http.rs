@@ -89,7 +89,7 @@ pub struct HttpShared {
     /// MQTT front-end settings (for `/mqtt`).
     pub mqtt: Arc<mqtt::MqttConfig>,
     /// MQTT persistent sessions, shared with the TCP listener.
-    pub mqtt_sessions: Arc<mqtt::MqttSessions>,
+    pub mqtt_sessions: Arc<dyn mqtt::SessionStore>,
 }
 
 /// The HTTP status for a core error code.

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::engine::disk::DiskStore;
 use crate::engine::local::LocalEngine;
+use crate::engine::mqtt_sessions::{MqttSessions, StoreLimits};
 use crate::front;
 use crate::http::{HttpShared, HttpState};
 use crate::router::Router;
@@ -101,12 +102,18 @@ impl Gateway {
         let config = Arc::new(config);
         crate::admin::metrics_handle();
         let storage = config.storage.disk();
-        let engine: Arc<dyn Engine> = match &storage {
+        let (disk, recovery) = match &storage {
             Some(opts) => {
                 let (store, recovery) = DiskStore::open(opts).map_err(|e| ServerError::Storage(e.to_string()))?;
-                Arc::new(LocalEngine::with_store(config.engine(), store, recovery, crate::router::now_ms()))
+                (Some(store), Some(recovery))
             }
-            None => Arc::new(LocalEngine::new(config.engine())),
+            None => (None, None),
+        };
+        let engine: Arc<dyn Engine> = match (&disk, recovery) {
+            (Some(store), Some(recovery)) => {
+                Arc::new(LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::router::now_ms()))
+            }
+            _ => Arc::new(LocalEngine::new(config.engine())),
         };
         // Validated at load: a bad key configuration never gets this far.
         let auth = config.auth.verifier().map_err(|e| ServerError::Config(e.to_string()))?;
@@ -137,8 +144,18 @@ impl Gateway {
 
         // One persistent-session store for MQTT over TCP and over WebSocket.
         let mqtt_cfg = Arc::new(config.mqtt.front_end());
-        let mqtt_sessions = Arc::new(mqtt::MqttSessions::new(&mqtt_cfg));
+        let limits = StoreLimits { max_sessions: mqtt_cfg.max_sessions, expiry_max: mqtt_cfg.session_expiry_max };
+        let mqtt_sessions = Arc::new(match &disk {
+            Some(store) => MqttSessions::on_disk(
+                limits,
+                store.clone(),
+                tokio::time::Instant::now(),
+                crate::router::now_ms().max(0) as u64,
+            ),
+            None => MqttSessions::with_limits(limits),
+        });
         tasks.push(spawn_mqtt_sweeper(&mqtt_sessions));
+        let mqtt_sessions: Arc<dyn mqtt::SessionStore> = mqtt_sessions;
 
         if let Some(listener) = http {
             let w = &config.websocket;
@@ -292,7 +309,7 @@ fn refused(listener: &'static str, peer: SocketAddr, why: Refusal) {
 }
 
 /// Forgets expired MQTT persistent sessions every ten seconds.
-fn spawn_mqtt_sweeper(sessions: &Arc<mqtt::MqttSessions>) -> JoinHandle<()> {
+fn spawn_mqtt_sweeper(sessions: &Arc<MqttSessions>) -> JoinHandle<()> {
     let weak = Arc::downgrade(sessions);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
@@ -357,7 +374,7 @@ async fn mqtt_accept_loop(
     tls: Option<Tls>,
     admission: Arc<Admission>,
     router: Arc<Router>,
-    sessions: Arc<mqtt::MqttSessions>,
+    sessions: Arc<dyn mqtt::SessionStore>,
     cfg: Arc<mqtt::MqttConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) {

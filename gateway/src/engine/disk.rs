@@ -25,7 +25,8 @@
 //! Layout: keyspaces `channels` (name → [`StoredChannel`]), `messages`
 //! (name, NUL, serial big-endian → envelope without its epoch, which the
 //! channel's record holds), `retained` (name → envelope), `ids` (name, NUL,
-//! id → [`StoredId`]) and `node` (the clean-shutdown marker). Values are
+//! id → [`StoredId`]), `mqtt` (client id → MQTT session record, written by
+//! [`super::mqtt_sessions`]) and `node` (the clean-shutdown marker). Values are
 //! protobuf (prost) messages; there is no hand-written file format.
 //!
 //! What this module does not do: decide anything. Sequencing, trimming
@@ -200,6 +201,16 @@ pub struct AppendBatch<'a> {
     pub trim: Option<u64>,
 }
 
+/// The store's half shared with its sync thread.
+#[derive(Debug)]
+struct Signals {
+    /// Batches written, and the committer's wake-up.
+    queue: Mutex<CommitQueue>,
+    wake: Condvar,
+    /// The newest ticket an fsync covered; `u64::MAX` once syncing failed.
+    synced: watch::Sender<u64>,
+}
+
 /// Group-commit state under [`SyncPolicy::Always`].
 #[derive(Debug, Default)]
 struct CommitQueue {
@@ -218,12 +229,11 @@ pub struct DiskStore {
     retained: Keyspace,
     ids: Keyspace,
     node: Keyspace,
+    mqtt: Keyspace,
     sync: SyncPolicy,
-    /// Batches written, and the committer's wake-up.
-    queue: Mutex<CommitQueue>,
-    wake: Condvar,
-    /// The newest ticket an fsync covered; `u64::MAX` once syncing failed.
-    synced: watch::Sender<u64>,
+    /// What the store shares with its sync thread (which must not keep the
+    /// store, and so the directory's lock, alive).
+    signals: Arc<Signals>,
     /// Set after the first failed write or sync: `/readyz` reports it.
     failed: Mutex<Option<String>>,
     /// Something was written since the last interval fsync.
@@ -231,6 +241,14 @@ pub struct DiskStore {
     /// Bytes on disk, refreshed by [`DiskStore::refresh_size`].
     size: AtomicU64,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for DiskStore {
+    /// Without [`DiskStore::close`] (a crash, or a test dropping it): the
+    /// sync thread stops; the stop is recorded as unclean.
+    fn drop(&mut self) {
+        self.stop_syncer();
+    }
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -309,12 +327,15 @@ impl DiskStore {
             retained: ks("retained")?,
             ids: ks("ids")?,
             node: ks("node")?,
+            mqtt: ks("mqtt")?,
             db,
             path: path.clone(),
             sync: opts.sync,
-            queue: Mutex::new(CommitQueue::default()),
-            wake: Condvar::new(),
-            synced: watch::channel(0).0,
+            signals: Arc::new(Signals {
+                queue: Mutex::new(CommitQueue::default()),
+                wake: Condvar::new(),
+                synced: watch::channel(0).0,
+            }),
             failed: Mutex::new(None),
             dirty: AtomicBool::new(false),
             size: AtomicU64::new(0),
@@ -414,7 +435,7 @@ impl DiskStore {
         }
         // The queue lock orders tickets as the journal orders batches: a
         // sync that reads `written` covers every batch counted in it.
-        let mut q = self.queue.lock();
+        let mut q = self.signals.queue.lock();
         batch.commit().map_err(|e| self.fail("write", e))?;
         q.written += 1;
         let ticket = q.written;
@@ -422,7 +443,7 @@ impl DiskStore {
         self.dirty.store(true, Ordering::Relaxed);
         metrics::histogram!("switchboard_storage_write_seconds").record(started.elapsed().as_secs_f64());
         if self.sync == SyncPolicy::Always {
-            self.wake.notify_one();
+            self.signals.wake.notify_one();
         }
         Ok(ticket)
     }
@@ -433,7 +454,7 @@ impl DiskStore {
         if self.sync != SyncPolicy::Always {
             return Ok(());
         }
-        let mut rx = self.synced.subscribe();
+        let mut rx = self.signals.synced.subscribe();
         let got = rx.wait_for(|s| *s >= ticket).await.map(|s| *s).unwrap_or(u64::MAX);
         if got == u64::MAX {
             return Err(DiskError::Write(self.failure().unwrap_or_else(|| "sync failed".into())));
@@ -443,7 +464,7 @@ impl DiskStore {
 
     /// Whether `ticket` is already covered by an fsync (or needs none).
     pub fn is_synced(&self, ticket: u64) -> bool {
-        self.sync != SyncPolicy::Always || *self.synced.borrow() >= ticket
+        self.sync != SyncPolicy::Always || *self.signals.synced.borrow() >= ticket
     }
 
     /// Writes a channel's head alone (creation by subscribe, trimming by
@@ -508,6 +529,41 @@ impl DiskStore {
         batch.commit().map_err(|e| self.fail("write", e))
     }
 
+    /// Writes an MQTT session record (client id → record). Not waited for:
+    /// a lost checkpoint means the resume replays a little more.
+    pub fn put_mqtt_session(&self, client_id: &str, record: &[u8]) {
+        if self.check().is_ok()
+            && let Err(e) = self.mqtt.insert(client_id, record)
+        {
+            self.fail("write", e);
+        }
+    }
+
+    /// Forgets an MQTT session.
+    pub fn remove_mqtt_session(&self, client_id: &str) {
+        if self.check().is_ok()
+            && let Err(e) = self.mqtt.remove(client_id)
+        {
+            self.fail("write", e);
+        }
+    }
+
+    /// Every MQTT session record, for start-up. An unreadable entry is
+    /// logged and skipped (its client starts afresh).
+    pub fn load_mqtt_sessions(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for kv in self.mqtt.iter() {
+            match kv.into_inner() {
+                Ok((k, v)) => match String::from_utf8(k.to_vec()) {
+                    Ok(id) => out.push((id, v.to_vec())),
+                    Err(_) => tracing::error!(path = %self.path, "an MQTT session key is not UTF-8; skipped"),
+                },
+                Err(e) => tracing::error!(path = %self.path, error = %e, "cannot read an MQTT session; skipped"),
+            }
+        }
+        out
+    }
+
     /// The first failure, if the store stopped accepting writes.
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().clone()
@@ -545,23 +601,25 @@ impl DiskStore {
     /// the periodic syncer under `interval`, none under `never`.
     fn spawn_syncer(self: &Arc<Self>, interval: Duration) {
         let weak = Arc::downgrade(self);
+        let sig = self.signals.clone();
         let handle = match self.sync {
             SyncPolicy::Never => return,
             SyncPolicy::Always => std::thread::Builder::new().name("storage-commit".into()).spawn(move || {
                 loop {
-                    let Some(store) = weak.upgrade() else { return };
-                    let mut q = store.queue.lock();
-                    let covered = *store.synced.borrow();
+                    let mut q = sig.queue.lock();
+                    let covered = *sig.synced.borrow();
                     while q.written == covered && !q.stop {
-                        store.wake.wait(&mut q);
+                        sig.wake.wait(&mut q);
                     }
                     if q.stop {
                         return;
                     }
                     let upto = q.written;
                     drop(q);
+                    let Some(store) = weak.upgrade() else { return };
                     let result = store.sync_now();
-                    store.synced.send_replace(if result.is_ok() { upto } else { u64::MAX });
+                    drop(store);
+                    sig.synced.send_replace(if result.is_ok() { upto } else { u64::MAX });
                     if result.is_err() {
                         return;
                     }
@@ -569,19 +627,17 @@ impl DiskStore {
             }),
             SyncPolicy::Interval => std::thread::Builder::new().name("storage-sync".into()).spawn(move || {
                 loop {
-                    {
-                        let Some(store) = weak.upgrade() else { return };
-                        let mut q = store.queue.lock();
-                        if !q.stop {
-                            store.wake.wait_for(&mut q, interval);
-                        }
-                        if q.stop {
-                            return;
-                        }
-                        drop(q);
-                        if store.dirty.swap(false, Ordering::Relaxed) && store.sync_now().is_err() {
-                            return;
-                        }
+                    let mut q = sig.queue.lock();
+                    if !q.stop {
+                        sig.wake.wait_for(&mut q, interval);
+                    }
+                    if q.stop {
+                        return;
+                    }
+                    drop(q);
+                    let Some(store) = weak.upgrade() else { return };
+                    if store.dirty.swap(false, Ordering::Relaxed) && store.sync_now().is_err() {
+                        return;
                     }
                 }
             }),
@@ -592,6 +648,11 @@ impl DiskStore {
                 tracing::error!(error = %e, "cannot start the storage sync thread");
             }
         }
+    }
+
+    fn stop_syncer(&self) {
+        self.signals.queue.lock().stop = true;
+        self.signals.wake.notify_all();
     }
 
     /// Bytes the store takes on disk now (also the
@@ -605,11 +666,7 @@ impl DiskStore {
 
     /// Stops the sync thread, fsyncs and marks the stop clean. Idempotent.
     pub fn close(&self) {
-        {
-            let mut q = self.queue.lock();
-            q.stop = true;
-        }
-        self.wake.notify_all();
+        self.stop_syncer();
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
         for t in threads {
             let _ = t.join();
@@ -620,7 +677,7 @@ impl DiskStore {
         // Flushing the memtables into tables lets the journals go, so the
         // next start reads tables instead of replaying journals (measured:
         // 2.3 s -> 0.15 s for a million messages; docs/storage.md).
-        for ks in [&self.channels, &self.messages, &self.retained, &self.ids] {
+        for ks in [&self.channels, &self.messages, &self.retained, &self.ids, &self.mqtt] {
             if let Err(e) = ks.rotate_memtable_and_wait() {
                 tracing::warn!(path = %self.path, error = %e, "cannot flush a memtable at close");
             }
@@ -636,3 +693,7 @@ impl DiskStore {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "disk_tests.rs"]
+mod tests;

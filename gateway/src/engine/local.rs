@@ -237,6 +237,9 @@ struct SharedGroup {
     next: usize,
 }
 
+/// A shared group, held by the trie and by its (group, filter) key.
+type SharedRef = Arc<Mutex<SharedGroup>>;
+
 /// Node-local fan-out: sessions and who subscribed to what. Shared groups
 /// are indexed by filter in a trie of their own, like plain subscriptions,
 /// so a publish visits only the groups whose filter matches its channel.
@@ -245,7 +248,7 @@ struct Hub {
     trie: TopicTrie<SessionId, Sub>,
     shared: TopicTrie<u64, Arc<Mutex<SharedGroup>>>,
     /// (group, filter) → the group's key in `shared`, and the group.
-    shared_keys: HashMap<(String, String), (u64, Arc<Mutex<SharedGroup>>)>,
+    shared_keys: HashMap<(String, String), (u64, SharedRef)>,
     next_shared: u64,
     sessions: HashMap<SessionId, Session>,
 }
@@ -958,9 +961,7 @@ impl LocalEngine {
         presence: &Arc<Cell>,
         channel: &str,
         kind: proto::Kind,
-        key: &MemberKey,
-        protocol: proto::Protocol,
-        data: Bytes,
+        (key, protocol, data): (&MemberKey, proto::Protocol, Bytes),
         now: i64,
     ) {
         let name = channel::presence_channel(channel);
@@ -999,7 +1000,7 @@ impl LocalEngine {
         // A leave is activity: the channel keeps its position for another
         // idle period, so a caught-up client recovers without a false gap.
         c.last_active = now;
-        self.presence_event(&presence, channel, proto::Kind::PresenceLeave, key, m.protocol, m.data, now);
+        self.presence_event(&presence, channel, proto::Kind::PresenceLeave, (key, m.protocol, m.data), now);
     }
 
     /// Enters or updates presence (see [`Engine::presence_enter`]).
@@ -1054,7 +1055,7 @@ impl LocalEngine {
             s.presence.insert(name.to_string());
         }
         if let Some(kind) = kind {
-            self.presence_event(&presence, name, kind, &key, caller.protocol, data, now);
+            self.presence_event(&presence, name, kind, (&key, caller.protocol, data), now);
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 
 pub mod disk;
 pub mod local;
+pub mod mqtt_sessions;
 
 use std::sync::Arc;
 use std::time::Duration;

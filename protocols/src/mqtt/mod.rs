@@ -19,8 +19,8 @@
 //!
 //! The protocol state (packet ids, inflight QoS 1/2, inbound QoS 2 ids,
 //! topic aliases, keepalive, will decisions) is the pure [`session`] module;
-//! persistent sessions live in [`MqttSessions`] ([`store`]); the wire codec
-//! is [`codec`].
+//! persistent sessions live in the core, behind the [`SessionStore`] port
+//! ([`store`]); the wire codec is [`codec`].
 //!
 //! # Why rumqttc's `mqttbytes` and not rumqttd
 //!
@@ -36,7 +36,8 @@
 //! Route, authorise, store retained values or history (the core does);
 //! enhanced authentication other than re-authentication with the `jwt`
 //! method (below); MQTT 3.1 (protocol level 3 is refused); request/response
-//! information; a server reference. Sessions are kept in this process only.
+//! information; a server reference; store sessions (the core does, behind
+//! [`SessionStore`]).
 //!
 //! A `Gap` from the core (history could not fill a resume) cannot be
 //! expressed in MQTT: it is logged at `info` and delivery continues after
@@ -182,8 +183,7 @@ use codec::{CodecError, Outgoing, Packet, Version, reason};
 use session::{
     AliasUse, End, InboundAliases, Keepalive, OutboundAliases, Queued, SessionState, Subscription, Transmit,
 };
-pub use store::MqttSessions;
-use store::{Claim, Handover, StoredSession, Ticket};
+pub use store::{Claim, Handover, SessionStore, StoredSession, Ticket};
 pub use ws::serve_ws;
 
 /// Tunables of the MQTT front end.
@@ -538,7 +538,7 @@ impl Peer {
 pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     io: S,
     core: Arc<dyn Core>,
-    sessions: Arc<MqttSessions>,
+    sessions: Arc<dyn SessionStore>,
     cfg: Arc<MqttConfig>,
     peer: Peer,
     shutdown: watch::Receiver<bool>,
@@ -583,7 +583,7 @@ pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
 async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut io: Io<S>,
     core: Arc<dyn Core>,
-    sessions: Arc<MqttSessions>,
+    sessions: Arc<dyn SessionStore>,
     cfg: Arc<MqttConfig>,
     peer: Peer,
     mut shutdown: watch::Receiver<bool>,
@@ -708,7 +708,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut io: Io<S>,
     c: codec::Connect,
     core: Arc<dyn Core>,
-    sessions: Arc<MqttSessions>,
+    sessions: Arc<dyn SessionStore>,
     cfg: Arc<MqttConfig>,
     peer: Peer,
     shutdown: watch::Receiver<bool>,
@@ -928,7 +928,7 @@ struct Conn<S> {
     version: Version,
     client_id: String,
     core: Arc<dyn Core>,
-    sessions: Arc<MqttSessions>,
+    sessions: Arc<dyn SessionStore>,
     /// Taken when a delayed will needs the core session to outlive us.
     session: Option<CoreSession>,
     ticket: Ticket,
@@ -983,6 +983,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
+    /// Tells the store what changed in a persistent session, before the
+    /// packets that acknowledge the change are written.
+    fn checkpoint(&mut self) {
+        if !self.session_expiry.is_zero() && self.state.take_changed() {
+            self.sessions.checkpoint(&self.client_id, self.ticket.conn, &self.state, self.session_expiry);
+        }
+    }
+
     /// After CONNACK: resend inflight (DUP), re-subscribe a resumed session
     /// from its positions, then flush.
     async fn resume_and_flush(&mut self) -> Result<(), Stop> {
@@ -1013,6 +1021,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         }
+        self.checkpoint();
         self.write_batch().await
     }
 
@@ -1061,6 +1070,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             if let Err(stop) = handled {
                 return stop;
             }
+            self.checkpoint();
             if let Err(stop) = self.write_batch().await {
                 return stop;
             }
@@ -1075,6 +1085,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return Ok(());
         }
         self.on_bytes().await?;
+        self.checkpoint();
         self.write_batch().await
     }
 

@@ -162,12 +162,114 @@ pub struct SessionState {
     /// replayed from history after a resume).
     pending: VecDeque<Queued>,
     pending_bytes: usize,
+    /// Something a checkpoint records changed since the last
+    /// [`SessionState::take_changed`].
+    changed: bool,
+}
+
+/// A subscription as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SubscriptionRecord {
+    /// The filter.
+    #[prost(string, tag = "1")]
+    pub filter: String,
+    /// Maximum QoS granted.
+    #[prost(uint32, tag = "2")]
+    pub qos: u32,
+    /// MQTT 5 no local.
+    #[prost(bool, tag = "3")]
+    pub no_local: bool,
+    /// MQTT 5 retain as published.
+    #[prost(bool, tag = "4")]
+    pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier.
+    #[prost(uint32, optional, tag = "5")]
+    pub id: Option<u32>,
+}
+
+/// What of a session is written to disk (see [`super::store`]): enough to
+/// resume after a restart with nothing lost. Messages queued or in flight
+/// are not stored; the positions stop short of them, so the resume replays
+/// them from history (QoS 1/2 messages unacknowledged at a crash come again
+/// as new publishes).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionRecord {
+    /// Subscriptions in the order they were made.
+    #[prost(message, repeated, tag = "1")]
+    pub subs: Vec<SubscriptionRecord>,
+    /// Per channel, the newest position the client has acknowledged (or
+    /// was sent at QoS 0).
+    #[prost(btree_map = "string, message", tag = "2")]
+    pub delivered: BTreeMap<String, proto::Position>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL.
+    #[prost(uint32, repeated, tag = "3")]
+    pub inbound_qos2: Vec<u32>,
 }
 
 impl SessionState {
+    /// Whether anything a checkpoint records changed since the last call;
+    /// clears the mark.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The state as stored (see [`SessionRecord`]).
+    pub fn to_record(&self) -> SessionRecord {
+        let mut delivered: BTreeMap<String, proto::Position> =
+            self.delivered.iter().map(|(c, p)| (c.clone(), p.clone())).collect();
+        // Stop short of the first message of each channel not yet done with.
+        let unfinished = self.inflight.iter().map(|f| &f.msg).chain(self.pending.iter());
+        let mut seen = HashSet::new();
+        for q in unfinished {
+            let env = &q.delivery.envelope;
+            if seen.insert(env.channel.as_str())
+                && let Some(p) = delivered.get_mut(&env.channel)
+                && p.epoch == env.epoch
+            {
+                p.serial = p.serial.min(env.prev_serial);
+            }
+        }
+        SessionRecord {
+            subs: self
+                .subs
+                .iter()
+                .map(|s| SubscriptionRecord {
+                    filter: s.filter.clone(),
+                    qos: s.qos.into(),
+                    no_local: s.no_local,
+                    retain_as_published: s.retain_as_published,
+                    id: s.id,
+                })
+                .collect(),
+            delivered,
+            inbound_qos2: self.inbound_qos2.iter().map(|&id| id.into()).collect(),
+        }
+    }
+
+    /// A session resumed from its record (nothing in flight).
+    pub fn from_record(r: SessionRecord) -> SessionState {
+        SessionState {
+            subs: r
+                .subs
+                .into_iter()
+                .map(|s| Subscription {
+                    filter: s.filter,
+                    qos: s.qos.min(2) as u8,
+                    no_local: s.no_local,
+                    retain_as_published: s.retain_as_published,
+                    id: s.id,
+                })
+                .collect(),
+            delivered: r.delivered.into_iter().collect(),
+            inbound_qos2: r.inbound_qos2.into_iter().filter_map(|id| u16::try_from(id).ok()).collect(),
+            ..SessionState::default()
+        }
+    }
+
     /// Adds or replaces (same filter: MQTT 3.1.1 §3.8.4) a subscription.
     /// Returns true if it is new (for retain handling 1).
     pub fn subscribe(&mut self, sub: Subscription) -> bool {
+        self.changed = true;
         match self.subs.iter_mut().find(|s| s.filter == sub.filter) {
             Some(s) => {
                 *s = sub;
@@ -182,6 +284,7 @@ impl SessionState {
 
     /// Removes a subscription; false if there was none.
     pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        self.changed = true;
         let before = self.subs.len();
         self.subs.retain(|s| s.filter != filter);
         self.subs.len() != before
@@ -202,6 +305,7 @@ impl SessionState {
     /// Raises the channel's high-water mark (never lowers it within an
     /// epoch).
     pub fn advance(&mut self, channel: &str, epoch: &str, serial: u64) {
+        self.changed = true;
         match self.delivered.get_mut(channel) {
             Some(p) if p.epoch == epoch => p.serial = p.serial.max(serial),
             Some(p) => {
@@ -280,6 +384,7 @@ impl SessionState {
     /// PUBACK: completes a QoS 1 flow. False if the id is unknown (a
     /// protocol error that is logged and ignored, as most brokers do).
     pub fn handle_puback(&mut self, pkid: u16) -> bool {
+        self.changed = true;
         let pos =
             self.inflight.iter().position(|f| f.pkid == pkid && f.msg.qos == 1 && f.state == FlowState::Published);
         pos.map(|i| self.inflight.remove(i)).is_some()
@@ -303,6 +408,7 @@ impl SessionState {
 
     /// PUBCOMP: completes a QoS 2 flow.
     pub fn handle_pubcomp(&mut self, pkid: u16) -> bool {
+        self.changed = true;
         let pos = self.inflight.iter().position(|f| f.pkid == pkid && f.state == FlowState::Released);
         pos.map(|i| self.inflight.remove(i)).is_some()
     }
@@ -311,6 +417,7 @@ impl SessionState {
     /// false for a retransmission before PUBREL (MQTT 3.1.1 §4.3.3 method B:
     /// the id is kept until PUBREL, so the message goes out exactly once).
     pub fn handle_inbound_qos2(&mut self, pkid: u16) -> bool {
+        self.changed = true;
         self.inbound_qos2.insert(pkid)
     }
 
@@ -323,6 +430,7 @@ impl SessionState {
     /// PUBREL: releases an inbound QoS 2 id. PUBCOMP is sent either way
     /// (MQTT 5 §4.3.3: reason 0x92 for an unknown id; 3.1.1 has no reason).
     pub fn handle_pubrel(&mut self, pkid: u16) -> bool {
+        self.changed = true;
         self.inbound_qos2.remove(&pkid)
     }
 

@@ -3,6 +3,8 @@
 
 use super::*;
 
+use std::collections::HashMap;
+
 use parking_lot::Mutex;
 use rumqttc::mqttbytes::QoS as Q4;
 use rumqttc::mqttbytes::v4;
@@ -241,9 +243,88 @@ impl Client {
     }
 }
 
+/// The core's session store, faked: one slot per client id, live (with the
+/// kick that asks the connection to hand its session over) or stored;
+/// wills are tokens. No expiry and no bound: those are the core's, tested
+/// there.
+#[derive(Debug, Default)]
+struct FakeSessions {
+    slots: Mutex<HashMap<String, FakeSlot>>,
+    wills: Mutex<HashMap<String, u64>>,
+    next: std::sync::atomic::AtomicU64,
+    checkpoints: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug)]
+enum FakeSlot {
+    Live { conn: u64, kick: Option<oneshot::Sender<Handover>> },
+    Stored(Box<StoredSession>),
+}
+
+impl FakeSessions {
+    fn stored(&self) -> usize {
+        self.slots.lock().values().filter(|s| matches!(s, FakeSlot::Stored(_))).count()
+    }
+}
+
+impl SessionStore for FakeSessions {
+    fn claim(&self, client_id: &str, _now: Instant) -> (Ticket, Claim) {
+        self.wills.lock().remove(client_id);
+        let conn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (kick_tx, kick) = oneshot::channel();
+        let old = self.slots.lock().insert(client_id.into(), FakeSlot::Live { conn, kick: Some(kick_tx) });
+        let claim = match old {
+            None => Claim::Fresh,
+            Some(FakeSlot::Stored(s)) => Claim::Resumed(s),
+            Some(FakeSlot::Live { kick, .. }) => {
+                let (tx, rx) = oneshot::channel();
+                match kick.map(|k| k.send(tx)) {
+                    Some(Ok(())) => Claim::Takeover(rx),
+                    _ => Claim::Fresh,
+                }
+            }
+        };
+        (Ticket { conn, kick }, claim)
+    }
+
+    fn release(&self, client_id: &str, conn: u64, session: Option<Box<StoredSession>>, _: Duration, _: Instant) {
+        let mut slots = self.slots.lock();
+        if !matches!(slots.get(client_id), Some(FakeSlot::Live { conn: c, .. }) if c == &conn) {
+            return;
+        }
+        match session {
+            Some(s) => slots.insert(client_id.into(), FakeSlot::Stored(s)),
+            None => slots.remove(client_id),
+        };
+    }
+
+    fn checkpoint(&self, _: &str, _: u64, _: &SessionState, _: Duration) {
+        self.checkpoints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn expiry_max(&self) -> Duration {
+        Duration::from_secs(3600)
+    }
+
+    fn delay_will(&self, client_id: &str) -> u64 {
+        let token = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.wills.lock().insert(client_id.into(), token);
+        token
+    }
+
+    fn take_will(&self, client_id: &str, token: u64) -> bool {
+        let mut wills = self.wills.lock();
+        let due = wills.get(client_id) == Some(&token);
+        if due {
+            wills.remove(client_id);
+        }
+        due
+    }
+}
+
 struct Harness {
     core: Arc<FakeCore>,
-    sessions: Arc<MqttSessions>,
+    sessions: Arc<FakeSessions>,
     cfg: Arc<MqttConfig>,
     shutdown: watch::Sender<bool>,
 }
@@ -256,7 +337,7 @@ impl Harness {
     fn with(cfg: MqttConfig) -> Self {
         Harness {
             core: FakeCore::new(),
-            sessions: Arc::new(MqttSessions::new(&cfg)),
+            sessions: Arc::new(FakeSessions::default()),
             cfg: Arc::new(cfg),
             shutdown: watch::channel(false).0,
         }
@@ -268,7 +349,7 @@ impl Harness {
         let task = tokio::spawn(serve(
             server,
             core,
-            self.sessions.clone(),
+            self.sessions.clone() as Arc<dyn SessionStore>,
             self.cfg.clone(),
             Peer::default(),
             self.shutdown.subscribe(),
@@ -890,7 +971,14 @@ async fn mqtt_over_websocket() {
     let server = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
     let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
     let core: Arc<dyn Core> = h.core.clone();
-    let task = tokio::spawn(serve_ws(server, core, h.sessions.clone(), h.cfg.clone(), None, h.shutdown.subscribe()));
+    let task = tokio::spawn(serve_ws(
+        server,
+        core,
+        h.sessions.clone() as Arc<dyn SessionStore>,
+        h.cfg.clone(),
+        None,
+        h.shutdown.subscribe(),
+    ));
     let mut connect = BytesMut::new();
     v4::Packet::Connect(v4::Connect::new("ws")).write(&mut connect, usize::MAX).unwrap();
     // A packet split over two messages.
@@ -912,7 +1000,14 @@ async fn serve_is_send() {
     let h = Harness::new();
     let (server, _client) = tokio::io::duplex(64);
     let core: Arc<dyn Core> = h.core.clone();
-    let fut = serve(server, core, h.sessions.clone(), h.cfg.clone(), Peer::default(), h.shutdown.subscribe());
+    let fut = serve(
+        server,
+        core,
+        h.sessions.clone() as Arc<dyn SessionStore>,
+        h.cfg.clone(),
+        Peer::default(),
+        h.shutdown.subscribe(),
+    );
     is_send(&fut);
 }
 
@@ -1067,7 +1162,14 @@ fn an_open_connection_task_stays_small() {
     let h = Harness::new();
     let (server, _client) = tokio::io::duplex(64);
     let core: Arc<dyn Core> = h.core.clone();
-    let fut = serve(server, core, h.sessions.clone(), h.cfg.clone(), Peer::default(), h.shutdown.subscribe());
+    let fut = serve(
+        server,
+        core,
+        h.sessions.clone() as Arc<dyn SessionStore>,
+        h.cfg.clone(),
+        Peer::default(),
+        h.shutdown.subscribe(),
+    );
     let task = std::mem::size_of_val(&fut);
     let run = conn_future_size::<DuplexStream, _>(|c| c.run());
     let conn = std::mem::size_of::<Conn<DuplexStream>>();

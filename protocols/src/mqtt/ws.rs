@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::{MqttConfig, MqttSessions};
+use super::{MqttConfig, SessionStore};
 use crate::port::Core;
 
 /// The WebSocket subprotocol of MQTT (MQTT 5 §6).
@@ -111,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
 pub async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ws: WebSocketStream<S>,
     core: Arc<dyn Core>,
-    sessions: Arc<MqttSessions>,
+    sessions: Arc<dyn SessionStore>,
     cfg: Arc<MqttConfig>,
     peer: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,

@@ -1,0 +1,297 @@
+//! Tests of the disk store under the engine: a real store on a real
+//! directory, reopened in the same process (a drop without
+//! [`DiskStore::close`] is an unclean stop).
+
+use super::*;
+
+use std::sync::atomic::AtomicUsize;
+
+use bytes::Bytes;
+use switchboard_protocols::mqtt::session::{SessionState, Subscription};
+use switchboard_protocols::mqtt::{Claim, SessionStore, StoredSession};
+use switchboard_protocols::port::{Outbound, Outbox};
+
+use crate::engine::local::LocalEngine;
+use crate::engine::mqtt_sessions::{MqttSessions, StoreLimits};
+use crate::engine::{Caller, EngineConfig};
+
+const T0: i64 = 1_700_000_000_000;
+
+/// A fresh directory under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sb-disk-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn opts(dir: &Path, sync: SyncPolicy) -> DiskOptions {
+    let boot = dir.with_extension("boot");
+    if !boot.exists() {
+        std::fs::write(&boot, "boot-1").unwrap();
+    }
+    DiskOptions {
+        dir: dir.to_path_buf(),
+        sync,
+        sync_interval: Duration::from_millis(50),
+        cache_bytes: 1 << 20,
+        boot_id_file: boot,
+    }
+}
+
+/// Opens the store; a store just dropped may still be held for the length
+/// of a sync its thread had started, so `Locked` is retried for a moment.
+fn open(o: &DiskOptions) -> (Arc<DiskStore>, Recovery) {
+    for _ in 0..200 {
+        match DiskStore::open(o) {
+            Err(DiskError::Open { detail, .. }) if detail.contains("Locked") => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.expect("opens"),
+        }
+    }
+    panic!("{} stayed locked", o.dir.display())
+}
+
+fn engine(o: &DiskOptions, now: i64) -> (LocalEngine, Arc<DiskStore>, bool) {
+    let (store, recovery) = open(o);
+    let unclean = recovery.unclean;
+    (LocalEngine::with_store(EngineConfig::default(), store.clone(), recovery, now), store, unclean)
+}
+
+fn caller() -> Caller {
+    Caller { session: 0, client_id: "p".into(), connection_id: "".into(), protocol: proto::Protocol::Rest }
+}
+
+fn publish(e: &LocalEngine, ch: &str, payload: &str, id: &str, retain: bool, now: i64) -> proto::PublishAck {
+    let req = proto::Publish {
+        channel: ch.into(),
+        payload: Bytes::from(payload.to_owned()),
+        id: id.into(),
+        retain,
+        ..Default::default()
+    };
+    futures_util::FutureExt::now_or_never(e.publish_at(&caller(), req, now))
+        .expect("interval sync never waits")
+        .expect("publish")
+}
+
+fn history(e: &LocalEngine, ch: &str, now: i64) -> proto::HistoryResult {
+    e.history(&proto::History { channel: ch.into(), ..Default::default() }, now).expect("history")
+}
+
+#[test]
+fn everything_survives_a_clean_restart() {
+    let dir = TempDir::new("clean");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let (e, store, unclean) = engine(&o, T0);
+    assert!(!unclean, "a new directory is not an unclean stop");
+    let a1 = publish(&e, "a", "one", "k1", false, T0);
+    publish(&e, "a", "two", "", true, T0 + 1);
+    publish(&e, "b", "bee", "", false, T0 + 2);
+    store.close();
+    drop((e, store));
+
+    let (e, store, unclean) = engine(&o, T0 + 10);
+    assert!(!unclean);
+    let h = history(&e, "a", T0 + 10);
+    assert_eq!((h.epoch.as_str(), h.serial), (a1.epoch.as_str(), 2));
+    let texts: Vec<_> =
+        h.messages.iter().map(|m| (m.serial, m.prev_serial, m.epoch.clone(), m.payload.clone())).collect();
+    assert_eq!(texts, vec![(1, 0, a1.epoch.clone(), Bytes::from("one")), (2, 1, a1.epoch.clone(), Bytes::from("two"))]);
+    // The id is still in its window: a repeat is a duplicate of serial 1.
+    let dup = publish(&e, "a", "one", "k1", false, T0 + 11);
+    assert!(dup.duplicate);
+    assert_eq!(dup.serial, 1);
+    // Serials continue; the retained value is back.
+    assert_eq!(publish(&e, "a", "three", "", false, T0 + 12).serial, 3);
+    let ob = Outbox::new(1 << 20);
+    e.attach(
+        &Caller { session: 7, client_id: "s".into(), connection_id: "c7".into(), protocol: proto::Protocol::Ws },
+        ob,
+    );
+    let out = e
+        .subscribe(7, &proto::Subscribe { filter: "a".into(), retained: true, ..Default::default() }, T0 + 13)
+        .unwrap();
+    let retained: Vec<_> = out
+        .replay
+        .iter()
+        .map(|o| match o {
+            Outbound::Message(d) => d.envelope.payload.clone(),
+            Outbound::Gap(g) => panic!("{g:?}"),
+        })
+        .collect();
+    assert_eq!(retained, vec![Bytes::from("two")]);
+    assert_eq!(history(&e, "b", T0 + 13).serial, 1);
+    store.close();
+}
+
+#[test]
+fn an_unclean_stop_keeps_positions_on_the_same_boot_and_changes_epochs_on_another() {
+    let dir = TempDir::new("unclean");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let (e, store, _) = engine(&o, T0);
+    let first = publish(&e, "a", "one", "", false, T0);
+    drop((e, store)); // no close: a crash of the process
+
+    let (e, store, unclean) = engine(&o, T0 + 5);
+    assert!(unclean);
+    let h = history(&e, "a", T0 + 5);
+    assert_eq!((h.epoch.as_str(), h.serial, h.messages.len()), (first.epoch.as_str(), 1, 1), "same boot: exact");
+    drop((e, store));
+
+    // The machine restarted meanwhile: what `interval` had not synced may
+    // be gone, so the channel starts a new epoch (its history stays).
+    std::fs::write(&o.boot_id_file, "boot-2").unwrap();
+    let (e, store, unclean) = engine(&o, T0 + 6);
+    assert!(unclean);
+    let h = history(&e, "a", T0 + 6);
+    assert_ne!(h.epoch, first.epoch);
+    assert_eq!(h.messages.len(), 1);
+    assert_eq!(h.messages[0].epoch, h.epoch);
+    store.close();
+    drop((e, store));
+
+    // Under `always` every acknowledged publish was synced: a new boot
+    // changes nothing.
+    let o = DiskOptions { sync: SyncPolicy::Always, ..o };
+    let (e, store, _) = engine(&o, T0 + 7);
+    let before = history(&e, "a", T0 + 7).epoch;
+    drop((e, store));
+    std::fs::write(&o.boot_id_file, "boot-3").unwrap();
+    let (e, store, unclean) = engine(&o, T0 + 8);
+    assert!(unclean);
+    assert_eq!(history(&e, "a", T0 + 8).epoch, before);
+    store.close();
+}
+
+#[tokio::test]
+async fn always_acknowledges_and_delivers_after_the_sync() {
+    let dir = TempDir::new("always");
+    let o = opts(&dir.0, SyncPolicy::Always);
+    let (e, store, _) = engine(&o, T0);
+    let e = Arc::new(e);
+    let ob = Outbox::new(1 << 20);
+    e.attach(
+        &Caller { session: 1, client_id: "s".into(), connection_id: "c1".into(), protocol: proto::Protocol::Ws },
+        ob.clone(),
+    );
+    e.subscribe(1, &proto::Subscribe { filter: "a".into(), ..Default::default() }, T0).unwrap();
+    // Concurrent publishes on two channels share syncs and keep each
+    // channel's order.
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let e = e.clone();
+        let ch = if i % 2 == 0 { "a" } else { "b" };
+        tasks.push(tokio::spawn(async move {
+            let req = proto::Publish { channel: ch.into(), payload: Bytes::from(format!("{i}")), ..Default::default() };
+            let ack = e.publish_at(&caller(), req, T0).await.expect("publish");
+            // Delivered (so readable) only once synced, and acknowledged
+            // only after that.
+            let h = history(&e, ch, T0);
+            assert!(h.messages.iter().any(|m| m.serial == ack.serial), "acknowledged before delivery: {ack:?}");
+            ack
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut got = Vec::new();
+    ob.drain(&mut got).unwrap();
+    let serials: Vec<u64> = got
+        .iter()
+        .map(|o| match o {
+            Outbound::Message(d) => d.envelope.serial,
+            Outbound::Gap(g) => panic!("{g:?}"),
+        })
+        .collect();
+    assert_eq!(serials, (1..=25).collect::<Vec<_>>(), "every message of a, once, in order");
+    assert_eq!(history(&e, "a", T0).messages.len(), 25);
+    store.close();
+}
+
+#[test]
+fn a_damaged_store_is_a_clear_error_naming_the_directory() {
+    let dir = TempDir::new("corrupt");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let (e, store, _) = engine(&o, T0);
+    for i in 0..20 {
+        publish(&e, "a", &format!("m{i}"), "", false, T0 + i);
+    }
+    store.close();
+    drop((e, store));
+    // Overwrite every table and journal file with garbage.
+    let mut damaged = 0;
+    let mut stack = vec![dir.0.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::metadata(&p).unwrap().len() > 0 && !p.ends_with("lock") {
+                std::fs::write(&p, vec![0xA5u8; 64]).unwrap();
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0);
+    let err = DiskStore::open(&o).map(|_| ()).expect_err("a damaged store must not open");
+    let text = err.to_string();
+    assert!(text.contains(&dir.0.display().to_string()), "{text}");
+    assert!(text.contains("backup") || text.contains("move it away"), "{text}");
+}
+
+#[test]
+fn mqtt_sessions_come_back_from_their_last_checkpoint() {
+    let dir = TempDir::new("mqtt");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let limits = StoreLimits { max_sessions: 10, expiry_max: Duration::from_secs(3600) };
+    let (store, _) = open(&o);
+    let now = tokio::time::Instant::now();
+    let sessions = MqttSessions::on_disk(limits, store.clone(), now, T0 as u64);
+    let (ticket, _) = sessions.claim("dev-1", now);
+    let mut state = SessionState::default();
+    state.subscribe(Subscription {
+        filter: "s/#".into(),
+        qos: 1,
+        no_local: false,
+        retain_as_published: false,
+        id: None,
+    });
+    state.advance("s/1", "E", 7);
+    sessions.checkpoint("dev-1", ticket.conn, &state, Duration::from_secs(600));
+    // Another client stored cleanly, one whose session ends with it.
+    let (t2, _) = sessions.claim("dev-2", now);
+    sessions.release(
+        "dev-2",
+        t2.conn,
+        Some(Box::new(StoredSession { state: SessionState::default(), disconnected_ms: 5 })),
+        Duration::from_secs(600),
+        now,
+    );
+    let (t3, _) = sessions.claim("dev-3", now);
+    sessions.checkpoint("dev-3", t3.conn, &state, Duration::from_secs(600));
+    sessions.release("dev-3", t3.conn, None, Duration::ZERO, now);
+    drop((sessions, store)); // crash: dev-1 was live
+
+    let (store, _) = open(&o);
+    let sessions = MqttSessions::on_disk(limits, store.clone(), now, crate::router::now_ms() as u64);
+    assert_eq!(sessions.stored(), 2);
+    let Claim::Resumed(s) = sessions.claim("dev-1", now).1 else { panic!("dev-1 resumes") };
+    assert_eq!(s.state.subs[0].filter, "s/#");
+    assert_eq!(s.state.delivered["s/1"], proto::Position { epoch: "E".into(), serial: 7 });
+    assert!(matches!(sessions.claim("dev-2", now).1, Claim::Resumed(_)));
+    assert!(matches!(sessions.claim("dev-3", now).1, Claim::Fresh));
+    store.close();
+}
