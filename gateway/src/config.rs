@@ -992,6 +992,23 @@ mod tests {
         assert!(Config::from_toml("", Vec::new()).unwrap().check_exposure().is_ok(), "loopback defaults are fine");
     }
 
+    /// `serve` keeps channel state on disk unless told otherwise; `dev`
+    /// keeps it in memory; bad storage settings are refused at load.
+    #[test]
+    fn storage_defaults_and_errors() {
+        let serve = Config::from_toml("", Vec::new()).unwrap();
+        let disk = serve.storage.disk().expect("disk by default");
+        assert_eq!((disk.dir, disk.sync), (PathBuf::from("switchboard-data"), SyncPolicy::Interval));
+        assert!(Config::dev_defaults().unwrap().storage.disk().is_none(), "dev is in memory");
+        let always = Config::from_toml("[storage]\nsync = \"always\"\ndir = \"/x\"", Vec::new()).unwrap();
+        assert_eq!(always.storage.sync, SyncPolicy::Always);
+        let env = vec![("SWITCHBOARD_STORAGE__KIND".to_string(), "memory".to_string())];
+        assert!(Config::from_toml("", env).unwrap().storage.disk().is_none());
+        for bad in ["[storage]\nsync = \"sometimes\"", "[storage]\ndir = \"\"", "[storage]\nsync_interval = \"0s\""] {
+            assert!(Config::from_toml(bad, Vec::new()).is_err(), "{bad} is refused");
+        }
+    }
+
     /// The example config in deploy/ must parse and match the defaults it documents.
     #[test]
     fn example_config_parses() {

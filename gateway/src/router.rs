@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::port::{
     CloseKind, CloseReason, Core, CoreError, OpenSession, Outbox, SessionHandle, SessionId, SubscribeOutcome,
@@ -107,16 +107,24 @@ impl Default for RouterLimits {
     }
 }
 
-/// One open session, as the router tracks it.
+/// One open session, as the router tracks it. The map of sessions is only
+/// read on the hot path; what changes per session has its own lock, so
+/// publishes of different sessions never wait for each other here.
 #[derive(Debug)]
 struct SessionEntry {
     caller: Caller,
     outbox: Arc<Outbox>,
+    opened_ms: i64,
+    rights: Mutex<Rights>,
+}
+
+/// What changes during a session's life.
+#[derive(Debug)]
+struct Rights {
     /// Filters held, for `max_subscriptions`: subscribing a held filter
     /// again replaces it (as the engine and MQTT §3.8.4 do), it does not
     /// count twice.
     filters: StrSet,
-    opened_ms: i64,
     /// What the session's token allows (everything in open mode).
     caps: Arc<Caps>,
     /// When the token expires, Unix seconds (never in open mode).
@@ -158,7 +166,7 @@ pub struct Router {
     limits: RouterLimits,
     node: String,
     next_id: AtomicU64,
-    sessions: Mutex<HashMap<SessionId, SessionEntry>>,
+    sessions: RwLock<HashMap<SessionId, Arc<SessionEntry>>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -195,7 +203,7 @@ impl Router {
             limits,
             node,
             next_id: AtomicU64::new(1),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
         })
     }
 
@@ -256,8 +264,9 @@ impl Router {
     pub fn expire_tokens(&self, now_secs: u64) -> usize {
         let leeway = self.auth.as_ref().map_or(0, Verifier::leeway_secs);
         let mut n = 0;
-        for s in self.sessions.lock().values() {
-            if s.expires_at.is_some_and(|t| t.saturating_add(leeway) < now_secs) && s.outbox.closed().is_none() {
+        for s in self.sessions.read().values() {
+            let expired = s.rights.lock().expires_at.is_some_and(|t| t.saturating_add(leeway) < now_secs);
+            if expired && s.outbox.closed().is_none() {
                 s.outbox.close(CloseReason::TOKEN_EXPIRED);
                 n += 1;
             }
@@ -292,21 +301,21 @@ impl Router {
 
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
-        self.sessions.lock().len()
+        self.sessions.read().len()
     }
 
     /// Open sessions, for the admin API.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let mut out: Vec<SessionInfo> = self
             .sessions
-            .lock()
+            .read()
             .iter()
             .map(|(id, s)| SessionInfo {
                 id: *id,
                 client_id: s.caller.client_id.to_string(),
                 connection_id: s.caller.connection_id.to_string(),
                 protocol: s.caller.protocol.slug(),
-                subscriptions: s.filters.len(),
+                subscriptions: s.rights.lock().filters.len(),
                 queued_bytes: s.outbox.queued_bytes(),
                 peak_queued_bytes: s.outbox.peak_bytes(),
                 queue_capacity: s.outbox.capacity(),
@@ -321,7 +330,7 @@ impl Router {
     /// Closes one session with [`CloseReason::KICKED`] (admin API); false if
     /// no such session is open. Its front end sends the close to the client.
     pub fn kick(&self, id: SessionId) -> bool {
-        match self.sessions.lock().get(&id) {
+        match self.sessions.read().get(&id) {
             Some(s) => {
                 s.outbox.close(CloseReason::KICKED);
                 true
@@ -332,7 +341,7 @@ impl Router {
 
     /// Closes every session's outbox with `reason` (graceful shutdown).
     pub fn close_all(&self, reason: CloseReason) {
-        for s in self.sessions.lock().values() {
+        for s in self.sessions.read().values() {
             s.outbox.close(reason);
         }
     }
@@ -359,11 +368,19 @@ impl Router {
         })
     }
 
+    fn entry(&self, session: SessionId) -> Result<Arc<SessionEntry>, CoreError> {
+        self.sessions
+            .read()
+            .get(&session)
+            .cloned()
+            .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))
+    }
+
     fn rights(&self, session: SessionId) -> Result<(Caller, Arc<Caps>), CoreError> {
         self.sessions
-            .lock()
+            .read()
             .get(&session)
-            .map(|s| (s.caller.clone(), s.caps.clone()))
+            .map(|s| (s.caller.clone(), s.rights.lock().caps.clone()))
             .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))
     }
 
@@ -387,7 +404,7 @@ impl Router {
     pub fn session_for_connection(&self, connection_id: &str) -> Option<SessionId> {
         // Connection ids are "{node}-{session id}" (see `open`).
         let id: SessionId = connection_id.strip_prefix(self.node.as_str())?.strip_prefix('-')?.parse().ok()?;
-        let sessions = self.sessions.lock();
+        let sessions = self.sessions.read();
         let s = sessions.get(&id)?;
         (s.caller.connection_id.as_ref() == connection_id).then_some(id)
     }
@@ -436,7 +453,8 @@ impl Router {
     ) -> Result<proto::PublishAck, CoreError> {
         if caller.session != 0 {
             let now = std::time::Instant::now();
-            let allowed = self.sessions.lock().get_mut(&caller.session).is_none_or(|s| s.bucket.take(now));
+            let entry = self.sessions.read().get(&caller.session).cloned();
+            let allowed = entry.is_none_or(|s| s.rights.lock().bucket.take(now));
             if !allowed {
                 return Err(self.rate_limited(caller));
             }
@@ -541,22 +559,14 @@ impl Core for Router {
         };
         let outbox = Outbox::with_write_delay(self.limits.outbox_capacity, self.limits.write_delay);
         self.engine.attach(&caller, outbox.clone());
-        self.sessions.lock().insert(
-            id,
-            SessionEntry {
-                caller,
-                outbox: outbox.clone(),
-                filters: StrSet::new(),
-                opened_ms: now_ms(),
-                caps,
-                expires_at,
-                bucket: TokenBucket::new(
-                    self.limits.publish_rate,
-                    self.limits.publish_burst,
-                    std::time::Instant::now(),
-                ),
-            },
-        );
+        let rights = Rights {
+            filters: StrSet::new(),
+            caps,
+            expires_at,
+            bucket: TokenBucket::new(self.limits.publish_rate, self.limits.publish_burst, std::time::Instant::now()),
+        };
+        let entry = SessionEntry { caller, outbox: outbox.clone(), opened_ms: now_ms(), rights: Mutex::new(rights) };
+        self.sessions.write().insert(id, Arc::new(entry));
         metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
         metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol))
             .increment(1);
@@ -573,9 +583,8 @@ impl Core for Router {
             ));
         }
         {
-            let sessions = self.sessions.lock();
-            let s =
-                sessions.get(&session).ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
+            let entry = self.entry(session)?;
+            let s = entry.rights.lock();
             Self::require(&s.caps, Op::Subscribe, &req.filter)?;
             if req.presence {
                 Self::require(&s.caps, Op::Presence, inner)?;
@@ -587,7 +596,7 @@ impl Core for Router {
                 Self::require(&s.caps, Op::History, &req.filter)?;
             }
             if s.filters.len() >= self.limits.max_subscriptions && !s.filters.contains(&req.filter) {
-                limit_exceeded("subscriptions", s.caller.protocol, &s.caller.client_id);
+                limit_exceeded("subscriptions", entry.caller.protocol, &entry.caller.client_id);
                 return Err(CoreError::new(
                     ErrorCode::TooManySubscriptions,
                     format!("at most {} subscriptions per connection", self.limits.max_subscriptions),
@@ -595,8 +604,8 @@ impl Core for Router {
             }
         }
         let outcome = self.engine.subscribe(session, &req, now_ms()).await?;
-        if let Some(s) = self.sessions.lock().get_mut(&session) {
-            s.filters.insert(req.filter);
+        if let Ok(s) = self.entry(session) {
+            s.rights.lock().filters.insert(req.filter);
         }
         Ok(outcome)
     }
@@ -604,22 +613,22 @@ impl Core for Router {
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {
         channel::validate_subscription(filter).map_err(|e| channel::filter_error(filter, e))?;
         self.engine.unsubscribe(session, filter).await?;
-        if let Some(s) = self.sessions.lock().get_mut(&session) {
-            s.filters.remove(filter);
+        if let Ok(s) = self.entry(session) {
+            s.rights.lock().filters.remove(filter);
         }
         Ok(())
     }
 
     async fn publish(&self, session: SessionId, req: proto::Publish) -> Result<proto::PublishAck, CoreError> {
-        // One lock on the hot path: the rate check and the caller's rights.
-        let (caller, caps, allowed) = {
-            let mut sessions = self.sessions.lock();
-            let s = sessions
-                .get_mut(&session)
-                .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
-            let allowed = s.bucket.take(std::time::Instant::now());
-            (s.caller.clone(), s.caps.clone(), allowed)
+        // The session's own lock on the hot path: the rate check and the
+        // caller's rights.
+        let entry = self.entry(session)?;
+        let (caps, allowed) = {
+            let mut r = entry.rights.lock();
+            let allowed = r.bucket.take(std::time::Instant::now());
+            (r.caps.clone(), allowed)
         };
+        let caller = entry.caller.clone();
         if !allowed {
             return Err(self.rate_limited(&caller));
         }
@@ -658,12 +667,11 @@ impl Core for Router {
 
     async fn refresh(&self, session: SessionId, token: &str) -> Result<(), CoreError> {
         let (sub, caps, exp) = self.verify_token(token)?;
-        let mut sessions = self.sessions.lock();
-        let s =
-            sessions.get_mut(&session).ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))?;
-        if s.caller.client_id.as_ref() != sub {
+        let entry = self.entry(session)?;
+        if entry.caller.client_id.as_ref() != sub {
             return Err(CoreError::new(ErrorCode::Unauthorized, "the new token names another client"));
         }
+        let mut s = entry.rights.lock();
         // Live from here on: the next subscribe/publish is checked against
         // the new caps; existing subscriptions stay (they were allowed).
         s.caps = caps;
@@ -672,7 +680,7 @@ impl Core for Router {
     }
 
     fn close(&self, session: SessionId, kind: CloseKind) {
-        let Some(entry) = self.sessions.lock().remove(&session) else { return };
+        let Some(entry) = self.sessions.write().remove(&session) else { return };
         self.engine.detach(session, kind, now_ms());
         let label = protocol_label(entry.caller.protocol);
         metrics::gauge!("switchboard_connections", "protocol" => label).decrement(1.0);

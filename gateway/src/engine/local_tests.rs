@@ -1476,3 +1476,29 @@ fn shared_group_gives_each_message_to_one_member() {
     publish(&st, "jobs/q", "z", T0);
     assert!(st.hub.read().shared_keys.is_empty() && st.hub.read().shared.is_empty());
 }
+
+/// Publishes to different channels are not serialised: while one channel
+/// is held (a long replay, a publish waiting on its channel), a publish to
+/// another channel completes and is delivered.
+#[test]
+fn a_held_channel_does_not_hold_up_another() {
+    let st = Arc::new(state());
+    let ob = attach(&st, 1, "sub", BIG);
+    subscribe(&st, 1, &sub("b"), T0);
+    publish(&st, "a", "first", T0);
+    let cell = st.channels.read().get("a").cloned().expect("channel a exists");
+    let held = cell.lock();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let other = {
+        let st = st.clone();
+        std::thread::spawn(move || {
+            let ack = publish(&st, "b", "meanwhile", T0 + 1);
+            done_tx.send(ack).unwrap();
+        })
+    };
+    let ack = done_rx.recv_timeout(Duration::from_secs(10)).expect("a publish to b completes while a is held");
+    assert_eq!(ack.serial, 1);
+    assert_eq!(payloads(&drain(&ob)), vec!["meanwhile"]);
+    drop(held);
+    other.join().unwrap();
+}
