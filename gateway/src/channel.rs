@@ -87,14 +87,7 @@ pub fn validate_filter(filter: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// Prefix of MQTT 5 shared subscriptions: `$share/{group}/{filter}`.
-pub const SHARE_PREFIX: &str = "$share/";
-
-/// Splits a shared subscription `$share/{group}/{filter}` into group and
-/// filter; `None` for any other filter. Validate with [`validate_filter`].
-pub fn parse_shared(filter: &str) -> Option<(&str, &str)> {
-    filter.strip_prefix(SHARE_PREFIX)?.split_once('/')
-}
+pub use switchboard_proto::topic::{SHARE_PREFIX, parse_shared};
 
 /// Checks a filter that may be a shared subscription: the group is one
 /// non-empty level without wildcards, the rest a valid filter.

@@ -10,6 +10,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
 }
 
+pub mod duration;
 pub mod json;
 pub mod payload;
 pub mod topic;

@@ -24,3 +24,13 @@ pub fn filter_matches(filter: &str, channel: &str) -> bool {
         }
     }
 }
+
+/// Prefix of MQTT 5 shared subscriptions: `$share/{group}/{filter}`.
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// Splits a shared subscription `$share/{group}/{filter}` into group and
+/// filter; `None` for any other filter. The one `$share/` parser: the
+/// router, the engine and the MQTT front end all use it.
+pub fn parse_shared(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix(SHARE_PREFIX)?.split_once('/')
+}

@@ -87,25 +87,16 @@ fn flag(v: &str) -> Result<bool, RequestError> {
     }
 }
 
-/// Parses `rewind=`: a count (`10`) or a duration (`500ms`, `30s`, `5m`).
+/// Parses `rewind=`: a count (`10`) or a duration (`500ms`, `30s`, `5m`;
+/// the gateway's one duration syntax, [`proto::duration::parse_duration`]).
 pub fn parse_rewind(v: &str) -> Result<proto::Rewind, RequestError> {
     let err = || bad(ErrorCode::BadRequest.slug(), format!("rewind must be a count or a duration like 30s, got {v:?}"));
     if let Ok(n) = v.parse::<u32>() {
         return Ok(proto::Rewind { count: n, duration_ms: 0 });
     }
-    let (num, mult) = if let Some(n) = v.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = v.strip_suffix('m') {
-        (n, 60_000)
-    } else if let Some(n) = v.strip_suffix('h') {
-        (n, 3_600_000)
-    } else {
-        return Err(err());
-    };
-    let n: u64 = num.parse().map_err(|_| err())?;
-    Ok(proto::Rewind { count: 0, duration_ms: n.checked_mul(mult).ok_or_else(err)? })
+    let d = proto::duration::parse_duration(v).map_err(|_| err())?;
+    let duration_ms = u64::try_from(d.as_millis()).map_err(|_| err())?;
+    Ok(proto::Rewind { count: 0, duration_ms })
 }
 
 impl StreamRequest {

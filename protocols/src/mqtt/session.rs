@@ -48,9 +48,7 @@ impl Subscription {
 
 /// The inner filter of `$share/{group}/{filter}`, if `filter` is shared.
 pub fn shared_inner(filter: &str) -> Option<&str> {
-    let rest = filter.strip_prefix("$share/")?;
-    let (_group, inner) = rest.split_once('/')?;
-    Some(inner)
+    switchboard_proto::topic::parse_shared(filter).map(|(_group, inner)| inner)
 }
 
 /// How a delivery goes out, decided from every subscription that matches
