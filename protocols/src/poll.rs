@@ -155,7 +155,7 @@ fn render(batch: &[StreamEvent], cursor: &str, more: bool) -> String {
                 if messages.len() > 1 {
                     messages.push(',');
                 }
-                messages.push_str(d.json_frame().as_str());
+                messages.push_str(d.json_frame());
             }
             StreamEvent::Gap(g, _) => {
                 if gaps.len() > 1 {

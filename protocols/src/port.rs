@@ -62,7 +62,15 @@ impl Delivery {
     }
 
     /// `{"type":"message",...}` as JSON text, encoded on first use.
-    pub fn json_frame(&self) -> &Utf8Bytes {
+    pub fn json_frame(&self) -> &str {
+        self.ws_text().as_str()
+    }
+
+    /// The same JSON as a WebSocket text payload, shared without a copy or
+    /// a UTF-8 check per subscriber. Crate-private: the port's public types
+    /// carry no WebSocket-library type; this is the WebSocket front end's
+    /// cache.
+    pub(crate) fn ws_text(&self) -> &Utf8Bytes {
         self.json_frame.get_or_init(|| Utf8Bytes::from(proto::json::encode_message_frame(&self.envelope)))
     }
 
@@ -547,6 +555,6 @@ mod tests {
         let p1 = d.proto_frame().clone();
         let p2 = d.proto_frame().clone();
         assert_eq!(p1.as_ptr(), p2.as_ptr());
-        assert!(d.json_frame().as_str().starts_with("{\"type\":\"message\""));
+        assert!(d.json_frame().starts_with("{\"type\":\"message\""));
     }
 }

@@ -84,7 +84,7 @@ fn write_stream_event(out: &mut BytesMut, ev: &StreamEvent) {
     match ev {
         StreamEvent::Message(d, id) => {
             let name = if d.envelope.kind() == proto::Kind::Message { "message" } else { "presence" };
-            write_event(out, Some(id), name, d.json_frame().as_str());
+            write_event(out, Some(id), name, d.json_frame());
         }
         StreamEvent::Gap(g, id) => {
             let frame = proto::ServerFrame { req: 0, frame: Some(server_frame::Frame::Gap(g.clone())) };

@@ -815,7 +815,7 @@ fn encode(codec: Codec, frame: &proto::ServerFrame) -> Message {
 /// cached in the shared [`Delivery`](crate::port::Delivery).
 fn outbound_message(codec: Codec, item: Outbound) -> Message {
     match (item, codec) {
-        (Outbound::Message(d), Codec::Json) => Message::Text(d.json_frame().clone()),
+        (Outbound::Message(d), Codec::Json) => Message::Text(d.ws_text().clone()),
         (Outbound::Message(d), Codec::Proto) => Message::Binary(d.proto_frame().clone()),
         (Outbound::Gap(g), codec) => encode(codec, &proto::ServerFrame { req: 0, frame: Some(Reply::Gap(g)) }),
     }
@@ -1307,7 +1307,7 @@ mod tests {
         let d = delivery("a", 9);
         core.outbox.push(Outbound::Message(d.clone()), SlowPolicy::Disconnect);
         match h.recv().await {
-            Some(Message::Text(t)) => assert_eq!(t, *d.json_frame()),
+            Some(Message::Text(t)) => assert_eq!(t, *d.ws_text()),
             other => panic!("{other:?}"),
         }
         h.send(Message::Close(None)).await;
