@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use switchboard::auth::{Caps, KeyConfig, Op, OpsSpec, Verifier};
+use switchboard::core::auth::{Caps, KeyConfig, Op, OpsSpec, Verifier};
 use switchboard_proto::topic::filter_matches;
 
 fn verifier() -> &'static Verifier {

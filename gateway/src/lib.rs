@@ -1,24 +1,18 @@
-//! Switchboard, the gateway: router, channels, history, presence, config,
-//! listeners, CLI and admin.
+//! Switchboard, the gateway, in three parts that show the house:
+//!
+//! - [`core`]: what decides — the [`core::router::Router`] (which implements
+//!   the front ends' port), the one channel matcher, auth, and the engine
+//!   seam with its engines (channel state in memory or on disk, the MQTT
+//!   session store). The core knows nothing of sockets, HTTP or config files.
+//! - [`edge`]: what meets the network and the operator — listeners and
+//!   graceful shutdown, the HTTP front door and REST, TLS, admission limits,
+//!   the admin listener, configuration, WebTransport, the demo page.
+//! - [`tooling`]: what users run beside it — the CLI, its clients for every
+//!   protocol, and the load generator.
 //!
 //! The front ends live in `switchboard-protocols` and only translate; this
-//! crate decides. [`router::Router`] implements their port; the
-//! [`engine::Engine`] behind it holds channel state.
+//! crate decides. Dependencies point one way: tooling → edge → core.
 
-pub mod admin;
-pub mod admission;
-pub mod auth;
-pub mod bench;
-pub mod channel;
-pub mod cli;
-pub mod client;
-pub mod client_wt;
-pub mod config;
-pub mod engine;
-pub mod front;
-pub mod http;
-pub mod router;
-pub mod server;
-pub mod str_set;
-pub mod tls;
-pub mod wt;
+pub mod core;
+pub mod edge;
+pub mod tooling;

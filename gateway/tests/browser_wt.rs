@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{DevGateway, SCRIPT_WAIT, repo_root, require_browser};
-use switchboard::client::{SubEvent, subscribe_ws};
+use switchboard::tooling::client::{SubEvent, subscribe_ws};
 
 /// Subscribes to `channel` over WebSocket on a thread of its own: the first
 /// message's payload arrives on the returned channel, after a unit on the

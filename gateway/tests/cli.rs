@@ -137,18 +137,18 @@ fn token_mints_what_the_gateway_accepts() {
         "10m",
     ]);
     assert!(ok, "{err}");
-    let key = switchboard::auth::KeyConfig {
+    let key = switchboard::core::auth::KeyConfig {
         kid: Some("k1".into()),
         alg: "HS256".into(),
         secret: Some(secret.into()),
         ..Default::default()
     };
     let p =
-        switchboard::auth::Verifier::new(&[key], None, 0).expect("verifier").verify(out.trim()).expect("valid token");
+        switchboard::core::auth::Verifier::new(&[key], None, 0).expect("verifier").verify(out.trim()).expect("valid token");
     assert_eq!(p.client_id, "alice");
-    assert!(p.caps.allows(switchboard::auth::Op::Publish, "chat/a/b"));
-    assert!(p.caps.allows(switchboard::auth::Op::History, "x"));
-    assert!(!p.caps.allows(switchboard::auth::Op::Subscribe, "x"));
+    assert!(p.caps.allows(switchboard::core::auth::Op::Publish, "chat/a/b"));
+    assert!(p.caps.allows(switchboard::core::auth::Op::History, "x"));
+    assert!(!p.caps.allows(switchboard::core::auth::Op::Subscribe, "x"));
     let (ok, _, err) = run(&["token", "-c", path, "--sub", "a", "--cap", "chat/#=fly"]);
     assert!(!ok && err.contains("fly"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -166,7 +166,7 @@ fn leaf_hash(path: &std::path::Path) -> String {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let leaf = CertificateDer::pem_file_iter(path).expect("read").next().expect("a certificate").expect("PEM");
-    switchboard::tls::hex(&switchboard::tls::cert_sha256(&leaf))
+    switchboard::edge::tls::hex(&switchboard::edge::tls::cert_sha256(&leaf))
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{Proc, WAIT, addr_after};
 use parking_lot::Mutex;
-use switchboard::client;
+use switchboard::tooling::client;
 
 /// A directory for one test's store, removed afterwards.
 struct DataDir(PathBuf);

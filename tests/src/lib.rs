@@ -9,8 +9,8 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use switchboard::config::Config;
-use switchboard::server::Gateway;
+use switchboard::edge::config::Config;
+use switchboard::edge::server::Gateway;
 use switchboard_proto::{self as proto, client_frame, server_frame};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -49,7 +49,7 @@ impl TestGateway {
         cfg.listen.mqtt = "127.0.0.1:0".into();
         cfg.echo.enabled = true;
         // In memory unless a test asks for a store (and names its directory).
-        cfg.storage.kind = switchboard::config::StorageKind::Memory;
+        cfg.storage.kind = switchboard::edge::config::StorageKind::Memory;
         tweak(&mut cfg);
         cfg.validate()?;
         let gateway = Gateway::start(cfg).await?;
@@ -413,30 +413,30 @@ impl TestGateway {
     /// Client options for the QUIC listener of a gateway started with
     /// [`with_quic`]: `https://127.0.0.1:PORT`, the certificate checked by
     /// its SHA-256.
-    pub fn wt_options(&self) -> anyhow::Result<switchboard::client_wt::WtOptions> {
+    pub fn wt_options(&self) -> anyhow::Result<switchboard::tooling::client_wt::WtOptions> {
         let addr = self.gateway.quic_addr.context("no QUIC listener: start with with_quic")?;
         let hash = self.gateway.tls.as_ref().and_then(|t| t.cert_hash()).context("no certificate")?;
-        Ok(switchboard::client_wt::WtOptions::new(
+        Ok(switchboard::tooling::client_wt::WtOptions::new(
             format!("https://{addr}"),
-            switchboard::client_wt::CertCheck::Hash(hash),
+            switchboard::tooling::client_wt::CertCheck::Hash(hash),
         ))
     }
 
     /// A connected WebTransport client (open mode) with `client_id`.
-    pub async fn wt_client(&self, client_id: &str) -> anyhow::Result<switchboard::client_wt::WtClient> {
+    pub async fn wt_client(&self, client_id: &str) -> anyhow::Result<switchboard::tooling::client_wt::WtClient> {
         let mut opts = self.wt_options()?;
         opts.client_id = client_id.into();
-        Ok(switchboard::client_wt::WtClient::connect(&opts).await?)
+        Ok(switchboard::tooling::client_wt::WtClient::connect(&opts).await?)
     }
 }
 
 /// The next server-opened (channel) stream of `c`, within [`WAIT`].
-pub async fn wt_accept(c: &switchboard::client_wt::WtClient) -> anyhow::Result<switchboard::client_wt::FrameReader> {
+pub async fn wt_accept(c: &switchboard::tooling::client_wt::WtClient) -> anyhow::Result<switchboard::tooling::client_wt::FrameReader> {
     Ok(tokio::time::timeout(WAIT, c.accept_stream()).await.map_err(|_| anyhow!("no stream within {WAIT:?}"))??)
 }
 
 /// The next frame of a stream, within [`WAIT`].
-pub async fn wt_next(r: &mut switchboard::client_wt::FrameReader) -> anyhow::Result<proto::ServerFrame> {
+pub async fn wt_next(r: &mut switchboard::tooling::client_wt::FrameReader) -> anyhow::Result<proto::ServerFrame> {
     tokio::time::timeout(WAIT, r.next())
         .await
         .map_err(|_| anyhow!("no frame within {WAIT:?}"))??
@@ -444,7 +444,7 @@ pub async fn wt_next(r: &mut switchboard::client_wt::FrameReader) -> anyhow::Res
 }
 
 /// The next message envelope of a stream (anything else is an error).
-pub async fn wt_message(r: &mut switchboard::client_wt::FrameReader) -> anyhow::Result<proto::Envelope> {
+pub async fn wt_message(r: &mut switchboard::tooling::client_wt::FrameReader) -> anyhow::Result<proto::Envelope> {
     match wt_next(r).await?.frame {
         Some(server_frame::Frame::Message(e)) => Ok(e),
         other => bail!("expected a message, got {other:?}"),

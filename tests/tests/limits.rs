@@ -32,7 +32,7 @@ use common_mqtt::{Mqtt, Raw, Ver, connect_packet, publish_packet, subscribe_pack
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use serde_json::json;
-use switchboard::client_wt::{CertCheck, FrameReader, WtClient, WtOptions, open_session};
+use switchboard::tooling::client_wt::{CertCheck, FrameReader, WtClient, WtOptions, open_session};
 use switchboard_proto::{self as proto, DeliveryMode, ErrorCode, Publish, client_frame, server_frame};
 use switchboard_protocols::wt::codec;
 use switchboard_tests::*;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common_b::{SmallBufClient, admin_session, admin_sessions, disconnect_of, field, metric, metrics_text};
-use switchboard::config::{ChannelRuleConfig, Config, SlowConsumer};
+use switchboard::edge::config::{ChannelRuleConfig, Config, SlowConsumer};
 use switchboard_proto::{self as proto, client_frame, server_frame};
 use switchboard_tests::*;
 use tokio::task::JoinHandle;

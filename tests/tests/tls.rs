@@ -9,7 +9,7 @@
 //! SNI picks the certificate by name, and a reload reaches new QUIC
 //! handshakes while open sessions go on.
 //!
-//! Certificates come from `switchboard::tls::write_dev_ca` (what
+//! Certificates come from `switchboard::edge::tls::write_dev_ca` (what
 //! `switchboard cert dev` writes), one CA per set, in a temporary folder.
 //! curl, openssl and mosquitto-clients are installed by `tests/run.sh`; when
 //! one is missing the test fails and says so. It never skips.
@@ -27,8 +27,8 @@ use common_mqtt::{Raw, RawPacket, Ver, connect_packet, subscribe_packet};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use switchboard::config::{CertPair, ClientAuth, Config};
-use switchboard::tls::{DEV_NAMES, DevFiles, write_dev_ca};
+use switchboard::edge::config::{CertPair, ClientAuth, Config};
+use switchboard::edge::tls::{DEV_NAMES, DevFiles, write_dev_ca};
 use switchboard_tests::{TestGateway, WAIT, eventually, rest_publish};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -145,7 +145,7 @@ async fn get_over(tls: TlsStream<TcpStream>, h2: bool, path: &str) -> anyhow::Re
 }
 
 fn hex_sha256(der: &CertificateDer<'_>) -> String {
-    switchboard::tls::hex(&switchboard::tls::cert_sha256(der))
+    switchboard::edge::tls::hex(&switchboard::edge::tls::cert_sha256(der))
 }
 
 #[tokio::test]
@@ -399,15 +399,15 @@ async fn with_token_auth_a_certificate_alone_gets_cert_caps() -> anyhow::Result<
     let gw = tls_gateway(&[&certs], |c| {
         c.tls.client_ca = ca;
         c.tls.mqtt_client_auth = ClientAuth::Optional;
-        c.auth.mode = switchboard::config::AuthMode::Token;
-        c.auth.keys = vec![switchboard::auth::KeyConfig {
+        c.auth.mode = switchboard::edge::config::AuthMode::Token;
+        c.auth.keys = vec![switchboard::core::auth::KeyConfig {
             kid: Some("k1".into()),
             alg: "HS256".into(),
             secret: Some("0123456789abcdef0123456789abcdef".into()),
             ..Default::default()
         }];
         c.auth.cert_caps =
-            [("devices/{client_id}/#".to_string(), switchboard::auth::OpsSpec::Csv("subscribe,publish".into()))]
+            [("devices/{client_id}/#".to_string(), switchboard::core::auth::OpsSpec::Csv("subscribe,publish".into()))]
                 .into_iter()
                 .collect();
     })
@@ -600,7 +600,7 @@ struct QuicSession {
     _endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
     conn: wtransport::Connection,
     send: wtransport::SendStream,
-    control: switchboard::client_wt::FrameReader,
+    control: switchboard::tooling::client_wt::FrameReader,
     next_req: u64,
 }
 
@@ -630,7 +630,7 @@ impl QuicSession {
     ) -> anyhow::Result<QuicSession> {
         let (endpoint, conn) = quic_connect(gw, name, tls).await?;
         let (send, recv) = conn.open_bi().await?.await?;
-        let control = switchboard::client_wt::FrameReader::new(recv);
+        let control = switchboard::tooling::client_wt::FrameReader::new(recv);
         let mut s = QuicSession { _endpoint: endpoint, conn, send, control, next_req: 0 };
         let connect = switchboard_proto::Connect { client_id: client_id.into(), token: String::new() };
         let reply = s.request(switchboard_proto::client_frame::Frame::Connect(connect)).await?;
@@ -674,7 +674,7 @@ impl QuicSession {
     /// The next message on the next channel stream the gateway opens.
     async fn next_message_on_new_stream(&self) -> anyhow::Result<switchboard_proto::Envelope> {
         let stream = tokio::time::timeout(WAIT, self.conn.accept_uni()).await??;
-        let mut reader = switchboard::client_wt::FrameReader::new(stream);
+        let mut reader = switchboard::tooling::client_wt::FrameReader::new(stream);
         switchboard_tests::wt_message(&mut reader).await
     }
 }

@@ -35,7 +35,7 @@ use common_auth::Op::{History as H, Presence as Pr, Publish as P, Subscribe as S
 use common_auth::*;
 use prost::Message as _;
 use serde_json::json;
-use switchboard::client_wt::{CertCheck, FrameReader, WtClient, WtOptions, open_session};
+use switchboard::tooling::client_wt::{CertCheck, FrameReader, WtClient, WtOptions, open_session};
 use switchboard_proto::{self as proto, ErrorCode, client_frame, server_frame};
 use switchboard_protocols::wt::codec;
 use switchboard_tests::*;

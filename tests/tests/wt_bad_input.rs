@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
-use switchboard::auth::KeyConfig;
-use switchboard::client_wt::{WtClient, WtOptions, open_session};
-use switchboard::config::{AuthMode, Config};
+use switchboard::core::auth::KeyConfig;
+use switchboard::tooling::client_wt::{WtClient, WtOptions, open_session};
+use switchboard::edge::config::{AuthMode, Config};
 use switchboard_proto::{self as proto, ErrorCode, client_frame, server_frame};
 use switchboard_protocols::wt::{REFUSED_STREAM, codec, stream_error_code};
 use switchboard_tests::*;
@@ -34,7 +34,7 @@ fn token(sub: &str) -> String {
     let caps: BTreeMap<String, Vec<String>> =
         [("wt/#".to_string(), vec!["subscribe".to_string(), "publish".to_string()])].into_iter().collect();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    switchboard::auth::mint(&hs256(), sub, &caps, 600, now).expect("mint a test token")
+    switchboard::core::auth::mint(&hs256(), sub, &caps, 600, now).expect("mint a test token")
 }
 
 async fn refused_count(gw: &TestGateway, reason: &str) -> anyhow::Result<f64> {
@@ -66,11 +66,11 @@ async fn raw_control(
     wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
     wtransport::Connection,
     wtransport::SendStream,
-    switchboard::client_wt::FrameReader,
+    switchboard::tooling::client_wt::FrameReader,
 )> {
     let (endpoint, conn) = open_session(&gw.wt_options()?).await?;
     let (send, recv) = conn.open_bi().await?.await?;
-    Ok((endpoint, conn, send, switchboard::client_wt::FrameReader::new(recv)))
+    Ok((endpoint, conn, send, switchboard::tooling::client_wt::FrameReader::new(recv)))
 }
 
 fn framed(frame: &proto::ClientFrame) -> Vec<u8> {
@@ -144,7 +144,7 @@ async fn token_mode_refuses_missing_and_invalid_tokens_with_403() -> anyhow::Res
     // On the wire: the error, then disconnect 4001, then the close.
     let (_endpoint, conn) = open_session(&deferred).await?;
     let (mut send, recv) = conn.open_bi().await?.await?;
-    let mut control = switchboard::client_wt::FrameReader::new(recv);
+    let mut control = switchboard::tooling::client_wt::FrameReader::new(recv);
     let connect = proto::Connect { token: "forged".into(), client_id: String::new() };
     send.write_all(&framed(&proto::ClientFrame { req: 1, frame: Some(client_frame::Frame::Connect(connect)) })).await?;
     let f = wt_next(&mut control).await?;

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use switchboard::auth::KeyConfig;
-use switchboard::config::{AuthMode, Config};
+use switchboard::core::auth::KeyConfig;
+use switchboard::edge::config::{AuthMode, Config};
 use switchboard_tests::TestGateway;
 
 use crate::common_mqtt::{RawPacket, mqtt_str, packet, varint};

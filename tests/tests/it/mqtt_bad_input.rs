@@ -9,7 +9,7 @@ use super::common_mqtt;
 use std::time::Duration;
 
 use common_mqtt::*;
-use switchboard::config::Config;
+use switchboard::edge::config::Config;
 use switchboard_tests::*;
 use tokio::time::Instant;
 

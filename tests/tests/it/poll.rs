@@ -486,7 +486,7 @@ async fn a_kept_session_that_dropped_messages_is_not_continued() -> anyhow::Resu
     let gw = TestGateway::start_with(|cfg| {
         cfg.limits.max_message_size = 1024;
         cfg.limits.outbox_bytes = 2048;
-        cfg.channels.slow_consumer = switchboard::config::SlowConsumer::DropOldest;
+        cfg.channels.slow_consumer = switchboard::edge::config::SlowConsumer::DropOldest;
     })
     .await?;
     let client = reqwest::Client::new();

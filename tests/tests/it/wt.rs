@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common_mqtt::{Mqtt, Ver};
 use common_sse::{SseClient, channels_query};
-use switchboard::client::SubEvent;
-use switchboard::client_wt::{FrameReader, Seen, SerialTracker, WtClient, subscribe_wt};
+use switchboard::tooling::client::SubEvent;
+use switchboard::tooling::client_wt::{FrameReader, Seen, SerialTracker, WtClient, subscribe_wt};
 use switchboard_proto::{self as proto, DeliveryMode, ErrorCode, Protocol, client_frame, server_frame};
 use switchboard_tests::*;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use switchboard_protocols::port::CloseReason;
 
-use crate::engine::ChannelRule;
+use crate::core::engine::ChannelRule;
 
 /// An arbitrary "now" in Unix milliseconds.
 const T0: i64 = 1_700_000_000_000;

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 
-use crate::str_set::StrSet;
+use crate::core::str_set::StrSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,9 +34,9 @@ use switchboard_protocols::port::{
     CloseKind, CloseReason, Core, CoreError, OpenSession, Outbox, SessionHandle, SessionId, SubscribeOutcome,
 };
 
-use crate::auth::{Caps, Op, Verifier};
-use crate::channel;
-use crate::engine::{Caller, Engine, EngineStats};
+use crate::core::auth::{Caps, Op, Verifier};
+use crate::core::channel;
+use crate::core::engine::{Caller, Engine, EngineStats};
 
 /// Current Unix time in milliseconds.
 pub fn now_ms() -> i64 {

@@ -5,7 +5,7 @@
 //! of 8 to 16 KiB, an 8 KiB header buffer, the connection state) for as long
 //! as the response lasts. The front door reads each request head itself;
 //! `GET /v1/sse` and `GET /v1/poll` are served here, with the same handlers
-//! hyper's routes use ([`crate::http::stream_get`]) and no per-connection
+//! hyper's routes use ([`crate::edge::http::stream_get`]) and no per-connection
 //! buffer while they wait. Everything else — WebSocket and MQTT upgrades,
 //! REST, `POST /v1/poll`, HTTP/2 (h2c preface or ALPN), anything this
 //! module does not understand — goes to hyper untouched: the bytes already
@@ -32,7 +32,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::http::{Body, HttpState};
+use crate::edge::http::{Body, HttpState};
 
 /// Largest request head the front door reads; a longer one goes to hyper.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -172,7 +172,7 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     let write_timeout = state.ws.write_timeout;
     let mut buf = BytesMut::new();
     // A long poller's session between its polls on this connection.
-    let poll_slot = crate::http::PollSlot::default();
+    let poll_slot = crate::edge::http::PollSlot::default();
     loop {
         let head = match tokio::time::timeout(head_timeout, read_head(&mut io, &mut buf)).await {
             Ok(Ok(Some(head))) => head,
@@ -211,7 +211,7 @@ async fn answer<IO: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     state: &HttpState,
     peer: SocketAddr,
-    poll_slot: &crate::http::PollSlot,
+    poll_slot: &crate::edge::http::PollSlot,
     head: Box<Head>,
 ) -> Option<Response<Body>> {
     let Head { mut request, len, .. } = *head;
@@ -222,7 +222,7 @@ async fn answer<IO: AsyncRead + Unpin>(
         *buf = BytesMut::new();
     }
     // Boxed: the handler's state is needed only until the response starts.
-    let handler = Box::pin(crate::http::stream_get(state.clone(), peer, &request));
+    let handler = Box::pin(crate::edge::http::stream_get(state.clone(), peer, &request));
     tokio::select! {
         r = handler => r,
         () = peer_gone(io, buf) => None,
@@ -471,7 +471,7 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("address");
         let serve = size(|io, state| serve(io, state, peer));
         let (_client, mut io) = tokio::io::duplex(64);
-        let stream = std::mem::size_of_val(&stream_body(&mut io, crate::http::full(""), true, Duration::ZERO));
+        let stream = std::mem::size_of_val(&stream_body(&mut io, crate::edge::http::full(""), true, Duration::ZERO));
         assert!(stream <= 400, "stream_body's future is {stream} bytes");
         assert!(serve <= 800, "serve's future is {serve} bytes");
     }

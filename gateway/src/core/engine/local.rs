@@ -46,8 +46,8 @@ use switchboard_protocols::port::{
 
 use super::disk::{AppendBatch, DiskError, DiskStore, Recovery, StoredChannel, StoredId, SyncPolicy};
 use super::{Caller, ChannelPolicy, Engine, EngineConfig, EngineStats};
-use crate::channel::{self, TopicTrie};
-use crate::str_set::StrSet;
+use crate::core::channel::{self, TopicTrie};
+use crate::core::str_set::StrSet;
 
 /// A fresh random channel epoch: 10 characters of `[0-9a-z]` (~51 bits).
 fn new_epoch() -> Arc<str> {

@@ -18,16 +18,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admission::{Admission, Refusal, Ticket};
-use crate::config::Config;
-use crate::engine::Engine;
-use crate::engine::disk::DiskStore;
-use crate::engine::local::LocalEngine;
-use crate::engine::mqtt_sessions::{MqttSessions, StoreLimits};
-use crate::front;
-use crate::http::{HttpShared, HttpState};
-use crate::router::Router;
-use crate::tls::TlsState;
+use crate::edge::admission::{Admission, Refusal, Ticket};
+use crate::edge::config::Config;
+use crate::core::engine::Engine;
+use crate::core::engine::disk::DiskStore;
+use crate::core::engine::local::LocalEngine;
+use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
+use crate::edge::front;
+use crate::edge::http::{HttpShared, HttpState};
+use crate::core::router::Router;
+use crate::edge::tls::TlsState;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,7 @@ pub struct Gateway {
     /// enabled.
     pub tls: Option<Arc<TlsState>>,
     /// The store, when channel state is on disk (`None`: memory).
-    pub storage: Option<crate::engine::disk::DiskOptions>,
+    pub storage: Option<crate::core::engine::disk::DiskOptions>,
     /// The router (for in-process inspection).
     pub router: Arc<Router>,
     shutdown_tx: watch::Sender<bool>,
@@ -100,7 +100,7 @@ impl Gateway {
     /// Binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, ServerError> {
         let config = Arc::new(config);
-        crate::admin::metrics_handle();
+        crate::edge::admin::metrics_handle();
         let storage = config.storage.disk();
         let (disk, recovery) = match &storage {
             Some(opts) => {
@@ -111,7 +111,7 @@ impl Gateway {
         };
         let engine: Arc<dyn Engine> = match (&disk, recovery) {
             (Some(store), Some(recovery)) => {
-                Arc::new(LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::router::now_ms()))
+                Arc::new(LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms()))
             }
             _ => Arc::new(LocalEngine::new(config.engine())),
         };
@@ -150,7 +150,7 @@ impl Gateway {
                 limits,
                 store.clone(),
                 tokio::time::Instant::now(),
-                crate::router::now_ms().max(0) as u64,
+                crate::core::router::now_ms().max(0) as u64,
             ),
             None => MqttSessions::with_limits(limits),
         });
@@ -194,7 +194,7 @@ impl Gateway {
                 accept_loop(listener, "https", Some(admission.clone()), Some(tls), front, shutdown_rx.clone(), {
                     move |peer, ticket| {
                         let state = state.clone();
-                        service_fn(move |req| crate::http::handle(state.clone(), peer, ticket.clone(), req))
+                        service_fn(move |req| crate::edge::http::handle(state.clone(), peer, ticket.clone(), req))
                     }
                 })
             });
@@ -208,7 +208,7 @@ impl Gateway {
                 shutdown_rx.clone(),
                 move |peer, ticket| {
                     let state = state.clone();
-                    service_fn(move |req| crate::http::handle(state.clone(), peer, ticket.clone(), req))
+                    service_fn(move |req| crate::edge::http::handle(state.clone(), peer, ticket.clone(), req))
                 },
             )));
         }
@@ -225,7 +225,7 @@ impl Gateway {
                 move |_peer, _ticket| {
                     let router = router.clone();
                     let rx = rx.clone();
-                    service_fn(move |req| crate::admin::handle(router.clone(), rx.clone(), req))
+                    service_fn(move |req| crate::edge::admin::handle(router.clone(), rx.clone(), req))
                 },
             )));
         }
@@ -248,12 +248,12 @@ impl Gateway {
             )));
         }
 
-        // QUIC listener: crate::wt
+        // QUIC listener: crate::edge::wt
         if let Some(tls) = tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
-            let (endpoint, addr) = crate::wt::bind(&config.listen.quic, tls, &config)?;
+            let (endpoint, addr) = crate::edge::wt::bind(&config.listen.quic, tls, &config)?;
             quic_addr = Some(addr);
-            let wt_cfg = crate::wt::front_end_config(&config, !router.is_open());
-            tasks.push(tokio::spawn(crate::wt::accept_loop(
+            let wt_cfg = crate::edge::wt::front_end_config(&config, !router.is_open());
+            tasks.push(tokio::spawn(crate::edge::wt::accept_loop(
                 endpoint,
                 admission.clone(),
                 router.clone(),
@@ -361,7 +361,7 @@ impl Tls {
 fn cert_identity(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Result<Option<String>, String> {
     match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         None => Ok(None),
-        Some(leaf) => crate::tls::client_identity(leaf).map(Some),
+        Some(leaf) => crate::edge::tls::client_identity(leaf).map(Some),
     }
 }
 
@@ -425,14 +425,14 @@ async fn accept_loop<S, F>(
     name: &'static str,
     admission: Option<Arc<Admission>>,
     tls: Option<Tls>,
-    front: Option<crate::http::HttpState>,
+    front: Option<crate::edge::http::HttpState>,
     mut shutdown: watch::Receiver<bool>,
     make_service: F,
 ) where
     F: Fn(SocketAddr, Option<Arc<Ticket>>) -> S + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::http::Body>,
+            Response = http::Response<crate::edge::http::Body>,
             Error = std::convert::Infallible,
         > + Send
         + 'static,
@@ -460,7 +460,7 @@ async fn accept_loop<S, F>(
                                 Ok(n) => head.extend_from_slice(&chunk[..n]),
                             }
                         }
-                        let _ = stream.write_all(crate::admission::HTTP_REFUSAL).await;
+                        let _ = stream.write_all(crate::edge::admission::HTTP_REFUSAL).await;
                         let _ = stream.shutdown().await;
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
@@ -520,7 +520,7 @@ async fn next_connection(
 /// which hands hyper whatever is not its own, else straight to hyper.
 async fn serve_connection<IO, S>(
     io: IO,
-    front: Option<crate::http::HttpState>,
+    front: Option<crate::edge::http::HttpState>,
     service: S,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
@@ -528,7 +528,7 @@ async fn serve_connection<IO, S>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::http::Body>,
+            Response = http::Response<crate::edge::http::Body>,
             Error = std::convert::Infallible,
         > + Send
         + 'static,
@@ -554,7 +554,7 @@ where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::http::Body>,
+            Response = http::Response<crate::edge::http::Body>,
             Error = std::convert::Infallible,
         > + Send
         + 'static,

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::client::{self, SubEvent};
-use crate::client_wt;
-use crate::config::Config;
-use crate::server::Gateway;
+use crate::tooling::client::{self, SubEvent};
+use crate::tooling::client_wt;
+use crate::edge::config::Config;
+use crate::edge::server::Gateway;
 
 /// Default gateway URL for `pub` and `sub` (the local dev gateway).
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -167,7 +167,7 @@ pub enum Command {
         what: CertCommand,
     },
     /// Load generator: fanout, cross, idle, churn and recovery scenarios (see docs/bench.md).
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::tooling::bench::BenchArgs),
     /// Mint a development connection token with an HS256 key from the config.
     Token {
         /// TOML configuration file with [[auth.keys]].
@@ -308,7 +308,7 @@ fn banner(gw: &Gateway) {
         println!("  WebTransport https://{a}/v1/wt   (QUIC, UDP)");
     }
     if let Some(tls) = &gw.tls {
-        let hash = tls.cert_hash().map(|h| crate::tls::hex(&h)).unwrap_or_default();
+        let hash = tls.cert_hash().map(|h| crate::edge::tls::hex(&h)).unwrap_or_default();
         if tls.is_generated() {
             println!("  TLS         self-signed ECDSA P-256 certificate generated at start, valid 14 days");
         }
@@ -376,7 +376,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = Config::dev_defaults()?;
             apply_listen(&mut cfg, &listen);
             if let Some(dir) = data {
-                cfg.storage.kind = crate::config::StorageKind::Disk;
+                cfg.storage.kind = crate::edge::config::StorageKind::Disk;
                 cfg.storage.dir = dir;
             }
             for (name, addr) in cfg.listen.all() {
@@ -396,7 +396,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             run_gateway(cfg, Some(&listen)).await
         }
         Command::Cert { what: CertCommand::Dev { out, device } } => {
-            let f = crate::tls::write_dev_ca(&out, &device, &crate::tls::DEV_NAMES)?;
+            let f = crate::edge::tls::write_dev_ca(&out, &device, &crate::edge::tls::DEV_NAMES)?;
             println!("Development certificates (never for production) in {}:", out.display());
             println!("  CA (trust this in clients)   {}", f.ca.display());
             println!("  server chain / key           {} / {}", f.server_cert.display(), f.server_key.display());
@@ -503,7 +503,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Bench(args) => crate::tooling::bench::run(args).await,
         Command::Token { config, sub, caps, ttl, kid } => {
             // Only the keys matter here: no exposure check, no listeners.
             let text = std::fs::read_to_string(&config)
@@ -518,14 +518,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     None => k.alg == "HS256",
                 })
                 .ok_or_else(|| anyhow::anyhow!("no matching HS256 key in [[auth.keys]] of {}", config.display()))?;
-            let ttl = crate::config::parse_duration(&ttl).map_err(|e| anyhow::anyhow!(e))?;
+            let ttl = crate::edge::config::parse_duration(&ttl).map_err(|e| anyhow::anyhow!(e))?;
             let mut claim = std::collections::BTreeMap::new();
             for c in &caps {
-                let (pattern, ops) = crate::auth::parse_cap_arg(c)?;
+                let (pattern, ops) = crate::core::auth::parse_cap_arg(c)?;
                 claim.insert(pattern, ops);
             }
-            let now = (crate::router::now_ms() / 1000) as u64;
-            println!("{}", crate::auth::mint(key, &sub, &claim, ttl.as_secs(), now)?);
+            let now = (crate::core::router::now_ms() / 1000) as u64;
+            println!("{}", crate::core::auth::mint(key, &sub, &claim, ttl.as_secs(), now)?);
             Ok(())
         }
     }

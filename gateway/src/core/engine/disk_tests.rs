@@ -11,9 +11,9 @@ use switchboard_protocols::mqtt::session::{SessionState, Subscription};
 use switchboard_protocols::mqtt::{Claim, SessionStore, StoredSession};
 use switchboard_protocols::port::{Outbound, Outbox};
 
-use crate::engine::local::LocalEngine;
-use crate::engine::mqtt_sessions::{MqttSessions, StoreLimits};
-use crate::engine::{Caller, EngineConfig};
+use crate::core::engine::local::LocalEngine;
+use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
+use crate::core::engine::{Caller, EngineConfig};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -286,7 +286,7 @@ fn mqtt_sessions_come_back_from_their_last_checkpoint() {
     drop((sessions, store)); // crash: dev-1 was live
 
     let (store, _) = open(&o);
-    let sessions = MqttSessions::on_disk(limits, store.clone(), now, crate::router::now_ms() as u64);
+    let sessions = MqttSessions::on_disk(limits, store.clone(), now, crate::core::router::now_ms() as u64);
     assert_eq!(sessions.stored(), 2);
     let Claim::Resumed(s) = sessions.claim("dev-1", now).1 else { panic!("dev-1 resumes") };
     assert_eq!(s.state.subs[0].filter, "s/#");

@@ -13,8 +13,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::http::{Body, error_response, json_response};
-use crate::router::Router;
+use crate::edge::http::{Body, error_response, json_response};
+use crate::core::router::Router;
 
 /// The process-wide Prometheus recorder (installed once; several gateways in
 /// one test process share it).
@@ -73,7 +73,7 @@ pub async fn handle(
         }
         (&Method::GET, "/metrics") => {
             let text = metrics_handle().render();
-            let mut r = Response::new(crate::http::full(text));
+            let mut r = Response::new(crate::edge::http::full(text));
             r.headers_mut()
                 .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
             r

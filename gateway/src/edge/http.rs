@@ -33,10 +33,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use crate::auth::Caps;
-use crate::config::Config;
-use crate::engine::Caller;
-use crate::router::Router;
+use crate::core::auth::Caps;
+use crate::edge::config::Config;
+use crate::core::engine::Caller;
+use crate::core::router::Router;
 
 /// Response body type of every route.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -71,7 +71,7 @@ pub struct HttpShared {
     /// The router.
     pub router: Arc<Router>,
     /// TLS (for `GET /v1/wt/cert-hash`), when a TLS listener is enabled.
-    pub tls: Option<Arc<crate::tls::TlsState>>,
+    pub tls: Option<Arc<crate::edge::tls::TlsState>>,
     /// Configuration.
     pub config: Arc<Config>,
     /// WebSocket front-end settings.
@@ -117,7 +117,7 @@ fn cert_hash(state: &HttpState) -> Response<Body> {
     use base64::Engine as _;
     let body = serde_json::json!({
         "algorithm": "sha-256",
-        "hex": crate::tls::hex(&hash),
+        "hex": crate::edge::tls::hex(&hash),
         "base64": base64::engine::general_purpose::STANDARD.encode(hash),
     });
     let mut resp = json_response(StatusCode::OK, &body);
@@ -150,7 +150,7 @@ fn raw_json(text: String) -> Response<Body> {
 }
 
 /// `GET /v1/sse` and `GET /v1/poll`; `None` for any other request. The
-/// front door ([`crate::front`]) calls this for the HTTP/1.1 requests it
+/// front door ([`crate::edge::front`]) calls this for the HTTP/1.1 requests it
 /// serves itself, hyper's handler for the rest.
 pub async fn stream_get<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> Option<Response<Body>> {
     if req.method() != Method::GET {
@@ -167,7 +167,7 @@ pub async fn stream_get<B>(state: HttpState, peer: SocketAddr, req: &Request<B>)
 pub async fn handle(
     state: HttpState,
     peer: SocketAddr,
-    ticket: Option<Arc<crate::admission::Ticket>>,
+    ticket: Option<Arc<crate::edge::admission::Ticket>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
@@ -213,7 +213,7 @@ enum Route {
 fn upgrade(
     state: HttpState,
     peer: SocketAddr,
-    ticket: Option<Arc<crate::admission::Ticket>>,
+    ticket: Option<Arc<crate::edge::admission::Ticket>>,
     mut req: Request<Incoming>,
     route: Route,
 ) -> Response<Body> {
@@ -703,7 +703,7 @@ async fn serve_sse<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> R
         Err(e) => return request_error(&e),
     };
     let core: Arc<dyn Core> = state.router.clone();
-    let now = crate::router::now_ms() as u64;
+    let now = crate::core::router::now_ms() as u64;
     let stream = match sse::open(core, &parsed, &state.sse, state.shutdown.clone(), now).await {
         Ok(s) => s,
         Err(e) => return core_error(&e),
@@ -736,7 +736,7 @@ async fn serve_poll<B>(
         Err(e) => return request_error(&e),
     };
     let core: Arc<dyn Core> = state.router.clone();
-    let now = crate::router::now_ms() as u64;
+    let now = crate::core::router::now_ms() as u64;
     let slot = req.extensions().get::<PollSlot>();
     let kept = slot.and_then(|s| s.0.lock().take());
     let polled = poll::poll_kept(core, &parsed, &state.poll, state.shutdown.clone(), now, kept).await;
@@ -857,7 +857,7 @@ async fn refresh_stream(state: HttpState, req: Request<Incoming>) -> Response<Bo
 }
 
 fn demo_page() -> Response<Body> {
-    let mut r = Response::new(full(Bytes::from_static(include_bytes!("demo.html"))));
+    let mut r = Response::new(full(Bytes::from_static(include_bytes!("web/demo.html"))));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     r
 }

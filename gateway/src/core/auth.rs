@@ -37,7 +37,7 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::channel::{PRESENCE_PREFIX, SHARE_PREFIX, validate_filter};
+use crate::core::channel::{PRESENCE_PREFIX, SHARE_PREFIX, validate_filter};
 
 /// Why a token or a key configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,7 @@
 //! optional source address spreading over 127.0.0.x. The peers' own clients
 //! (NATS, Nchan) are in [`super::nats`] and [`super::nchan`].
 //!
-//! Unlike [`crate::client`] these do not reconnect or print: a failure is
+//! Unlike [`crate::tooling::client`] these do not reconnect or print: a failure is
 //! counted by the scenario, never retried behind its back, so a lossy run
 //! shows up as loss. Each subscriber yields raw payload bytes; the scenario
 //! decodes them.

@@ -28,11 +28,11 @@ use wtransport::endpoint::endpoint_side::Server;
 use wtransport::quinn::VarInt as QuicVarInt;
 use wtransport::{Endpoint, ServerConfig, VarInt};
 
-use crate::admission::Admission;
-use crate::config::Config;
-use crate::router::Router;
-use crate::server::ServerError;
-use crate::tls::TlsState;
+use crate::edge::admission::Admission;
+use crate::edge::config::Config;
+use crate::core::router::Router;
+use crate::edge::server::ServerError;
+use crate::edge::tls::TlsState;
 
 /// A bound QUIC endpoint.
 pub type QuicEndpoint = Endpoint<Server>;
@@ -101,7 +101,7 @@ pub fn bind(addr: &str, tls: &TlsState, config: &Config) -> Result<(QuicEndpoint
 }
 
 /// Counts and logs a connection attempt refused at accept.
-fn refused(peer: SocketAddr, why: crate::admission::Refusal) {
+fn refused(peer: SocketAddr, why: crate::edge::admission::Refusal) {
     metrics::counter!("switchboard_connections_refused_total", "listener" => "quic", "reason" => why.label())
         .increment(1);
     tracing::debug!(%peer, listener = "quic", reason = why.label(), "connection refused at accept");

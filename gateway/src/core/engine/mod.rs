@@ -1,6 +1,6 @@
 //! The engine seam: where channel state lives.
 //!
-//! The [`crate::router::Router`] validates, authorises, counts and keeps
+//! The [`crate::core::router::Router`] validates, authorises, counts and keeps
 //! sessions; an [`Engine`] sequences publications, keeps history, dedupe
 //! windows, retained values and presence, and fans out to local sessions'
 //! outboxes. [`local::LocalEngine`] is the single-node engine: in memory
@@ -101,10 +101,10 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// The policy of `channel` (presence channels follow their base channel).
     pub fn policy_for(&self, channel: &str) -> &ChannelPolicy {
-        let base = channel.strip_prefix(crate::channel::PRESENCE_PREFIX).unwrap_or(channel);
+        let base = channel.strip_prefix(crate::core::channel::PRESENCE_PREFIX).unwrap_or(channel);
         self.rules
             .iter()
-            .find(|r| crate::channel::filter_matches(&r.pattern, base))
+            .find(|r| crate::core::channel::filter_matches(&r.pattern, base))
             .map(|r| &r.policy)
             .unwrap_or(&self.default_policy)
     }

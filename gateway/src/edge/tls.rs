@@ -33,7 +33,7 @@ use rustls::{RootCertStore, ServerConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{ClientAuth, TlsSection};
+use crate::edge::config::{ClientAuth, TlsSection};
 
 /// Why TLS could not be set up or reloaded.
 #[derive(Debug, thiserror::Error)]

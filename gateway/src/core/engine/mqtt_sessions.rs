@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::disk::DiskStore;
-use crate::router::now_ms;
+use crate::core::router::now_ms;
 
 /// A session as written to disk.
 #[derive(Clone, PartialEq, prost::Message)]

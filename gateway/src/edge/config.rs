@@ -14,9 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use switchboard_protocols::port::SlowPolicy;
 
-use crate::engine::disk::{DiskOptions, SyncPolicy};
-use crate::engine::{ChannelPolicy, ChannelRule, EngineConfig};
-use crate::router::RouterLimits;
+use crate::core::engine::disk::{DiskOptions, SyncPolicy};
+use crate::core::engine::{ChannelPolicy, ChannelRule, EngineConfig};
+use crate::core::router::RouterLimits;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -401,11 +401,11 @@ pub struct AuthSection {
     /// A JWKS file with more verification keys (empty: none).
     pub jwks_file: String,
     /// Verification keys (`[[auth.keys]]`).
-    pub keys: Vec<crate::auth::KeyConfig>,
+    pub keys: Vec<crate::core::auth::KeyConfig>,
     /// Caps of MQTT devices that authenticate by a client certificate
     /// (mTLS) and send no token; `{client_id}` in a pattern stands for the
     /// certificate's id. Empty: a certificate identifies, a token authorizes.
-    pub cert_caps: std::collections::BTreeMap<String, crate::auth::OpsSpec>,
+    pub cert_caps: std::collections::BTreeMap<String, crate::core::auth::OpsSpec>,
 }
 
 impl Default for AuthSection {
@@ -422,12 +422,12 @@ impl Default for AuthSection {
 
 impl AuthSection {
     /// The token verifier, or `None` in open mode.
-    pub fn verifier(&self) -> Result<Option<crate::auth::Verifier>, ConfigError> {
+    pub fn verifier(&self) -> Result<Option<crate::core::auth::Verifier>, ConfigError> {
         if self.mode == AuthMode::Open {
             return Ok(None);
         }
         let jwks = (!self.jwks_file.is_empty()).then(|| Path::new(&self.jwks_file));
-        crate::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
+        crate::core::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
             .and_then(|v| v.with_cert_caps(self.cert_caps.clone()))
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
@@ -809,7 +809,7 @@ impl Config {
             return bad("node.name must be 1..=64 bytes".into());
         }
         for r in &self.channels.rules {
-            crate::channel::validate_filter(&r.pattern)
+            crate::core::channel::validate_filter(&r.pattern)
                 .map_err(|e| ConfigError::Invalid(format!("channels.rules pattern {:?}: {e}", r.pattern)))?;
             if let Some(t) = &r.history_ttl {
                 parse_duration(t).map_err(|e| ConfigError::Invalid(format!("channels.rules {:?}: {e}", r.pattern)))?;
@@ -995,7 +995,7 @@ mod tests {
     /// The example config in deploy/ must parse and match the defaults it documents.
     #[test]
     fn example_config_parses() {
-        let text = include_str!("../../deploy/switchboard.example.toml");
+        let text = include_str!("../../../deploy/switchboard.example.toml");
         Config::from_toml(text, Vec::new()).unwrap();
     }
 }

@@ -9,7 +9,7 @@
 //! browser's: `--cert-hash`, or the hash the gateway serves at
 //! `GET /v1/wt/cert-hash` on its HTTP listener (what `switchboard dev`
 //! generates); `--insecure` skips it. Endpoints, the certificate check and
-//! frame reading are [`crate::client_wt`]'s; what is the bench's own is the
+//! frame reading are [`crate::tooling::client_wt`]'s; what is the bench's own is the
 //! lean session handling around them (no background tasks per session).
 
 use std::net::SocketAddr;
@@ -24,8 +24,8 @@ use switchboard_protocols::wt::codec;
 use wtransport::endpoint::endpoint_side::Client;
 use wtransport::{Connection, Endpoint, SendStream};
 
-pub use crate::client_wt::CertCheck;
-use crate::client_wt::{FrameReader, client_endpoint};
+pub use crate::tooling::client_wt::CertCheck;
+use crate::tooling::client_wt::{FrameReader, client_endpoint};
 
 use super::BenchError;
 use super::clients::{HANDSHAKE_TIMEOUT, subscribe_frame, subscribed_position};

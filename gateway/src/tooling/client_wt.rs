@@ -26,7 +26,7 @@ use wtransport::endpoint::endpoint_side::Client;
 use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, VarInt};
 
-use crate::client::{ClientError, FrameSource, SubEvent, resubscribe};
+use crate::tooling::client::{ClientError, FrameSource, SubEvent, resubscribe};
 
 /// Largest server frame the client accepts (a whole history reply).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;

@@ -1,0 +1,14 @@
+//! The edge: everything between the network (or the operator) and the
+//! core — listeners, the HTTP front door and REST routes, TLS, admission
+//! limits, the admin listener, configuration, WebTransport sessions and the
+//! demo page (`web/`). It builds the core from config and hands each
+//! connection to its front end.
+
+pub mod admin;
+pub mod admission;
+pub mod config;
+pub mod front;
+pub mod http;
+pub mod server;
+pub mod tls;
+pub mod wt;
