@@ -143,8 +143,10 @@ fn token_mints_what_the_gateway_accepts() {
         secret: Some(secret.into()),
         ..Default::default()
     };
-    let p =
-        switchboard::core::auth::Verifier::new(&[key], None, 0).expect("verifier").verify(out.trim()).expect("valid token");
+    let p = switchboard::core::auth::Verifier::new(&[key], None, 0)
+        .expect("verifier")
+        .verify(out.trim())
+        .expect("valid token");
     assert_eq!(p.client_id, "alice");
     assert!(p.caps.allows(switchboard::core::auth::Op::Publish, "chat/a/b"));
     assert!(p.caps.allows(switchboard::core::auth::Op::History, "x"));

@@ -431,7 +431,9 @@ impl TestGateway {
 }
 
 /// The next server-opened (channel) stream of `c`, within [`WAIT`].
-pub async fn wt_accept(c: &switchboard::tooling::client_wt::WtClient) -> anyhow::Result<switchboard::tooling::client_wt::FrameReader> {
+pub async fn wt_accept(
+    c: &switchboard::tooling::client_wt::WtClient,
+) -> anyhow::Result<switchboard::tooling::client_wt::FrameReader> {
     Ok(tokio::time::timeout(WAIT, c.accept_stream()).await.map_err(|_| anyhow!("no stream within {WAIT:?}"))??)
 }
 

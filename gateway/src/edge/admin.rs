@@ -13,8 +13,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::edge::http::{Body, error_response, json_response};
 use crate::core::router::Router;
+use crate::edge::http::{Body, error_response, json_response};
 
 /// The process-wide Prometheus recorder (installed once; several gateways in
 /// one test process share it).

@@ -18,15 +18,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::edge::admission::{Admission, Refusal, Ticket};
-use crate::edge::config::Config;
 use crate::core::engine::Engine;
 use crate::core::engine::disk::DiskStore;
 use crate::core::engine::local::LocalEngine;
 use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
+use crate::core::router::Router;
+use crate::edge::admission::{Admission, Refusal, Ticket};
+use crate::edge::config::Config;
 use crate::edge::front;
 use crate::edge::http::{HttpShared, HttpState};
-use crate::core::router::Router;
 use crate::edge::tls::TlsState;
 
 /// Why the gateway could not start.
@@ -110,9 +110,12 @@ impl Gateway {
             None => (None, None),
         };
         let engine: Arc<dyn Engine> = match (&disk, recovery) {
-            (Some(store), Some(recovery)) => {
-                Arc::new(LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms()))
-            }
+            (Some(store), Some(recovery)) => Arc::new(LocalEngine::with_store(
+                config.engine(),
+                store.clone(),
+                recovery,
+                crate::core::router::now_ms(),
+            )),
             _ => Arc::new(LocalEngine::new(config.engine())),
         };
         // Validated at load: a bad key configuration never gets this far.

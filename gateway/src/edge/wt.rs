@@ -28,9 +28,9 @@ use wtransport::endpoint::endpoint_side::Server;
 use wtransport::quinn::VarInt as QuicVarInt;
 use wtransport::{Endpoint, ServerConfig, VarInt};
 
+use crate::core::router::Router;
 use crate::edge::admission::Admission;
 use crate::edge::config::Config;
-use crate::core::router::Router;
 use crate::edge::server::ServerError;
 use crate::edge::tls::TlsState;
 

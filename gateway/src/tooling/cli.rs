@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::tooling::client::{self, SubEvent};
-use crate::tooling::client_wt;
 use crate::edge::config::Config;
 use crate::edge::server::Gateway;
+use crate::tooling::client::{self, SubEvent};
+use crate::tooling::client_wt;
 
 /// Default gateway URL for `pub` and `sub` (the local dev gateway).
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
