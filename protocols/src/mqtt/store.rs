@@ -10,7 +10,7 @@
 //! (`[storage]`); front-end tests use a fake.
 //!
 //! A session at rest is its [`SessionState`] as the front end left it. What
-//! is written to disk is the state's [`SessionRecord`]: subscriptions, the
+//! is written to disk is the state's [`SessionRecord`](super::session::SessionRecord): subscriptions, the
 //! position delivered per channel (lowered below any message still queued
 //! or unacknowledged, so a restart replays those from history instead of
 //! losing them) and the inbound QoS 2 ids awaiting PUBREL.

@@ -11,7 +11,7 @@
 //!   order;
 //! - the channel map is an `RwLock` taken for reading to find a channel
 //!   and for writing only to create or forget one;
-//! - the [`Hub`] (sessions, the filter trie, shared groups) is an `RwLock`
+//! - the hub (sessions, the filter trie, shared groups) is an `RwLock`
 //!   that fan-out takes for reading; subscribe, unsubscribe and detach take
 //!   it for writing, briefly;
 //! - fan-out only `try`-pushes into bounded outboxes, so no lock is held
