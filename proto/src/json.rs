@@ -390,8 +390,31 @@ struct JsonMember<'a> {
 }
 
 fn to_string<T: Serialize>(ty: &'static str, req: u64, body: &T) -> String {
-    // Serialising these plain structs into a String cannot fail.
-    serde_json::to_string(&Tagged { ty, req, body }).expect("JSON serialisation of a frame")
+    // Typed structs with string keys and verbatim payloads: serde_json has
+    // nothing to refuse here. Should that ever change, the peer gets an
+    // error frame, never a panic.
+    serde_json::to_string(&Tagged { ty, req, body }).unwrap_or_else(|e| {
+        format!(r#"{{"type":"error","req":{req},"code":"internal","message":"cannot encode a {ty} frame: {}"}}"#, {
+            e.to_string().replace(['"', '\\'], "'")
+        })
+    })
+}
+
+/// The body of a `history` frame. Typed, so payloads stay verbatim: a
+/// `serde_json::Value` in between would re-parse every `data` payload.
+#[derive(Serialize)]
+struct JsonHistory<'a> {
+    channel: &'a str,
+    epoch: &'a str,
+    serial: u64,
+    messages: Vec<JsonEnvelope<'a>>,
+}
+
+/// The body of a `presence` frame (typed, as [`JsonHistory`]).
+#[derive(Serialize)]
+struct JsonMembers<'a> {
+    channel: &'a str,
+    members: Vec<JsonMember<'a>>,
 }
 
 /// Encodes `{"type":"message", ...envelope}`: the hot path, once per message.
@@ -453,15 +476,11 @@ pub fn encode_server_frame(frame: &ServerFrame) -> String {
                     payload: JsonPayload::new(&m.data),
                 })
                 .collect();
-            to_string("presence", req, &json!({"channel": p.channel, "members": members}))
+            to_string("presence", req, &JsonMembers { channel: &p.channel, members })
         }
         server_frame::Frame::History(h) => {
             let messages: Vec<_> = h.messages.iter().map(JsonEnvelope::new).collect();
-            to_string(
-                "history",
-                req,
-                &json!({"channel": h.channel, "epoch": h.epoch, "serial": h.serial, "messages": messages}),
-            )
+            to_string("history", req, &JsonHistory { channel: &h.channel, epoch: &h.epoch, serial: h.serial, messages })
         }
         server_frame::Frame::Pong(_) => to_string("pong", req, &json!({})),
         server_frame::Frame::Error(e) => {
@@ -750,6 +769,43 @@ mod tests {
         assert!(text.contains(r#""data":{"a": [1, 2]}"#), "{text}");
         let text = encode_message_frame(&env(b"\x00\xff"));
         assert!(text.contains(r#""data_b64":"AP8=""#), "{text}");
+    }
+
+    /// Payloads that JSON parsers refuse or change never panic an encoder
+    /// and come back byte for byte from every frame that carries one.
+    #[test]
+    fn hostile_json_payloads_round_trip_in_every_frame() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for p in [&b"1e999"[..], br#""\ud800""#, deep.as_bytes(), br#"{"a":1e999}"#, b"-", b"\xff"] {
+            let payload = Bytes::copy_from_slice(p);
+            let e = Envelope { channel: "c".into(), payload: payload.clone(), ..Default::default() };
+            let frames = [
+                ServerFrame { req: 0, frame: Some(server_frame::Frame::Message(e.clone())) },
+                ServerFrame {
+                    req: 1,
+                    frame: Some(server_frame::Frame::History(HistoryResult {
+                        channel: "c".into(),
+                        messages: vec![e.clone()],
+                        ..Default::default()
+                    })),
+                },
+                ServerFrame {
+                    req: 2,
+                    frame: Some(server_frame::Frame::Presence(PresenceMembers {
+                        channel: "c".into(),
+                        members: vec![Member { client_id: "m".into(), data: payload.clone(), ..Default::default() }],
+                    })),
+                },
+            ];
+            for f in frames {
+                let text = encode_server_frame(&f);
+                assert_eq!(decode_server_frame(&text).expect("decodes"), f, "{text}");
+            }
+            assert_eq!(
+                decode_server_frame(&encode_message_frame(&e)).unwrap().frame,
+                Some(server_frame::Frame::Message(e))
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! | payload bytes | JSON field | example |
 //! |---|---|---|
-//! | a JSON value with no surrounding white space, other than `null` | `"data"`, inlined verbatim | `{"t":21.5}` → `"data":{"t":21.5}` |
+//! | a JSON value with no surrounding white space, other than `null`, that parses completely (numbers within `f64`, no lone surrogate escapes, nesting at most 128 deep) | `"data"`, inlined verbatim | `{"t":21.5}` → `"data":{"t":21.5}` |
 //! | other valid UTF-8 | `"text"`, a JSON string | `hello` → `"text":"hello"` |
 //! | anything else | `"data_b64"`, standard base64 with padding | `\x00\xff` → `"data_b64":"AP8="` |
 //!
@@ -13,6 +13,13 @@
 //! payload survives a round trip byte for byte — an MQTT device's binary
 //! reading reaches a JSON client intact. `data` is copied verbatim from the
 //! frame (not re-serialised), so `{"a": 1}` keeps its space.
+//!
+//! The rule is decided from the bytes alone, the same way at every hop, so
+//! a hostile payload is decided once: `1e999`, `"\ud800"` or JSON nested
+//! deeper than 128 is grammatical JSON that parsers refuse or change
+//! (serde_json refuses all three; `JSON.parse` turns `1e999` into
+//! `Infinity`), so it travels as `text`, a string every parser reads back to
+//! the same bytes.
 
 use base64::Engine as _;
 use serde_json::value::RawValue;
@@ -37,10 +44,18 @@ pub fn classify(payload: &[u8]) -> PayloadForm<'_> {
     if starts_like_json
         && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
         && raw.get().len() == text.len()
+        && parses_completely(text)
     {
         return PayloadForm::Json(raw);
     }
     PayloadForm::Text(text)
+}
+
+/// Whether a JSON parser that checks number ranges, surrogate pairs and
+/// depth (serde_json) reads `text` without error: only then is inlining it
+/// safe for every client.
+fn parses_completely(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok()
 }
 
 /// Standard base64 with padding, as used by `data_b64`.
@@ -64,7 +79,8 @@ mod tests {
         assert!(matches!(classify(b"42"), PayloadForm::Json(_)));
         assert!(matches!(classify(b"\"hi\""), PayloadForm::Json(_)));
         assert!(matches!(classify(b"true"), PayloadForm::Json(_)));
-        for text in ["null", " 42", "42\n", "hello", "", "{bad"] {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for text in ["null", " 42", "42\n", "hello", "", "{bad", "1e999", r#""\ud800""#, r#"{"a":[1e400]}"#, &deep] {
             assert!(matches!(classify(text.as_bytes()), PayloadForm::Text(t) if t == text), "{text:?}");
         }
         assert!(matches!(classify(b"\x00\xff"), PayloadForm::Binary));

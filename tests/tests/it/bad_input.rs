@@ -381,3 +381,54 @@ async fn echo_is_byte_identical_and_invalid_utf8_closes_1007() -> anyhow::Result
     assert_eq!(raw_close(&mut ws).await?, 1007);
     bystander.still_served(&gw).await
 }
+
+/// JSON that parsers refuse or change (`1e999`, a lone surrogate, nesting
+/// deeper than 128) is a payload like any other: published over REST and
+/// WebSocket, it comes back byte for byte from REST history and from a JSON
+/// WebSocket client's history and presence requests (carried as `text`),
+/// and nothing panics (before, the history and presence encoders did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_json_payloads_round_trip_through_history_and_presence() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let payloads: Vec<&[u8]> = vec![b"1e999", br#""\ud800""#, deep.as_bytes(), br#"{"a":[1e400]}"#];
+    let http = reqwest::Client::new();
+    for p in &payloads {
+        let r = http.post(format!("{}/v1/channels/hostile/rest/messages", gw.http)).body(p.to_vec()).send().await?;
+        assert_eq!(r.status(), 200);
+    }
+    let r = http.get(format!("{}/v1/channels/hostile/rest/history", gw.http)).send().await?;
+    assert_eq!(r.status(), 200, "REST history answers");
+    let body: serde_json::Value = r.json().await?;
+    let texts: Vec<&str> = body["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    let want: Vec<&str> = payloads.iter().map(|p| std::str::from_utf8(p).unwrap()).collect();
+    assert_eq!(texts, want, "each payload back, verbatim, as text");
+
+    let mut c = WsClient::connect(&gw.ws, Codec::Json, "hostile").await?;
+    for p in &payloads {
+        let f = client_frame::Frame::Publish(proto::Publish {
+            channel: "hostile/ws".into(),
+            payload: Bytes::copy_from_slice(p),
+            ..Default::default()
+        });
+        assert!(matches!(c.request(f).await?.frame, Some(server_frame::Frame::PublishAck(_))));
+    }
+    let h = c
+        .request(client_frame::Frame::History(proto::History { channel: "hostile/ws".into(), ..Default::default() }))
+        .await?;
+    let Some(server_frame::Frame::History(h)) = h.frame else { bail!("no history: {h:?}") };
+    let got: Vec<&[u8]> = h.messages.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(got, payloads);
+    for p in &payloads {
+        let enter = client_frame::Frame::PresenceEnter(proto::PresenceEnter {
+            channel: "hostile/room".into(),
+            data: Bytes::copy_from_slice(p),
+        });
+        c.request(enter).await?;
+        let get =
+            c.request(client_frame::Frame::PresenceGet(proto::PresenceGet { channel: "hostile/room".into() })).await?;
+        let Some(server_frame::Frame::Presence(m)) = get.frame else { bail!("no presence: {get:?}") };
+        assert_eq!(m.members[0].data.as_ref(), *p, "presence data back, verbatim");
+    }
+    Ok(())
+}
