@@ -177,8 +177,10 @@ async fn message_size_is_refused_per_protocol_and_the_connection_stays() -> anyh
     let mut by = Bystanders::join(&gw).await?;
     let mut sub = WsClient::connect(&gw.ws, Codec::Json, "sizes").await?;
     sub.subscribe_to("ms/#").await?;
+    // The limit bounds the whole message (payload, channel, id, headers...),
+    // so a payload of the limit itself does not fit; 900 bytes do.
     let big = vec![b'x'; 1025];
-    let fits = vec![b'y'; 1024];
+    let fits = vec![b'y'; 900];
 
     // WebSocket: error `message_too_large`, the connection stays.
     let mut ws = WsClient::connect(&gw.ws, Codec::Proto, "ws-big").await?;
@@ -225,6 +227,94 @@ async fn message_size_is_refused_per_protocol_and_the_connection_stays() -> anyh
         assert!(n >= 1.0, "metric for {protocol}: {n}");
     }
     by.still_served("message size").await
+}
+
+/// MQTT 5 user properties (property 0x26, a UTF-8 pair each).
+fn user_props(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (k, v) in pairs {
+        b.push(0x26);
+        for s in [k, v] {
+            b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+    }
+    b
+}
+
+/// The size limit bounds the whole message, not only its payload: a tiny
+/// payload under hundreds of KiB of headers or an oversize header is
+/// refused on WebSocket, REST and MQTT 5 (PUBACK 0x97); an id over 256
+/// bytes is a bad request on every protocol (MQTT 5 PUBACK 0x80); nothing
+/// of it is stored or delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_headers_and_properties_count_against_the_message_size() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut by = Bystanders::join(&gw).await?;
+    let mut sub = WsClient::connect(&gw.ws, Codec::Json, "fields").await?;
+    sub.subscribe_to("mf/#").await?;
+    let value = "v".repeat(8 * 1024);
+    let bulky: std::collections::BTreeMap<String, String> = (0..60).map(|i| (format!("h{i}"), value.clone())).collect();
+    let long_id = "i".repeat(257);
+    let long_value: std::collections::BTreeMap<String, String> = [("k".to_string(), "v".repeat(8 * 1024 + 1))].into();
+    let too_many: std::collections::BTreeMap<String, String> = (0..65).map(|i| (format!("h{i}"), "v".into())).collect();
+
+    // WebSocket: each refused with `message_too_large`, the connection stays.
+    let mut ws = WsClient::connect(&gw.ws, Codec::Proto, "ws-fields").await?;
+    let p = |headers: std::collections::BTreeMap<String, String>, id: &str| Publish {
+        channel: "mf/ws".into(),
+        payload: Bytes::from_static(b"tiny"),
+        headers,
+        id: id.into(),
+        ..Default::default()
+    };
+    for (what, publish, code) in [
+        ("480 KiB of headers", p(bulky.clone(), ""), ErrorCode::MessageTooLarge),
+        ("a 257-byte id", p(Default::default(), &long_id), ErrorCode::BadRequest),
+        ("an 8 KiB + 1 header value", p(long_value.clone(), ""), ErrorCode::MessageTooLarge),
+        ("65 headers", p(too_many.clone(), ""), ErrorCode::MessageTooLarge),
+    ] {
+        let f = ws.publish_frame(publish).await?;
+        assert_eq!(error_of(&f), Some(code), "{what}: {f:?}");
+    }
+    ws.publish("mf/ws", b"ok", "").await?;
+
+    // REST: a long Idempotency-Key or JSON `id` is 400; bulky JSON headers
+    // are 413.
+    let (status, body) = rest_publish(&gw.http, "mf/rest", "tiny", &[("idempotency-key", &long_id)]).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")));
+    let long_json_id = json!({"text": "tiny", "id": long_id});
+    let (status, body) =
+        rest_publish(&gw.http, "mf/rest", long_json_id.to_string(), &[("content-type", "application/json")]).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "a 257-byte JSON id");
+    let json_body =
+        json!({"text": "tiny", "headers": bulky.iter().take(10).collect::<std::collections::BTreeMap<_, _>>()});
+    let (status, body) =
+        rest_publish(&gw.http, "mf/rest", json_body.to_string(), &[("content-type", "application/json")]).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("message_too_large")), "80 KiB of headers");
+    let (status, _) = rest_publish(&gw.http, "mf/rest", "ok", &[]).await?;
+    assert_eq!(status, 200);
+
+    // MQTT 5: user properties count; PUBACK 0x97, the connection stays.
+    let mut m = raw_mqtt(&gw, Ver::V5, "mqtt-fields", 60).await?;
+    let keys: Vec<String> = (0..30).map(|i| format!("h{i}")).collect();
+    let bulky_props: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), value.as_str())).collect();
+    for (pkid, props, code) in [(1u16, user_props(&bulky_props), 0x97), (2, user_props(&[("id", &long_id)]), 0x80)] {
+        m.send(&publish_packet(Ver::V5, b"mf/mqtt", 1, pkid, b"tiny", &props)).await?;
+        let r = next_reply(&mut m).await?;
+        assert_eq!((r.kind(), r.body.get(2).copied()), (4, Some(code)), "PUBACK for pkid {pkid}: {r:?}");
+    }
+    m.send(&publish_packet(Ver::V5, b"mf/mqtt", 1, 3, b"ok", &[])).await?;
+    assert_eq!(next_reply(&mut m).await?.body.len(), 2, "PUBACK success (short form)");
+
+    // Only the messages that fit were stored and delivered.
+    let got: Vec<String> = sub.messages(3).await?.into_iter().map(|e| e.channel).collect();
+    assert_eq!(got, ["mf/ws", "mf/rest", "mf/mqtt"]);
+    for ch in ["mf/ws", "mf/rest", "mf/mqtt"] {
+        let (_, h) = get_json(&format!("{}/v1/channels/{ch}/history", gw.http)).await?;
+        assert_eq!(h["messages"].as_array().map(Vec::len), Some(1), "{ch}: only the small message is stored");
+    }
+    by.still_served("message fields").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,7 +683,8 @@ async fn wt_message_size_is_refused_and_the_session_stays() -> anyhow::Result<()
     let mut watcher = WsClient::connect(&gw.ws, Codec::Proto, "watcher").await?;
     watcher.subscribe_to("ms/#").await?;
     let mut c = gw.wt_client("wt-big").await?;
-    let (big, fits) = (vec![b'x'; 513], vec![b'y'; 512]);
+    // The whole message counts (channel, fields), so 400 payload bytes fit.
+    let (big, fits) = (vec![b'x'; 513], vec![b'y'; 400]);
 
     // On the control stream: error `message_too_large`, the session stays.
     let f = c.request(client_frame::Frame::Publish(wt_publish("ms/wt", big.clone()))).await?;
@@ -610,7 +701,7 @@ async fn wt_message_size_is_refused_and_the_session_stays() -> anyhow::Result<()
     // Exactly the messages that fit arrived.
     let got: Vec<(String, usize)> =
         watcher.messages(2).await?.into_iter().map(|e| (e.channel, e.payload.len())).collect();
-    assert_eq!(got, [("ms/wt".to_string(), 512), ("ms/end".to_string(), 3)]);
+    assert_eq!(got, [("ms/wt".to_string(), 400), ("ms/end".to_string(), 3)]);
     let n = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "message_size"), ("protocol", "wt")]).await?;
     assert!(n >= 3.0, "metric for wt: {n}");
     all_still_served(&mut by, "WebTransport message size").await

@@ -16,7 +16,9 @@
 //! token expires (past `exp` plus the verifier's leeway) without a refresh
 //! is closed with [`CloseReason::TOKEN_EXPIRED`].
 //!
-//! Limits: the payload size, subscriptions per session (distinct filters)
+//! Limits: the size of a whole message (payload, id, headers and the rest,
+//! with small bounds of their own on ids and headers), subscriptions per
+//! session (distinct filters)
 //! and the publish rate (a token bucket per session) are checked here; each
 //! refusal counts in `switchboard_limit_exceeded_total{limit,protocol}`.
 
@@ -29,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
+use prost::Message as _;
 use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::port::{
     CloseKind, CloseReason, Core, CoreError, OpenSession, Outbox, SessionHandle, SessionId, SubscribeOutcome,
@@ -37,6 +40,16 @@ use switchboard_protocols::port::{
 use crate::core::auth::{Caps, Op, Verifier};
 use crate::core::channel;
 use crate::core::engine::{Caller, Engine, EngineStats};
+
+/// Longest idempotency key (`id`, `Idempotency-Key`, MQTT 5 user
+/// property `id`).
+pub const MAX_ID_LEN: usize = 256;
+/// Most headers (MQTT 5 user properties) on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name.
+pub const MAX_HEADER_NAME_LEN: usize = 256;
+/// Longest header value.
+pub const MAX_HEADER_VALUE_LEN: usize = 8 * 1024;
 
 /// Current Unix time in milliseconds.
 pub fn now_ms() -> i64 {
@@ -429,15 +442,36 @@ impl Router {
                 format!("channel {:?} is reserved for the gateway ('$' prefix)", req.channel),
             ));
         }
-        if req.payload.len() > self.limits.max_message_size {
+        let too_large = |what: String| CoreError::new(ErrorCode::MessageTooLarge, what);
+        if req.id.len() > MAX_ID_LEN {
             return Err(CoreError::new(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "payload of {} bytes exceeds the limit of {} bytes",
-                    req.payload.len(),
-                    self.limits.max_message_size
-                ),
+                ErrorCode::BadRequest,
+                format!("idempotency key of {} bytes is over {MAX_ID_LEN} bytes", req.id.len()),
             ));
+        }
+        if req.headers.len() > MAX_HEADERS {
+            return Err(too_large(format!("{} headers exceed the limit of {MAX_HEADERS}", req.headers.len())));
+        }
+        if let Some((k, v)) =
+            req.headers.iter().find(|(k, v)| k.len() > MAX_HEADER_NAME_LEN || v.len() > MAX_HEADER_VALUE_LEN)
+        {
+            return Err(too_large(format!(
+                "header {:?} ({} bytes, value {} bytes) exceeds the limits of {MAX_HEADER_NAME_LEN} bytes per name and \
+                 {MAX_HEADER_VALUE_LEN} per value",
+                k.chars().take(64).collect::<String>(),
+                k.len(),
+                v.len()
+            )));
+        }
+        // The whole message as stored and sent, not only its payload: ids,
+        // headers, content type, response topic and correlation data count.
+        let size = req.encoded_len();
+        if size > self.limits.max_message_size {
+            return Err(too_large(format!(
+                "message of {size} bytes (payload {} bytes) exceeds the limit of {} bytes",
+                req.payload.len(),
+                self.limits.max_message_size
+            )));
         }
         Ok(())
     }

@@ -260,9 +260,6 @@ pub(super) async fn rest_publish(
     if let Some(k) = idem {
         publish.id = k;
     }
-    if publish.id.len() > 256 {
-        return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest.slug(), "idempotency key over 256 bytes");
-    }
     let (caller, caps) = match stream_caller(&state, &principal, conn.as_deref()) {
         Ok(Some(c)) => c,
         Ok(None) => (principal.caller, principal.caps),
