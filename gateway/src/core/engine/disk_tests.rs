@@ -4,6 +4,7 @@
 
 use super::*;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
@@ -293,5 +294,44 @@ fn mqtt_sessions_come_back_from_their_last_checkpoint() {
     assert_eq!(s.state.delivered["s/1"], proto::Position { epoch: "E".into(), serial: 7 });
     assert!(matches!(sessions.claim("dev-2", now).1, Claim::Resumed(_)));
     assert!(matches!(sessions.claim("dev-3", now).1, Claim::Fresh));
+    store.close();
+}
+
+/// History is trimmed on disk as in memory: by count in the write that
+/// pushes a message out, by age when the sweep finds it too old; what the
+/// store holds after a restart is what history held.
+#[test]
+fn trimming_by_count_and_age_happens_on_disk() {
+    let dir = TempDir::new("trim");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let rules = vec![
+        crate::core::engine::ChannelRule {
+            pattern: "count/#".into(),
+            policy: crate::core::engine::ChannelPolicy { history_size: 3, ..Default::default() },
+        },
+        crate::core::engine::ChannelRule {
+            pattern: "age/#".into(),
+            policy: crate::core::engine::ChannelPolicy { history_ttl: Duration::from_secs(1), ..Default::default() },
+        },
+    ];
+    let cfg = EngineConfig { rules, ..EngineConfig::default() };
+    let (store, recovery) = open(&o);
+    let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0);
+    for i in 0..10 {
+        publish(&e, "count/a", &format!("c{i}"), "", false, T0 + i);
+        publish(&e, "age/a", &format!("a{i}"), "", false, T0 + i);
+    }
+    publish(&e, "age/a", "late", "", false, T0 + 1_500);
+    e.sweep(T0 + 2_000);
+    store.close();
+    drop((e, store));
+
+    let (store, recovery) = open(&o);
+    let stored: BTreeMap<String, Vec<u64>> =
+        recovery.channels.iter().map(|c| (c.name.clone(), c.history.iter().map(|m| m.serial).collect())).collect();
+    assert_eq!(stored["count/a"], vec![8, 9, 10], "count: only the last three are on disk");
+    assert_eq!(stored["age/a"], vec![11], "age: only the message younger than a second is on disk");
+    let e = LocalEngine::with_store(cfg, store.clone(), recovery, T0 + 2_001);
+    assert_eq!(history(&e, "count/a", T0 + 2_001).serial, 10, "the position is kept");
     store.close();
 }

@@ -11,7 +11,7 @@
 //!   order;
 //! - the channel map is an `RwLock` taken for reading to find a channel
 //!   and for writing only to create or forget one;
-//! - the hub (sessions, the filter trie, shared groups) is an `RwLock`
+//! - the [`Hub`] (sessions, the filter trie, shared groups) is an `RwLock`
 //!   that fan-out takes for reading; subscribe, unsubscribe and detach take
 //!   it for writing, briefly;
 //! - fan-out only `try`-pushes into bounded outboxes, so no lock is held
@@ -40,14 +40,12 @@ use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
 use prost::Message as _;
 use rand::Rng as _;
 use switchboard_proto::{self as proto, ErrorCode};
-use switchboard_protocols::port::{
-    CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SlowPolicy, SubscribeOutcome,
-};
+use switchboard_protocols::port::{CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SubscribeOutcome};
 
 use super::disk::{AppendBatch, DiskError, DiskStore, Recovery, StoredChannel, StoredId, SyncPolicy};
+use super::hub::Hub;
 use super::{Caller, ChannelPolicy, Engine, EngineConfig, EngineStats};
-use crate::core::channel::{self, TopicTrie};
-use crate::core::str_set::StrSet;
+use crate::core::channel;
 
 /// A fresh random channel epoch: 10 characters of `[0-9a-z]` (~51 bits).
 fn new_epoch() -> Arc<str> {
@@ -206,130 +204,6 @@ impl Channel {
     }
 }
 
-#[derive(Debug)]
-struct Session {
-    caller: Caller,
-    outbox: Arc<Outbox>,
-    /// Filters the client subscribed to.
-    filters: StrSet,
-    /// Filters whose `$presence/<filter>` companion this session holds
-    /// because it subscribed with `presence: true`. Kept apart from
-    /// `filters` so that an explicit `$presence/...` subscription survives
-    /// unsubscribing the base filter.
-    companions: StrSet,
-    /// Channels whose presence this session entered.
-    presence: StrSet,
-}
-
-/// A subscription's target in the trie.
-#[derive(Debug, Clone)]
-struct Sub {
-    outbox: Arc<Outbox>,
-    /// Skip messages this session published itself (MQTT 5 no-local).
-    no_local: bool,
-}
-
-/// An MQTT 5 shared subscription `$share/{group}/{filter}`: each message
-/// goes to one member, round robin.
-#[derive(Debug, Default)]
-struct SharedGroup {
-    members: Vec<(SessionId, Sub)>,
-    next: usize,
-}
-
-/// A shared group, held by the trie and by its (group, filter) key.
-type SharedRef = Arc<Mutex<SharedGroup>>;
-
-/// Node-local fan-out: sessions and who subscribed to what. Shared groups
-/// are indexed by filter in a trie of their own, like plain subscriptions,
-/// so a publish visits only the groups whose filter matches its channel.
-#[derive(Debug, Default)]
-struct Hub {
-    trie: TopicTrie<SessionId, Sub>,
-    shared: TopicTrie<u64, Arc<Mutex<SharedGroup>>>,
-    /// (group, filter) → the group's key in `shared`, and the group.
-    shared_keys: HashMap<(String, String), (u64, SharedRef)>,
-    next_shared: u64,
-    sessions: HashMap<SessionId, Session>,
-}
-
-impl Hub {
-    fn join_group(&mut self, group: &str, filter: &str, session: SessionId, sub: Sub) {
-        let key = (group.to_string(), filter.to_string());
-        let g = match self.shared_keys.get(&key) {
-            Some((_, g)) => g.clone(),
-            None => {
-                self.next_shared += 1;
-                let id = self.next_shared;
-                let g = Arc::new(Mutex::new(SharedGroup::default()));
-                self.shared.insert(filter, id, g.clone());
-                self.shared_keys.insert(key, (id, g.clone()));
-                g
-            }
-        };
-        let mut g = g.lock();
-        match g.members.iter_mut().find(|(sid, _)| *sid == session) {
-            Some(m) => m.1 = sub,
-            None => g.members.push((session, sub)),
-        }
-    }
-
-    fn leave_group(&mut self, group: &str, filter: &str, session: SessionId) {
-        let key = (group.to_string(), filter.to_string());
-        let Some((id, g)) = self.shared_keys.get(&key) else { return };
-        let id = *id;
-        let mut g = g.lock();
-        g.members.retain(|(sid, _)| *sid != session);
-        let empty = g.members.is_empty();
-        if !empty {
-            g.next %= g.members.len();
-        }
-        drop(g);
-        if empty {
-            self.shared.remove(filter, id);
-            self.shared_keys.remove(&key);
-        }
-    }
-
-    /// Pushes a delivery to every matching subscriber, once per session,
-    /// and to one member of every matching shared group. `from` is the
-    /// publishing session (0 for none), skipped where it asked for no-local.
-    fn fanout(&self, delivery: &Arc<Delivery>, policy: SlowPolicy, from: SessionId) {
-        let channel = delivery.channel();
-        let mut targets: Vec<(SessionId, &Sub)> = Vec::new();
-        self.trie.for_each_match(channel, |sid, sub| {
-            if !(sub.no_local && *sid == from) {
-                targets.push((*sid, sub));
-            }
-        });
-        if targets.len() > 1 {
-            // A session subscribed through several matching filters gets
-            // the message once.
-            targets.sort_unstable_by_key(|(sid, _)| *sid);
-            targets.dedup_by_key(|(sid, _)| *sid);
-        }
-        for (_, sub) in targets {
-            sub.outbox.push(Outbound::Message(delivery.clone()), policy);
-        }
-        self.shared.for_each_match(channel, |_, group| {
-            // Round robin over members that can take it: not closed, and not
-            // the publisher when it asked for no-local.
-            let mut g = group.lock();
-            let n = g.members.len();
-            for step in 0..n {
-                let i = (g.next + step) % n;
-                let (sid, sub) = &g.members[i];
-                if (sub.no_local && *sid == from) || sub.outbox.closed().is_some() {
-                    continue;
-                }
-                sub.outbox.push(Outbound::Message(delivery.clone()), policy);
-                g.next = (i + 1) % n;
-                break;
-            }
-        });
-    }
-}
-
 /// What a publish needs after its channel's lock is released.
 enum Started {
     /// Acknowledged (and delivered, unless a duplicate).
@@ -464,36 +338,12 @@ impl LocalEngine {
 
     /// Registers a session.
     pub fn attach(&self, caller: &Caller, outbox: Arc<Outbox>) {
-        self.hub.write().sessions.insert(
-            caller.session,
-            Session {
-                caller: caller.clone(),
-                outbox,
-                filters: StrSet::new(),
-                companions: StrSet::new(),
-                presence: StrSet::new(),
-            },
-        );
+        self.hub.write().attach(caller, outbox);
     }
 
     /// Removes a session (see [`Engine::detach`]).
     pub fn detach(&self, session: SessionId, kind: CloseKind, now: i64) {
-        let s = {
-            let mut hub = self.hub.write();
-            let Some(s) = hub.sessions.remove(&session) else { return };
-            for f in &s.filters {
-                match channel::parse_shared(f) {
-                    Some((group, inner)) => hub.leave_group(group, inner, session),
-                    None => {
-                        hub.trie.remove(f, session);
-                    }
-                }
-            }
-            for f in &s.companions {
-                hub.trie.remove(&channel::presence_channel(f), session);
-            }
-            s
-        };
+        let Some(s) = self.hub.write().detach(session) else { return };
         let key: MemberKey = (s.caller.client_id.clone(), s.caller.connection_id.clone());
         for ch in &s.presence {
             match kind {
@@ -701,17 +551,13 @@ impl LocalEngine {
         if let Some((group, inner)) = channel::parse_shared(&req.filter) {
             // Shared subscriptions get no replay (MQTT 5 sends no retained
             // messages to them; recovery belongs to one member, not a group).
-            let mut hub = self.hub.write();
-            let s = hub.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
-            let sub = Sub { outbox: s.outbox.clone(), no_local: req.no_local };
-            s.filters.insert(req.filter.clone());
-            hub.join_group(group, inner, session, sub);
+            self.hub.write().subscribe_shared(session, &req.filter, group, inner, req.no_local)?;
             return Ok(SubscribeOutcome {
                 subscribed: proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
                 replay: Vec::new(),
             });
         }
-        if !self.hub.read().sessions.contains_key(&session) {
+        if !self.hub.read().has_session(session) {
             return Err(err(ErrorCode::NotConnected, "no such session"));
         }
         let filter = req.filter.as_str();
@@ -899,58 +745,15 @@ impl LocalEngine {
             out.subscribed.channels.push(state);
         }
 
-        // Register last: nothing above can fail after this point. A repeated
-        // subscribe to the same filter replaces its options (MQTT semantics),
-        // so `presence: false` drops an earlier companion.
-        let mut guard = self.hub.write();
-        let hub = &mut *guard;
-        let s = hub.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
-        let sub = Sub { outbox: s.outbox.clone(), no_local: req.no_local };
-        hub.trie.insert(filter, session, sub.clone());
-        s.filters.insert(filter.to_string());
-        match companion {
-            Some(c) => {
-                hub.trie.insert(c, session, sub);
-                s.companions.insert(filter.to_string());
-            }
-            None => {
-                if s.companions.remove(filter) {
-                    let c = channel::presence_channel(filter);
-                    if !s.filters.contains(&c) {
-                        hub.trie.remove(&c, session);
-                    }
-                }
-            }
-        }
+        // Register last: nothing above can fail after this point.
+        self.hub.write().subscribe(session, filter, companion, req.no_local)?;
         Ok(out)
     }
 
     /// Unsubscribes a filter and its presence companion (an explicit
     /// `$presence/...` subscription of the same session stays).
     pub fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {
-        let mut guard = self.hub.write();
-        let hub = &mut *guard;
-        let s = hub.sessions.get_mut(&session).ok_or_else(|| err(ErrorCode::NotConnected, "no such session"))?;
-        if !s.filters.remove(filter) {
-            return Err(err(ErrorCode::NotSubscribed, format!("not subscribed to {filter:?}")));
-        }
-        if let Some((group, inner)) = channel::parse_shared(filter) {
-            hub.leave_group(group, inner, session);
-            return Ok(());
-        }
-        // The trie holds one entry per (filter, session): keep it while the
-        // same filter is still held as someone's presence companion.
-        let held_as_companion =
-            filter.strip_prefix(channel::PRESENCE_PREFIX).is_some_and(|base| s.companions.contains(base));
-        let dropped_companion = s.companions.remove(filter);
-        let companion_subscribed = s.filters.contains(&channel::presence_channel(filter));
-        if !held_as_companion {
-            hub.trie.remove(filter, session);
-        }
-        if dropped_companion && !companion_subscribed {
-            hub.trie.remove(&channel::presence_channel(filter), session);
-        }
-        Ok(())
+        self.hub.write().unsubscribe(session, filter)
     }
 
     /// Appends a presence event to `$presence/<channel>`, whose cell the
@@ -1051,9 +854,7 @@ impl LocalEngine {
                 None => Some(proto::Kind::PresenceEnter),
             }
         };
-        if let Some(s) = self.hub.write().sessions.get_mut(&caller.session) {
-            s.presence.insert(name.to_string());
-        }
+        self.hub.write().note_presence(caller.session, name, true);
         if let Some(kind) = kind {
             self.presence_event(&presence, name, kind, (&key, caller.protocol, data), now);
         }
@@ -1067,9 +868,7 @@ impl LocalEngine {
         if !present {
             return Err(err(ErrorCode::BadRequest, format!("not present on {name:?}")));
         }
-        if let Some(s) = self.hub.write().sessions.get_mut(&caller.session) {
-            s.presence.remove(name);
-        }
+        self.hub.write().note_presence(caller.session, name, false);
         self.remove_member(name, &key, now);
         Ok(())
     }
@@ -1200,7 +999,7 @@ impl LocalEngine {
         let cells: Vec<Arc<Cell>> = self.channels.read().values().cloned().collect();
         EngineStats {
             channels: cells.len(),
-            subscriptions: self.hub.read().trie.len(),
+            subscriptions: self.hub.read().subscriptions(),
             presence_members: cells.iter().map(|c| c.lock().members.len()).sum(),
         }
     }

@@ -1,14 +1,25 @@
 //! The engine seam: where channel state lives.
 //!
-//! The [`crate::core::router::Router`] validates, authorises, counts and keeps
-//! sessions; an [`Engine`] sequences publications, keeps history, dedupe
-//! windows, retained values and presence, and fans out to local sessions'
-//! outboxes. [`local::LocalEngine`] is the single-node engine: in memory
-//! only, or durable over a [`disk::DiskStore`] (`[storage] kind = "disk"`).
-//! The router sees only this trait, so which engine runs is a matter of
-//! configuration.
+//! The [`crate::core::router::Router`] validates, authorises, counts and
+//! keeps sessions; an [`Engine`] sequences publications, keeps history,
+//! dedupe windows, retained values and presence, and hands each message to
+//! the node's fan-out. The router sees only this trait, so which engine runs
+//! is configuration. What must be shared or durable is apart from what is
+//! node-local:
+//!
+//! | part | what | here |
+//! |---|---|---|
+//! | log and channel state | append with idempotency → position; reads by position, last N or time; heads and epochs; retained values; the dedupe window | [`local::LocalEngine`], in memory or over a [`disk::DiskStore`] (`[storage]`) |
+//! | presence | members, enter/update/leave, leave after the grace period | [`local::LocalEngine`] (per channel, under the channel's lock, so events follow the changes in order) |
+//! | MQTT session store | claim and takeover, subscriptions, positions, inbound QoS 2 ids, delayed wills | [`mqtt_sessions::MqttSessions`], behind the front end's `SessionStore` port; on disk with the store |
+//! | node-local fan-out | sessions, the filter trie, shared groups, outboxes and their slow-consumer policies | [`hub::Hub`], always in process |
+//!
+//! A shared engine (a log that spans nodes) implements [`Engine`] with its
+//! own log and presence and the same hub; the front ends and the router do
+//! not change.
 
 pub mod disk;
+pub mod hub;
 pub mod local;
 pub mod mqtt_sessions;
 
