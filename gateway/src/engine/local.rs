@@ -237,15 +237,18 @@ struct SharedGroup {
     next: usize,
 }
 
+/// A shared group, as the hub holds it.
+type GroupCell = Arc<Mutex<SharedGroup>>;
+
 /// Node-local fan-out: sessions and who subscribed to what. Shared groups
 /// are indexed by filter in a trie of their own, like plain subscriptions,
 /// so a publish visits only the groups whose filter matches its channel.
 #[derive(Debug, Default)]
 struct Hub {
     trie: TopicTrie<SessionId, Sub>,
-    shared: TopicTrie<u64, Arc<Mutex<SharedGroup>>>,
+    shared: TopicTrie<u64, GroupCell>,
     /// (group, filter) → the group's key in `shared`, and the group.
-    shared_keys: HashMap<(String, String), (u64, Arc<Mutex<SharedGroup>>)>,
+    shared_keys: HashMap<(String, String), (u64, GroupCell)>,
     next_shared: u64,
     sessions: HashMap<SessionId, Session>,
 }
@@ -953,6 +956,7 @@ impl LocalEngine {
     /// Appends a presence event to `$presence/<channel>`, whose cell the
     /// caller fetched before locking `channel` (so no map lock is taken
     /// while a channel is held).
+    #[allow(clippy::too_many_arguments)] // the event's fields; a struct would only rename them
     fn presence_event(
         &self,
         presence: &Arc<Cell>,
