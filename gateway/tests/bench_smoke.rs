@@ -1,6 +1,6 @@
 //! Smoke runs of `switchboard bench` against a real `switchboard dev` and
-//! against the peers it is compared with (nats-server over TCP and
-//! WebSocket, nginx + Nchan for SSE and long polling): tiny loads, checking
+//! against the peers it is compared with (nats-server over TCP, WebSocket
+//! and JetStream, nginx + Nchan for SSE and long polling): tiny loads, checking
 //! that the bench runs on every protocol and that its accounting adds up.
 //! No timing thresholds (CI machines are noisy), and `invalid` is not
 //! asserted for the same reason. The peers are Debian packages that
@@ -211,6 +211,88 @@ fn syscalls_perf_counts_socket_writes() {
     assert!(r["writes_per_delivery"].as_f64().is_some_and(|w| w > 0.0), "{r}");
 }
 
+/// A short `bench publish` (2 publishers, 5 channels, 1 s) with `extra`
+/// flags; asserts that every publish sent was acknowledged and the report
+/// is complete.
+fn publish_with(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench", "publish", "--publishers", "2", "--channels", "5", "--duration", "1s", "--json"];
+    args.extend_from_slice(extra);
+    let r = bench_json(&args);
+    assert_eq!(r["scenario"], "publish", "{r}");
+    let acked = r["acked"].as_u64().unwrap_or_else(|| panic!("no acked in {r}"));
+    assert!(acked > 0, "{r}");
+    assert_eq!(r["published"].as_u64(), Some(acked), "every publish acknowledged: {r}");
+    for k in ["refused", "unacked", "unexpected", "client_errors"] {
+        assert_eq!(r[k].as_u64(), Some(0), "{k} in {r}");
+    }
+    for k in ["acked_per_sec", "p50_us", "p99_us", "max_us", "window", "server_cpu_us_per_publish", "invalid"] {
+        assert!(!r[k].is_null(), "{k} missing in {r}");
+    }
+    r
+}
+
+/// The gateway's per-connection publish rate limit is off, as for any
+/// bench run (`docs/bench.md`).
+const NO_PUBLISH_LIMIT: (&str, &str) = ("SWITCHBOARD_LIMITS__PUBLISH_RATE", "0");
+
+fn publish(proto: &str, window: &str) {
+    let gw = DevGateway::start_env(&[NO_PUBLISH_LIMIT]);
+    let (url, mqtt, pid) = (format!("http://{}", gw.http), format!("mqtt://{}", gw.mqtt), gw.pid().to_string());
+    let r =
+        publish_with(&["--proto", proto, "--window", window, "--url", &url, "--mqtt-url", &mqtt, "--server-pid", &pid]);
+    assert_eq!(r["pub_proto"], proto, "{r}");
+    let connections = if proto == "rest" { 2 * window.parse::<u64>().unwrap() } else { 2 };
+    assert_eq!(r["connections"].as_u64(), Some(connections), "{r}");
+}
+
+#[test]
+fn publish_ws() {
+    publish("ws", "1");
+    publish("ws", "16");
+}
+
+#[test]
+fn publish_rest() {
+    publish("rest", "4");
+}
+
+#[test]
+fn publish_mqtt() {
+    publish("mqtt", "1");
+    publish("mqtt", "16");
+}
+
+/// A gateway that refuses most publishes (1 a second after a burst of 5):
+/// refusals are counted, not acks, and do not stop the publishers.
+#[test]
+fn publish_counts_refusals() {
+    let gw =
+        DevGateway::start_env(&[("SWITCHBOARD_LIMITS__PUBLISH_RATE", "1"), ("SWITCHBOARD_LIMITS__PUBLISH_BURST", "5")]);
+    let url = format!("http://{}", gw.http);
+    let r = bench_json(&[
+        "bench",
+        "publish",
+        "--proto",
+        "ws",
+        "--publishers",
+        "2",
+        "--window",
+        "4",
+        "--duration",
+        "500ms",
+        "--url",
+        &url,
+        "--json",
+    ]);
+    let (acked, refused) = (r["acked"].as_u64().unwrap(), r["refused"].as_u64().unwrap());
+    assert!((1..=14).contains(&acked), "about 5 + 1 per publisher: {r}");
+    assert!(refused > 0, "{r}");
+    assert_eq!(r["published"].as_u64(), Some(acked + refused), "{r}");
+    assert_eq!((r["unacked"].as_u64(), r["client_errors"].as_u64()), (Some(0), Some(0)), "{r}");
+    let problems = r["problems"].to_string();
+    assert!(problems.contains("REFUSED") && problems.contains("rate_limited"), "{r}");
+}
+
 /// A peer server (nats-server, nginx) on free loopback ports, killed (by
 /// PID) on drop.
 struct Peer {
@@ -306,6 +388,29 @@ fn fanout_nats_ws() {
     let url = format!("http://127.0.0.1:{ws}");
     let r = fanout_with(&["--proto", "nats-ws", "--url", &url, "--server-pid", &nats.pid()]);
     assert_eq!(r["sub_proto"], "nats-ws", "{r}");
+}
+
+/// `nats-server -js` with its file store in a temporary directory; returns
+/// it and its client port.
+fn jetstream_server() -> (Peer, u16) {
+    require("/usr/sbin/nats-server", "nats-server");
+    let port = free_port();
+    let dir = temp_dir("jetstream");
+    let store = dir.join("store").to_string_lossy().into_owned();
+    let args = ["-js", "-sd", &store, "-a", "127.0.0.1", "-p", &port.to_string()];
+    (Peer::start("/usr/sbin/nats-server", &args, dir, &[port]), port)
+}
+
+#[test]
+fn publish_nats_jetstream() {
+    let (nats, port) = jetstream_server();
+    let url = format!("nats://127.0.0.1:{port}");
+    for window in ["1", "16"] {
+        // The second run finds the stream the first created (same configuration: accepted).
+        let r =
+            publish_with(&["--proto", "nats-js", "--window", window, "--nats-url", &url, "--server-pid", &nats.pid()]);
+        assert_eq!(r["pub_proto"], "nats-js", "{r}");
+    }
 }
 
 /// nginx + Nchan with tests/bench/nginx-nchan.conf; returns it and its port.

@@ -243,6 +243,12 @@ pub fn subscribed_position(reply: proto::ServerFrame, channel: &str) -> Result<p
     }
 }
 
+/// A `publish` frame for `channel`; its `publish_ack` (or `error`) carries `req`.
+pub fn publish_frame(channel: &str, payload: Vec<u8>, req: u64) -> Message {
+    let p = proto::Publish { channel: channel.into(), payload: payload.into(), ..Default::default() };
+    frame_message(client_frame::Frame::Publish(p), req)
+}
+
 /// A WebSocket publisher: frames go out on the sink; a task drains acks.
 pub struct WsPublisher {
     sink: SplitSink<Ws, Message>,
@@ -261,8 +267,7 @@ impl WsPublisher {
     /// Sends one publish frame (not waiting for its ack: the bench is open loop).
     pub async fn publish(&mut self, channel: &str, payload: Vec<u8>) -> Result<(), BenchError> {
         self.req += 1;
-        let p = proto::Publish { channel: channel.into(), payload: payload.into(), ..Default::default() };
-        self.sink.send(frame_message(client_frame::Frame::Publish(p), self.req)).await?;
+        self.sink.send(publish_frame(channel, payload, self.req)).await?;
         Ok(())
     }
 
@@ -308,6 +313,25 @@ fn channel_path(channel: &str) -> String {
         .join("/")
 }
 
+/// The REST publish URL of `channel` (`{base}/v1/channels/{channel}/messages`).
+pub fn publish_url(base: &str, channel: &str) -> String {
+    format!("{base}/v1/channels/{}/messages", channel_path(channel))
+}
+
+/// POSTs `payload` (raw body) to a publish URL and reads the whole response,
+/// so the connection goes back to the pool; returns its status. An error
+/// is the connection's, never the status's.
+pub async fn rest_post(
+    client: &reqwest::Client,
+    url: &str,
+    payload: Vec<u8>,
+) -> Result<reqwest::StatusCode, BenchError> {
+    let resp = client.post(url).header("content-type", "application/octet-stream").body(payload).send().await?;
+    let status = resp.status();
+    let _ = resp.bytes().await?;
+    Ok(status)
+}
+
 /// Publishes over REST (raw body) and waits for the 200.
 pub async fn rest_publish(
     client: &reqwest::Client,
@@ -315,13 +339,10 @@ pub async fn rest_publish(
     channel: &str,
     payload: Vec<u8>,
 ) -> Result<(), BenchError> {
-    let url = format!("{base}/v1/channels/{}/messages", channel_path(channel));
-    let resp = client.post(url).header("content-type", "application/octet-stream").body(payload).send().await?;
-    if !resp.status().is_success() {
-        return Err(BenchError::Protocol(format!("REST publish: HTTP {}", resp.status())));
+    let status = rest_post(client, &publish_url(base, channel), payload).await?;
+    if !status.is_success() {
+        return Err(BenchError::Protocol(format!("REST publish: HTTP {status}")));
     }
-    // Read the body so the connection goes back to the pool.
-    let _ = resp.bytes().await?;
     Ok(())
 }
 

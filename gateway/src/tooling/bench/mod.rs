@@ -3,9 +3,11 @@
 //! Scenarios (see `docs/bench.md`): `fanout` and `cross` (open-loop publish
 //! at a fixed schedule, latency against the SCHEDULED send time, full
 //! loss/duplicate/reorder accounting), `idle` and `churn` (connection
-//! setup and memory), and `recovery` (disconnect, miss K
+//! setup and memory), `recovery` (disconnect, miss K
 //! messages, reconnect with positions, time the catch-up, verify
-//! exactly-once). Every run is bounded by its duration and `--max-conns`.
+//! exactly-once) and `publish` (closed-loop acknowledged publishes: how
+//! many the server acknowledges per second, and how long each ack takes).
+//! Every run is bounded by its duration and `--max-conns`.
 //!
 //! Layout: [`payload`] (what a message carries), [`accounting`] (sequences →
 //! loss/dup/reorder), [`histogram`] (sharded HDR histograms), [`procfs`]
@@ -13,8 +15,8 @@
 //! syscall counts with `perf stat`), [`report`] (INVALID, table, JSON),
 //! [`clients`] (one fast client per protocol), [`nats`] and [`nchan`] (clients
 //! for the peers the gateway is compared with: nats-server over TCP and
-//! WebSocket, Nchan's EventSource and long poll), [`fanout`], [`connections`]
-//! and [`recovery`] (the scenarios). The bench measures; it does not assert:
+//! WebSocket and JetStream, Nchan's EventSource and long poll), [`fanout`],
+//! [`connections`], [`recovery`] and [`publish`] (the scenarios). The bench measures; it does not assert:
 //! problems are printed loudly (`!!`) and the exit code stays 0 unless the
 //! run could not be carried out.
 
@@ -27,6 +29,7 @@ pub mod nats;
 pub mod nchan;
 pub mod payload;
 pub mod procfs;
+pub mod publish;
 pub mod recovery;
 pub mod report;
 pub mod syscalls;
@@ -109,6 +112,33 @@ impl Proto {
     /// True for the protocols that only a nats-server speaks.
     pub fn is_nats(self) -> bool {
         matches!(self, Proto::Nats | Proto::NatsWs)
+    }
+}
+
+/// Protocols `publish` speaks: each acknowledges a publish.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum AckProto {
+    /// WebSocket `publish` frames (`switchboard.v1.proto`), acknowledged by `publish_ack`.
+    Ws,
+    /// MQTT 5 PUBLISH at QoS 1, acknowledged by PUBACK.
+    Mqtt,
+    /// `POST /v1/channels/{channel}/messages`, acknowledged by its 2xx response.
+    Rest,
+    /// NATS `PUB` with a reply subject into a JetStream stream (an external
+    /// nats-server with JetStream at `--nats-url`), acknowledged by the
+    /// stream's JSON ack on the reply subject.
+    NatsJs,
+}
+
+impl AckProto {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            AckProto::Ws => "ws",
+            AckProto::Mqtt => "mqtt",
+            AckProto::Rest => "rest",
+            AckProto::NatsJs => "nats-js",
+        }
     }
 }
 
@@ -231,6 +261,30 @@ pub struct LoadArgs {
     pub qos: u8,
 }
 
+/// Shape of a closed-loop acknowledged-publish run.
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// Publisher connections.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: u32,
+    /// Publishes each publisher keeps outstanding (1: wait for each ack
+    /// before sending the next). REST: keep-alive connections per publisher.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub window: u32,
+    /// Channels the publishes are spread over (each publisher cycles through them).
+    #[arg(long, default_value_t = 100)]
+    pub channels: u32,
+    /// Payload size in bytes (at least the 47-byte header).
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// JetStream stream to publish into (`--proto nats-js`), created if missing.
+    #[arg(long, default_value = "SWITCHBOARD_BENCH")]
+    pub stream: String,
+}
+
 /// Scenarios.
 #[derive(Debug, Subcommand)]
 pub enum Scenario {
@@ -308,6 +362,18 @@ pub enum Scenario {
         /// Give up waiting for the catch-up after this long.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         duration: Duration,
+        /// Shared flags.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Closed-loop acknowledged publishes: P publishers, each with up to W unacknowledged.
+    Publish {
+        /// Protocol (nats-js: a nats-server with JetStream at --nats-url).
+        #[arg(long, value_enum)]
+        proto: AckProto,
+        /// Load shape.
+        #[command(flatten)]
+        load: PublishArgs,
         /// Shared flags.
         #[command(flatten)]
         common: CommonArgs,
@@ -390,6 +456,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Idle { proto, common, .. } => check_combination("idle", *proto, common)?,
         Scenario::Churn { proto, common, .. } => check_combination("churn", *proto, common)?,
         Scenario::Recovery { proto, common, .. } => check_combination("recovery", *proto, common)?,
+        Scenario::Publish { proto, common, .. } => {
+            if common.target != Flavour::Switchboard {
+                anyhow::bail!("publish runs against Switchboard (ws, mqtt, rest) or a nats-server (nats-js)");
+            }
+            if *proto == AckProto::Mqtt && common.mqtt_version != MqttVersion::V5 {
+                anyhow::bail!("publish over MQTT speaks MQTT 5 (--mqtt-version 5)");
+            }
+        }
     }
     let (report, json) = match args.scenario {
         Scenario::Fanout { proto, load, common } => {
@@ -412,6 +486,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Recovery { proto, subs, missed, size, duration, common } => {
             raise_nofile(u64::from(subs) + 1);
             (recovery::run(proto, subs, missed, size, duration, &common).await?, common.json)
+        }
+        Scenario::Publish { proto, load, common } => {
+            raise_nofile(publish::connections(proto, &load));
+            (publish::run(proto, &load, &common).await?, common.json)
         }
     };
     if json {

@@ -9,8 +9,18 @@
 //! headers: false`, so the server never acknowledges a `PUB` and never sends
 //! `HMSG` (it is still parsed, for robustness). A subscription is confirmed
 //! with a `PING` after the `SUB`: the server handles a connection's commands
-//! in order, so its `PONG` means the `SUB` is in place. This is a load client,
-//! not a NATS library: no reconnects, no TLS, no auth, no request/reply.
+//! in order, so its `PONG` means the `SUB` is in place.
+//!
+//! JetStream (`bench publish --proto nats-js`, [`NatsJsPub`]) is the core
+//! protocol too: a publish is `PUB subject reply payload` into a subject a
+//! stream captures, and the stream's acknowledgement — JSON
+//! `{"stream":..,"seq":..}` or `{"error":{..}}` ([`parse_js_ack`]) — arrives as
+//! a `MSG` on the reply subject. Each publisher subscribes to its own inbox
+//! `_INBOX.<id>.*` and numbers its replies `_INBOX.<id>.<ticket>`
+//! ([`reply_ticket`]), so acks are matched to publishes in any order. The
+//! stream is created with a `$JS.API.STREAM.CREATE.<name>` request
+//! ([`stream_config`]). This is a load client, not a NATS library: no
+//! reconnects, no TLS, no auth, no general request/reply.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -221,6 +231,132 @@ pub fn encode_pub(out: &mut BytesMut, subject: &str, payload: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
+/// Appends `PUB subject reply n\r\npayload\r\n` to `out`: a publish whose
+/// receiver (a JetStream stream) answers on `reply`.
+pub fn encode_pub_reply(out: &mut BytesMut, subject: &str, reply: &str, payload: &[u8]) {
+    out.reserve(subject.len() + reply.len() + payload.len() + 32);
+    out.put_slice(b"PUB ");
+    out.put_slice(subject.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(reply.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(payload.len().to_string().as_bytes());
+    out.put_slice(b"\r\n");
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+}
+
+/// The ticket of a reply subject `<inbox>.<ticket>` (decimal); `None` for
+/// any other subject.
+///
+/// | subject | inbox | ticket |
+/// |---|---|---|
+/// | `_INBOX.ab12.17` | `_INBOX.ab12` | `Some(17)` |
+/// | `_INBOX.ab12.api` | `_INBOX.ab12` | `None` (the stream request) |
+/// | `_INBOX.ab1.17` | `_INBOX.ab12` | `None` |
+pub fn reply_ticket(subject: &[u8], inbox: &str) -> Option<u64> {
+    let token = subject.strip_prefix(inbox.as_bytes())?.strip_prefix(b".")?;
+    parse_usize(token).map(|n| n as u64)
+}
+
+/// A JetStream publish acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsAck {
+    /// The stream that stored the message.
+    pub stream: String,
+    /// Its sequence in the stream.
+    pub seq: u64,
+    /// The message id was seen before (only with a `Nats-Msg-Id` header).
+    pub duplicate: bool,
+}
+
+/// What a JetStream API reply reports instead of success.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsError {
+    /// `{"error":{"code":..,"err_code":..,"description":..}}`.
+    #[error("JetStream error {code} ({err_code}): {description}")]
+    Api {
+        /// HTTP-like status (400, 503, ...).
+        code: u16,
+        /// JetStream's own error code (10058: stream name already in use, ...).
+        err_code: u32,
+        /// What went wrong.
+        description: String,
+    },
+    /// Not the JSON a JetStream reply is.
+    #[error("malformed JetStream reply: {0}")]
+    Malformed(String),
+}
+
+/// The fields of a JetStream reply the bench reads; everything else is ignored.
+#[derive(serde::Deserialize)]
+struct JsReply {
+    #[serde(default)]
+    error: Option<JsReplyError>,
+    #[serde(default)]
+    stream: Option<String>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct JsReplyError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    err_code: u32,
+    #[serde(default)]
+    description: String,
+}
+
+fn js_reply(payload: &[u8]) -> Result<JsReply, JsError> {
+    let reply: JsReply = serde_json::from_slice(payload).map_err(|e| {
+        JsError::Malformed(format!("{e} in {:?}", String::from_utf8_lossy(&payload[..payload.len().min(200)])))
+    })?;
+    match reply.error {
+        Some(e) => Err(JsError::Api { code: e.code, err_code: e.err_code, description: e.description }),
+        None => Ok(reply),
+    }
+}
+
+/// Parses the reply to a JetStream publish: `{"stream":"S","seq":7}` (and
+/// `"duplicate":true` for a repeated message id) or an API error.
+pub fn parse_js_ack(payload: &[u8]) -> Result<JsAck, JsError> {
+    let r = js_reply(payload)?;
+    match (r.stream, r.seq) {
+        (Some(stream), Some(seq)) => Ok(JsAck { stream, seq, duplicate: r.duplicate }),
+        _ => Err(JsError::Malformed(format!("no stream/seq in {:?}", String::from_utf8_lossy(payload)))),
+    }
+}
+
+/// Checks the reply to a JetStream API request (stream create): success is
+/// any reply without an `error`.
+pub fn check_js_api(payload: &[u8]) -> Result<(), JsError> {
+    js_reply(payload).map(|_| ())
+}
+
+/// The configuration of the stream `bench publish --proto nats-js` writes
+/// to: file storage, one replica, the subjects `subjects`, and limits like
+/// the gateway's history defaults (`[channels] history_size = 1000` per
+/// channel, `history_ttl = "10m"`): at most `max_msgs_per_subject` messages
+/// per subject, none older than `max_age`, the oldest discarded first.
+/// Creating a stream that exists with this same configuration succeeds, so
+/// runs against one server share it.
+pub fn stream_config(name: &str, subjects: &str, max_msgs_per_subject: u64, max_age: Duration) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "subjects": [subjects],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": 1,
+        "discard": "old",
+        "max_msgs_per_subject": max_msgs_per_subject,
+        "max_age": max_age.as_nanos() as u64,
+    })
+}
+
 /// `PING`.
 pub const PING: &[u8] = b"PING\r\n";
 /// `PONG`.
@@ -262,7 +398,8 @@ impl Transport {
     }
 
     /// Writes `bytes` (one WebSocket binary frame on `nats-ws`).
-    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), BenchError> {
+    async fn write(&mut self, bytes: impl Into<Bytes>) -> Result<(), BenchError> {
+        let bytes = bytes.into();
         match self {
             Transport::Tcp(s) => Ok(s.write_all(&bytes).await?),
             Transport::Ws(ws) => Ok(ws.send(Message::binary(bytes)).await?),
@@ -303,7 +440,7 @@ async fn expect_pong(io: &mut Transport, buf: &mut BytesMut, what: &str) -> Resu
             while let Some(op) = decode(buf).map_err(protocol_err)? {
                 match op {
                     ServerOp::Pong => return Ok(()),
-                    ServerOp::Ping => io.write(PONG.to_vec()).await?,
+                    ServerOp::Ping => io.write(PONG).await?,
                     ServerOp::Err(e) => return Err(BenchError::Protocol(format!("NATS -ERR during {what}: {e}"))),
                     _ => {}
                 }
@@ -480,6 +617,113 @@ impl NatsPub {
         }
         self.reader.abort();
         self.signals.errors.load(Ordering::Relaxed)
+    }
+}
+
+/// How long a JetStream API request (stream create) may take.
+const JS_API_TIMEOUT: Duration = Duration::from_secs(10);
+/// The reply token of the stream request (acks use numbers).
+const API_TOKEN: &str = "api";
+
+/// A publisher into a JetStream stream over TCP: `PUB`s with a reply
+/// subject in its own inbox, and the acks read back from it. One task
+/// drives it: queue publishes, flush, read acks.
+pub struct NatsJsPub {
+    io: Transport,
+    /// Bytes read and not yet decoded.
+    buf: BytesMut,
+    /// `PUB`s (and owed `PONG`s) queued for the next flush.
+    out: BytesMut,
+    /// `_INBOX.<id>`: replies arrive on `<inbox>.<ticket>`.
+    inbox: String,
+}
+
+impl NatsJsPub {
+    /// Connects and subscribes to the inbox `_INBOX.<id>.*` (`id`: letters
+    /// and digits); returns once the server confirmed the `SUB`.
+    pub async fn open(t: &Target, name: &str, id: &str) -> Result<NatsJsPub, BenchError> {
+        let (mut io, mut buf) = handshake(false, t, name).await?;
+        let inbox = format!("_INBOX.{id}");
+        io.write(encode_sub_ping(&format!("{inbox}.*"), 1)).await?;
+        expect_pong(&mut io, &mut buf, "SUB").await?;
+        Ok(NatsJsPub { io, buf, out: BytesMut::with_capacity(16 * 1024), inbox })
+    }
+
+    /// Creates the stream `config` describes (`$JS.API.STREAM.CREATE.<name>`);
+    /// an existing stream with the same configuration is fine. Call before
+    /// publishing: replies to publishes that arrive meanwhile are dropped.
+    pub async fn create_stream(&mut self, config: &serde_json::Value) -> Result<(), BenchError> {
+        let name = config["name"].as_str().unwrap_or_default();
+        let reply = format!("{}.{API_TOKEN}", self.inbox);
+        let body = config.to_string();
+        encode_pub_reply(&mut self.out, &format!("$JS.API.STREAM.CREATE.{name}"), &reply, body.as_bytes());
+        self.flush().await?;
+        let wait = async {
+            loop {
+                while let Some(op) = decode(&mut self.buf).map_err(protocol_err)? {
+                    match op {
+                        ServerOp::Msg { subject, payload, .. } if subject == reply.as_bytes() => return Ok(payload),
+                        ServerOp::Ping => self.io.write(PONG).await?,
+                        ServerOp::Err(e) => return Err(BenchError::Protocol(format!("NATS -ERR: {e}"))),
+                        _ => {}
+                    }
+                }
+                if !self.io.read(&mut self.buf).await? {
+                    return Err(BenchError::Protocol("NATS closed during the stream request".into()));
+                }
+            }
+        };
+        let payload = tokio::time::timeout(JS_API_TIMEOUT, wait).await.map_err(|_| {
+            BenchError::Protocol(format!(
+                "no answer to $JS.API.STREAM.CREATE.{name} within {JS_API_TIMEOUT:?}: is JetStream on (nats-server -js)?"
+            ))
+        })??;
+        check_js_api(&payload).map_err(|e| BenchError::Protocol(format!("creating stream {name}: {e}")))
+    }
+
+    /// Queues one publish to `subject`, acknowledged on reply ticket `ticket`.
+    pub fn queue(&mut self, ticket: u64, subject: &str, payload: &[u8]) {
+        let reply = format!("{}.{ticket}", self.inbox);
+        encode_pub_reply(&mut self.out, subject, &reply, payload);
+    }
+
+    /// Writes everything queued, in one write.
+    pub async fn flush(&mut self) -> Result<(), BenchError> {
+        if !self.out.is_empty() {
+            let bytes = self.out.split().freeze();
+            self.io.write(bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next ack on the inbox: its ticket and what the stream
+    /// said. Answers server `PING`s; a `-ERR` or end of stream is an error.
+    /// Cancel-safe: partial operations stay in the connection's buffer.
+    pub async fn next_ack(&mut self) -> Result<(u64, Result<JsAck, JsError>), BenchError> {
+        loop {
+            while let Some(op) = decode(&mut self.buf).map_err(protocol_err)? {
+                match op {
+                    ServerOp::Msg { subject, payload, .. } => {
+                        if let Some(ticket) = reply_ticket(&subject, &self.inbox) {
+                            return Ok((ticket, parse_js_ack(&payload)));
+                        }
+                    }
+                    ServerOp::Ping => self.io.write(PONG).await?,
+                    ServerOp::Err(e) => return Err(BenchError::Protocol(format!("NATS -ERR: {e}"))),
+                    _ => {}
+                }
+            }
+            if !self.io.read(&mut self.buf).await? {
+                return Err(BenchError::Protocol("NATS closed".into()));
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(mut self) {
+        if let Transport::Tcp(s) = &mut self.io {
+            let _ = s.shutdown().await;
+        }
     }
 }
 
@@ -671,6 +915,118 @@ mod tests {
         assert_eq!(got, vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")]);
         server.await.expect("server script");
         assert!(!sub.next(&mut got).await.expect("clean end"), "end of stream");
+    }
+
+    #[test]
+    fn jetstream_acks_and_errors() {
+        let ack = |stream: &str, seq, duplicate| Ok(JsAck { stream: stream.into(), seq, duplicate });
+        assert_eq!(parse_js_ack(br#"{"stream":"SWITCHBOARD_BENCH","seq":42}"#), ack("SWITCHBOARD_BENCH", 42, false));
+        assert_eq!(parse_js_ack(br#"{"stream":"S","domain":"hub","seq":7,"duplicate":true}"#), ack("S", 7, true));
+        // A refusal: the stream is full under `discard: new`, or nothing stores the subject.
+        assert_eq!(
+            parse_js_ack(br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#),
+            Err(JsError::Api { code: 503, err_code: 10077, description: "maximum messages exceeded".into() })
+        );
+        for bad in [&br#"{"stream":"S"}"#[..], b"{\"seq\":1}", b"+OK", b""] {
+            assert!(matches!(parse_js_ack(bad), Err(JsError::Malformed(_))), "{bad:?}");
+        }
+        // Stream create: any reply without an error is success (a new stream, or the same one again).
+        let created =
+            br#"{"type":"io.nats.jetstream.api.v1.stream_create_response","config":{"name":"S"},"did_create":true}"#;
+        assert_eq!(check_js_api(created), Ok(()));
+        let clash = br#"{"type":"io.nats.jetstream.api.v1.stream_create_response","error":{"code":400,"err_code":10058,"description":"stream name already in use with a different configuration"}}"#;
+        assert!(matches!(check_js_api(clash), Err(JsError::Api { code: 400, err_code: 10058, .. })));
+    }
+
+    #[test]
+    fn reply_tickets_and_publishes_with_a_reply() {
+        for (subject, inbox, ticket) in [
+            ("_INBOX.ab12.17", "_INBOX.ab12", Some(17)),
+            ("_INBOX.ab12.0", "_INBOX.ab12", Some(0)),
+            ("_INBOX.ab12.api", "_INBOX.ab12", None),
+            ("_INBOX.ab1.17", "_INBOX.ab12", None),
+            ("_INBOX.ab12", "_INBOX.ab12", None),
+            ("_INBOX.ab12x17", "_INBOX.ab12", None),
+            ("_INBOX.ab12.1.2", "_INBOX.ab12", None),
+        ] {
+            assert_eq!(reply_ticket(subject.as_bytes(), inbox), ticket, "{subject}");
+        }
+        let mut out = BytesMut::new();
+        encode_pub_reply(&mut out, "bench.a.0", "_INBOX.x.3", b"SB1:x");
+        assert_eq!(&out[..], b"PUB bench.a.0 _INBOX.x.3 5\r\nSB1:x\r\n");
+        let config = stream_config("S", "bench.>", 1000, Duration::from_secs(600));
+        assert_eq!(config["subjects"], serde_json::json!(["bench.>"]));
+        assert_eq!((config["storage"].as_str(), config["max_msgs_per_subject"].as_u64()), (Some("file"), Some(1000)));
+        assert_eq!(config["max_age"].as_u64(), Some(600_000_000_000), "nanoseconds");
+    }
+
+    /// A scripted JetStream server on a real socket: the publisher creates
+    /// the stream, publishes three messages in one write, and matches acks
+    /// that come back out of order (one a refusal, split across writes,
+    /// behind a server PING it must answer and a message it must skip).
+    #[tokio::test]
+    async fn jetstream_publisher_creates_its_stream_and_matches_acks() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            let mut line = async || lines.next_line().await.unwrap().unwrap();
+            w.write_all(b"INFO {\"server_id\":\"fake\",\"jetstream\":true}\r\n").await.unwrap();
+            assert!(line().await.starts_with("CONNECT {"));
+            assert_eq!(line().await, "PING");
+            w.write_all(b"PONG\r\n").await.unwrap();
+            assert_eq!(line().await, "SUB _INBOX.tok.* 1");
+            assert_eq!(line().await, "PING");
+            w.write_all(b"PONG\r\n").await.unwrap();
+            let create = line().await;
+            let json = line().await;
+            assert_eq!(create, format!("PUB $JS.API.STREAM.CREATE.BENCH _INBOX.tok.api {}", json.len()));
+            let config: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!((config["name"].as_str(), config["storage"].as_str()), (Some("BENCH"), Some("file")));
+            let reply = r#"{"type":"io.nats.jetstream.api.v1.stream_create_response","config":{"name":"BENCH"}}"#;
+            w.write_all(format!("MSG _INBOX.tok.api 1 {}\r\n{reply}\r\n", reply.len()).as_bytes()).await.unwrap();
+            for (subject, ticket, payload) in
+                [("bench.ab.0", 1, "one"), ("bench.ab.1", 2, "two"), ("bench.ab.0", 3, "three")]
+            {
+                assert_eq!(line().await, format!("PUB {subject} _INBOX.tok.{ticket} {}", payload.len()));
+                assert_eq!(line().await, payload);
+            }
+            // Acks for 2 then 1 in one write, a stray message, a PING, then a refusal of 3 in pieces.
+            let (a2, a1) = (r#"{"stream":"BENCH","seq":11}"#, r#"{"stream":"BENCH","seq":10}"#);
+            let both =
+                format!("MSG _INBOX.tok.2 1 {}\r\n{a2}\r\nMSG _INBOX.tok.1 1 {}\r\n{a1}\r\n", a2.len(), a1.len());
+            w.write_all(both.as_bytes()).await.unwrap();
+            let refusal = r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
+            let rest =
+                format!("MSG other.subject 1 2\r\nhi\r\nPING\r\nMSG _INBOX.tok.3 1 {}\r\n{refusal}\r\n", refusal.len());
+            let (x, y) = rest.split_at(30);
+            let (y, z) = y.split_at(50);
+            for part in [x, y, z] {
+                w.write_all(part.as_bytes()).await.unwrap();
+                w.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(line().await, "PONG");
+        });
+        let mut t = Target::new("127.0.0.1:1".into(), "127.0.0.1:1".into(), 1);
+        t.nats = addr;
+        let mut p = NatsJsPub::open(&t, "test", "tok").await.expect("connected");
+        p.create_stream(&stream_config("BENCH", "bench.>", 1000, Duration::from_secs(600))).await.expect("stream");
+        p.queue(1, "bench.ab.0", b"one");
+        p.queue(2, "bench.ab.1", b"two");
+        p.queue(3, "bench.ab.0", b"three");
+        p.flush().await.expect("flush");
+        let ack = |seq| Ok(JsAck { stream: "BENCH".into(), seq, duplicate: false });
+        assert_eq!(p.next_ack().await.expect("ack"), (2, ack(11)));
+        assert_eq!(p.next_ack().await.expect("ack"), (1, ack(10)));
+        let (ticket, refused) = p.next_ack().await.expect("refusal");
+        assert_eq!(ticket, 3);
+        assert!(matches!(refused, Err(JsError::Api { code: 503, .. })), "{refused:?}");
+        server.await.expect("server script");
+        assert!(p.next_ack().await.is_err(), "the server hung up");
     }
 
     #[test]

@@ -92,7 +92,22 @@ pub struct Report {
     pub unexpected: u64,
     /// Connection or protocol errors the clients hit.
     pub client_errors: u64,
-    /// Latency p50 (receive − scheduled send), µs.
+    /// `publish`: the run's channels are `<prefix>/0` to `<prefix>/<C-1>`
+    /// (to read their history afterwards).
+    pub channel_prefix: Option<String>,
+    /// `publish`: publishes each publisher kept outstanding at most.
+    pub window: Option<u64>,
+    /// `publish`: publishes acknowledged as accepted.
+    pub acked: Option<u64>,
+    /// `publish`: acknowledged publishes per second of the window.
+    pub acked_per_sec: Option<f64>,
+    /// `publish`: publishes the server answered with a refusal (an `error`
+    /// frame, a non-2xx status, a PUBACK reason ≥ 0x80, a JetStream error).
+    pub refused: Option<u64>,
+    /// `publish`: publishes sent and never answered (their connection failed,
+    /// or the ack did not come in time).
+    pub unacked: Option<u64>,
+    /// Latency p50 (receive − scheduled send; `publish`: ack − send), µs.
     pub p50_us: Option<u64>,
     /// Latency p90, µs.
     pub p90_us: Option<u64>,
@@ -132,6 +147,10 @@ pub struct Report {
     pub deliveries_per_server_cpu_sec: Option<f64>,
     /// Server write syscalls per delivery, counted as `writes_source` says.
     pub writes_per_delivery: Option<f64>,
+    /// `publish`: server CPU µs per acknowledged publish.
+    pub server_cpu_us_per_publish: Option<f64>,
+    /// `publish`: server write syscalls per acknowledged publish.
+    pub writes_per_publish: Option<f64>,
     /// Where `writes_per_delivery` comes from: `perf` (write, writev, sendto,
     /// sendmsg, sendmmsg, exact) or `syscw` (`/proc/PID/io`: the write/writev
     /// family only; the kernel does not count send/sendto/sendmsg there).
@@ -192,9 +211,16 @@ impl Report {
         }
     }
 
-    /// Fills the server figures from a `/proc` delta over `window_secs`.
+    /// Fills the server figures from a `/proc` delta over `window_secs`:
+    /// per delivery, and per acknowledged publish when `acked` is set.
     pub fn set_server(&mut self, d: ProcDelta) {
         let deliveries = self.deliveries as f64;
+        let acked = self.acked.unwrap_or(0) as f64;
+        if let Some(cpu) = d.cpu_us
+            && acked > 0.0
+        {
+            self.server_cpu_us_per_publish = Some(cpu as f64 / acked);
+        }
         if let Some(cpu) = d.cpu_us {
             if deliveries > 0.0 {
                 self.server_cpu_us_per_delivery = Some(cpu as f64 / deliveries);
@@ -214,6 +240,9 @@ impl Report {
             self.writes_source = Some(source.into());
             if deliveries > 0.0 {
                 self.writes_per_delivery = Some(w as f64 / deliveries);
+            }
+            if acked > 0.0 {
+                self.writes_per_publish = Some(w as f64 / acked);
             }
         }
         self.write_syscalls = d.write_syscalls;
@@ -281,7 +310,29 @@ impl Report {
         let row = |out: &mut String, k: &str, v: String| {
             let _ = writeln!(out, "  {k:<28} {v}");
         };
-        if self.published > 0 || self.target_publishes_per_sec > 0.0 {
+        if let Some(acked) = self.acked {
+            row(
+                &mut out,
+                "acked publishes",
+                format!(
+                    "{acked} of {} sent  ({:.0}/s; window {} × {} publishers)",
+                    self.published,
+                    self.acked_per_sec.unwrap_or(0.0),
+                    self.window.unwrap_or(0),
+                    self.publishers
+                ),
+            );
+            row(
+                &mut out,
+                "refused / unacked",
+                format!(
+                    "{} / {}  (unexpected acks {})",
+                    self.refused.unwrap_or(0),
+                    self.unacked.unwrap_or(0),
+                    self.unexpected
+                ),
+            );
+        } else if self.published > 0 || self.target_publishes_per_sec > 0.0 {
             let rates = if self.target_publishes_per_sec > 0.0 {
                 format!("  ({:.0}/s, target {:.0}/s)", self.publishes_per_sec, self.target_publishes_per_sec)
             } else {
@@ -306,7 +357,11 @@ impl Report {
         if self.p50_us.is_some() {
             row(
                 &mut out,
-                "latency µs p50/p90/p99/p99.9/max",
+                if self.acked.is_some() {
+                    "ack latency µs p50/p90/p99/p99.9/max"
+                } else {
+                    "latency µs p50/p90/p99/p99.9/max"
+                },
                 format!(
                     "{} / {} / {} / {} / {}",
                     us(self.p50_us),
@@ -357,6 +412,16 @@ impl Report {
         }
         if let Some(v) = self.deliveries_per_server_cpu_sec {
             row(&mut out, "deliveries/server CPU s", format!("{v:.0}"));
+        }
+        if let Some(v) = self.server_cpu_us_per_publish {
+            row(&mut out, "server CPU µs/publish", format!("{v:.2}"));
+        }
+        if let Some(v) = self.writes_per_publish {
+            row(
+                &mut out,
+                "server writes/publish",
+                format!("{v:.3}  ({})", self.writes_source.as_deref().unwrap_or("-")),
+            );
         }
         if let Some(v) = self.writes_per_delivery {
             let how = match &self.write_syscalls {
@@ -440,6 +505,43 @@ mod tests {
         assert_eq!(v["invalid"], false);
         let table = r.to_table();
         assert!(table.starts_with("!! 1 messages LOST\n!! 2 messages REORDERED\n"), "{table}");
+    }
+
+    #[test]
+    fn publish_figures_are_per_acknowledged_publish() {
+        let mut r = Report {
+            scenario: "publish".into(),
+            window_secs: 2.0,
+            publishers: 4,
+            published: 1010,
+            window: Some(16),
+            acked: Some(1000),
+            acked_per_sec: Some(500.0),
+            refused: Some(10),
+            unacked: Some(0),
+            ..Default::default()
+        };
+        r.set_latency(Summary { count: 1000, p50: 100, p90: 150, p99: 300, p999: 900, max: 1200 });
+        r.set_server(ProcDelta { cpu_us: Some(25_000), syscw: Some(2_000), ..Default::default() });
+        assert_eq!(r.server_cpu_us_per_publish, Some(25.0));
+        assert_eq!(r.writes_per_publish, Some(2.0));
+        // No deliveries in this scenario: no per-delivery figures.
+        assert_eq!((r.server_cpu_us_per_delivery, r.writes_per_delivery), (None, None));
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        for (k, want) in
+            [("acked", 1000.0), ("acked_per_sec", 500.0), ("refused", 10.0), ("window", 16.0), ("p99_us", 300.0)]
+        {
+            assert_eq!(v[k].as_f64(), Some(want), "{k}");
+        }
+        let table = r.to_table();
+        for line in ["1000 of 1010 sent  (500/s; window 16 × 4 publishers)", "ack latency µs", "server CPU µs/publish"]
+        {
+            assert!(table.contains(line), "{line:?} in {table}");
+        }
+        assert!(!table.contains("deliveries"), "{table}");
+        // Other scenarios keep the keys, as null.
+        let v: serde_json::Value = serde_json::from_str(&Report::default().to_json()).unwrap();
+        assert!(v["acked"].is_null() && v["server_cpu_us_per_publish"].is_null());
     }
 
     #[test]
