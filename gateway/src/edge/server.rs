@@ -110,12 +110,10 @@ impl Gateway {
             None => (None, None),
         };
         let engine: Arc<dyn Engine> = match (&disk, recovery) {
-            (Some(store), Some(recovery)) => Arc::new(LocalEngine::with_store(
-                config.engine(),
-                store.clone(),
-                recovery,
-                crate::core::router::now_ms(),
-            )),
+            (Some(store), Some(recovery)) => Arc::new(
+                LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms())
+                    .map_err(|e| ServerError::Storage(e.to_string()))?,
+            ),
             _ => Arc::new(LocalEngine::new(config.engine())),
         };
         // Validated at load: a bad key configuration never gets this far.

@@ -2,9 +2,10 @@
 //! store behind the [`super::local::LocalEngine`].
 //!
 //! The store is [fjall](https://docs.rs/fjall), an embedded LSM tree with a
-//! write-ahead journal. Each publish is one atomic write batch (message,
-//! channel head, retained value, idempotency key, the message trimmed by
-//! count); fjall hands every batch to the operating system before `commit`
+//! write-ahead journal. Each publish is one atomic write batch (the message,
+//! the retained value, the idempotency key, the message trimmed by count;
+//! the channel's head only on its first write, as every message carries
+//! what the head would change); fjall hands every batch to the operating system before `commit`
 //! returns, so an acknowledged message survives a crash of the process
 //! (SIGKILL) with no fsync. Durability against a crash of the machine is the
 //! sync policy's business:
@@ -23,8 +24,9 @@
 //! (measurements in docs/storage.md).
 //!
 //! Layout: keyspaces `channels` (name → [`StoredChannel`]), `messages`
-//! (name, NUL, serial big-endian → envelope without its epoch, which the
-//! channel's record holds), `retained` (name → envelope), `ids` (name, NUL,
+//! (name, NUL, serial big-endian → [`StoredMessage`]: the envelope without
+//! its epoch, which the channel's record holds), `retained` (name → the
+//! same), `ids` (name, NUL,
 //! id → [`StoredId`]), `mqtt` (client id → MQTT session record, written by
 //! [`super::mqtt_sessions`]) and `node` (the clean-shutdown marker). Values are
 //! protobuf (prost) messages; there is no hand-written file format.
@@ -134,6 +136,32 @@ pub struct StoredChannel {
     pub last_active: i64,
 }
 
+/// A message as stored: the envelope (without its epoch) and the
+/// channel's newest trimmed timestamp when it was written, so the head need
+/// not be rewritten by every publish (see [`LoadedChannel::head`]).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredMessage {
+    /// The envelope, epoch left empty.
+    #[prost(message, optional, tag = "1")]
+    pub envelope: Option<proto::Envelope>,
+    /// `trimmed_ts` of the channel as of this message (0: none).
+    #[prost(int64, tag = "2")]
+    pub trimmed_ts: i64,
+}
+
+impl StoredMessage {
+    /// Encodes an envelope as a [`StoredMessage`] without copying it into
+    /// one first.
+    pub fn encode(envelope: &proto::Envelope, trimmed_ts: i64) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(envelope.encoded_len() + 16);
+        prost::encoding::message::encode(1, envelope, &mut buf);
+        if trimmed_ts != 0 {
+            prost::encoding::int64::encode(2, &trimmed_ts, &mut buf);
+        }
+        buf
+    }
+}
+
 /// A remembered idempotency key.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StoredId {
@@ -159,7 +187,9 @@ struct StoredNode {
 pub struct LoadedChannel {
     /// The name.
     pub name: String,
-    /// Its head.
+    /// Its head: the record merged with its newest message (whose serial,
+    /// timestamp and trimmed timestamp are newer than the record's unless
+    /// the channel keeps no history or trimmed by age since).
     pub head: StoredChannel,
     /// History, oldest first, epochs filled in.
     pub history: Vec<proto::Envelope>,
@@ -169,11 +199,10 @@ pub struct LoadedChannel {
     pub ids: Vec<(String, u64, i64)>,
 }
 
-/// What start-up found.
+/// What start-up found; the channels are read by
+/// [`DiskStore::load_channels`].
 #[derive(Debug)]
 pub struct Recovery {
-    /// Every stored channel.
-    pub channels: Vec<LoadedChannel>,
     /// The last stop was not clean (crash, SIGKILL, power loss).
     pub unclean: bool,
     /// The machine restarted since the unclean stop and the sync policy
@@ -187,10 +216,12 @@ pub struct Recovery {
 pub struct AppendBatch<'a> {
     /// Channel name.
     pub channel: &'a str,
-    /// The new head.
-    pub head: &'a StoredChannel,
-    /// The message for history, (serial, encoded envelope without its
-    /// epoch); `None` when the channel keeps no history.
+    /// The new head, when it must be written: the channel's first write,
+    /// or every write of a channel without history (its messages carry the
+    /// head otherwise).
+    pub head: Option<&'a StoredChannel>,
+    /// The message for history, (serial, a [`StoredMessage`]); `None` when
+    /// the channel keeps no history.
     pub message: Option<(u64, &'a [u8])>,
     /// `Some(Some(_))` sets the retained value (encoded as `message`),
     /// `Some(None)` clears it.
@@ -346,7 +377,6 @@ impl DiskStore {
         let unclean = previous.as_ref().is_some_and(|n| !n.clean);
         let machine_restarted = previous.as_ref().is_some_and(|n| n.boot_id.is_empty() || n.boot_id != boot_id);
         let tail_may_be_lost = unclean && machine_restarted && opts.sync != SyncPolicy::Always;
-        let channels = store.load_channels()?;
         // From here until a clean close, a crash is an unclean stop.
         let node = StoredNode { clean: false, boot_id };
         store.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| open_err(e.to_string(), "Check the disk"))?;
@@ -354,7 +384,7 @@ impl DiskStore {
         let store = Arc::new(store);
         store.refresh_size();
         store.spawn_syncer(opts.sync_interval);
-        Ok((store, Recovery { channels, unclean, tail_may_be_lost }))
+        Ok((store, Recovery { unclean, tail_may_be_lost }))
     }
 
     fn corrupt(&self, what: impl Into<String>) -> DiskError {
@@ -368,42 +398,74 @@ impl DiskStore {
         StoredNode::decode(&*v).map(Some).map_err(|e| self.corrupt(format!("node record: {e}")))
     }
 
-    fn load_channels(&self) -> Result<Vec<LoadedChannel>, DiskError> {
-        let mut out = Vec::new();
+    /// Reads every stored channel and hands each to `build`, on as many
+    /// threads as the machine has cores (a million messages decode in about
+    /// a second per core): the start of a gateway with a large history is
+    /// bounded by this.
+    pub fn load_channels<T: Send>(&self, build: impl Fn(LoadedChannel) -> T + Sync) -> Result<Vec<T>, DiskError> {
+        let mut heads = Vec::new();
         for kv in self.channels.iter() {
             let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("channel list: {e}")))?;
             let name = String::from_utf8(k.to_vec()).map_err(|_| self.corrupt("a channel name is not UTF-8"))?;
             let head = StoredChannel::decode(&*v).map_err(|e| self.corrupt(format!("head of {name:?}: {e}")))?;
-            let mut history = Vec::new();
-            for kv in self.messages.prefix(prefix(&name)) {
-                let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
-                let mut env =
-                    proto::Envelope::decode(&*v).map_err(|e| self.corrupt(format!("a message of {name:?}: {e}")))?;
-                env.epoch.clone_from(&head.epoch);
-                history.push(env);
-            }
-            let retained =
-                match self.retained.get(&name).map_err(|e| self.corrupt(format!("retained {name:?}: {e}")))? {
-                    Some(v) => {
-                        let mut env = proto::Envelope::decode(&*v)
-                            .map_err(|e| self.corrupt(format!("retained value of {name:?}: {e}")))?;
-                        env.epoch.clone_from(&head.epoch);
-                        Some(env)
-                    }
-                    None => None,
-                };
-            let mut ids = Vec::new();
-            let p = prefix(&name);
-            for kv in self.ids.prefix(&p) {
-                let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("ids of {name:?}: {e}")))?;
-                let id = String::from_utf8(k[p.len()..].to_vec())
-                    .map_err(|_| self.corrupt(format!("an id of {name:?} is not UTF-8")))?;
-                let rec = StoredId::decode(&*v).map_err(|e| self.corrupt(format!("id of {name:?}: {e}")))?;
-                ids.push((id, rec.serial, rec.expires_ms));
-            }
-            out.push(LoadedChannel { name, head, history, retained, ids });
+            heads.push((name, head));
         }
-        Ok(out)
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+        let chunk = heads.len().div_ceil(threads).max(1);
+        let build = &build;
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = heads
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(name, head)| self.load_channel(name, head.clone()).map(build))
+                            .collect::<Result<Vec<T>, DiskError>>()
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(heads.len());
+            for w in workers {
+                out.extend(w.join().map_err(|_| self.corrupt("a loader thread failed"))??);
+            }
+            Ok(out)
+        })
+    }
+
+    fn load_channel(&self, name: &str, mut head: StoredChannel) -> Result<LoadedChannel, DiskError> {
+        let decode = |v: &[u8], what: &str| -> Result<(proto::Envelope, i64), DiskError> {
+            let m = StoredMessage::decode(v).map_err(|e| self.corrupt(format!("{what} of {name:?}: {e}")))?;
+            let mut env = m.envelope.ok_or_else(|| self.corrupt(format!("{what} of {name:?} is empty")))?;
+            env.epoch.clone_from(&head.epoch);
+            Ok((env, m.trimmed_ts))
+        };
+        let mut history = Vec::new();
+        let mut newest_trim = 0;
+        for kv in self.messages.prefix(prefix(name)) {
+            let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
+            let (env, trimmed_ts) = decode(&v, "a message")?;
+            newest_trim = trimmed_ts;
+            history.push(env);
+        }
+        if let Some(last) = history.last() {
+            head.serial = head.serial.max(last.serial);
+            head.last_active = head.last_active.max(last.timestamp);
+            head.trimmed_ts = head.trimmed_ts.max(newest_trim);
+        }
+        let retained = match self.retained.get(name).map_err(|e| self.corrupt(format!("retained {name:?}: {e}")))? {
+            Some(v) => Some(decode(&v, "the retained value")?.0),
+            None => None,
+        };
+        let mut ids = Vec::new();
+        let p = prefix(name);
+        for kv in self.ids.prefix(&p) {
+            let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("ids of {name:?}: {e}")))?;
+            let id = String::from_utf8(k[p.len()..].to_vec())
+                .map_err(|_| self.corrupt(format!("an id of {name:?} is not UTF-8")))?;
+            let rec = StoredId::decode(&*v).map_err(|e| self.corrupt(format!("id of {name:?}: {e}")))?;
+            ids.push((id, rec.serial, rec.expires_ms));
+        }
+        Ok(LoadedChannel { name: name.to_string(), head, history, retained, ids })
     }
 
     /// The sync policy.
@@ -419,7 +481,9 @@ impl DiskStore {
         self.check()?;
         let started = Instant::now();
         let mut batch = self.db.batch();
-        batch.insert(&self.channels, b.channel, b.head.encode_to_vec());
+        if let Some(head) = b.head {
+            batch.insert(&self.channels, b.channel, head.encode_to_vec());
+        }
         if let Some((serial, bytes)) = b.message {
             batch.insert(&self.messages, channel_key(b.channel, serial), bytes);
         }

@@ -68,7 +68,7 @@ fn open(o: &DiskOptions) -> (Arc<DiskStore>, Recovery) {
 fn engine(o: &DiskOptions, now: i64) -> (LocalEngine, Arc<DiskStore>, bool) {
     let (store, recovery) = open(o);
     let unclean = recovery.unclean;
-    (LocalEngine::with_store(EngineConfig::default(), store.clone(), recovery, now), store, unclean)
+    (LocalEngine::with_store(EngineConfig::default(), store.clone(), recovery, now).expect("loads"), store, unclean)
 }
 
 fn caller() -> Caller {
@@ -247,7 +247,10 @@ fn a_damaged_store_is_a_clear_error_naming_the_directory() {
         }
     }
     assert!(damaged > 0);
-    let err = DiskStore::open(&o).map(|_| ()).expect_err("a damaged store must not open");
+    let err = DiskStore::open(&o)
+        .and_then(|(store, recovery)| LocalEngine::with_store(EngineConfig::default(), store, recovery, T0))
+        .map(|_| ())
+        .expect_err("a damaged store must not open");
     let text = err.to_string();
     assert!(text.contains(&dir.0.display().to_string()), "{text}");
     assert!(text.contains("backup") || text.contains("move it away"), "{text}");
@@ -316,7 +319,7 @@ fn trimming_by_count_and_age_happens_on_disk() {
     ];
     let cfg = EngineConfig { rules, ..EngineConfig::default() };
     let (store, recovery) = open(&o);
-    let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0);
+    let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0).unwrap();
     for i in 0..10 {
         publish(&e, "count/a", &format!("c{i}"), "", false, T0 + i);
         publish(&e, "age/a", &format!("a{i}"), "", false, T0 + i);
@@ -328,10 +331,54 @@ fn trimming_by_count_and_age_happens_on_disk() {
 
     let (store, recovery) = open(&o);
     let stored: BTreeMap<String, Vec<u64>> =
-        recovery.channels.iter().map(|c| (c.name.clone(), c.history.iter().map(|m| m.serial).collect())).collect();
+        store.load_channels(|c| (c.name, c.history.iter().map(|m| m.serial).collect())).unwrap().into_iter().collect();
     assert_eq!(stored["count/a"], vec![8, 9, 10], "count: only the last three are on disk");
     assert_eq!(stored["age/a"], vec![11], "age: only the message younger than a second is on disk");
-    let e = LocalEngine::with_store(cfg, store.clone(), recovery, T0 + 2_001);
+    let e = LocalEngine::with_store(cfg, store.clone(), recovery, T0 + 2_001).unwrap();
     assert_eq!(history(&e, "count/a", T0 + 2_001).serial, 10, "the position is kept");
+    store.close();
+}
+
+/// A resume by time after a restart knows exactly what history lost: the
+/// newest trimmed timestamp comes back from the messages (the head is not
+/// rewritten per publish), so a resume from before it is a gap and one from
+/// after it replays everything since.
+#[test]
+fn resume_by_time_after_a_restart_knows_what_was_trimmed() {
+    let dir = TempDir::new("since");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let rules = vec![crate::core::engine::ChannelRule {
+        pattern: "s/#".into(),
+        policy: crate::core::engine::ChannelPolicy { history_size: 3, ..Default::default() },
+    }];
+    let cfg = EngineConfig { rules, ..EngineConfig::default() };
+    let (store, recovery) = open(&o);
+    let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0).unwrap();
+    for i in 0..5 {
+        publish(&e, "s/a", &format!("m{i}"), "", false, T0 + i);
+    }
+    drop((e, store)); // unclean: the head was written once, at the first publish
+
+    let (store, recovery) = open(&o);
+    let e = LocalEngine::with_store(cfg, store.clone(), recovery, T0 + 10).unwrap();
+    let ob = Outbox::new(1 << 20);
+    e.attach(
+        &Caller { session: 1, client_id: "c".into(), connection_id: "c1".into(), protocol: proto::Protocol::Sse },
+        ob,
+    );
+    let since = |ms: i64| proto::Subscribe { filter: "s/a".into(), since_ms: ms as u64, ..Default::default() };
+    let gap = e.subscribe(1, &since(T0 + 1), T0 + 10).unwrap();
+    assert!(matches!(gap.replay.as_slice(), [Outbound::Gap(g)] if g.reason == "trimmed"), "{:?}", gap.replay);
+    let full = e.subscribe(1, &since(T0 + 2), T0 + 10).unwrap();
+    let serials: Vec<u64> = full
+        .replay
+        .iter()
+        .map(|o| match o {
+            Outbound::Message(d) => d.envelope.serial,
+            Outbound::Gap(g) => panic!("{g:?}"),
+        })
+        .collect();
+    assert_eq!(serials, vec![3, 4, 5]);
+    assert_eq!(full.subscribed.channels[0].serial, 5);
     store.close();
 }

@@ -37,12 +37,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
-use prost::Message as _;
 use rand::Rng as _;
 use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::port::{CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SubscribeOutcome};
 
-use super::disk::{AppendBatch, DiskError, DiskStore, Recovery, StoredChannel, StoredId, SyncPolicy};
+use super::disk::{AppendBatch, DiskError, DiskStore, Recovery, StoredChannel, StoredId, StoredMessage, SyncPolicy};
 use super::hub::Hub;
 use super::{Caller, ChannelPolicy, Engine, EngineConfig, EngineStats};
 use crate::core::channel;
@@ -104,6 +103,9 @@ struct Channel {
     last_active: i64,
     /// Written to the store (false for presence channels and without one).
     durable: bool,
+    /// The store holds this channel's head (its epoch): later writes need
+    /// not repeat it, their messages carry what changes.
+    head_stored: bool,
     /// Publishes waiting for their fsync, in serial order.
     pending: VecDeque<Pending>,
     /// Forgotten by the sweep: whoever still holds this cell looks again.
@@ -130,6 +132,7 @@ impl Channel {
             members: BTreeMap::new(),
             last_active: now,
             durable,
+            head_stored: false,
             pending: VecDeque::new(),
             removed: false,
         }
@@ -252,41 +255,58 @@ impl LocalEngine {
     /// stop may have lost acknowledged messages (see [`Recovery`]), every
     /// channel starts a new epoch, so no client can mistake a reissued
     /// serial for one it saw.
-    pub fn with_store(cfg: EngineConfig, store: Arc<DiskStore>, recovery: Recovery, now: i64) -> Self {
-        let mut channels = HashMap::new();
-        let mut messages = 0usize;
-        for loaded in recovery.channels {
+    pub fn with_store(
+        cfg: EngineConfig,
+        store: Arc<DiskStore>,
+        recovery: Recovery,
+        now: i64,
+    ) -> Result<Self, DiskError> {
+        let new_epochs = recovery.tail_may_be_lost;
+        // Decoding and building run on every core; writes come after.
+        let loaded = store.load_channels(|loaded| {
             let policy = cfg.policy_for(&loaded.name).clone();
             let mut ch = Channel::new(policy, now, true);
-            ch.epoch = if recovery.tail_may_be_lost { new_epoch() } else { loaded.head.epoch.as_str().into() };
+            ch.head_stored = true;
+            ch.epoch = if new_epochs { new_epoch() } else { loaded.head.epoch.as_str().into() };
             ch.serial = loaded.head.serial;
             ch.assigned = loaded.head.serial;
             ch.trimmed_ts = (loaded.head.trimmed_ts != 0).then_some(loaded.head.trimmed_ts);
             ch.last_active = loaded.head.last_active;
+            // Trim by today's rules before building deliveries for them.
+            let mut history = loaded.history;
+            let min_ts = now.saturating_sub(ch.policy.history_ttl.as_millis() as i64);
+            let over = history.len().saturating_sub(ch.policy.history_size);
+            let aged = history.iter().skip(over).take_while(|e| e.timestamp < min_ts).count();
+            let mut dropped = Vec::with_capacity(over + aged);
+            for e in history.drain(..over + aged) {
+                ch.trimmed_ts = Some(ch.trimmed_ts.unwrap_or(0).max(e.timestamp));
+                dropped.push(e.serial);
+            }
             let epoch = ch.epoch.to_string();
             let stamp = |mut env: proto::Envelope| {
                 env.epoch.clone_from(&epoch);
                 Delivery::new(env)
             };
-            ch.history = loaded.history.into_iter().map(stamp).collect();
+            ch.history = history.into_iter().map(stamp).collect();
             ch.retained = loaded.retained.map(stamp);
-            let before: Vec<u64> = ch.history.iter().map(|d| d.envelope.serial).collect();
-            ch.trim(now);
-            let first_kept = ch.history.front().map_or(u64::MAX, |d| d.envelope.serial);
-            let dropped: Vec<u64> = before.into_iter().filter(|s| *s < first_kept).collect();
             let mut ids: Vec<(String, u64, i64)> = loaded.ids.into_iter().filter(|(_, _, exp)| *exp > now).collect();
             ids.sort_by_key(|(_, _, exp)| *exp);
             for (id, serial, exp) in ids {
                 ch.dedupe.insert(id.clone(), (serial, exp));
                 ch.dedupe_order.push_back((exp, id));
             }
-            if (recovery.tail_may_be_lost || !dropped.is_empty())
-                && let Err(e) = store.rewrite_head(&loaded.name, &ch.head(ch.serial), &dropped)
+            (loaded.name, ch, dropped)
+        })?;
+        let mut channels = HashMap::with_capacity(loaded.len());
+        let mut messages = 0usize;
+        for (name, ch, dropped) in loaded {
+            if (new_epochs || !dropped.is_empty())
+                && let Err(e) = store.rewrite_head(&name, &ch.head(ch.serial), &dropped)
             {
-                tracing::error!(channel = %loaded.name, error = %e, "cannot update a channel at start");
+                tracing::error!(channel = %name, error = %e, "cannot update a channel at start");
             }
             messages += ch.history.len();
-            channels.insert(loaded.name, Arc::new(Mutex::new(ch)));
+            channels.insert(name, Arc::new(Mutex::new(ch)));
         }
         if recovery.tail_may_be_lost {
             tracing::warn!(
@@ -296,13 +316,13 @@ impl LocalEngine {
             );
         }
         tracing::info!(channels = channels.len(), messages, unclean = recovery.unclean, "storage loaded");
-        LocalEngine {
+        Ok(LocalEngine {
             cfg,
             channels: RwLock::new(channels),
             hub: RwLock::new(Hub::default()),
             pending_leaves: Mutex::new(VecDeque::new()),
             store: Some(store),
-        }
+        })
     }
 
     /// The channel's cell, created (with a new epoch) if missing.
@@ -315,10 +335,13 @@ impl LocalEngine {
             return c.clone();
         }
         let durable = self.store.is_some() && !name.starts_with(channel::PRESENCE_PREFIX);
-        let ch = Channel::new(self.cfg.policy_for(name).clone(), now, durable);
+        let mut ch = Channel::new(self.cfg.policy_for(name).clone(), now, durable);
         if durable && let Some(store) = &self.store {
-            // Best effort: a lost head only costs an empty channel's epoch.
+            // Journaled before any of its messages, so a sync that covers a
+            // message covers its epoch; if this write is lost, so is every
+            // later one, and the channel is new again.
             store.put_head(name, &ch.head(0));
+            ch.head_stored = true;
         }
         let cell = Arc::new(Mutex::new(ch));
         map.insert(name.to_string(), cell.clone());
@@ -416,20 +439,34 @@ impl LocalEngine {
         if ch.durable
             && let Some(store) = &self.store
         {
-            // Stored without the epoch (the channel's head holds it).
-            let stored = env.encode_to_vec();
-            let head = ch.head(serial);
             let keep = ch.policy.history_size as u64;
+            let trim = (keep > 0 && serial > keep).then(|| serial - keep);
+            // The channel's trimmed timestamp once this message is in: the
+            // timestamp of the message it pushes out (the newest possible,
+            // this one's, if that is not at hand).
+            let trimmed_ts = match trim {
+                Some(out) => ch
+                    .history
+                    .iter()
+                    .chain(ch.pending.iter().map(|p| &p.delivery))
+                    .find(|d| d.envelope.serial == out)
+                    .map_or(now, |d| d.envelope.timestamp),
+                None => ch.trimmed_ts.unwrap_or(0),
+            };
+            // Stored without the epoch (the channel's head holds it).
+            let stored = StoredMessage::encode(&env, trimmed_ts);
+            let head = ch.head(serial);
             let retained = env.retain.then(|| (!env.payload.is_empty()).then_some(stored.as_slice()));
             let batch = AppendBatch {
                 channel: name,
-                head: &head,
+                head: (!ch.head_stored || keep == 0).then_some(&head),
                 message: (keep > 0).then_some((serial, stored.as_slice())),
                 retained,
                 id: id.map(|(id, exp)| (id, StoredId { serial, expires_ms: exp })),
-                trim: (keep > 0 && serial > keep).then(|| serial - keep),
+                trim,
             };
             ticket = Some(store.append(&batch).map_err(storage_error)?);
+            ch.head_stored = true;
         }
         ch.assigned = serial;
         env.epoch = ch.epoch.to_string();
