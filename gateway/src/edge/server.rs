@@ -110,10 +110,14 @@ impl Gateway {
             None => (None, None),
         };
         let engine: Arc<dyn Engine> = match (&disk, recovery) {
-            (Some(store), Some(recovery)) => Arc::new(
-                LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms())
-                    .map_err(|e| ServerError::Storage(e.to_string()))?,
-            ),
+            (Some(store), Some(recovery)) => {
+                let engine = Arc::new(
+                    LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms())
+                        .map_err(|e| ServerError::Storage(e.to_string()))?,
+                );
+                engine.spawn_loader();
+                engine
+            }
             _ => Arc::new(LocalEngine::new(config.engine())),
         };
         // Validated at load: a bad key configuration never gets this far.

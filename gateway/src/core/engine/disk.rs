@@ -191,7 +191,8 @@ pub struct LoadedChannel {
     /// timestamp and trimmed timestamp are newer than the record's unless
     /// the channel keeps no history or trimmed by age since).
     pub head: StoredChannel,
-    /// History, oldest first, epochs filled in.
+    /// History, oldest first, epochs filled in (empty unless asked for:
+    /// the engine reads a channel's history when it is first used).
     pub history: Vec<proto::Envelope>,
     /// The retained value.
     pub retained: Option<proto::Envelope>,
@@ -398,11 +399,14 @@ impl DiskStore {
         StoredNode::decode(&*v).map(Some).map_err(|e| self.corrupt(format!("node record: {e}")))
     }
 
-    /// Reads every stored channel and hands each to `build`, on as many
-    /// threads as the machine has cores (a million messages decode in about
-    /// a second per core): the start of a gateway with a large history is
-    /// bounded by this.
-    pub fn load_channels<T: Send>(&self, build: impl Fn(LoadedChannel) -> T + Sync) -> Result<Vec<T>, DiskError> {
+    /// Reads every stored channel (its head, newest message, retained value
+    /// and ids; its whole history when `with_history`) and hands each to
+    /// `build`, on as many threads as the machine has cores.
+    pub fn load_channels<T: Send>(
+        &self,
+        with_history: bool,
+        build: impl Fn(LoadedChannel) -> T + Sync,
+    ) -> Result<Vec<T>, DiskError> {
         let mut heads = Vec::new();
         for kv in self.channels.iter() {
             let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("channel list: {e}")))?;
@@ -419,7 +423,7 @@ impl DiskStore {
                 .map(|part| {
                     scope.spawn(move || {
                         part.iter()
-                            .map(|(name, head)| self.load_channel(name, head.clone()).map(build))
+                            .map(|(name, head)| self.load_channel(name, head.clone(), with_history).map(build))
                             .collect::<Result<Vec<T>, DiskError>>()
                     })
                 })
@@ -432,28 +436,52 @@ impl DiskStore {
         })
     }
 
-    fn load_channel(&self, name: &str, mut head: StoredChannel) -> Result<LoadedChannel, DiskError> {
-        let decode = |v: &[u8], what: &str| -> Result<(proto::Envelope, i64), DiskError> {
-            let m = StoredMessage::decode(v).map_err(|e| self.corrupt(format!("{what} of {name:?}: {e}")))?;
-            let mut env = m.envelope.ok_or_else(|| self.corrupt(format!("{what} of {name:?} is empty")))?;
-            env.epoch.clone_from(&head.epoch);
-            Ok((env, m.trimmed_ts))
-        };
+    fn decode_message(
+        &self,
+        name: &str,
+        epoch: &str,
+        v: &[u8],
+        what: &str,
+    ) -> Result<(proto::Envelope, i64), DiskError> {
+        let m = StoredMessage::decode(v).map_err(|e| self.corrupt(format!("{what} of {name:?}: {e}")))?;
+        let mut env = m.envelope.ok_or_else(|| self.corrupt(format!("{what} of {name:?} is empty")))?;
+        env.epoch = epoch.to_string();
+        Ok((env, m.trimmed_ts))
+    }
+
+    /// A channel's stored history, oldest first, stamped with `epoch`.
+    pub fn load_history(&self, name: &str, epoch: &str) -> Result<Vec<proto::Envelope>, DiskError> {
         let mut history = Vec::new();
-        let mut newest_trim = 0;
         for kv in self.messages.prefix(prefix(name)) {
             let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
-            let (env, trimmed_ts) = decode(&v, "a message")?;
-            newest_trim = trimmed_ts;
-            history.push(env);
+            history.push(self.decode_message(name, epoch, &v, "a message")?.0);
         }
-        if let Some(last) = history.last() {
+        Ok(history)
+    }
+
+    /// A channel's head merged with its newest message; its history too
+    /// when `with_history`.
+    fn load_channel(
+        &self,
+        name: &str,
+        mut head: StoredChannel,
+        with_history: bool,
+    ) -> Result<LoadedChannel, DiskError> {
+        let history = if with_history { self.load_history(name, &head.epoch)? } else { Vec::new() };
+        let newest = match self.messages.prefix(prefix(name)).next_back() {
+            Some(kv) => {
+                let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
+                Some(self.decode_message(name, &head.epoch, &v, "a message")?)
+            }
+            None => None,
+        };
+        if let Some((last, trimmed_ts)) = &newest {
             head.serial = head.serial.max(last.serial);
             head.last_active = head.last_active.max(last.timestamp);
-            head.trimmed_ts = head.trimmed_ts.max(newest_trim);
+            head.trimmed_ts = head.trimmed_ts.max(*trimmed_ts);
         }
         let retained = match self.retained.get(name).map_err(|e| self.corrupt(format!("retained {name:?}: {e}")))? {
-            Some(v) => Some(decode(&v, "the retained value")?.0),
+            Some(v) => Some(self.decode_message(name, &head.epoch, &v, "the retained value")?.0),
             None => None,
         };
         let mut ids = Vec::new();

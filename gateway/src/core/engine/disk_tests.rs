@@ -330,8 +330,11 @@ fn trimming_by_count_and_age_happens_on_disk() {
     drop((e, store));
 
     let (store, recovery) = open(&o);
-    let stored: BTreeMap<String, Vec<u64>> =
-        store.load_channels(|c| (c.name, c.history.iter().map(|m| m.serial).collect())).unwrap().into_iter().collect();
+    let stored: BTreeMap<String, Vec<u64>> = store
+        .load_channels(true, |c| (c.name, c.history.iter().map(|m| m.serial).collect()))
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(stored["count/a"], vec![8, 9, 10], "count: only the last three are on disk");
     assert_eq!(stored["age/a"], vec![11], "age: only the message younger than a second is on disk");
     let e = LocalEngine::with_store(cfg, store.clone(), recovery, T0 + 2_001).unwrap();
@@ -380,5 +383,42 @@ fn resume_by_time_after_a_restart_knows_what_was_trimmed() {
         .collect();
     assert_eq!(serials, vec![3, 4, 5]);
     assert_eq!(full.subscribed.channels[0].serial, 5);
+    store.close();
+}
+
+/// A start reads heads only: a channel's history is read when it is first
+/// used, or by the background loader, whichever comes first, and either
+/// way it is the whole history.
+#[test]
+fn histories_load_on_first_use_or_in_the_background() {
+    // The loader trims by the wall clock: publish at the real time.
+    let t0 = crate::core::router::now_ms();
+    let dir = TempDir::new("lazy");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let (e, store, _) = engine(&o, t0);
+    for ch in ["l/a", "l/b", "l/c"] {
+        for i in 0..20 {
+            publish(&e, ch, &format!("{ch}-{i}"), "", false, t0 + i);
+        }
+    }
+    store.close();
+    drop((e, store));
+
+    let (e, store, _) = engine(&o, t0 + 100);
+    let loaded = |e: &LocalEngine, ch: &str| e.history_loaded(ch);
+    assert!(!loaded(&e, "l/a") && !loaded(&e, "l/b"), "a start reads heads only");
+    // First use: a history read, and a publish that must continue serials.
+    assert_eq!(history(&e, "l/a", t0 + 100).messages.len(), 20);
+    assert_eq!(publish(&e, "l/b", "next", "", false, t0 + 101).serial, 21);
+    assert_eq!(history(&e, "l/b", t0 + 101).messages.len(), 21);
+    // The loader reaches the rest.
+    let e = Arc::new(e);
+    e.spawn_loader();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !loaded(&e, "l/c") {
+        assert!(std::time::Instant::now() < deadline, "the loader reaches every channel");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(history(&e, "l/c", t0 + 102).messages.len(), 20);
     store.close();
 }

@@ -106,6 +106,10 @@ struct Channel {
     /// The store holds this channel's head (its epoch): later writes need
     /// not repeat it, their messages carry what changes.
     head_stored: bool,
+    /// `history` holds what the store does. False for a stored channel
+    /// until it is first used (or the background loader reaches it): a
+    /// start reads heads only, so it is ready at once.
+    history_loaded: bool,
     /// Publishes waiting for their fsync, in serial order.
     pending: VecDeque<Pending>,
     /// Forgotten by the sweep: whoever still holds this cell looks again.
@@ -133,6 +137,7 @@ impl Channel {
             last_active: now,
             durable,
             head_stored: false,
+            history_loaded: true,
             pending: VecDeque::new(),
             removed: false,
         }
@@ -199,7 +204,8 @@ impl Channel {
     }
 
     fn is_idle(&self) -> bool {
-        self.history.is_empty()
+        self.history_loaded
+            && self.history.is_empty()
             && self.retained.is_none()
             && self.members.is_empty()
             && self.dedupe.is_empty()
@@ -262,32 +268,23 @@ impl LocalEngine {
         now: i64,
     ) -> Result<Self, DiskError> {
         let new_epochs = recovery.tail_may_be_lost;
-        // Decoding and building run on every core; writes come after.
-        let loaded = store.load_channels(|loaded| {
+        // Heads only (histories are read when first used, or by the
+        // background loader); on every core.
+        let loaded = store.load_channels(false, |loaded| {
             let policy = cfg.policy_for(&loaded.name).clone();
             let mut ch = Channel::new(policy, now, true);
             ch.head_stored = true;
+            ch.history_loaded = false;
             ch.epoch = if new_epochs { new_epoch() } else { loaded.head.epoch.as_str().into() };
             ch.serial = loaded.head.serial;
             ch.assigned = loaded.head.serial;
             ch.trimmed_ts = (loaded.head.trimmed_ts != 0).then_some(loaded.head.trimmed_ts);
             ch.last_active = loaded.head.last_active;
-            // Trim by today's rules before building deliveries for them.
-            let mut history = loaded.history;
-            let min_ts = now.saturating_sub(ch.policy.history_ttl.as_millis() as i64);
-            let over = history.len().saturating_sub(ch.policy.history_size);
-            let aged = history.iter().skip(over).take_while(|e| e.timestamp < min_ts).count();
-            let mut dropped = Vec::with_capacity(over + aged);
-            for e in history.drain(..over + aged) {
-                ch.trimmed_ts = Some(ch.trimmed_ts.unwrap_or(0).max(e.timestamp));
-                dropped.push(e.serial);
-            }
             let epoch = ch.epoch.to_string();
             let stamp = |mut env: proto::Envelope| {
                 env.epoch.clone_from(&epoch);
                 Delivery::new(env)
             };
-            ch.history = history.into_iter().map(stamp).collect();
             ch.retained = loaded.retained.map(stamp);
             let mut ids: Vec<(String, u64, i64)> = loaded.ids.into_iter().filter(|(_, _, exp)| *exp > now).collect();
             ids.sort_by_key(|(_, _, exp)| *exp);
@@ -295,17 +292,13 @@ impl LocalEngine {
                 ch.dedupe.insert(id.clone(), (serial, exp));
                 ch.dedupe_order.push_back((exp, id));
             }
-            (loaded.name, ch, dropped)
+            (loaded.name, ch)
         })?;
         let mut channels = HashMap::with_capacity(loaded.len());
-        let mut messages = 0usize;
-        for (name, ch, dropped) in loaded {
-            if (new_epochs || !dropped.is_empty())
-                && let Err(e) = store.rewrite_head(&name, &ch.head(ch.serial), &dropped)
-            {
+        for (name, ch) in loaded {
+            if new_epochs && let Err(e) = store.rewrite_head(&name, &ch.head(ch.serial), &[]) {
                 tracing::error!(channel = %name, error = %e, "cannot update a channel at start");
             }
-            messages += ch.history.len();
             channels.insert(name, Arc::new(Mutex::new(ch)));
         }
         if recovery.tail_may_be_lost {
@@ -315,7 +308,11 @@ impl LocalEngine {
                  messages may be lost, so every channel starts a new epoch (clients get an epoch_changed gap)"
             );
         }
-        tracing::info!(channels = channels.len(), messages, unclean = recovery.unclean, "storage loaded");
+        tracing::info!(
+            channels = channels.len(),
+            unclean = recovery.unclean,
+            "storage opened; histories load in the background"
+        );
         Ok(LocalEngine {
             cfg,
             channels: RwLock::new(channels),
@@ -323,6 +320,64 @@ impl LocalEngine {
             pending_leaves: Mutex::new(VecDeque::new()),
             store: Some(store),
         })
+    }
+
+    /// Reads a stored channel's history on its first use: trimmed by
+    /// today's rules (what falls out is removed from the store too) before
+    /// deliveries are built for it.
+    fn ensure_loaded(&self, name: &str, ch: &mut Channel, now: i64) -> Result<(), CoreError> {
+        if ch.history_loaded {
+            return Ok(());
+        }
+        let Some(store) = &self.store else {
+            ch.history_loaded = true;
+            return Ok(());
+        };
+        let mut history = store.load_history(name, &ch.epoch).map_err(|e| {
+            tracing::error!(channel = name, error = %e, "cannot read a channel's history");
+            storage_error(e)
+        })?;
+        let min_ts = now.saturating_sub(ch.policy.history_ttl.as_millis() as i64);
+        let over = history.len().saturating_sub(ch.policy.history_size);
+        let aged = history.iter().skip(over).take_while(|e| e.timestamp < min_ts).count();
+        let mut dropped = Vec::with_capacity(over + aged);
+        for e in history.drain(..over + aged) {
+            ch.trimmed_ts = Some(ch.trimmed_ts.unwrap_or(0).max(e.timestamp));
+            dropped.push(e.serial);
+        }
+        ch.history = history.into_iter().map(Delivery::new).collect();
+        ch.history_loaded = true;
+        self.forget_on_disk(name, ch, dropped);
+        Ok(())
+    }
+
+    /// Reads every stored channel's history in the background, one channel
+    /// locked at a time, so memory and the sweep's trimming reach channels
+    /// no client has used since the start.
+    pub fn spawn_loader(self: &Arc<Self>) {
+        if self.store.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("storage-load".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            let cells: Vec<(String, Arc<Cell>)> = match weak.upgrade() {
+                Some(e) => e.channels.read().iter().map(|(k, c)| (k.clone(), c.clone())).collect(),
+                None => return,
+            };
+            let mut messages = 0;
+            for (name, cell) in cells {
+                let Some(engine) = weak.upgrade() else { return };
+                let mut ch = cell.lock();
+                if !ch.removed && engine.ensure_loaded(&name, &mut ch, crate::core::router::now_ms()).is_ok() {
+                    messages += ch.history.len();
+                }
+            }
+            tracing::info!(messages, took = ?started.elapsed(), "storage: every channel's history is loaded");
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the storage loader; histories load when first used");
+        }
     }
 
     /// The channel's cell, created (with a new epoch) if missing.
@@ -511,6 +566,7 @@ impl LocalEngine {
         let name = req.channel.clone();
         let mut ch = self.lock_channel(&name, now);
         let cell = ArcMutexGuard::mutex(&ch).clone();
+        self.ensure_loaded(&name, &mut ch, now)?;
         if !req.id.is_empty() {
             self.forget_ids(&name, &mut ch, now);
             if let Some((serial, _)) = ch.dedupe.get(&req.id) {
@@ -716,6 +772,7 @@ impl LocalEngine {
             replay: Vec::new(),
         };
         for ((name, _), ch) in targets.iter().zip(guards.iter_mut()) {
+            self.ensure_loaded(name, ch, now)?;
             let aged = ch.trim(now);
             self.forget_on_disk(name, ch, aged);
             let mut state = proto::ChannelState {
@@ -945,6 +1002,7 @@ impl LocalEngine {
             return Ok(proto::HistoryResult { channel: req.channel.clone(), ..Default::default() });
         };
         let mut ch = cell.lock();
+        self.ensure_loaded(&req.channel, &mut ch, now)?;
         let aged = ch.trim(now);
         self.forget_on_disk(&req.channel, &ch, aged);
         let since = match &req.since {
@@ -1003,6 +1061,9 @@ impl LocalEngine {
         let mut idle = Vec::new();
         for (name, cell) in &cells {
             let mut ch = cell.lock();
+            if !ch.history_loaded {
+                continue; // the background loader trims it as it reads it
+            }
             let aged = ch.trim(now);
             self.forget_on_disk(name, &ch, aged);
             self.forget_ids(name, &mut ch, now);
@@ -1116,6 +1177,11 @@ impl Engine for LocalEngine {
 
 #[cfg(test)]
 impl LocalEngine {
+    /// Whether a channel's history is in memory yet.
+    pub(crate) fn history_loaded(&self, channel: &str) -> bool {
+        self.channels.read().get(channel).is_some_and(|c| c.lock().history_loaded)
+    }
+
     /// A publish on an engine without a store, which never waits.
     pub(crate) fn publish(&self, caller: &Caller, req: proto::Publish, now: i64) -> proto::PublishAck {
         match self.start_publish(caller, req, now) {
