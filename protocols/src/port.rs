@@ -108,15 +108,6 @@ impl Outbound {
             Outbound::Gap(g) => &g.channel,
         }
     }
-
-    /// The item as a server frame (for front ends without a cached encoding).
-    pub fn to_frame(&self) -> proto::ServerFrame {
-        let frame = match self {
-            Outbound::Message(d) => proto::server_frame::Frame::Message(d.envelope.clone()),
-            Outbound::Gap(g) => proto::server_frame::Frame::Gap(g.clone()),
-        };
-        proto::ServerFrame { req: 0, frame: Some(frame) }
-    }
 }
 
 /// What happens when a session's outbound queue is full (per channel pattern).
@@ -386,11 +377,6 @@ impl CoreError {
     /// An error with a code and message.
     pub fn new(code: proto::ErrorCode, message: impl Into<String>) -> Self {
         CoreError { code, message: message.into() }
-    }
-
-    /// As an `Error` frame body.
-    pub fn to_proto(&self) -> proto::Error {
-        proto::Error { code: self.code as i32, message: self.message.clone() }
     }
 }
 
