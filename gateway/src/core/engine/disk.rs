@@ -38,7 +38,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -191,9 +191,6 @@ pub struct LoadedChannel {
     /// timestamp and trimmed timestamp are newer than the record's unless
     /// the channel keeps no history or trimmed by age since).
     pub head: StoredChannel,
-    /// History, oldest first, epochs filled in (empty unless asked for:
-    /// the engine reads a channel's history when it is first used).
-    pub history: Vec<proto::Envelope>,
     /// The retained value.
     pub retained: Option<proto::Envelope>,
     /// Idempotency keys still in their window: (id, serial, expiry).
@@ -270,8 +267,6 @@ pub struct DiskStore {
     failed: Mutex<Option<String>>,
     /// Something was written since the last interval fsync.
     dirty: AtomicBool,
-    /// Bytes on disk, refreshed by [`DiskStore::refresh_size`].
-    size: AtomicU64,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -370,7 +365,6 @@ impl DiskStore {
             }),
             failed: Mutex::new(None),
             dirty: AtomicBool::new(false),
-            size: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
         };
         let boot_id = read_boot_id(&opts.boot_id_file);
@@ -400,13 +394,9 @@ impl DiskStore {
     }
 
     /// Reads every stored channel (its head, newest message, retained value
-    /// and ids; its whole history when `with_history`) and hands each to
+    /// and ids; histories are read by [`DiskStore::load_history`]) and hands each to
     /// `build`, on as many threads as the machine has cores.
-    pub fn load_channels<T: Send>(
-        &self,
-        with_history: bool,
-        build: impl Fn(LoadedChannel) -> T + Sync,
-    ) -> Result<Vec<T>, DiskError> {
+    pub fn load_channels<T: Send>(&self, build: impl Fn(LoadedChannel) -> T + Sync) -> Result<Vec<T>, DiskError> {
         let mut heads = Vec::new();
         for kv in self.channels.iter() {
             let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("channel list: {e}")))?;
@@ -423,7 +413,7 @@ impl DiskStore {
                 .map(|part| {
                     scope.spawn(move || {
                         part.iter()
-                            .map(|(name, head)| self.load_channel(name, head.clone(), with_history).map(build))
+                            .map(|(name, head)| self.load_channel(name, head.clone()).map(build))
                             .collect::<Result<Vec<T>, DiskError>>()
                     })
                 })
@@ -459,15 +449,9 @@ impl DiskStore {
         Ok(history)
     }
 
-    /// A channel's head merged with its newest message; its history too
-    /// when `with_history`.
-    fn load_channel(
-        &self,
-        name: &str,
-        mut head: StoredChannel,
-        with_history: bool,
-    ) -> Result<LoadedChannel, DiskError> {
-        let history = if with_history { self.load_history(name, &head.epoch)? } else { Vec::new() };
+    /// A channel's head merged with its newest message, its retained value
+    /// and ids.
+    fn load_channel(&self, name: &str, mut head: StoredChannel) -> Result<LoadedChannel, DiskError> {
         let newest = match self.messages.prefix(prefix(name)).next_back() {
             Some(kv) => {
                 let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
@@ -493,7 +477,7 @@ impl DiskStore {
             let rec = StoredId::decode(&*v).map_err(|e| self.corrupt(format!("id of {name:?}: {e}")))?;
             ids.push((id, rec.serial, rec.expires_ms));
         }
-        Ok(LoadedChannel { name: name.to_string(), head, history, retained, ids })
+        Ok(LoadedChannel { name: name.to_string(), head, retained, ids })
     }
 
     /// The sync policy.
@@ -614,17 +598,6 @@ impl DiskStore {
         {
             self.fail("write", e);
         }
-    }
-
-    /// Replaces a channel's stored state wholesale (start-up: a new epoch,
-    /// or trimming what aged out while the gateway was down).
-    pub fn rewrite_head(&self, channel: &str, head: &StoredChannel, drop_serials: &[u64]) -> Result<(), DiskError> {
-        let mut batch = self.db.batch();
-        batch.insert(&self.channels, channel, head.encode_to_vec());
-        for s in drop_serials {
-            batch.remove(&self.messages, channel_key(channel, *s));
-        }
-        batch.commit().map_err(|e| self.fail("write", e))
     }
 
     /// Writes an MQTT session record (client id → record). Not waited for:
@@ -753,13 +726,10 @@ impl DiskStore {
         self.signals.wake.notify_all();
     }
 
-    /// Bytes the store takes on disk now (also the
-    /// `switchboard_storage_bytes` gauge).
-    pub fn refresh_size(&self) -> u64 {
-        let n = self.db.disk_space().unwrap_or(0);
-        self.size.store(n, Ordering::Relaxed);
-        metrics::gauge!("switchboard_storage_bytes").set(n as f64);
-        n
+    /// Sets the `switchboard_storage_bytes` gauge to the bytes the store
+    /// takes on disk now.
+    pub fn refresh_size(&self) {
+        metrics::gauge!("switchboard_storage_bytes").set(self.db.disk_space().unwrap_or(0) as f64);
     }
 
     /// Stops the sync thread, fsyncs and marks the stop clean. Idempotent.

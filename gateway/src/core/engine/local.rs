@@ -270,7 +270,7 @@ impl LocalEngine {
         let new_epochs = recovery.tail_may_be_lost;
         // Heads only (histories are read when first used, or by the
         // background loader); on every core.
-        let loaded = store.load_channels(false, |loaded| {
+        let loaded = store.load_channels(|loaded| {
             let policy = cfg.policy_for(&loaded.name).clone();
             let mut ch = Channel::new(policy, now, true);
             ch.head_stored = true;
@@ -296,8 +296,8 @@ impl LocalEngine {
         })?;
         let mut channels = HashMap::with_capacity(loaded.len());
         for (name, ch) in loaded {
-            if new_epochs && let Err(e) = store.rewrite_head(&name, &ch.head(ch.serial), &[]) {
-                tracing::error!(channel = %name, error = %e, "cannot update a channel at start");
+            if new_epochs {
+                store.put_head(&name, &ch.head(ch.serial));
             }
             channels.insert(name, Arc::new(Mutex::new(ch)));
         }
