@@ -3,9 +3,12 @@
 //!
 //! The store is [fjall](https://docs.rs/fjall), an embedded LSM tree with a
 //! write-ahead journal. Each publish is one atomic write batch (the message,
-//! the retained value, the idempotency key, the message trimmed by count;
-//! the channel's head only on its first write, as every message carries
-//! what the head would change); fjall hands every batch to the operating system before `commit`
+//! the retained value, the idempotency key; the channel's head only on its
+//! first write, as every message carries what the head would change).
+//! Messages that leave history are not deleted one by one: each message
+//! records the oldest serial history still holds with it, a start reads
+//! from there, and a compaction filter drops what lies below a channel's
+//! floor when fjall compacts (see [`Floors`]). fjall hands every batch to the operating system before `commit`
 //! returns, so an acknowledged message survives a crash of the process
 //! (SIGKILL) with no fsync. Durability against a crash of the machine is the
 //! sync policy's business:
@@ -23,26 +26,36 @@
 //! fjall's journal survives a process crash at the cost of one `write`
 //! (measurements in docs/storage.md).
 //!
-//! Layout: keyspaces `channels` (name → [`StoredChannel`]), `messages`
-//! (name, NUL, serial big-endian → [`StoredMessage`]: the envelope without
-//! its epoch, which the channel's record holds), `retained` (name → the
-//! same), `ids` (name, NUL,
-//! id → [`StoredId`]), `mqtt` (client id → MQTT session record, written by
-//! [`super::mqtt_sessions`]) and `node` (the clean-shutdown marker). Values are
-//! protobuf (prost) messages; there is no hand-written file format.
+//! Layout: keyspaces `channels` (name → [`StoredChannel`], which holds the
+//! channel's numeric store key), `messages` (store key, 8 bytes
+//! little-endian, then serial big-endian → [`StoredMessage`]: the envelope
+//! without its epoch, which the channel's record holds), `retained` (name →
+//! the same), `ids` (name, NUL, id → [`StoredId`]), `mqtt` (client id → MQTT
+//! session record, written by [`super::mqtt_sessions`]) and `node` (the
+//! clean-shutdown marker, the layout's version, the next store key). Values
+//! are protobuf (prost) messages; there is no hand-written file format.
+//!
+//! Why numeric store keys: a message key is 16 bytes, so fjall keeps it
+//! inline (no pointer to chase per comparison while inserting into the
+//! memtable), and the key's first 4 bytes (the store key's low bytes, as
+//! fjall compares a 4-byte prefix first) tell channels apart. A store key
+//! is never reused, so leftovers of a forgotten channel cannot be read as
+//! a new channel's messages.
 //!
 //! What this module does not do: decide anything. Sequencing, trimming
 //! rules and fan-out belong to the engine, which tells the store what to
 //! write. Presence channels (`$presence/...`) are not stored: members come
 //! back when clients reconnect, so their event history is node-local.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fjall::compaction::filter::{CompactionFilter, Context, Factory, ItemAccessor, Verdict};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use prost::Message as _;
 use switchboard_proto as proto;
 use tokio::sync::watch;
@@ -134,6 +147,13 @@ pub struct StoredChannel {
     /// Unix ms of the last activity (idle channels are forgotten).
     #[prost(int64, tag = "4")]
     pub last_active: i64,
+    /// The channel's store key: its messages' key prefix (never reused).
+    #[prost(uint64, tag = "5")]
+    pub key: u64,
+    /// The oldest serial history holds, as of the last trim by age (0:
+    /// none known; the messages carry the floor set by count).
+    #[prost(uint64, tag = "6")]
+    pub first_serial: u64,
 }
 
 /// A message as stored: the envelope (without its epoch) and the
@@ -147,16 +167,24 @@ pub struct StoredMessage {
     /// `trimmed_ts` of the channel as of this message (0: none).
     #[prost(int64, tag = "2")]
     pub trimmed_ts: i64,
+    /// The oldest serial history holds once this message is in: a start
+    /// reads nothing older (older messages wait for compaction to drop
+    /// them).
+    #[prost(uint64, tag = "3")]
+    pub first_serial: u64,
 }
 
 impl StoredMessage {
     /// Encodes an envelope as a [`StoredMessage`] without copying it into
     /// one first.
-    pub fn encode(envelope: &proto::Envelope, trimmed_ts: i64) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(envelope.encoded_len() + 16);
+    pub fn encode(envelope: &proto::Envelope, trimmed_ts: i64, first_serial: u64) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(envelope.encoded_len() + 24);
         prost::encoding::message::encode(1, envelope, &mut buf);
         if trimmed_ts != 0 {
             prost::encoding::int64::encode(2, &trimmed_ts, &mut buf);
+        }
+        if first_serial != 0 {
+            prost::encoding::uint64::encode(3, &first_serial, &mut buf);
         }
         buf
     }
@@ -173,13 +201,79 @@ pub struct StoredId {
     pub expires_ms: i64,
 }
 
-/// The node's record: was the last stop clean, and on which boot.
+/// The node's record: was the last stop clean, and on which boot; the
+/// layout the files follow.
 #[derive(Clone, PartialEq, prost::Message)]
 struct StoredNode {
     #[prost(bool, tag = "1")]
     clean: bool,
     #[prost(string, tag = "2")]
     boot_id: String,
+    #[prost(uint32, tag = "3")]
+    layout: u32,
+}
+
+/// The layout this build reads and writes (1: the first release's, keyed
+/// by channel name; never read by this build).
+const LAYOUT: u32 = 2;
+
+/// Each channel's floor, shared with the compaction filter of the
+/// `messages` keyspace: messages below it left history and are dropped
+/// when fjall compacts the tables holding them. A channel the map does not
+/// know was forgotten (its messages go too), once [`Floors::ready`] says
+/// start-up has registered every stored channel; before that nothing is
+/// dropped.
+#[derive(Debug, Default)]
+pub struct Floors {
+    ready: AtomicBool,
+    map: RwLock<HashMap<u64, Arc<AtomicU64>>>,
+}
+
+impl Floors {
+    /// A channel's floor cell (0: keep everything, until its history is
+    /// loaded and the engine knows better).
+    fn register(&self, key: u64) -> Arc<AtomicU64> {
+        self.map.write().entry(key).or_default().clone()
+    }
+
+    fn forget(&self, key: u64) {
+        self.map.write().remove(&key);
+    }
+
+    /// Whether a message may go: its channel is forgotten or it lies below
+    /// the channel's floor.
+    fn drops(&self, key: &[u8]) -> bool {
+        if !self.ready.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some((channel, serial)) = split_message_key(key) else { return false };
+        match self.map.read().get(&channel) {
+            Some(floor) => serial < floor.load(Ordering::Relaxed),
+            None => true,
+        }
+    }
+}
+
+/// The compaction filter of the `messages` keyspace (see [`Floors`]).
+/// Unwind-safe: it only reads the floors, and their lock does not poison.
+struct FloorFilter(std::panic::AssertUnwindSafe<Arc<Floors>>);
+
+impl Factory for FloorFilter {
+    fn name(&self) -> &str {
+        "switchboard-history-floor"
+    }
+
+    fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(FloorFilter(std::panic::AssertUnwindSafe(self.0.0.clone())))
+    }
+}
+
+impl CompactionFilter for FloorFilter {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> fjall::compaction::filter::CompactionFilterResult {
+        // A message key is written once and never deleted, so dropping it
+        // needs no tombstone.
+        Ok(if self.0.drops(item.key()) { Verdict::Destroy } else { Verdict::Keep })
+    }
 }
 
 /// A channel as found on disk at start.
@@ -188,9 +282,12 @@ pub struct LoadedChannel {
     /// The name.
     pub name: String,
     /// Its head: the record merged with its newest message (whose serial,
-    /// timestamp and trimmed timestamp are newer than the record's unless
-    /// the channel keeps no history or trimmed by age since).
+    /// timestamp, trimmed timestamp and first serial are newer than the
+    /// record's unless the channel keeps no history or trimmed by age
+    /// since).
     pub head: StoredChannel,
+    /// The channel's floor for the compaction filter (see [`Floors`]).
+    pub floor: Arc<AtomicU64>,
     /// The retained value.
     pub retained: Option<proto::Envelope>,
     /// Idempotency keys still in their window: (id, serial, expiry).
@@ -214,6 +311,8 @@ pub struct Recovery {
 pub struct AppendBatch<'a> {
     /// Channel name.
     pub channel: &'a str,
+    /// Its store key.
+    pub key: u64,
     /// The new head, when it must be written: the channel's first write,
     /// or every write of a channel without history (its messages carry the
     /// head otherwise).
@@ -226,8 +325,6 @@ pub struct AppendBatch<'a> {
     pub retained: Option<Option<&'a [u8]>>,
     /// A new idempotency key: (id, record).
     pub id: Option<(&'a str, StoredId)>,
-    /// A serial that leaves history by count.
-    pub trim: Option<u64>,
 }
 
 /// The store's half shared with its sync thread.
@@ -267,6 +364,10 @@ pub struct DiskStore {
     failed: Mutex<Option<String>>,
     /// Something was written since the last interval fsync.
     dirty: AtomicBool,
+    /// Channels' floors, shared with the compaction filter.
+    floors: Arc<Floors>,
+    /// The next channel store key.
+    next_key: AtomicU64,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -285,13 +386,21 @@ impl std::fmt::Debug for DiskStore {
 }
 
 const NODE_KEY: &str = "node";
+const NEXT_KEY: &str = "next_key";
 
-fn channel_key(name: &str, serial: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(name.len() + 9);
-    k.extend_from_slice(name.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&serial.to_be_bytes());
+/// A message's key: the channel's store key little-endian (its varying
+/// low bytes first), then the serial big-endian (messages in order).
+fn message_key(channel: u64, serial: u64) -> [u8; 16] {
+    let mut k = [0; 16];
+    k[..8].copy_from_slice(&channel.to_le_bytes());
+    k[8..].copy_from_slice(&serial.to_be_bytes());
     k
+}
+
+fn split_message_key(k: &[u8]) -> Option<(u64, u64)> {
+    let channel = u64::from_le_bytes(k.get(..8)?.try_into().ok()?);
+    let serial = u64::from_be_bytes(k.get(8..16)?.try_into().ok()?);
+    Some((channel, serial))
 }
 
 fn id_key(name: &str, id: &str) -> Vec<u8> {
@@ -329,10 +438,13 @@ impl DiskStore {
         std::fs::write(&probe, b"ok")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| open_err(e.to_string(), "Give the gateway's user write access to the directory"))?;
+        let floors = Arc::new(Floors::default());
+        let filter: Arc<dyn Factory> = Arc::new(FloorFilter(std::panic::AssertUnwindSafe(floors.clone())));
         let db = Database::builder(&opts.dir)
             .cache_size(opts.cache_bytes)
             .max_journaling_size(64 * 1024 * 1024)
             .worker_threads(2)
+            .with_compaction_filter_factories(Arc::new(move |ks: &str| (ks == "messages").then(|| filter.clone())))
             .open()
             .map_err(|e| {
                 let hint = match e {
@@ -365,15 +477,32 @@ impl DiskStore {
             }),
             failed: Mutex::new(None),
             dirty: AtomicBool::new(false),
+            floors,
+            next_key: AtomicU64::new(1),
             threads: Mutex::new(Vec::new()),
         };
         let boot_id = read_boot_id(&opts.boot_id_file);
         let previous = store.read_node()?;
+        if let Some(p) = &previous
+            && p.layout != LAYOUT
+        {
+            return Err(open_err(
+                format!("the files follow layout {} and this build reads layout {LAYOUT}", p.layout),
+                "Move the directory away to start empty (every channel then starts a new epoch), or run the \
+                 Switchboard version that wrote it",
+            ));
+        }
+        let next_key = match store.node.get(NEXT_KEY) {
+            Ok(Some(v)) => v.as_ref().try_into().map(u64::from_le_bytes).map_err(|_| store.corrupt("next store key"))?,
+            Ok(None) => 1,
+            Err(e) => return Err(store.corrupt(format!("next store key: {e}"))),
+        };
+        store.next_key.store(next_key.max(1), Ordering::Relaxed);
         let unclean = previous.as_ref().is_some_and(|n| !n.clean);
         let machine_restarted = previous.as_ref().is_some_and(|n| n.boot_id.is_empty() || n.boot_id != boot_id);
         let tail_may_be_lost = unclean && machine_restarted && opts.sync != SyncPolicy::Always;
         // From here until a clean close, a crash is an unclean stop.
-        let node = StoredNode { clean: false, boot_id };
+        let node = StoredNode { clean: false, boot_id, layout: LAYOUT };
         store.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| open_err(e.to_string(), "Check the disk"))?;
         store.db.persist(PersistMode::SyncAll).map_err(|e| open_err(e.to_string(), "Check the disk"))?;
         let store = Arc::new(store);
@@ -422,6 +551,9 @@ impl DiskStore {
             for w in workers {
                 out.extend(w.join().map_err(|_| self.corrupt("a loader thread failed"))??);
             }
+            // Every stored channel has its floor: from here a key the
+            // filter does not know belongs to a forgotten channel.
+            self.floors.ready.store(true, Ordering::Release);
             Ok(out)
         })
     }
@@ -432,37 +564,59 @@ impl DiskStore {
         epoch: &str,
         v: &[u8],
         what: &str,
-    ) -> Result<(proto::Envelope, i64), DiskError> {
+    ) -> Result<(proto::Envelope, i64, u64), DiskError> {
         let m = StoredMessage::decode(v).map_err(|e| self.corrupt(format!("{what} of {name:?}: {e}")))?;
         let mut env = m.envelope.ok_or_else(|| self.corrupt(format!("{what} of {name:?} is empty")))?;
         env.epoch = epoch.to_string();
-        Ok((env, m.trimmed_ts))
+        Ok((env, m.trimmed_ts, m.first_serial))
     }
 
-    /// A channel's stored history, oldest first, stamped with `epoch`.
-    pub fn load_history(&self, name: &str, epoch: &str) -> Result<Vec<proto::Envelope>, DiskError> {
+    /// A channel's stored history, oldest first, stamped with `epoch`:
+    /// its newest `limit` messages from `first_serial` on (what the head
+    /// or the newest message says history held; older ones are waiting
+    /// for compaction to drop them).
+    pub fn load_history(
+        &self,
+        name: &str,
+        key: u64,
+        first_serial: u64,
+        limit: usize,
+        epoch: &str,
+    ) -> Result<Vec<proto::Envelope>, DiskError> {
         let mut history = Vec::new();
-        for kv in self.messages.prefix(prefix(name)) {
-            let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
-            history.push(self.decode_message(name, epoch, &v, "a message")?.0);
+        for kv in self.messages.prefix(key.to_le_bytes()).rev() {
+            if history.len() >= limit {
+                break;
+            }
+            let (k, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
+            if split_message_key(&k).is_none_or(|(_, serial)| serial < first_serial) {
+                break;
+            }
+            history.push(self.decode_message(name, epoch, &v, "a message")?);
         }
-        Ok(history)
+        history.reverse();
+        Ok(history.into_iter().map(|(env, _, _)| env).collect())
     }
 
     /// A channel's head merged with its newest message, its retained value
     /// and ids.
     fn load_channel(&self, name: &str, mut head: StoredChannel) -> Result<LoadedChannel, DiskError> {
-        let newest = match self.messages.prefix(prefix(name)).next_back() {
+        if head.key == 0 {
+            return Err(self.corrupt(format!("head of {name:?} has no store key")));
+        }
+        self.next_key.fetch_max(head.key + 1, Ordering::Relaxed);
+        let newest = match self.messages.prefix(head.key.to_le_bytes()).next_back() {
             Some(kv) => {
                 let (_, v) = kv.into_inner().map_err(|e| self.corrupt(format!("messages of {name:?}: {e}")))?;
                 Some(self.decode_message(name, &head.epoch, &v, "a message")?)
             }
             None => None,
         };
-        if let Some((last, trimmed_ts)) = &newest {
+        if let Some((last, trimmed_ts, first_serial)) = &newest {
             head.serial = head.serial.max(last.serial);
             head.last_active = head.last_active.max(last.timestamp);
             head.trimmed_ts = head.trimmed_ts.max(*trimmed_ts);
+            head.first_serial = head.first_serial.max(*first_serial);
         }
         let retained = match self.retained.get(name).map_err(|e| self.corrupt(format!("retained {name:?}: {e}")))? {
             Some(v) => Some(self.decode_message(name, &head.epoch, &v, "the retained value")?.0),
@@ -477,7 +631,8 @@ impl DiskStore {
             let rec = StoredId::decode(&*v).map_err(|e| self.corrupt(format!("id of {name:?}: {e}")))?;
             ids.push((id, rec.serial, rec.expires_ms));
         }
-        Ok(LoadedChannel { name: name.to_string(), head, retained, ids })
+        let floor = self.floors.register(head.key);
+        Ok(LoadedChannel { name: name.to_string(), head, floor, retained, ids })
     }
 
     /// The sync policy.
@@ -497,7 +652,7 @@ impl DiskStore {
             batch.insert(&self.channels, b.channel, head.encode_to_vec());
         }
         if let Some((serial, bytes)) = b.message {
-            batch.insert(&self.messages, channel_key(b.channel, serial), bytes);
+            batch.insert(&self.messages, message_key(b.key, serial), bytes);
         }
         match b.retained {
             Some(Some(bytes)) => batch.insert(&self.retained, b.channel, bytes),
@@ -506,9 +661,6 @@ impl DiskStore {
         }
         if let Some((id, rec)) = &b.id {
             batch.insert(&self.ids, id_key(b.channel, id), rec.encode_to_vec());
-        }
-        if let Some(serial) = b.trim {
-            batch.remove(&self.messages, channel_key(b.channel, serial));
         }
         if self.sync != SyncPolicy::Always {
             // Nothing waits for a sync: no ticket, and no lock of ours
@@ -549,26 +701,29 @@ impl DiskStore {
         self.sync != SyncPolicy::Always || *self.signals.synced.borrow() >= ticket
     }
 
-    /// Writes a channel's head alone (creation by subscribe, trimming by
-    /// age). Not waited for: a lost head write is redone by the next one.
-    pub fn put_head(&self, channel: &str, head: &StoredChannel) {
+    /// A new channel's store key and floor, its head written with the
+    /// next key (so a key is never handed out twice, even for a channel
+    /// forgotten since). Journaled before any of its messages, so a sync
+    /// that covers a message covers its channel's head.
+    pub fn new_channel(&self, channel: &str, head: &mut StoredChannel) -> Arc<AtomicU64> {
+        head.key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let floor = self.floors.register(head.key);
+        let mut batch = self.db.batch();
+        batch.insert(&self.channels, channel, head.encode_to_vec());
+        batch.insert(&self.node, NEXT_KEY, (head.key + 1).to_le_bytes());
         if self.check().is_ok()
-            && let Err(e) = self.channels.insert(channel, head.encode_to_vec())
+            && let Err(e) = batch.commit()
         {
             self.fail("write", e);
         }
+        floor
     }
 
-    /// Removes messages that left history by age, in one batch. Not waited
-    /// for: after a crash, loading trims again.
-    pub fn remove_messages(&self, channel: &str, serials: impl IntoIterator<Item = u64>) {
-        let mut batch = self.db.batch();
-        for s in serials {
-            batch.remove(&self.messages, channel_key(channel, s));
-        }
-        if !batch.is_empty()
-            && self.check().is_ok()
-            && let Err(e) = batch.commit()
+    /// Writes a channel's head alone (a new epoch, trimming by age). Not
+    /// waited for: a lost head write is redone by the next one.
+    pub fn put_head(&self, channel: &str, head: &StoredChannel) {
+        if self.check().is_ok()
+            && let Err(e) = self.channels.insert(channel, head.encode_to_vec())
         {
             self.fail("write", e);
         }
@@ -588,8 +743,10 @@ impl DiskStore {
         }
     }
 
-    /// Forgets a channel entirely (idle, nothing left to keep).
-    pub fn remove_channel(&self, channel: &str) {
+    /// Forgets a channel entirely (idle, nothing left to keep); compaction
+    /// drops whatever of its messages the tables still hold.
+    pub fn remove_channel(&self, channel: &str, key: u64) {
+        self.floors.forget(key);
         let mut batch = self.db.batch();
         batch.remove(&self.channels, channel);
         batch.remove(&self.retained, channel);
@@ -746,7 +903,7 @@ impl DiskStore {
         // node's too: a keyspace with unflushed writes pins every journal
         // since them — so the journals go and the next start reads tables
         // instead of replaying journals (docs/storage.md).
-        let node = StoredNode { clean: true, boot_id: String::new() };
+        let node = StoredNode { clean: true, boot_id: String::new(), layout: LAYOUT };
         let done = self.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| self.fail("write", e));
         for ks in [&self.channels, &self.messages, &self.retained, &self.ids, &self.mqtt, &self.node] {
             if let Err(e) = ks.rotate_memtable_and_wait() {
@@ -764,6 +921,31 @@ impl DiskStore {
             Ok(()) => tracing::info!(path = %self.path, "storage closed cleanly"),
             Err(e) => tracing::error!(path = %self.path, error = %e, "storage did not close cleanly"),
         }
+    }
+}
+
+#[cfg(test)]
+impl DiskStore {
+    /// The serials of a channel's messages the store's files hold now
+    /// (whether or not history still does).
+    fn stored_serials(&self, name: &str) -> Vec<u64> {
+        let Some(head) = self.channels.get(name).unwrap() else { return Vec::new() };
+        let key = StoredChannel::decode(&*head).unwrap().key;
+        self.messages_of(key)
+    }
+
+    fn messages_of(&self, key: u64) -> Vec<u64> {
+        self.messages
+            .prefix(key.to_le_bytes())
+            .map(|kv| split_message_key(&kv.key().unwrap()).unwrap().1)
+            .collect()
+    }
+
+    /// Flushes the messages and compacts them into one run, as fjall
+    /// eventually does by itself.
+    fn compact_messages(&self) {
+        self.messages.rotate_memtable_and_wait().unwrap();
+        self.messages.major_compact().unwrap();
     }
 }
 

@@ -300,9 +300,10 @@ fn mqtt_sessions_come_back_from_their_last_checkpoint() {
     store.close();
 }
 
-/// History is trimmed on disk as in memory: by count in the write that
-/// pushes a message out, by age when the sweep finds it too old; what the
-/// store holds after a restart is what history held.
+/// History is trimmed on disk as in memory: a restart reads back what
+/// history held (by count: each message records the oldest serial kept
+/// with it; by age: the head records it), and compaction drops from the
+/// files what left history, and every message of a forgotten channel.
 #[test]
 fn trimming_by_count_and_age_happens_on_disk() {
     let dir = TempDir::new("trim");
@@ -316,13 +317,18 @@ fn trimming_by_count_and_age_happens_on_disk() {
             pattern: "age/#".into(),
             policy: crate::core::engine::ChannelPolicy { history_ttl: Duration::from_secs(1), ..Default::default() },
         },
+        crate::core::engine::ChannelRule {
+            pattern: "gone/#".into(),
+            policy: crate::core::engine::ChannelPolicy { history_ttl: Duration::from_secs(1), ..Default::default() },
+        },
     ];
-    let cfg = EngineConfig { rules, ..EngineConfig::default() };
+    let cfg = EngineConfig { rules, idle_channel_ttl: Duration::from_secs(60), ..EngineConfig::default() };
     let (store, recovery) = open(&o);
     let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0).unwrap();
     for i in 0..10 {
         publish(&e, "count/a", &format!("c{i}"), "", false, T0 + i);
         publish(&e, "age/a", &format!("a{i}"), "", false, T0 + i);
+        publish(&e, "gone/a", &format!("g{i}"), "", false, T0 + i);
     }
     publish(&e, "age/a", "late", "", false, T0 + 1_500);
     e.sweep(T0 + 2_000);
@@ -330,15 +336,41 @@ fn trimming_by_count_and_age_happens_on_disk() {
     drop((e, store));
 
     let (store, recovery) = open(&o);
-    let stored: BTreeMap<String, Vec<u64>> = ["count/a", "age/a"]
-        .into_iter()
-        .map(|c| (c.to_string(), store.load_history(c, "").unwrap().iter().map(|m| m.serial).collect()))
-        .collect();
-    assert_eq!(stored["count/a"], vec![8, 9, 10], "count: only the last three are on disk");
-    assert_eq!(stored["age/a"], vec![11], "age: only the message younger than a second is on disk");
-    let e = LocalEngine::with_store(cfg, store.clone(), recovery, T0 + 2_001).unwrap();
+    let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0 + 2_001).unwrap();
+    let serials = |ch: &str| -> Vec<u64> {
+        history(&e, ch, T0 + 2_001).messages.iter().map(|m| m.serial).collect::<Vec<_>>()
+    };
+    assert_eq!(serials("count/a"), vec![8, 9, 10], "count: the last three come back");
+    assert_eq!(serials("age/a"), vec![11], "age: only the message younger than a second comes back");
     assert_eq!(history(&e, "count/a", T0 + 2_001).serial, 10, "the position is kept");
+    assert_eq!(store.stored_serials("count/a").len(), 10, "nothing was deleted per publish");
+    let gone_key = store.channels.get("gone/a").unwrap().map(|h| StoredChannel::decode(&*h).unwrap().key).unwrap();
+    store.compact_messages();
+    assert_eq!(store.stored_serials("count/a"), vec![8, 9, 10], "compaction drops what left by count");
+    assert_eq!(store.stored_serials("age/a"), vec![11], "and what left by age");
+    assert_eq!(store.messages_of(gone_key).len(), 10, "a history not read yet is kept whole");
+    // gone/a: read (all of it aged out), then forgotten as idle.
+    assert_eq!(serials_of(&e, "gone/a", T0 + 2_001), Vec::<u64>::new());
+    let later = T0 + 2_001 + 3_600_000;
+    e.sweep(later);
+    assert!(store.channels.get("gone/a").unwrap().is_none(), "an idle channel is forgotten");
     store.close();
+    drop((e, store));
+    // After a restart its key is unknown: compaction drops its messages,
+    // and the next channel of that name gets a new key.
+    let (store, recovery) = open(&o);
+    let e = LocalEngine::with_store(cfg, store.clone(), recovery, later).unwrap();
+    store.compact_messages();
+    assert_eq!(store.messages_of(gone_key), Vec::<u64>::new(), "a forgotten channel's messages are dropped");
+    publish(&e, "gone/a", "again", "", false, later);
+    let key = store.channels.get("gone/a").unwrap().map(|h| StoredChannel::decode(&*h).unwrap().key).unwrap();
+    assert!(key > gone_key, "store keys are never reused ({key} after {gone_key})");
+    assert_eq!(serials_of(&e, "gone/a", later), vec![1]);
+    store.close();
+}
+
+fn serials_of(e: &LocalEngine, ch: &str, now: i64) -> Vec<u64> {
+    history(e, ch, now).messages.iter().map(|m| m.serial).collect()
 }
 
 /// A resume by time after a restart knows exactly what history lost: the

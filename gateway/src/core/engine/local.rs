@@ -34,6 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
@@ -95,6 +96,8 @@ struct Channel {
     /// Timestamp of the newest message trimmed from history: a resume by
     /// time from before it cannot be complete.
     trimmed_ts: Option<i64>,
+    /// The oldest serial history holds (one past the newest trimmed).
+    first_serial: u64,
     /// Publish ids seen recently → (serial, expiry).
     dedupe: HashMap<String, (u64, i64)>,
     /// Ids in expiry order, to forget them without scanning.
@@ -103,6 +106,9 @@ struct Channel {
     last_active: i64,
     /// Written to the store (false for presence channels and without one).
     durable: bool,
+    /// The channel's store key and its floor for the store's compaction
+    /// filter (durable channels).
+    stored: Option<(u64, Arc<AtomicU64>)>,
     /// The store holds this channel's head (its epoch): later writes need
     /// not repeat it, their messages carry what changes.
     head_stored: bool,
@@ -131,11 +137,13 @@ impl Channel {
             history: VecDeque::new(),
             retained: None,
             trimmed_ts: None,
+            first_serial: 1,
             dedupe: HashMap::new(),
             dedupe_order: VecDeque::new(),
             members: BTreeMap::new(),
             last_active: now,
             durable,
+            stored: None,
             head_stored: false,
             history_loaded: true,
             pending: VecDeque::new(),
@@ -153,25 +161,33 @@ impl Channel {
             serial,
             trimmed_ts: self.trimmed_ts.unwrap_or(0),
             last_active: self.last_active,
+            key: self.stored.as_ref().map_or(0, |(k, _)| *k),
+            first_serial: self.first_serial,
         }
     }
 
-    /// Trims history by count and age; returns the serials that left by
-    /// age (those that left by count are removed from the store with the
-    /// publish that pushed them out).
-    fn trim(&mut self, now: i64) -> Vec<u64> {
+    /// Trims history by count and age; returns whether anything left by
+    /// age (what left by count, every message records).
+    fn trim(&mut self, now: i64) -> bool {
         while self.history.len() > self.policy.history_size {
             if let Some(d) = self.history.pop_front() {
                 self.trimmed_ts = Some(d.envelope.timestamp);
+                self.first_serial = d.envelope.serial + 1;
             }
         }
         let min_ts = now.saturating_sub(self.policy.history_ttl.as_millis() as i64);
-        let mut aged = Vec::new();
+        let mut aged = false;
         while self.history.front().is_some_and(|d| d.envelope.timestamp < min_ts) {
             if let Some(d) = self.history.pop_front() {
                 self.trimmed_ts = Some(d.envelope.timestamp);
-                aged.push(d.envelope.serial);
+                self.first_serial = d.envelope.serial + 1;
+                aged = true;
             }
+        }
+        if self.history_loaded
+            && let Some((_, floor)) = &self.stored
+        {
+            floor.store(self.first_serial, Ordering::Relaxed);
         }
         aged
     }
@@ -279,6 +295,8 @@ impl LocalEngine {
             ch.serial = loaded.head.serial;
             ch.assigned = loaded.head.serial;
             ch.trimmed_ts = (loaded.head.trimmed_ts != 0).then_some(loaded.head.trimmed_ts);
+            ch.first_serial = loaded.head.first_serial.max(1);
+            ch.stored = Some((loaded.head.key, loaded.floor));
             ch.last_active = loaded.head.last_active;
             let epoch = ch.epoch.to_string();
             let stamp = |mut env: proto::Envelope| {
@@ -333,21 +351,27 @@ impl LocalEngine {
             ch.history_loaded = true;
             return Ok(());
         };
-        let mut history = store.load_history(name, &ch.epoch).map_err(|e| {
-            tracing::error!(channel = name, error = %e, "cannot read a channel's history");
-            storage_error(e)
-        })?;
-        let min_ts = now.saturating_sub(ch.policy.history_ttl.as_millis() as i64);
-        let over = history.len().saturating_sub(ch.policy.history_size);
-        let aged = history.iter().skip(over).take_while(|e| e.timestamp < min_ts).count();
-        let mut dropped = Vec::with_capacity(over + aged);
-        for e in history.drain(..over + aged) {
-            ch.trimmed_ts = Some(ch.trimmed_ts.unwrap_or(0).max(e.timestamp));
-            dropped.push(e.serial);
+        let key = ch.stored.as_ref().map_or(0, |(k, _)| *k);
+        let history = store
+            .load_history(name, key, ch.first_serial, ch.policy.history_size, &ch.epoch)
+            .map_err(|e| {
+                tracing::error!(channel = name, error = %e, "cannot read a channel's history");
+                storage_error(e)
+            })?;
+        // Messages history held but the store no longer does (a head
+        // write lost with the machine after compaction dropped what it
+        // trimmed): a resume by time from before the oldest one left is
+        // reported as a gap.
+        if let Some(first) = history.first()
+            && first.serial > ch.first_serial
+        {
+            ch.trimmed_ts = Some(ch.trimmed_ts.unwrap_or(0).max(first.timestamp));
+            ch.first_serial = first.serial;
         }
         ch.history = history.into_iter().map(Delivery::new).collect();
         ch.history_loaded = true;
-        self.forget_on_disk(name, ch, dropped);
+        let aged = ch.trim(now);
+        self.forget_on_disk(name, ch, aged);
         Ok(())
     }
 
@@ -395,7 +419,9 @@ impl LocalEngine {
             // Journaled before any of its messages, so a sync that covers a
             // message covers its epoch; if this write is lost, so is every
             // later one, and the channel is new again.
-            store.put_head(name, &ch.head(0));
+            let mut head = ch.head(0);
+            let floor = store.new_channel(name, &mut head);
+            ch.stored = Some((head.key, floor));
             ch.head_stored = true;
         }
         let cell = Arc::new(Mutex::new(ch));
@@ -463,13 +489,13 @@ impl LocalEngine {
         }
     }
 
-    /// Removes from the store what left history by age.
-    fn forget_on_disk(&self, name: &str, ch: &Channel, aged: Vec<u64>) {
+    /// Records in the store that history lost messages by age (the head's
+    /// first serial; compaction drops them).
+    fn forget_on_disk(&self, name: &str, ch: &Channel, aged: bool) {
         if ch.durable
-            && !aged.is_empty()
+            && aged
             && let Some(store) = &self.store
         {
-            store.remove_messages(name, aged);
             store.put_head(name, &ch.head(ch.assigned));
         }
     }
@@ -496,6 +522,8 @@ impl LocalEngine {
         {
             let keep = ch.policy.history_size as u64;
             let trim = (keep > 0 && serial > keep).then(|| serial - keep);
+            // The oldest serial history holds once this message is in.
+            let first_serial = trim.map_or(ch.first_serial, |out| ch.first_serial.max(out + 1));
             // The channel's trimmed timestamp once this message is in: the
             // timestamp of the message it pushes out (the newest possible,
             // this one's, if that is not at hand).
@@ -509,16 +537,16 @@ impl LocalEngine {
                 None => ch.trimmed_ts.unwrap_or(0),
             };
             // Stored without the epoch (the channel's head holds it).
-            let stored = StoredMessage::encode(&env, trimmed_ts);
-            let head = ch.head(serial);
+            let stored = StoredMessage::encode(&env, trimmed_ts, first_serial);
+            let head = (!ch.head_stored || keep == 0).then(|| ch.head(serial));
             let retained = env.retain.then(|| (!env.payload.is_empty()).then_some(stored.as_slice()));
             let batch = AppendBatch {
                 channel: name,
-                head: (!ch.head_stored || keep == 0).then_some(&head),
+                key: ch.stored.as_ref().map_or(0, |(k, _)| *k),
+                head: head.as_ref(),
                 message: (keep > 0).then_some((serial, stored.as_slice())),
                 retained,
                 id: id.map(|(id, exp)| (id, StoredId { serial, expires_ms: exp })),
-                trim,
             };
             ticket = Some(store.append(&batch).map_err(storage_error)?);
             ch.head_stored = true;
@@ -1083,7 +1111,7 @@ impl LocalEngine {
                     if ch.durable
                         && let Some(store) = &self.store
                     {
-                        store.remove_channel(&name);
+                        store.remove_channel(&name, ch.stored.as_ref().map_or(0, |(k, _)| *k));
                     }
                 }
             }
