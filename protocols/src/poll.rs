@@ -106,15 +106,13 @@ pub async fn poll_kept(
         }
     };
     let batch_max = cfg.batch_max.max(1);
-    // The cursor to return if the batch ends after event i: replayed and
-    // drained events carry the cursor after themselves.
     let mut batch: Vec<StreamEvent> = replay;
-    let start_cursor = session.cursor.encode();
-    if batch.is_empty() {
+    let sendable = |b: &[StreamEvent]| b.iter().any(|ev| !matches!(ev, StreamEvent::Seed(_)));
+    if !sendable(&batch) {
         let wait = req.timeout.unwrap_or(cfg.default_timeout).min(cfg.max_timeout);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if session.drain(&mut batch).is_err() || !batch.is_empty() {
+            if session.drain(&mut batch).is_err() || sendable(&batch) {
                 break;
             }
             tokio::select! {
@@ -127,12 +125,19 @@ pub async fn poll_kept(
         let _ = session.drain(&mut batch);
     }
     session.end_clean();
-    let more = batch.len() > batch_max;
-    batch.truncate(batch_max);
-    let cursor = match batch.last() {
-        Some(StreamEvent::Message(_, c) | StreamEvent::Gap(_, c)) => c.clone(),
-        None => start_cursor,
-    };
+    // Seeds count as nothing: `batch_max` counts what the client gets.
+    let mut sendable = 0;
+    let cut = batch
+        .iter()
+        .position(|ev| {
+            sendable += usize::from(!matches!(ev, StreamEvent::Seed(_)));
+            sendable > batch_max
+        })
+        .unwrap_or(batch.len());
+    let more = cut < batch.len();
+    batch.truncate(cut);
+    // The one cursor of the response: after its last event.
+    let cursor = session.sent_past(&batch);
     let body = render(&batch, &cursor, more);
     // Kept only when the cursor returned is the session's own: a cut batch
     // leaves accepted events behind it.
@@ -151,19 +156,20 @@ fn render(batch: &[StreamEvent], cursor: &str, more: bool) -> String {
     let mut gaps = String::from("[");
     for ev in batch {
         match ev {
-            StreamEvent::Message(d, _) => {
+            StreamEvent::Message(d) => {
                 if messages.len() > 1 {
                     messages.push(',');
                 }
                 messages.push_str(d.json_frame());
             }
-            StreamEvent::Gap(g, _) => {
+            StreamEvent::Gap(g) => {
                 if gaps.len() > 1 {
                     gaps.push(',');
                 }
                 let frame = proto::ServerFrame { req: 0, frame: Some(server_frame::Frame::Gap(g.clone())) };
                 gaps.push_str(&proto::json::encode_server_frame(&frame));
             }
+            StreamEvent::Seed(_) => {}
         }
     }
     messages.push(']');

@@ -80,18 +80,26 @@ pub fn write_event(out: &mut BytesMut, id: Option<&str>, event: &str, data: &str
     out.put_u8(b'\n');
 }
 
-fn write_stream_event(out: &mut BytesMut, ev: &StreamEvent) {
+/// Writes one event with the cursor after it as its `id:` (a seed writes
+/// nothing: it only moves the cursor).
+fn write_stream_event(out: &mut BytesMut, ev: &StreamEvent, id: &str) {
     match ev {
-        StreamEvent::Message(d, id) => {
+        StreamEvent::Message(d) => {
             let name = if d.envelope.kind() == proto::Kind::Message { "message" } else { "presence" };
             write_event(out, Some(id), name, d.json_frame());
         }
-        StreamEvent::Gap(g, id) => {
+        StreamEvent::Gap(g) => {
             let frame = proto::ServerFrame { req: 0, frame: Some(server_frame::Frame::Gap(g.clone())) };
             write_event(out, Some(id), "gap", &proto::json::encode_server_frame(&frame));
         }
+        StreamEvent::Seed(_) => {}
     }
 }
+
+/// Bytes of events one chunk of the stream holds before it is handed to
+/// the connection: a long replay goes out in pieces the client reads,
+/// never as one buffer.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 fn write_disconnect(out: &mut BytesMut, reason: CloseReason) {
     let frame = proto::ServerFrame {
@@ -119,27 +127,43 @@ struct State {
     /// When the stream last sent anything.
     last_sent: tokio::time::Instant,
     shutdown: watch::Receiver<bool>,
-    events: Vec<StreamEvent>,
+    /// Accepted, not yet written, oldest first.
+    events: std::collections::VecDeque<StreamEvent>,
+    /// Why the stream ends once `events` are written.
+    closing: Option<CloseReason>,
     done: bool,
 }
 
 impl State {
-    /// Renders whatever the outbox holds (plus a final `disconnect`).
+    /// Renders what is ready — the events accepted so far, then whatever
+    /// the outbox holds — up to [`CHUNK_BYTES`] (plus a final
+    /// `disconnect`), each event with the cursor after it as its `id:`.
     fn render_ready(&mut self) -> Option<Bytes> {
-        let closed = self.session.drain(&mut self.events).err();
-        if closed.is_none() && self.events.is_empty() {
+        if self.closing.is_none() {
+            let mut fresh = Vec::new();
+            self.closing = self.session.drain(&mut fresh).err();
+            self.events.extend(fresh);
+            if self.closing.is_none() && self.session.cursor_too_long() {
+                self.closing = Some(CURSOR_FULL);
+            }
+        }
+        if self.closing.is_none() && self.events.is_empty() {
             return None;
         }
         let mut out = BytesMut::new();
-        for ev in self.events.drain(..) {
-            write_stream_event(&mut out, &ev);
+        while out.len() < CHUNK_BYTES {
+            let Some(ev) = self.events.pop_front() else { break };
+            let id = self.session.sent_past(std::slice::from_ref(&ev));
+            write_stream_event(&mut out, &ev, &id);
         }
-        let closed = closed.or_else(|| self.session.cursor_too_long().then_some(CURSOR_FULL));
-        if let Some(reason) = closed {
+        if self.events.is_empty()
+            && let Some(reason) = self.closing
+        {
             write_disconnect(&mut out, reason);
             self.done = true;
         }
-        Some(out.freeze())
+        // Only seeds: nothing to send.
+        (!out.is_empty()).then(|| out.freeze())
     }
 }
 
@@ -168,9 +192,6 @@ pub async fn open(
         })),
     };
     write_event(&mut first, Some(&start), "connected", &proto::json::encode_server_frame(&connected));
-    for ev in &replay {
-        write_stream_event(&mut first, ev);
-    }
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + cfg.keepalive, cfg.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = State {
@@ -179,7 +200,8 @@ pub async fn open(
         keepalive,
         last_sent: tokio::time::Instant::now(),
         shutdown,
-        events: Vec::new(),
+        events: replay.into(),
+        closing: None,
         done: false,
     };
     Ok(futures_util::stream::unfold(state, |mut st| async move {

@@ -10,6 +10,13 @@
 //! mark: an item at or below a channel's cursor position is a duplicate (two
 //! overlapping filters, or a replay overlapping a live message) and is
 //! skipped, so every message is delivered once and in order.
+//!
+//! Events carry no cursor of their own: a cursor is encoded only when it is
+//! sent — after each SSE event written, once per long-poll response — from
+//! [`StreamSession::sent`], which follows the events as they are handed
+//! out. And a stream never carries more channels than one cursor holds
+//! ([`MAX_CURSOR_LEN`]): a subscribe whose replay would take the cursor past
+//! it is refused (`too_many_subscriptions`, HTTP 400) before anything is sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -165,13 +172,43 @@ impl StreamRequest {
     }
 }
 
-/// One event of a stream, with the cursor token after it.
+/// One event of a stream, in the order it is sent.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
     /// A message or presence event.
-    Message(Arc<Delivery>, String),
+    Message(Arc<Delivery>),
     /// History could not fill a gap.
-    Gap(proto::Gap, String),
+    Gap(proto::Gap),
+    /// A channel's position at subscribe, once everything before it was
+    /// sent (nothing to send: it only moves the cursor; see [`Cursor::seed`]).
+    Seed(proto::ChannelState),
+}
+
+impl StreamEvent {
+    /// Moves `cursor` past this event.
+    pub fn apply(&self, cursor: &mut Cursor) {
+        match self {
+            StreamEvent::Message(d) => cursor.advance(&d.envelope.channel, &d.envelope.epoch, d.envelope.serial),
+            StreamEvent::Gap(g) => {
+                let to = g.to.clone().unwrap_or_default();
+                cursor.advance(&g.channel, &to.epoch, to.serial);
+            }
+            StreamEvent::Seed(state) => {
+                seed_within_limit(cursor, state);
+            }
+        }
+    }
+}
+
+/// The refusal of a stream whose channels would not fit in one cursor.
+fn cursor_overflow(channels: usize) -> CoreError {
+    CoreError::new(
+        ErrorCode::TooManySubscriptions,
+        format!(
+            "this stream would carry more than {channels} channels, more than one cursor holds ({MAX_CURSOR_LEN} \
+             characters): use fewer or narrower channel= filters"
+        ),
+    )
 }
 
 /// An open stream session. Dropping it closes the session (abruptly, so
@@ -180,8 +217,14 @@ pub struct StreamSession {
     /// The core's session.
     pub handle: SessionHandle,
     core: Arc<dyn Core>,
-    /// Position of every channel delivered so far.
+    /// Position of every channel accepted so far (the duplicate check).
     pub cursor: Cursor,
+    /// Position after the last event handed out: [`StreamEvent::apply`]
+    /// each event sent, in order, then encode (equal to `cursor` once
+    /// every accepted event is sent).
+    pub sent: Cursor,
+    /// The cursor went past [`MAX_CURSOR_LEN`] while accepting.
+    overflow: bool,
     /// The position before the replay: the request's cursor, or for a new
     /// stream its start time plus the exact position of every plain
     /// channel that had nothing to replay.
@@ -213,6 +256,7 @@ fn seedable(filter: &str, filters: &[String]) -> bool {
 /// cursor past half of [`MAX_CURSOR_LEN`]: the rest stays for the channels
 /// the stream will actually deliver from (a seeded cursor must never be the
 /// reason a stream ends `cursor full`, or a `Last-Event-ID` is refused).
+/// Deterministic: applied to equal cursors, it leaves equal cursors.
 fn seed_within_limit(cursor: &mut Cursor, state: &proto::ChannelState) {
     let before = cursor.channels.get(&state.channel).cloned();
     cursor.seed(&state.channel, &state.epoch, state.serial);
@@ -254,7 +298,9 @@ impl StreamSession {
             .await?;
         let cursor = req.cursor.clone().unwrap_or_else(|| Cursor::new(now_ms));
         let start = cursor.clone();
-        let mut session = StreamSession { handle, core: core.clone(), cursor, start, end: CloseKind::Abrupt };
+        let sent = cursor.clone();
+        let mut session =
+            StreamSession { handle, core: core.clone(), cursor, sent, overflow: false, start, end: CloseKind::Abrupt };
         let resuming = req.cursor.is_some();
         let mut events = Vec::new();
         for filter in &req.filters {
@@ -282,6 +328,9 @@ impl StreamSession {
                 if let Some(ev) = session.accept(item) {
                     events.push(ev);
                 }
+                if session.overflow {
+                    return Err(cursor_overflow(session.cursor.channels.len() - 1));
+                }
             }
             // A plain channel name: once its replay is in, the stream holds
             // everything up to the channel's position at the subscribe, so
@@ -292,6 +341,7 @@ impl StreamSession {
             if seedable(filter, &req.filters) {
                 for state in outcome.subscribed.channels.iter().filter(|c| c.channel == *filter) {
                     seed_within_limit(&mut session.cursor, state);
+                    events.push(StreamEvent::Seed(state.clone()));
                     if !resuming && !replayed {
                         seed_within_limit(&mut session.start, state);
                     }
@@ -318,8 +368,8 @@ impl StreamSession {
                 {
                     return None;
                 }
-                self.cursor.advance(&env.channel, &env.epoch, env.serial);
-                Some(StreamEvent::Message(d, self.cursor.encode()))
+                self.advance(&env.channel, &env.epoch, env.serial);
+                Some(StreamEvent::Message(d))
             }
             Outbound::Gap(g) => {
                 let to = g.to.clone().unwrap_or_default();
@@ -329,10 +379,31 @@ impl StreamSession {
                 {
                     return None;
                 }
-                self.cursor.advance(&g.channel, &to.epoch, to.serial);
-                Some(StreamEvent::Gap(g, self.cursor.encode()))
+                self.advance(&g.channel, &to.epoch, to.serial);
+                Some(StreamEvent::Gap(g))
             }
         }
+    }
+
+    /// Advances the accepted cursor; a new channel that takes it past
+    /// [`MAX_CURSOR_LEN`] sets `overflow` (the length is measured only when
+    /// a channel is added: a serial growing by a byte is what
+    /// [`StreamSession::cursor_too_long`] is for).
+    fn advance(&mut self, channel: &str, epoch: &str, serial: u64) {
+        let before = self.cursor.channels.len();
+        self.cursor.advance(channel, epoch, serial);
+        if self.cursor.channels.len() > before && self.cursor.encoded_len() > MAX_CURSOR_LEN {
+            self.overflow = true;
+        }
+    }
+
+    /// The cursor after `events` are sent (their last one included):
+    /// moves [`StreamSession::sent`] past them and encodes it once.
+    pub fn sent_past(&mut self, events: &[StreamEvent]) -> String {
+        for ev in events {
+            ev.apply(&mut self.sent);
+        }
+        self.sent.encode()
     }
 
     /// Moves what the outbox holds into `out` as events. Err once the core
@@ -368,6 +439,8 @@ mod tests {
         outbox: Arc<crate::port::Outbox>,
         positions: HashMap<String, u64>,
         live_on: parking_lot::Mutex<HashMap<String, Outbound>>,
+        /// A filter's replay, as history would give it.
+        replay_on: parking_lot::Mutex<HashMap<String, Vec<Outbound>>>,
     }
 
     fn delivery(channel: &str, serial: u64) -> Outbound {
@@ -410,7 +483,8 @@ mod tests {
                     recovered: false,
                 })
                 .collect();
-            Ok(SubscribeOutcome { subscribed: proto::Subscribed { filter: req.filter, channels }, replay: Vec::new() })
+            let replay = self.replay_on.lock().remove(&req.filter).unwrap_or_default();
+            Ok(SubscribeOutcome { subscribed: proto::Subscribed { filter: req.filter, channels }, replay })
         }
         async fn unsubscribe(&self, _: u64, _: &str) -> Result<(), CoreError> {
             Err(unused())
@@ -438,6 +512,7 @@ mod tests {
             outbox: crate::port::Outbox::new(1 << 20),
             positions: positions.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
             live_on: Default::default(),
+            replay_on: Default::default(),
         }
     }
 
@@ -459,7 +534,7 @@ mod tests {
         assert!(!session.start.channels.contains_key("chat/room1"), "{:?}", session.start);
         let mut live = Vec::new();
         session.drain(&mut live).unwrap();
-        assert!(matches!(&live[..], [StreamEvent::Message(d, _)] if d.envelope.serial == 9), "lost: {live:?}");
+        assert!(matches!(&live[..], [StreamEvent::Message(d)] if d.envelope.serial == 9), "lost: {live:?}");
     }
 
     /// A lone plain channel is seeded (start and cursor); a wildcard is not.
@@ -485,6 +560,49 @@ mod tests {
         assert!(session.start.encoded_len() <= MAX_CURSOR_LEN / 2, "{}", session.start.encoded_len());
         assert!(session.cursor.encoded_len() <= MAX_CURSOR_LEN / 2);
         assert!(!session.cursor_too_long());
+    }
+
+    /// Events carry no cursor: the one sent after the last of them is the
+    /// accepted cursor, and each prefix's is what a client cut off there
+    /// resumes from (its channels no further than what it was given).
+    #[tokio::test]
+    async fn the_cursor_sent_follows_the_events() {
+        let core = seed_core(&[("a", 4), ("w/1", 2)]);
+        core.replay_on.lock().insert("a".into(), vec![delivery("a", 3), delivery("a", 4)]);
+        core.replay_on.lock().insert("w/+".into(), vec![delivery("w/1", 2)]);
+        let core: Arc<dyn Core> = Arc::new(core);
+        let (mut session, replay) =
+            StreamSession::open(core, &stream_of(&["a", "w/+"]), proto::Protocol::Sse, 5).await.unwrap();
+        let serials: Vec<u64> = replay
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Message(d) => Some(d.envelope.serial),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(serials, [3, 4, 2]);
+        let after_first = session.sent_past(&replay[..1]);
+        let c = Cursor::decode(&after_first).unwrap();
+        assert_eq!(c.channels.get("a").map(|p| p.serial), Some(3), "cut after the first event: a at 3");
+        assert!(!c.channels.contains_key("w/1"));
+        assert_eq!(session.sent_past(&replay[1..]), session.cursor.encode());
+    }
+
+    /// #13 item 2: a filter whose replay spans more channels than a cursor
+    /// holds is refused as soon as the cursor overflows, not after encoding
+    /// a cursor per replayed event over all of them (8 000 channels took
+    /// 2.8 s and 1.1 GB before).
+    #[tokio::test]
+    async fn a_replay_over_more_channels_than_a_cursor_holds_is_refused() {
+        let core = seed_core(&[]);
+        let replay: Vec<Outbound> = (0..8_000).map(|i| delivery(&format!("q/{i}"), 1)).collect();
+        core.replay_on.lock().insert("q/#".into(), replay);
+        let core: Arc<dyn Core> = Arc::new(core);
+        let started = std::time::Instant::now();
+        let err = StreamSession::open(core, &stream_of(&["q/#"]), proto::Protocol::Poll, 5).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooManySubscriptions);
+        assert!(err.message.contains("channels"), "{}", err.message);
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     }
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -377,6 +377,11 @@ async fn shutdown_transport<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocke
 /// Inbound frames handled before one flush of their replies.
 const MAX_FRAMES_PER_BATCH: usize = 64;
 
+/// Reply bytes after which a batch stops reading requests and writes what
+/// it has: a client pipelining history reads it never reads holds at most
+/// this (plus one page) in the gateway, then the write timeout drops it.
+const MAX_REPLY_BYTES_PER_BATCH: usize = 1024 * 1024;
+
 /// What woke the connection task.
 enum Event {
     Shutdown,
@@ -484,12 +489,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// Handles `first` and every frame already readable after it: a client
-    /// pipelining requests gets its replies in one write (bounded, so a
-    /// flood cannot starve the rest).
+    /// pipelining requests gets its replies in one write (bounded in frames
+    /// and in reply bytes, so a flood cannot starve the rest or pin memory).
     async fn on_inbound_batch(&mut self, first: Option<Result<Message, WsError>>) -> Result<(), Stop> {
         let mut handled = self.on_inbound(first).await;
         for _ in 0..MAX_FRAMES_PER_BATCH {
-            if handled.is_err() {
+            if handled.is_err() || self.replies.iter().map(Message::len).sum::<usize>() >= MAX_REPLY_BYTES_PER_BATCH {
                 break;
             }
             let Some(next) = self.ws.next().now_or_never() else { break };

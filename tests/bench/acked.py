@@ -53,6 +53,7 @@ GATEWAY_ENV = {
     "SWITCHBOARD_LIMITS__PUBLISH_RATE": "0",
     "SWITCHBOARD_LIMITS__MAX_CONNECTIONS_PER_IP": "0",
     "SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_SEC": "0",
+    "SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_IP_PER_SEC": "0",
     "RUST_LOG": "warn",
 }
 
@@ -235,7 +236,7 @@ def restart_once(a, bin_path, out_dir, how):
         history = wait_http(url, full, deadline)
         res["ready_s"] = None if ready is None else ready - t0
         res["history_s"] = None if history is None else history - t0
-        _, body = http_get(f"http://127.0.0.1:{PORTS['admin']}/v1/stats")
+        _, body = http_get(f"http://127.0.0.1:{PORTS['admin']}/v1/stats", timeout=30.0)
         res["channels_after"] = json.loads(body).get("channels")
         res["rss_after_bytes"] = compare_rss(server.proc.pid)
     finally:

@@ -252,6 +252,7 @@ def start_switchboard(bin_path, ports, workdir, quic=False):
         "SWITCHBOARD_LIMITS__PUBLISH_RATE": "0",
         "SWITCHBOARD_LIMITS__MAX_CONNECTIONS_PER_IP": "0",
         "SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_SEC": "0",
+        "SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_IP_PER_SEC": "0",
         "RUST_LOG": "warn",
     }
     argv = [

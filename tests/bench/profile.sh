@@ -12,7 +12,7 @@ shift
 bin=${SWITCHBOARD_BIN:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/switchboard}
 mkdir -p "$out"
 SWITCHBOARD_LIMITS__PUBLISH_RATE=0 SWITCHBOARD_LIMITS__MAX_CONNECTIONS_PER_IP=0 \
-SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_SEC=0 RUST_LOG=warn \
+SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_SEC=0 SWITCHBOARD_LIMITS__NEW_CONNECTIONS_PER_IP_PER_SEC=0 RUST_LOG=warn \
     taskset -c 0 "$bin" dev --http 127.0.0.1:61300 --mqtt 127.0.0.1:61301 --admin 127.0.0.1:61302 \
     --https '' --mqtts '' --quic '' \
     >"$out/gateway.log" 2>&1 &

@@ -376,6 +376,87 @@ async fn subscriptions_per_connection_are_capped_and_resubscribing_is_not_counte
     by.still_served("subscriptions").await
 }
 
+/// An MQTT 5 UNSUBSCRIBE of one filter (short: one-byte remaining length).
+fn unsubscribe_packet_v5(pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(0); // no properties
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut p = vec![0xA2, body.len() as u8];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// #13 item 1: shared groups are capped node-wide (a connection's own are
+/// capped by `max_subscriptions`): a new group over the cap is refused —
+/// MQTT 5 SUBACK 0x97, WebSocket `too_many_subscriptions` — joining an
+/// existing group is not, and a group whose members all left frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_groups_are_capped_per_node() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| cfg.limits.max_shared_groups = 2).await?;
+    let mut by = Bystanders::join(&gw).await?;
+    let mut a = raw_mqtt(&gw, Ver::V5, "share-a", 60).await?;
+    let suback = async |r: &mut Raw, pkid: u16, filter: &str| -> anyhow::Result<u8> {
+        r.send(&subscribe_packet(Ver::V5, pkid, filter, 1)).await?;
+        let p = next_reply(r).await?;
+        anyhow::ensure!(p.kind() == 9, "expected SUBACK, got {p:?}");
+        Ok(*p.body.last().unwrap_or(&0xFF))
+    };
+    assert_eq!(suback(&mut a, 1, "$share/g1/jobs/#").await?, 1);
+    assert_eq!(suback(&mut a, 2, "$share/g2/jobs/#").await?, 1);
+    assert_eq!(suback(&mut a, 3, "$share/g3/jobs/#").await?, 0x97, "a third group on the node");
+    // Another connection may join an existing group, not create one.
+    let mut b = raw_mqtt(&gw, Ver::V5, "share-b", 60).await?;
+    assert_eq!(suback(&mut b, 1, "$share/g1/jobs/#").await?, 1);
+    assert_eq!(suback(&mut b, 2, "$share/g4/other").await?, 0x97);
+    let mut ws = WsClient::connect(&gw.ws, Codec::Json, "share-ws").await?;
+    let sub = |f: &str| client_frame::Frame::Subscribe(proto::Subscribe { filter: f.into(), ..Default::default() });
+    assert_eq!(error_of(&ws.request(sub("$share/g5/jobs/#")).await?), Some(ErrorCode::TooManySubscriptions));
+    // g2's only member leaves: its slot frees.
+    a.send(&unsubscribe_packet_v5(4, "$share/g2/jobs/#")).await?;
+    let p = next_reply(&mut a).await?;
+    anyhow::ensure!(p.kind() == 11, "expected UNSUBACK, got {p:?}");
+    ws.subscribe_to("$share/g5/jobs/#").await?;
+    let n =
+        metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "shared_groups"), ("protocol", "mqtt")]).await?;
+    assert!(n >= 2.0, "refusals counted: {n}");
+    by.still_served("shared groups").await
+}
+
+/// #13 item 2: a long poll or SSE stream whose replay spans more channels
+/// than one cursor holds (a forged `since` over `q/#`) is refused with 400
+/// at once, before any cursor is encoded per event; a stream over the
+/// channels that fit works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_more_channels_than_a_cursor_holds_is_refused_at_once() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let http = reqwest::Client::new();
+    for i in 0..600 {
+        let url = format!("{}/v1/channels/q/{i}/messages", gw.http);
+        assert_eq!(http.post(url).body("x").send().await?.status(), 200);
+    }
+    // A cursor whose `since` is the beginning of time, naming no channel.
+    let since1 = switchboard_protocols::cursor::Cursor::new(1).encode();
+    for path in ["poll", "sse"] {
+        let started = Instant::now();
+        let resp = http.get(format!("{}/v1/{path}?channel=q/%23&cursor={since1}&timeout=0", gw.http)).send().await?;
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("too_many_subscriptions")), "{path}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap_or("").contains("cursor"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{path} took {:?}", started.elapsed());
+    }
+    // Fewer channels: the poll answers with every message and one cursor.
+    let q = format!("channel=q/1&channel=q/2&channel=q/3&cursor={since1}&timeout=0");
+    let resp = http.get(format!("{}/v1/poll?{q}", gw.http)).send().await?;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(3), "{body}");
+    assert!(body["cursor"].as_str().is_some_and(|c| !c.is_empty()), "{body}");
+    Ok(())
+}
+
 /// A TCP connection from `local` (another loopback address is another
 /// client IP) to `addr`.
 async fn tcp_from(local: IpAddr, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
@@ -491,6 +572,49 @@ async fn new_connections_per_second_are_refused_and_established_ones_go_on() -> 
     assert_eq!(first.messages(kept.len()).await?.len(), kept.len());
     let n = metric(&gw, "switchboard_connections_refused_total", &[("reason", "rate")]).await?;
     assert!(n >= 3.0, "refusals counted: {n}");
+    Ok(())
+}
+
+/// #13 item 8: one IP churning connections spends its own rate, not the
+/// node's, so another IP still gets in (before the fix the churner drained
+/// the node-wide bucket and every other IP got 429 / an MQTT close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ip_churning_connections_does_not_lock_out_another() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.limits.new_connections_per_sec = 0.5;
+        cfg.limits.new_connections_burst = 8.0;
+        cfg.limits.new_connections_per_ip_per_sec = 0.5;
+        cfg.limits.new_connections_per_ip_burst = 3.0;
+    })
+    .await?;
+    let churner: IpAddr = "127.0.0.2".parse()?;
+    let here: IpAddr = "127.0.0.1".parse()?;
+    let before = metric(&gw, "switchboard_connections_refused_total", &[("reason", "ip_rate")]).await?;
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..20 {
+        match ws_from(churner, &gw, &format!("churn{i}")).await {
+            Ok(ws) => {
+                ok += 1;
+                drop(ws); // and away again
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("429"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ok, refused), (3, 17), "the churner gets its own burst, then its own rate");
+    // 127.0.0.1 still connects, on WebSocket, MQTT and REST.
+    let mut a = WsClient::connect(&gw.ws, Codec::Json, "a").await?;
+    a.subscribe_to("churn/#").await?;
+    let mut m = Mqtt::connect(gw.mqtt, Ver::V5, "m").await?;
+    m.publish_ok("churn/mqtt", 1, "in").await?;
+    let resp = http_from(here)?.post(format!("{}/v1/channels/churn/rest/messages", gw.http)).body("in").send().await?;
+    assert_eq!(resp.status(), 200);
+    let got: Vec<String> = a.messages(2).await?.into_iter().map(|e| e.channel).collect();
+    assert_eq!(got, ["churn/mqtt", "churn/rest"]);
+    let after = metric(&gw, "switchboard_connections_refused_total", &[("reason", "ip_rate")]).await?;
+    assert_eq!(after - before, 17.0, "per-IP refusals counted as ip_rate");
     Ok(())
 }
 

@@ -72,6 +72,10 @@ pub struct RouterLimits {
     pub publish_rate: f64,
     /// Publishes a session may send at once before the rate applies.
     pub publish_burst: f64,
+    /// How far back a caller without the `history` capability may recover
+    /// (from a position) or resume (by time): older messages need
+    /// `history` (see [`Engine::subscribe`]).
+    pub recovery_window: std::time::Duration,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up. Time is
@@ -88,6 +92,11 @@ impl TokenBucket {
     /// A full bucket at `now`.
     pub fn new(rate: f64, burst: f64, now: std::time::Instant) -> Self {
         TokenBucket { rate, burst, tokens: burst, last: now }
+    }
+
+    /// How long since the bucket was last used.
+    pub fn idle_for(&self, now: std::time::Instant) -> std::time::Duration {
+        now.saturating_duration_since(self.last)
     }
 
     /// Takes one token if there is one (always, when `rate` is 0).
@@ -116,6 +125,7 @@ impl Default for RouterLimits {
             write_delay: std::time::Duration::ZERO,
             publish_rate: 1000.0,
             publish_burst: 10_000.0,
+            recovery_window: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -397,6 +407,21 @@ impl Router {
             .ok_or_else(|| CoreError::new(ErrorCode::NotConnected, "session is closed"))
     }
 
+    /// The oldest message a subscribe may replay by position or by time:
+    /// none for a caller with `history` on the filter, and for MQTT (its
+    /// positions come from the server's own session store, never from the
+    /// client); `recovery_window` back from `now` for everyone else.
+    fn history_floor(&self, session: SessionId, req: &proto::Subscribe, now: i64) -> Result<Option<i64>, CoreError> {
+        if req.positions.is_empty() && req.since_ms == 0 {
+            return Ok(None);
+        }
+        let entry = self.entry(session)?;
+        if entry.caller.protocol == proto::Protocol::Mqtt || entry.rights.lock().caps.allows(Op::History, &req.filter) {
+            return Ok(None);
+        }
+        Ok(Some(now.saturating_sub(self.limits.recovery_window.as_millis() as i64)))
+    }
+
     /// Refuses `op` on `what` unless `caps` grant it.
     pub fn require(caps: &Caps, op: Op, what: &str) -> Result<(), CoreError> {
         if caps.allows(op, what) {
@@ -624,8 +649,9 @@ impl Core for Router {
                 Self::require(&s.caps, Op::Presence, inner)?;
             }
             // Rewind reads what was published before the client came: that
-            // is history. Recovery from a position (what this client missed)
-            // and retained values are part of subscribing.
+            // is history. Recovery from a position or by time (what this
+            // client missed) and retained values are part of subscribing,
+            // within the recovery window; older messages are history.
             if req.rewind.is_some_and(|r| r.count > 0 || r.duration_ms > 0) {
                 Self::require(&s.caps, Op::History, &req.filter)?;
             }
@@ -637,7 +663,16 @@ impl Core for Router {
                 ));
             }
         }
-        let outcome = self.engine.subscribe(session, &req, now_ms()).await?;
+        let now = now_ms();
+        let history_floor = self.history_floor(session, &req, now)?;
+        let outcome = self.engine.subscribe(session, &req, history_floor, now).await.inspect_err(|e| {
+            // Only the node-wide cap on shared groups says this here.
+            if e.code == ErrorCode::TooManySubscriptions
+                && let Ok(s) = self.entry(session)
+            {
+                limit_exceeded("shared_groups", s.caller.protocol, &s.caller.client_id);
+            }
+        })?;
         if let Ok(s) = self.entry(session) {
             s.rights.lock().filters.insert(req.filter);
         }

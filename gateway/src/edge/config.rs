@@ -127,6 +127,12 @@ pub struct LimitsConfig {
     pub new_connections_per_sec: f64,
     /// New connections accepted at once before the rate applies.
     pub new_connections_burst: f64,
+    /// New connections per second from one IP (0 = unlimited), with
+    /// `new_connections_per_ip_burst`; counted before the node-wide rate,
+    /// so one IP over it does not use up the others' admissions.
+    pub new_connections_per_ip_per_sec: f64,
+    /// New connections one IP may open at once before its rate applies.
+    pub new_connections_per_ip_burst: f64,
     /// Bytes a session's outbound queue may hold.
     pub outbox_bytes: usize,
     /// Write coalescing: after a delivery is queued, a connection waits this
@@ -139,6 +145,9 @@ pub struct LimitsConfig {
     pub max_body_size: usize,
     /// Most `channel=` filters in one SSE stream or long poll.
     pub max_stream_channels: usize,
+    /// Most MQTT 5 shared subscription groups on the node (a connection's
+    /// own are bounded by `max_subscriptions`).
+    pub max_shared_groups: usize,
     /// Longest SSE / long-poll query string (or POST /v1/poll body) in bytes.
     pub max_query_len: usize,
 }
@@ -154,10 +163,13 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 10_000,
             new_connections_per_sec: 5_000.0,
             new_connections_burst: 10_000.0,
+            new_connections_per_ip_per_sec: 1_000.0,
+            new_connections_per_ip_burst: 2_000.0,
             outbox_bytes: 1024 * 1024,
             write_delay: Duration::ZERO,
             max_body_size: 1024 * 1024,
             max_stream_channels: 64,
+            max_shared_groups: 10_000,
             max_query_len: 8192,
         }
     }
@@ -345,6 +357,14 @@ pub struct ChannelsConfig {
     pub presence_max_members: usize,
     /// Largest history page.
     pub history_page_max: usize,
+    /// Largest history page in bytes (envelopes as stored; a page holds one
+    /// message at least).
+    pub history_page_bytes: usize,
+    /// How far back a client whose token lacks the `history` capability
+    /// may recover from a position or resume by time; older messages are a
+    /// `not_granted` gap for it.
+    #[serde(deserialize_with = "de_duration")]
+    pub recovery_window: Duration,
     /// Per-pattern overrides, first match wins.
     pub rules: Vec<ChannelRuleConfig>,
 }
@@ -359,6 +379,8 @@ impl Default for ChannelsConfig {
             presence_grace: Duration::from_secs(5),
             presence_max_members: 10_000,
             history_page_max: 1000,
+            history_page_bytes: 1024 * 1024,
+            recovery_window: Duration::from_secs(120),
             rules: Vec::new(),
         }
     }
@@ -759,6 +781,14 @@ impl Config {
         {
             return bad("limits.new_connections_per_sec must be >= 0 and limits.new_connections_burst >= 1".into());
         }
+        if !(l.new_connections_per_ip_per_sec >= 0.0 && l.new_connections_per_ip_per_sec.is_finite())
+            || (l.new_connections_per_ip_per_sec > 0.0 && l.new_connections_per_ip_burst < 1.0)
+        {
+            return bad(
+                "limits.new_connections_per_ip_per_sec must be >= 0 and limits.new_connections_per_ip_burst >= 1"
+                    .into(),
+            );
+        }
         if l.max_subscriptions == 0 {
             return bad("limits.max_subscriptions must be at least 1".into());
         }
@@ -865,6 +895,8 @@ impl Config {
             presence_grace: c.presence_grace,
             presence_max_members: c.presence_max_members,
             history_page_max: c.history_page_max,
+            history_page_bytes: c.history_page_bytes,
+            max_shared_groups: self.limits.max_shared_groups,
             ..EngineConfig::default()
         }
     }
@@ -878,6 +910,7 @@ impl Config {
             write_delay: self.limits.write_delay,
             publish_rate: self.limits.publish_rate,
             publish_burst: self.limits.publish_burst,
+            recovery_window: self.channels.recovery_window,
         }
     }
 }

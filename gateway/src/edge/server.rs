@@ -23,7 +23,7 @@ use crate::core::engine::disk::DiskStore;
 use crate::core::engine::local::LocalEngine;
 use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
 use crate::core::router::Router;
-use crate::edge::admission::{Admission, Refusal, Ticket};
+use crate::edge::admission::{Admission, Rates, Refusal, Ticket};
 use crate::edge::config::Config;
 use crate::edge::front;
 use crate::edge::http::{HttpShared, HttpState};
@@ -126,7 +126,15 @@ impl Gateway {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
         let l = &config.limits;
-        let admission = Admission::new(l.max_connections_per_ip, l.new_connections_per_sec, l.new_connections_burst);
+        let admission = Admission::new(
+            l.max_connections_per_ip,
+            Rates {
+                rate: l.new_connections_per_sec,
+                burst: l.new_connections_burst,
+                ip_rate: l.new_connections_per_ip_per_sec,
+                ip_burst: l.new_connections_per_ip_burst,
+            },
+        );
 
         let tls = match config.tls_needed() {
             true => Some(TlsState::new(&config.tls, config.dev).map_err(|e| ServerError::Config(e.to_string()))?),

@@ -30,6 +30,7 @@ mod auth;
 mod auth_matrix;
 mod bad_input;
 mod fanout;
+mod history_policy;
 mod idempotency;
 mod mqtt;
 mod mqtt_bad_input;

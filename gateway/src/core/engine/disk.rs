@@ -269,7 +269,11 @@ impl Factory for FloorFilter {
 }
 
 impl CompactionFilter for FloorFilter {
-    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> fjall::compaction::filter::CompactionFilterResult {
+    fn filter_item(
+        &mut self,
+        item: ItemAccessor<'_>,
+        _: &Context,
+    ) -> fjall::compaction::filter::CompactionFilterResult {
         // A message key is written once and never deleted, so dropping it
         // needs no tombstone.
         Ok(if self.0.drops(item.key()) { Verdict::Destroy } else { Verdict::Keep })
@@ -493,7 +497,9 @@ impl DiskStore {
             ));
         }
         let next_key = match store.node.get(NEXT_KEY) {
-            Ok(Some(v)) => v.as_ref().try_into().map(u64::from_le_bytes).map_err(|_| store.corrupt("next store key"))?,
+            Ok(Some(v)) => {
+                v.as_ref().try_into().map(u64::from_le_bytes).map_err(|_| store.corrupt("next store key"))?
+            }
             Ok(None) => 1,
             Err(e) => return Err(store.corrupt(format!("next store key: {e}"))),
         };
@@ -935,10 +941,7 @@ impl DiskStore {
     }
 
     fn messages_of(&self, key: u64) -> Vec<u64> {
-        self.messages
-            .prefix(key.to_le_bytes())
-            .map(|kv| split_message_key(&kv.key().unwrap()).unwrap().1)
-            .collect()
+        self.messages.prefix(key.to_le_bytes()).map(|kv| split_message_key(&kv.key().unwrap()).unwrap().1).collect()
     }
 
     /// Flushes the messages and compacts them into one run, as fjall

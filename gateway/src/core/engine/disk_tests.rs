@@ -4,7 +4,6 @@
 
 use super::*;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
@@ -337,9 +336,8 @@ fn trimming_by_count_and_age_happens_on_disk() {
 
     let (store, recovery) = open(&o);
     let e = LocalEngine::with_store(cfg.clone(), store.clone(), recovery, T0 + 2_001).unwrap();
-    let serials = |ch: &str| -> Vec<u64> {
-        history(&e, ch, T0 + 2_001).messages.iter().map(|m| m.serial).collect::<Vec<_>>()
-    };
+    let serials =
+        |ch: &str| -> Vec<u64> { history(&e, ch, T0 + 2_001).messages.iter().map(|m| m.serial).collect::<Vec<_>>() };
     assert_eq!(serials("count/a"), vec![8, 9, 10], "count: the last three come back");
     assert_eq!(serials("age/a"), vec![11], "age: only the message younger than a second comes back");
     assert_eq!(history(&e, "count/a", T0 + 2_001).serial, 10, "the position is kept");

@@ -148,15 +148,23 @@ impl Hub {
         Ok(())
     }
 
-    /// Joins the shared group `$share/{group}/{inner}` (`filter` whole).
+    /// Joins the shared group `$share/{group}/{inner}` (`filter` whole),
+    /// creating it unless the node already holds `max_groups`.
     pub fn subscribe_shared(
         &mut self,
         session: SessionId,
         filter: &str,
-        group: &str,
-        inner: &str,
+        (group, inner): (&str, &str),
         no_local: bool,
+        max_groups: usize,
     ) -> Result<(), CoreError> {
+        let is_new = !self.shared_keys.contains_key(&(group.to_string(), inner.to_string()));
+        if is_new && self.shared_keys.len() >= max_groups {
+            return Err(CoreError::new(
+                ErrorCode::TooManySubscriptions,
+                format!("the node holds its maximum of {max_groups} shared subscription groups"),
+            ));
+        }
         let s = self.sessions.get_mut(&session).ok_or_else(not_connected)?;
         let sub = Sub { outbox: s.outbox.clone(), no_local };
         s.filters.insert(filter.to_string());

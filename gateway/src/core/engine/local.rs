@@ -250,6 +250,40 @@ pub struct LocalEngine {
     store: Option<Arc<DiskStore>>,
 }
 
+/// What one subscribe covers: its filter, its presence companion, and the
+/// oldest message it may replay (see [`Engine::subscribe`]).
+#[derive(Clone, Copy)]
+struct Scope<'a> {
+    filter: &'a str,
+    companion: Option<&'a str>,
+    history_floor: Option<i64>,
+}
+
+/// Splits a replay at `floor`: what is older is announced as a gap with
+/// reason `not_granted` (from `from`, to the newest message held back) and
+/// left out; the rest is returned.
+fn not_granted_before(
+    floor: i64,
+    channel: &str,
+    from: Option<proto::Position>,
+    epoch: &str,
+    replay: Vec<Arc<Delivery>>,
+    out: &mut SubscribeOutcome,
+) -> Vec<Arc<Delivery>> {
+    let held = replay.iter().take_while(|d| d.envelope.timestamp < floor).count();
+    if held == 0 {
+        return replay;
+    }
+    let last = replay[held - 1].envelope.serial;
+    out.replay.push(Outbound::Gap(proto::Gap {
+        channel: channel.to_string(),
+        from,
+        to: Some(proto::Position { epoch: epoch.to_string(), serial: last }),
+        reason: "not_granted".into(),
+    }));
+    replay.into_iter().skip(held).collect()
+}
+
 /// The order in which a subscribe locks several channels: a channel
 /// before its presence companion (presence changes lock them in that
 /// order), otherwise by name.
@@ -352,9 +386,8 @@ impl LocalEngine {
             return Ok(());
         };
         let key = ch.stored.as_ref().map_or(0, |(k, _)| *k);
-        let history = store
-            .load_history(name, key, ch.first_serial, ch.policy.history_size, &ch.epoch)
-            .map_err(|e| {
+        let history =
+            store.load_history(name, key, ch.first_serial, ch.policy.history_size, &ch.epoch).map_err(|e| {
                 tracing::error!(channel = name, error = %e, "cannot read a channel's history");
                 storage_error(e)
             })?;
@@ -663,17 +696,34 @@ impl LocalEngine {
 }
 
 impl LocalEngine {
-    /// Subscribes (see [`Engine::subscribe`]). The router validated the filter.
+    /// Subscribes with no history floor (see [`Engine::subscribe`]).
     pub fn subscribe(
         &self,
         session: SessionId,
         req: &proto::Subscribe,
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
+        self.subscribe_with(session, req, None, now)
+    }
+
+    /// Subscribes (see [`Engine::subscribe`]). The router validated the filter.
+    pub fn subscribe_with(
+        &self,
+        session: SessionId,
+        req: &proto::Subscribe,
+        history_floor: Option<i64>,
+        now: i64,
+    ) -> Result<SubscribeOutcome, CoreError> {
         if let Some((group, inner)) = channel::parse_shared(&req.filter) {
             // Shared subscriptions get no replay (MQTT 5 sends no retained
             // messages to them; recovery belongs to one member, not a group).
-            self.hub.write().subscribe_shared(session, &req.filter, group, inner, req.no_local)?;
+            self.hub.write().subscribe_shared(
+                session,
+                &req.filter,
+                (group, inner),
+                req.no_local,
+                self.cfg.max_shared_groups,
+            )?;
             return Ok(SubscribeOutcome {
                 subscribed: proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
                 replay: Vec::new(),
@@ -762,24 +812,24 @@ impl LocalEngine {
             if !scan {
                 drop(map);
             }
-            let out = self.subscribe_locked(session, req, filter, companion.as_deref(), &targets, &mut guards, now)?;
+            let scope = Scope { filter, companion: companion.as_deref(), history_floor };
+            let out = self.subscribe_locked(session, req, &scope, &targets, &mut guards, now)?;
             return Ok(out);
         }
     }
 
     /// Validates positions against the locked channels, computes each
     /// channel's state and replay, and registers the subscription.
-    #[allow(clippy::too_many_arguments)]
     fn subscribe_locked(
         &self,
         session: SessionId,
         req: &proto::Subscribe,
-        filter: &str,
-        companion: Option<&str>,
+        scope: &Scope<'_>,
         targets: &[(String, Arc<Cell>)],
         guards: &mut [Guard],
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
+        let Scope { filter, companion, history_floor } = *scope;
         for ((name, _), ch) in targets.iter().zip(guards.iter()) {
             if let Some(pos) = req.positions.get(name)
                 && ch.epoch.as_ref() == pos.epoch
@@ -819,6 +869,9 @@ impl LocalEngine {
                         state.recovered = true;
                         want_retained = false;
                         replay = msgs;
+                        if let Some(floor) = history_floor {
+                            replay = not_granted_before(floor, name, Some(pos.clone()), &ch.epoch, replay, &mut out);
+                        }
                     }
                     None => {
                         let reason = if pos.epoch == ch.epoch.as_ref() { "trimmed" } else { "epoch_changed" };
@@ -844,6 +897,13 @@ impl LocalEngine {
                     }));
                 } else {
                     replay = ch.history.iter().filter(|d| d.envelope.timestamp >= since).cloned().collect();
+                    if let Some(floor) = history_floor.filter(|f| *f > since) {
+                        // What was accepted between `since` and the floor,
+                        // history holds but this caller may not read.
+                        if replay.first().is_some_and(|d| d.envelope.timestamp < floor) {
+                            replay = not_granted_before(floor, name, None, &ch.epoch, replay, &mut out);
+                        }
+                    }
                 }
             } else if let Some(rw) = rewind {
                 let min_ts = if rw.duration_ms > 0 { now.saturating_sub(rw.duration_ms as i64) } else { i64::MIN };
@@ -1052,10 +1112,18 @@ impl LocalEngine {
         };
         let limit = if req.limit == 0 { page_max } else { (req.limit as usize).min(page_max) };
         let range = ch.history.iter().filter(|d| d.envelope.serial > since);
+        // At most `history_page_bytes` of envelopes, but never an empty page
+        // while messages remain (so paging always moves on).
+        let mut bytes = 0;
+        let fits = |d: &&Arc<Delivery>| {
+            let first = bytes == 0;
+            bytes += prost::Message::encoded_len(&d.envelope);
+            first || bytes <= self.cfg.history_page_bytes
+        };
         let messages: Vec<proto::Envelope> = if req.reverse {
-            range.rev().take(limit).map(|d| d.envelope.clone()).collect()
+            range.rev().take(limit).take_while(fits).map(|d| d.envelope.clone()).collect()
         } else {
-            range.take(limit).map(|d| d.envelope.clone()).collect()
+            range.take(limit).take_while(fits).map(|d| d.envelope.clone()).collect()
         };
         Ok(proto::HistoryResult {
             channel: req.channel.clone(),
@@ -1150,9 +1218,10 @@ impl Engine for LocalEngine {
         &self,
         session: SessionId,
         req: &proto::Subscribe,
+        history_floor_ms: Option<i64>,
         now_ms: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        LocalEngine::subscribe(self, session, req, now_ms)
+        LocalEngine::subscribe_with(self, session, req, history_floor_ms, now_ms)
     }
 
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {

@@ -1502,3 +1502,31 @@ fn a_held_channel_does_not_hold_up_another() {
     drop(held);
     other.join().unwrap();
 }
+
+/// #13 item 4: a history page is bounded in bytes as well as in count
+/// (one message at least, so paging with `since` always moves on).
+#[test]
+fn history_pages_are_bounded_in_bytes() {
+    let st = state();
+    let big = "x".repeat(300 * 1024);
+    for _ in 0..10 {
+        publish(&st, "big", &big, T0);
+    }
+    let page = |since: u64| {
+        let req = proto::History {
+            channel: "big".into(),
+            since: (since > 0).then(|| pos(&history(&st, "big", T0).epoch, since)),
+            ..Default::default()
+        };
+        st.history(&req, T0).expect("history").messages.iter().map(|m| m.serial).collect::<Vec<_>>()
+    };
+    assert_eq!(page(0), [1, 2, 3], "1 MiB holds three 300 KiB messages");
+    assert_eq!(page(3), [4, 5, 6]);
+    assert_eq!(page(9), [10]);
+    // A single message over the byte bound still comes, alone.
+    let huge = "y".repeat(1_200 * 1024);
+    publish(&st, "huge", &huge, T0);
+    publish(&st, "huge", &huge, T0);
+    let req = proto::History { channel: "huge".into(), ..Default::default() };
+    assert_eq!(st.history(&req, T0).expect("history").messages.len(), 1);
+}

@@ -89,8 +89,13 @@ pub struct EngineConfig {
     /// How long an empty, inactive channel keeps its position (so a caught-up
     /// client still recovers without a false gap).
     pub idle_channel_ttl: Duration,
-    /// Largest history page.
+    /// Largest history page, in messages.
     pub history_page_max: usize,
+    /// Largest history page, in bytes of envelopes (one message at least).
+    pub history_page_bytes: usize,
+    /// Most MQTT 5 shared subscription groups on the node (each distinct
+    /// `$share/{group}/{filter}`; joining an existing group is not limited).
+    pub max_shared_groups: usize,
 }
 
 impl Default for EngineConfig {
@@ -105,6 +110,8 @@ impl Default for EngineConfig {
             presence_max_members: 10_000,
             idle_channel_ttl: Duration::from_secs(3600),
             history_page_max: 1000,
+            history_page_bytes: 1024 * 1024,
+            max_shared_groups: 10_000,
         }
     }
 }
@@ -143,11 +150,16 @@ pub trait Engine: Send + Sync + 'static {
     fn detach(&self, session: SessionId, kind: CloseKind, now_ms: i64);
     /// Sequences, dedupes, stores and fans out one publication.
     async fn publish(&self, caller: &Caller, req: proto::Publish, now_ms: i64) -> Result<proto::PublishAck, CoreError>;
-    /// Registers a subscription and computes what to replay first.
+    /// Registers a subscription and computes what to replay first. With a
+    /// `history_floor_ms` (the caller may not read history), recovery from
+    /// a position and resume by time replay nothing older than it: what
+    /// they would have replayed before it becomes a gap with reason
+    /// `not_granted`.
     async fn subscribe(
         &self,
         session: SessionId,
         req: &proto::Subscribe,
+        history_floor_ms: Option<i64>,
         now_ms: i64,
     ) -> Result<SubscribeOutcome, CoreError>;
     /// Removes a subscription (and its presence companion).

@@ -93,7 +93,9 @@ pub(super) fn json_payload(
 pub(super) async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     let limit = state.config.limits.max_body_size;
     match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
+        // Copied out: hyper's chunk is a slice of the connection's read
+        // buffer, which history would otherwise keep whole with the message.
+        Ok(b) => Ok(Bytes::copy_from_slice(&b.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let message = format!("request body over {limit} bytes");
             http_limit_exceeded("body_size", &message);
