@@ -4,7 +4,6 @@
 
 use super::*;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
