@@ -44,6 +44,20 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// A string or a list of strings (`audience = "a"` or `["a", "b"]`).
+fn de_one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// `[node]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -406,6 +420,12 @@ pub struct AuthSection {
     /// (mTLS) and send no token; `{client_id}` in a pattern stands for the
     /// certificate's id. Empty: a certificate identifies, a token authorizes.
     pub cert_caps: std::collections::BTreeMap<String, crate::core::auth::OpsSpec>,
+    /// The audiences this gateway answers to (one string or a list): a
+    /// token with an `aud` claim is accepted only when one of its values is
+    /// here. Empty: tokens with an `aud` are refused. Tokens without `aud`
+    /// are accepted either way.
+    #[serde(deserialize_with = "de_one_or_many")]
+    pub audience: Vec<String>,
 }
 
 impl Default for AuthSection {
@@ -416,6 +436,7 @@ impl Default for AuthSection {
             jwks_file: String::new(),
             keys: Vec::new(),
             cert_caps: Default::default(),
+            audience: Vec::new(),
         }
     }
 }
@@ -429,6 +450,7 @@ impl AuthSection {
         let jwks = (!self.jwks_file.is_empty()).then(|| Path::new(&self.jwks_file));
         crate::core::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
             .and_then(|v| v.with_cert_caps(self.cert_caps.clone()))
+            .and_then(|v| v.with_audience(self.audience.clone()))
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
     }

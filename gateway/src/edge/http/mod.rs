@@ -33,7 +33,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use crate::core::auth::Caps;
+use crate::core::auth::{Caps, Op};
 use crate::core::engine::Caller;
 use crate::core::router::Router;
 use crate::edge::config::Config;
