@@ -265,3 +265,51 @@ pub async fn handle(
     };
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Who asks, with which headers, and the answer.
+    type Case<'a> = (&'a AdminAccess, &'a [(&'a str, &'a str)], Result<(), AdminRefusal>);
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::post("/v1/sessions/1/close");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn the_module_table_holds() {
+        let addr: SocketAddr = "127.0.0.1:9090".parse().expect("address");
+        let open = AdminAccess::new("", addr);
+        let locked = AdminAccess::new("a-token-of-16-bytes", addr);
+        use AdminRefusal::*;
+        let cases: [Case<'_>; 14] = [
+            (&open, &[], Ok(())),
+            (&open, &[("host", "127.0.0.1:9090")], Ok(())),
+            (&open, &[("host", "localhost:9090"), ("origin", "http://localhost:9090")], Ok(())),
+            (&open, &[("host", "[::1]:9090"), ("origin", "http://[::1]:9090")], Ok(())),
+            (&open, &[("host", "evil.example:9090")], Err(ForbiddenHost)),
+            (&open, &[("host", "127.0.0.1:9091")], Err(ForbiddenHost)),
+            (&open, &[("host", "127.0.0.1:9090"), ("origin", "https://evil.example")], Err(ForbiddenOrigin)),
+            (&open, &[("host", "127.0.0.1:9090"), ("origin", "http://localhost:9090")], Err(ForbiddenOrigin)),
+            (&open, &[("origin", "http://127.0.0.1:9090")], Ok(())),
+            (&open, &[("origin", "null")], Err(ForbiddenOrigin)),
+            (&locked, &[("host", "admin.internal:9090")], Err(Unauthorized)),
+            (&locked, &[("authorization", "Bearer a-token-of-16-bytez")], Err(Unauthorized)),
+            (&locked, &[("host", "admin.internal:9090"), ("authorization", "Bearer a-token-of-16-bytes")], Ok(())),
+            (
+                &locked,
+                &[("authorization", "Bearer a-token-of-16-bytes"), ("host", "a:1"), ("origin", "http://b:1")],
+                Err(ForbiddenOrigin),
+            ),
+        ];
+        for (access, headers, want) in cases {
+            assert_eq!(access.check(&request(headers)), want, "{headers:?}");
+        }
+        assert!(same_secret(b"abc", b"abc") && !same_secret(b"abc", b"abd") && !same_secret(b"abc", b"abcd"));
+    }
+}
