@@ -108,6 +108,17 @@ fn check_validates_configs() {
     std::fs::write(&bad, "insecure = true\n[listen]\nhttp = \"0.0.0.0:0\"\n").expect("write");
     let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);
     assert!(ok, "insecure = true accepts the risk: {err}");
+    // The admin API off loopback needs a token; insecure does not lift that.
+    let exposed = "insecure = true\n[listen]\nadmin = \"0.0.0.0:9090\"\n";
+    std::fs::write(&bad, exposed).expect("write");
+    let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);
+    assert!(!ok && err.contains("listen.admin") && err.contains("[admin] token"), "{err}");
+    std::fs::write(&bad, format!("{exposed}[admin]\ntoken = \"an-admin-token-0123456789\"\n")).expect("write");
+    let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);
+    assert!(ok, "a token guards the admin API: {err}");
+    std::fs::write(&bad, "[http]\nallowed_origins = [\"app.example.com\"]\n").expect("write");
+    let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);
+    assert!(!ok && err.contains("http.allowed_origins"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -9,6 +9,7 @@ pub mod cursor;
 pub mod deadline;
 mod frames;
 pub mod mqtt;
+pub mod origin;
 pub mod poll;
 pub mod port;
 pub mod sse;

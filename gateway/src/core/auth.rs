@@ -13,7 +13,10 @@
 //! `kid` picks the key (several keys allow rotation), the key's configured
 //! algorithm must be the header's (so an RSA public key can never be used
 //! as an HMAC secret, and `alg: none` is never accepted), and `exp` is
-//! required. [`Caps`] answers "may this client do `op` on this channel or
+//! required. A token with an `aud` claim is accepted only when one of its
+//! values is a configured audience (`[auth] audience`; none configured:
+//! every token with `aud` is refused, as meant for another service); a
+//! token without `aud` is accepted either way. [`Caps`] answers "may this client do `op` on this channel or
 //! filter" — the same answer for every protocol, asked by the router.
 //!
 //! Capability rules:
@@ -218,6 +221,25 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     caps: BTreeMap<String, OpsSpec>,
+    #[serde(default)]
+    aud: Option<Audience>,
+}
+
+/// An `aud` claim: one string or a list (RFC 7519 §4.1.3).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn values(&self) -> &[String] {
+        match self {
+            Audience::One(a) => std::slice::from_ref(a),
+            Audience::Many(v) => v,
+        }
+    }
 }
 
 /// One verification key from configuration. Exactly one of the key sources
@@ -265,12 +287,19 @@ pub struct Verifier {
     /// Caps of devices authenticated by a client certificate alone, with
     /// `{client_id}` in patterns standing for the certificate's id.
     cert_caps: BTreeMap<String, OpsSpec>,
+    /// The audiences this gateway answers to; a token's `aud` must name
+    /// one (empty: a token with `aud` is refused).
+    audience: Vec<String>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kids: Vec<_> = self.keys.iter().map(|k| (k.kid.clone(), k.alg)).collect();
-        f.debug_struct("Verifier").field("keys", &kids).field("leeway", &self.leeway).finish()
+        f.debug_struct("Verifier")
+            .field("keys", &kids)
+            .field("leeway", &self.leeway)
+            .field("audience", &self.audience)
+            .finish()
     }
 }
 
@@ -350,7 +379,7 @@ impl Verifier {
         if out.is_empty() {
             return Err(AuthError::Config("token auth needs at least one key".into()));
         }
-        Ok(Verifier { keys: out, leeway: leeway_secs, cert_caps: BTreeMap::new() })
+        Ok(Verifier { keys: out, leeway: leeway_secs, cert_caps: BTreeMap::new(), audience: Vec::new() })
     }
 
     /// The clock skew tolerated on `exp` and `nbf`, seconds: a token is
@@ -368,6 +397,18 @@ impl Verifier {
         Ok(self)
     }
 
+    /// Sets the audiences this gateway answers to (`[auth] audience`): a
+    /// token with an `aud` claim is accepted only when one of its values is
+    /// among them. Without any, tokens with `aud` are refused (they were
+    /// minted for some other service). Tokens without `aud` are unaffected.
+    pub fn with_audience(mut self, audience: Vec<String>) -> Result<Verifier, AuthError> {
+        if audience.iter().any(|a| a.is_empty()) {
+            return Err(AuthError::Config("an audience must not be empty".into()));
+        }
+        self.audience = audience;
+        Ok(self)
+    }
+
     /// The caps of a certificate-authenticated device, or `None` when
     /// certificates alone do not authorize (`auth.cert_caps` empty). The id
     /// cannot widen a pattern: certificate ids never hold `+`, `#` or `/`.
@@ -380,8 +421,27 @@ impl Verifier {
         Some(Caps::from_claim(&claim))
     }
 
+    /// A token's `aud` must name one of the configured audiences (RFC 7519
+    /// §4.1.3: a recipient that does not identify itself with a value of a
+    /// present `aud` must refuse the token).
+    fn check_audience(&self, aud: &[String]) -> Result<(), AuthError> {
+        if self.audience.is_empty() {
+            return Err(AuthError::Claims(format!(
+                "the token is meant for audience {aud:?} and this gateway accepts tokens with an aud claim only when \
+                 [auth] audience names it"
+            )));
+        }
+        if !aud.iter().any(|a| self.audience.contains(a)) {
+            return Err(AuthError::Claims(format!(
+                "the token is meant for audience {aud:?}, which is not one [auth] audience accepts"
+            )));
+        }
+        Ok(())
+    }
+
     /// Verifies a token: signature with the key its `kid` names (and that
-    /// key's algorithm only), `exp` required, `nbf` honoured, claims parsed.
+    /// key's algorithm only), `exp` required, `nbf` honoured, `aud` (when
+    /// present) one of the configured audiences, claims parsed.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
@@ -406,11 +466,17 @@ impl Verifier {
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway;
+        // Checked below against `[auth] audience`, with an error that says
+        // what to configure (jsonwebtoken's says only "InvalidAudience").
+        validation.validate_aud = false;
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let c = data.claims;
         if c.sub.is_empty() || c.sub.len() > 256 {
             return Err(AuthError::Claims("sub must be 1..=256 bytes".into()));
+        }
+        if let Some(aud) = &c.aud {
+            self.check_audience(aud.values())?;
         }
         Ok(Principal { client_id: c.sub, caps: Caps::from_claim(&c.caps)?, expires_at: c.exp })
     }
@@ -574,6 +640,27 @@ mod tests {
         // HS token presented to an RS key slot: algorithm mismatch.
         let rs_header = format!("{}.{}.sig", b64(json!({"alg": "RS256", "kid": "k1"})), b64(ok));
         assert!(matches!(v.verify(&rs_header), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn audience_is_checked_against_the_configured_one() {
+        let claims = |aud: serde_json::Value| json!({"sub": "u", "exp": now() + 60, "aud": aud});
+        let none = hs_verifier();
+        let e = none.verify(&hs_token(Some("k1"), claims(json!("svc")), SECRET)).unwrap_err();
+        assert!(matches!(&e, AuthError::Claims(m) if m.contains("[auth] audience")), "{e}");
+        assert!(none.verify(&hs_token(Some("k1"), json!({"sub": "u", "exp": now() + 60}), SECRET)).is_ok());
+
+        let v = hs_verifier().with_audience(vec!["switchboard".into(), "rt".into()]).unwrap();
+        for ok in [json!("switchboard"), json!("rt"), json!(["other", "rt"])] {
+            assert!(v.verify(&hs_token(Some("k1"), claims(ok.clone()), SECRET)).is_ok(), "{ok}");
+        }
+        for bad in [json!("other"), json!(["a", "b"]), json!([]), json!("Switchboard")] {
+            let e = v.verify(&hs_token(Some("k1"), claims(bad.clone()), SECRET)).unwrap_err();
+            assert!(matches!(e, AuthError::Claims(_)), "{bad}: {e}");
+        }
+        assert!(matches!(v.verify(&hs_token(Some("k1"), claims(json!(7)), SECRET)), Err(AuthError::Invalid(_))));
+        assert!(v.verify(&hs_token(Some("k1"), json!({"sub": "u", "exp": now() + 60}), SECRET)).is_ok(), "no aud");
+        assert!(hs_verifier().with_audience(vec![String::new()]).is_err());
     }
 
     #[test]

@@ -44,6 +44,20 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// A string or a list of strings (`audience = "a"` or `["a", "b"]`).
+fn de_one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// `[node]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -428,6 +442,12 @@ pub struct AuthSection {
     /// (mTLS) and send no token; `{client_id}` in a pattern stands for the
     /// certificate's id. Empty: a certificate identifies, a token authorizes.
     pub cert_caps: std::collections::BTreeMap<String, crate::core::auth::OpsSpec>,
+    /// The audiences this gateway answers to (one string or a list): a
+    /// token with an `aud` claim is accepted only when one of its values is
+    /// here. Empty: tokens with an `aud` are refused. Tokens without `aud`
+    /// are accepted either way.
+    #[serde(deserialize_with = "de_one_or_many")]
+    pub audience: Vec<String>,
 }
 
 impl Default for AuthSection {
@@ -438,6 +458,7 @@ impl Default for AuthSection {
             jwks_file: String::new(),
             keys: Vec::new(),
             cert_caps: Default::default(),
+            audience: Vec::new(),
         }
     }
 }
@@ -451,6 +472,7 @@ impl AuthSection {
         let jwks = (!self.jwks_file.is_empty()).then(|| Path::new(&self.jwks_file));
         crate::core::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
             .and_then(|v| v.with_cert_caps(self.cert_caps.clone()))
+            .and_then(|v| v.with_audience(self.audience.clone()))
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
     }
@@ -463,6 +485,34 @@ pub struct RestConfig {
     /// Keys accepted in `X-Api-Key` for the REST API. Empty: open (dev).
     pub api_keys: Vec<String>,
 }
+
+/// `[http]`: what the browser-facing routes of the HTTP, HTTPS and QUIC
+/// listeners accept.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Pages (`Origin` values) allowed to use the WebSocket, MQTT over
+    /// WebSocket, SSE, long-poll, REST and WebTransport routes; see
+    /// `switchboard_protocols::origin` for the syntax (`https://app.example.com`,
+    /// `https://*.example.com`, `*`). Empty: any origin. Requests without
+    /// an `Origin` (clients that are not browsers) are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[admin]`: the admin API on the admin listener (`/v1/sessions`,
+/// `/v1/sessions/{id}/close`, `/v1/stats`; `/healthz`, `/readyz` and
+/// `/metrics` are always open).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Bearer token the admin API requires (`Authorization: Bearer
+    /// TOKEN`), at least 16 bytes. Empty: the admin API is open, which
+    /// `serve` and `check` allow on a loopback admin address only.
+    pub token: String,
+}
+
+/// Shortest admin token accepted.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 16;
 
 /// `[echo]`: the RFC 6455 conformance echo route `/v1/ws-echo`.
 #[derive(Debug, Clone, Deserialize)]
@@ -581,6 +631,10 @@ pub struct Config {
     pub auth: AuthSection,
     /// `[rest]`.
     pub rest: RestConfig,
+    /// `[http]`.
+    pub http: HttpSection,
+    /// `[admin]`.
+    pub admin: AdminSection,
     /// `[echo]`.
     pub echo: EchoConfig,
     /// `[shutdown]`.
@@ -715,12 +769,14 @@ impl Config {
     }
 
     /// Reads a file, applies the process environment's overrides, validates
-    /// (including [`Config::check_exposure`]).
+    /// (including [`Config::check_exposure`] and
+    /// [`Config::check_admin_exposure`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         let cfg = Self::from_toml(&text, std::env::vars())?;
         cfg.check_exposure()?;
+        cfg.check_admin_exposure()?;
         cfg.check_tls()?;
         Ok(cfg)
     }
@@ -835,6 +891,17 @@ impl Config {
             return bad("mqtt.max_queued_bytes must be at least mqtt.max_packet_size".into());
         }
         self.auth.verifier()?;
+        if self.auth.audience.iter().any(|a| a.trim().is_empty()) {
+            return bad("auth.audience must not hold an empty string".into());
+        }
+        self.origin_policy()?;
+        let token = &self.admin.token;
+        if !token.is_empty() && (token.len() < ADMIN_TOKEN_MIN_LEN || token.trim() != token) {
+            return bad(format!(
+                "admin.token must be at least {ADMIN_TOKEN_MIN_LEN} bytes without surrounding spaces (or empty: no \
+                 admin API authentication, loopback only)"
+            ));
+        }
         if self.node.name.is_empty() || self.node.name.len() > 64 {
             return bad("node.name must be 1..=64 bytes".into());
         }
@@ -865,6 +932,30 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a non-loopback admin listener without `[admin] token`: the
+    /// admin API lists every session and closes any, so whoever can reach
+    /// the address could. `insecure` does not lift this; a token is one
+    /// line of configuration.
+    pub fn check_admin_exposure(&self) -> Result<(), ConfigError> {
+        let addr = &self.listen.admin;
+        let Ok(a) = addr.parse::<SocketAddr>() else { return Ok(()) };
+        if self.admin.token.is_empty() && !a.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "listen.admin = {addr:?} is not a loopback address and [admin] token is not set: anyone who can \
+                 reach it could list and close every session. Set [admin] token (or SWITCHBOARD_ADMIN__TOKEN) to a \
+                 secret of at least {ADMIN_TOKEN_MIN_LEN} bytes, or bind the admin listener to loopback"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `Origin` allow-list of the browser-facing routes (`[http]
+    /// allowed_origins`).
+    pub fn origin_policy(&self) -> Result<switchboard_protocols::origin::OriginPolicy, ConfigError> {
+        switchboard_protocols::origin::OriginPolicy::new(&self.http.allowed_origins)
+            .map_err(|e| ConfigError::Invalid(format!("http.allowed_origins: {e}")))
     }
 
     /// The engine's configuration.
@@ -1006,6 +1097,50 @@ mod tests {
         let cfg = Config::from_toml(&format!("{exposed}{token}"), Vec::new()).unwrap();
         assert!(cfg.check_exposure().is_ok());
         assert!(Config::from_toml("", Vec::new()).unwrap().check_exposure().is_ok(), "loopback defaults are fine");
+    }
+
+    #[test]
+    fn a_non_loopback_admin_listener_needs_a_token() {
+        let exposed = "[listen]\nadmin = \"0.0.0.0:9090\"\n";
+        let e = Config::from_toml(exposed, Vec::new()).unwrap().check_admin_exposure().unwrap_err().to_string();
+        assert!(e.contains("listen.admin") && e.contains("[admin] token"), "{e}");
+        let cfg = Config::from_toml(&format!("insecure = true\n{exposed}"), Vec::new()).unwrap();
+        assert!(cfg.check_admin_exposure().is_err(), "insecure does not open the admin API");
+        let token = "[admin]\ntoken = \"0123456789abcdef\"\n";
+        assert!(Config::from_toml(&format!("{exposed}{token}"), Vec::new()).unwrap().check_admin_exposure().is_ok());
+        let env = vec![("SWITCHBOARD_ADMIN__TOKEN".to_string(), "an-admin-token-from-env".to_string())];
+        let cfg = Config::from_toml(exposed, env).unwrap();
+        assert_eq!(cfg.admin.token, "an-admin-token-from-env");
+        assert!(cfg.check_admin_exposure().is_ok());
+        assert!(Config::from_toml("", Vec::new()).unwrap().check_admin_exposure().is_ok(), "loopback is fine");
+        assert!(Config::from_toml("[listen]\nadmin = \"\"\n", Vec::new()).unwrap().check_admin_exposure().is_ok());
+        let e = Config::from_toml("[admin]\ntoken = \"short\"\n", Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("admin.token"), "{e}");
+    }
+
+    #[test]
+    fn origins_and_audiences_parse_and_are_checked() {
+        let cfg = Config::from_toml(
+            "[http]\nallowed_origins = [\"https://app.example.com\", \"https://*.example.org\"]\n",
+            Vec::new(),
+        )
+        .unwrap();
+        let p = cfg.origin_policy().unwrap();
+        assert!(p.allows(Some("https://a.example.org")) && !p.allows(Some("https://evil.example")));
+        assert!(Config::from_toml("", Vec::new()).unwrap().origin_policy().unwrap().allows_any(), "default: any");
+        let e = Config::from_toml("[http]\nallowed_origins = [\"app.example.com\"]\n", Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("http.allowed_origins"), "{e}");
+
+        let token =
+            "[auth]\nmode = \"token\"\n[[auth.keys]]\nalg = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+        let one = Config::from_toml(&token.replace("[[auth.keys]]", "audience = \"rt\"\n[[auth.keys]]"), Vec::new());
+        assert_eq!(one.unwrap().auth.audience, ["rt"]);
+        let many = token.replace("[[auth.keys]]", "audience = [\"rt\", \"api\"]\n[[auth.keys]]");
+        assert_eq!(Config::from_toml(&many, Vec::new()).unwrap().auth.audience, ["rt", "api"]);
+        let env = vec![("SWITCHBOARD_AUTH__AUDIENCE".to_string(), "from-env".to_string())];
+        assert_eq!(Config::from_toml(token, env).unwrap().auth.audience, ["from-env"]);
+        let empty = token.replace("[[auth.keys]]", "audience = [\"\"]\n[[auth.keys]]");
+        assert!(Config::from_toml(&empty, Vec::new()).is_err());
     }
 
     /// `serve` keeps channel state on disk unless told otherwise; `dev`

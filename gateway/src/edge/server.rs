@@ -23,6 +23,7 @@ use crate::core::engine::disk::DiskStore;
 use crate::core::engine::local::LocalEngine;
 use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
 use crate::core::router::Router;
+use crate::edge::admin::{AdminAccess, AdminState};
 use crate::edge::admission::{Admission, Rates, Refusal, Ticket};
 use crate::edge::config::Config;
 use crate::edge::front;
@@ -144,6 +145,8 @@ impl Gateway {
             tasks.push(tls.spawn_reloader(shutdown_rx.clone()));
         }
         let handshake_timeout = config.tls.handshake_timeout;
+        // Validated at load, like the keys.
+        let origins = config.origin_policy().map_err(|e| ServerError::Config(e.to_string()))?;
 
         let http = bind("http", &config.listen.http).await?;
         let https = bind("https", &config.listen.https).await?;
@@ -198,6 +201,7 @@ impl Gateway {
                 mqtt: mqtt_cfg.clone(),
                 mqtt_sessions: mqtt_sessions.clone(),
                 tls: tls.clone(),
+                origins: origins.clone(),
             });
             // The same routes over TLS: HTTP/1.1 and HTTP/2 by ALPN.
             let secure = https.zip(tls.clone()).map(|(listener, tls)| {
@@ -225,9 +229,15 @@ impl Gateway {
                 },
             )));
         }
-        if let Some(listener) = admin {
-            let router = router.clone();
-            let rx = shutdown_rx.clone();
+        if let Some((listener, addr)) = admin.zip(admin_addr) {
+            let state = Arc::new(AdminState {
+                router: router.clone(),
+                shutdown: shutdown_rx.clone(),
+                access: AdminAccess::new(&config.admin.token, addr),
+            });
+            if config.admin.token.is_empty() {
+                tracing::info!(%addr, "the admin API is open to whoever reaches its address ([admin] token is not set)");
+            }
             tasks.push(tokio::spawn(accept_loop(
                 listener,
                 "admin",
@@ -235,10 +245,9 @@ impl Gateway {
                 None,
                 None,
                 shutdown_rx.clone(),
-                move |_peer, _ticket| {
-                    let router = router.clone();
-                    let rx = rx.clone();
-                    service_fn(move |req| crate::edge::admin::handle(router.clone(), rx.clone(), req))
+                move |peer, _ticket| {
+                    let state = state.clone();
+                    service_fn(move |req| crate::edge::admin::handle(state.clone(), peer, req))
                 },
             )));
         }
@@ -265,7 +274,7 @@ impl Gateway {
         if let Some(tls) = tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
             let (endpoint, addr) = crate::edge::wt::bind(&config.listen.quic, tls, &config)?;
             quic_addr = Some(addr);
-            let wt_cfg = crate::edge::wt::front_end_config(&config, !router.is_open());
+            let wt_cfg = crate::edge::wt::front_end_config(&config, !router.is_open(), origins.clone());
             tasks.push(tokio::spawn(crate::edge::wt::accept_loop(
                 endpoint,
                 admission.clone(),

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_protocols::origin::OriginPolicy;
 use switchboard_protocols::port::Core;
 use switchboard_protocols::wt::{self, WtConfig};
 use tokio::sync::watch;
@@ -53,8 +54,9 @@ const SEND_WINDOW: u64 = 1024 * 1024;
 /// Datagrams buffered each way; the oldest go first when full.
 const DATAGRAM_BUFFER: usize = 64 * 1024;
 
-/// The front end's tunables from the configuration.
-pub fn front_end_config(config: &Config, require_token: bool) -> WtConfig {
+/// The front end's tunables from the configuration, with the gateway's
+/// one `Origin` allow-list (`[http] allowed_origins`).
+pub fn front_end_config(config: &Config, require_token: bool, allowed_origins: OriginPolicy) -> WtConfig {
     let w = &config.websocket;
     WtConfig {
         handshake_timeout: w.handshake_timeout,
@@ -62,6 +64,7 @@ pub fn front_end_config(config: &Config, require_token: bool) -> WtConfig {
         max_frame_size: config.limits.max_frame_size,
         max_buffered: config.limits.outbox_bytes,
         require_token,
+        allowed_origins,
         ..WtConfig::default()
     }
 }

@@ -377,6 +377,18 @@ fn protocol_level(packet: &[u8], header_len: usize) -> Result<u8, CodecError> {
     }
 }
 
+/// The name of a packet type only a server sends (MQTT 5 §2.1.2, 3.1.1
+/// §2.2.1): CONNACK, SUBACK, UNSUBACK, PINGRESP.
+fn server_only(packet_type: u8) -> Option<&'static str> {
+    match packet_type {
+        2 => Some("CONNACK"),
+        9 => Some("SUBACK"),
+        11 => Some("UNSUBACK"),
+        13 => Some("PINGRESP"),
+        _ => None,
+    }
+}
+
 /// Decodes one packet from the front of `buf`.
 ///
 /// `version` is `None` until the CONNECT arrived: then only a CONNECT is
@@ -409,6 +421,13 @@ pub fn decode(buf: &mut BytesMut, version: Option<Version>, max: usize) -> Resul
                 // can only send the CONNECT packet once").
                 buf.advance(size);
                 return Ok(Some(Packet::Unexpected("second CONNECT")));
+            }
+            if let Some(name) = server_only(packet_type) {
+                // Known from the type alone, whatever the body: a protocol
+                // error (0x82), not a malformed packet (0x81) because the
+                // body is not what a server would have sent.
+                buf.advance(size);
+                return Ok(Some(Packet::Unexpected(name)));
             }
             v
         }
@@ -1088,6 +1107,28 @@ mod tests {
         assert!(matches!(decode(&mut b, None, 1024), Err(CodecError::NotConnect(_))));
         let mut b = v5_connect("a");
         assert_eq!(decode(&mut b, Some(Version::V5), 1024), Ok(Some(Packet::Unexpected("second CONNECT"))));
+    }
+
+    #[test]
+    fn server_only_packets_are_unexpected_whatever_their_body() {
+        // A 3.1.1-form CONNACK on MQTT 5 (no property length), an unknown
+        // return code, a SUBACK without codes, an UNSUBACK, a PINGRESP with
+        // a body: each one packet, consumed, then the next decodes.
+        let cases: [(&[u8], &str); 5] = [
+            (&[0x20, 0x02, 0x00, 0x00], "CONNACK"),
+            (&[0x20, 0x03, 0x00, 0xFF, 0x00], "CONNACK"),
+            (&[0x90, 0x02, 0x00, 0x01], "SUBACK"),
+            (&[0xB0, 0x02, 0x00, 0x01], "UNSUBACK"),
+            (&[0xD0, 0x01, 0x00], "PINGRESP"),
+        ];
+        for version in [Version::V4, Version::V5] {
+            for (bytes, name) in cases {
+                let mut b = BytesMut::from(bytes);
+                b.extend_from_slice(&[0xC0, 0x00]);
+                assert_eq!(decode(&mut b, Some(version), 1024), Ok(Some(Packet::Unexpected(name))), "{bytes:02x?}");
+                assert_eq!(decode(&mut b, Some(version), 1024), Ok(Some(Packet::PingReq)), "{bytes:02x?}");
+            }
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `:path` other than `/v1/wt` (query aside) | 404 |
-//! | `Origin` not in [`WtConfig::allowed_origins`] (when that is non-empty) | 403 |
+//! | an `Origin` that [`WtConfig::allowed_origins`] does not allow (a request without one is not a browser's, and goes on) | 403 |
 //! | a token (`?token=` or `Authorization: Bearer`) or `?client_id=` the core refuses | 403 (429 for `rate_limited` / `unavailable`) |
 //! | token auth ([`WtConfig::require_token`]) and no token, without `?auth=connect` | 403 |
 //! | otherwise | 200: the session starts |
@@ -115,7 +115,9 @@
 //! `refused_stream` or `bad_datagram`. Refused session requests count in
 //! `switchboard_connections_refused_total{listener="quic", reason}` with
 //! `reason` = `not_found`, `forbidden_origin`, `missing_token` or the core's
-//! error code.
+//! error code; a `forbidden_origin` also counts in
+//! `switchboard_origin_refused_total{route="wt"}` and logs (see
+//! [`crate::origin`]).
 
 pub mod codec;
 pub mod streams;
@@ -146,6 +148,7 @@ use wtransport::{Connection, RecvStream, SendStream, VarInt};
 use self::codec::FrameError;
 use self::streams::{Action, ChannelStreams};
 use crate::frames::{Answer, Counters, Session, answer, connected, refusal};
+use crate::origin::OriginPolicy;
 use crate::port::{CloseKind, CloseReason, Core, CoreError, OpenSession, Outbound, Outbox};
 
 /// The path of Switchboard sessions.
@@ -176,9 +179,10 @@ pub struct WtConfig {
     /// Token auth: a request without a token (and without `?auth=connect`)
     /// is refused with 403.
     pub require_token: bool,
-    /// Origins allowed to open sessions (exact `Origin` values); empty
-    /// allows any, including requests without an `Origin`.
-    pub allowed_origins: Vec<String>,
+    /// Pages allowed to open sessions ([`OriginPolicy`], the gateway's one
+    /// allow-list); a request without an `Origin` is not a browser's and
+    /// is not affected.
+    pub allowed_origins: OriginPolicy,
 }
 
 impl Default for WtConfig {
@@ -191,7 +195,7 @@ impl Default for WtConfig {
             max_channel_streams: 64,
             max_refused_streams: 16,
             require_token: false,
-            allowed_origins: Vec::new(),
+            allowed_origins: OriginPolicy::any(),
         }
     }
 }
@@ -295,7 +299,7 @@ pub fn inspect_request(
     if route != PATH || path.len() > MAX_PATH_LEN {
         return Err(Refusal::NotFound);
     }
-    if !cfg.allowed_origins.is_empty() && !origin.is_some_and(|o| cfg.allowed_origins.iter().any(|a| a == o)) {
+    if !cfg.allowed_origins.allows(origin) {
         return Err(Refusal::Forbidden("forbidden_origin"));
     }
     let mut creds = Credentials::default();
@@ -362,7 +366,12 @@ pub async fn serve_request(
         };
         let creds = match inspect_request(request.path(), request.origin(), request.headers(), &cfg) {
             Ok(c) => c,
-            Err(why) => return refuse(why, request).await,
+            Err(why) => {
+                if why == Refusal::Forbidden("forbidden_origin") {
+                    crate::origin::refused("wt", request.origin().unwrap_or_default(), Some(peer));
+                }
+                return refuse(why, request).await;
+            }
         };
         let mut session = None;
         if creds.present() {
@@ -1164,11 +1173,14 @@ mod tests {
         }
         let long = format!("/v1/wt?token={}", "x".repeat(MAX_PATH_LEN));
         assert_eq!(inspect_request(&long, None, &none, &open), Err(Refusal::NotFound));
-        let origins = WtConfig { allowed_origins: vec!["https://app.example".into()], ..WtConfig::default() };
+        let allowed = OriginPolicy::new(&["https://app.example"]).expect("policy");
+        let origins = WtConfig { allowed_origins: allowed, ..WtConfig::default() };
         assert!(inspect_request("/v1/wt", Some("https://app.example"), &none, &origins).is_ok());
-        for origin in [Some("https://evil.example"), None] {
-            assert_eq!(inspect_request("/v1/wt", origin, &none, &origins), Err(Refusal::Forbidden("forbidden_origin")));
-        }
+        assert!(inspect_request("/v1/wt", None, &none, &origins).is_ok(), "no Origin: not a browser");
+        assert_eq!(
+            inspect_request("/v1/wt", Some("https://evil.example"), &none, &origins),
+            Err(Refusal::Forbidden("forbidden_origin"))
+        );
         assert_eq!(Refusal::of(&CoreError::new(ErrorCode::Unauthorized, "")), Refusal::Forbidden("unauthorized"));
         assert_eq!(Refusal::of(&CoreError::new(ErrorCode::RateLimited, "")), Refusal::TooManyRequests("rate_limited"));
         let dbg = format!("{:?}", Credentials { token: "secret".into(), client_id: String::new() });

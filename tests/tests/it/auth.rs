@@ -238,7 +238,8 @@ async fn refresh_stream(gw: &TestGateway, conn: &str, token: &str) -> anyhow::Re
     Ok(r.status().as_u16())
 }
 
-/// A REST publish acting as the stream `conn` (its caps decide).
+/// A REST publish acting as the stream `conn` (the stream's caps and the
+/// bearer's must both allow it).
 async fn uplink(gw: &TestGateway, conn: &str, bearer: &str, channel: &str, body: &str) -> anyhow::Result<u16> {
     let r = reqwest::Client::new()
         .post(format!("{}/v1/channels/{channel}/messages", gw.http))
@@ -275,13 +276,135 @@ async fn sse_refresh_by_connection_id_changes_caps_live() -> anyhow::Result<()> 
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await?, json!({"connection_id": conn, "refreshed": true}));
     assert_eq!(uplink(&gw, &conn, &first, "live/x", "two").await?, 200);
-    assert_eq!(uplink(&gw, &conn, &first, "live/y", "three").await?, 200, "live/# now");
+    assert_eq!(uplink(&gw, &conn, &wider, "live/y", "three").await?, 200, "live/# now");
     // The stream saw exactly the accepted publishes of its channel.
     for want in ["one", "two"] {
         let ev = sse_next(&mut events).await?;
         assert_eq!(ev.event, "message");
         assert!(ev.data.contains(want), "{ev:?}");
     }
+    Ok(())
+}
+
+/// A presence request (`method` POST enters, DELETE leaves) acting as the
+/// stream `conn`; returns the status and the error code, if any.
+async fn uplink_presence(
+    gw: &TestGateway,
+    method: reqwest::Method,
+    conn: &str,
+    bearer: &str,
+    channel: &str,
+) -> anyhow::Result<(u16, Option<String>)> {
+    let r = reqwest::Client::new()
+        .request(method, format!("{}/v1/channels/{channel}/presence", gw.http))
+        .header("x-connection-id", conn)
+        .bearer_auth(bearer)
+        .body("here")
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    Ok((status, body["error"]["code"].as_str().map(str::to_string)))
+}
+
+/// Issue #13, item 11: a REST request that acts for a stream
+/// (`X-Connection-Id`) is checked against its own credentials as well as the
+/// stream's caps. A narrow token of the stream's own client cannot borrow
+/// the stream's wider rights to publish, enter or leave presence; a token
+/// that allows the operation can, and so can an API key (which may do
+/// everything). The stream receives exactly the publishes that were allowed.
+#[tokio::test]
+async fn acting_for_a_stream_needs_the_requests_own_caps_too() -> anyhow::Result<()> {
+    use reqwest::Method;
+    let gw = gateway().await?;
+    let wide = token("erin", 60, json!({"up/#": ["subscribe", "publish", "presence"]}));
+    let narrow = token("erin", 60, json!({"up/#": "subscribe"}));
+    let (mut events, conn) = sse_open(&gw, &format!("channel=up/x&token={wide}")).await?;
+
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/channels/up/x/messages", gw.http))
+        .header("x-connection-id", &conn)
+        .bearer_auth(&narrow)
+        .body("borrowed")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403, "the narrow token may not publish, whatever the stream may");
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], "permission_denied", "{body}");
+    let denied = (403, Some("permission_denied".to_string()));
+    assert_eq!(uplink_presence(&gw, Method::POST, &conn, &narrow, "up/x").await?, denied);
+    assert_eq!(uplink_presence(&gw, Method::POST, &conn, &wide, "up/x").await?, (200, None));
+    assert_eq!(uplink_presence(&gw, Method::DELETE, &conn, &narrow, "up/x").await?, denied);
+    assert_eq!(uplink_presence(&gw, Method::DELETE, &conn, &wide, "up/x").await?, (200, None));
+
+    assert_eq!(uplink(&gw, &conn, &wide, "up/x", "own").await?, 200);
+    let (status, _) =
+        rest_publish(&gw.http, "up/x", "key", &[("x-api-key", API_KEY), ("x-connection-id", conn.as_str())]).await?;
+    assert_eq!(status, 200, "an API key may act for any stream");
+    for want in ["own", "key"] {
+        let ev = sse_next(&mut events).await?;
+        assert_eq!(ev.event, "message", "{ev:?}");
+        assert!(ev.data.contains(want) && !ev.data.contains("borrowed"), "{ev:?}");
+    }
+    Ok(())
+}
+
+/// Issue #13, item 13: a token with an `aud` claim is refused unless
+/// `[auth] audience` names one of its values; then it is accepted on every
+/// protocol (here WebSocket, REST and MQTT). Tokens without `aud` are
+/// accepted either way.
+#[tokio::test]
+async fn tokens_with_an_audience_are_accepted_only_for_a_configured_one() -> anyhow::Result<()> {
+    let caps = json!({"aud/#": ["subscribe", "publish"]});
+    let with_aud = |aud: Value| {
+        let mut c = claims("frank", 60, caps.clone());
+        c["aud"] = aud;
+        hs(&c)
+    };
+    let bearer = |t: &str| format!("Bearer {t}");
+    let mqtt_connack = |gw: &TestGateway, t: String| {
+        let addr = gw.mqtt;
+        async move {
+            let mut r = Raw::connect(addr).await?;
+            r.send(&connect_with(5, "frank", 60, Some(&t), None, None)).await?;
+            anyhow::Ok(r.packet().await?.and_then(|p| p.connack_code()))
+        }
+    };
+
+    // No audience configured: refused, and the error says what to configure.
+    let gw = gateway().await?;
+    let t = with_aud(json!("switchboard"));
+    let (status, body) = rest_publish(&gw.http, "aud/x", "x", &[("authorization", &bearer(&t))]).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("[auth] audience"), "{body}");
+    let (_ws, reply) = ws_connect(&gw, &t).await?;
+    assert_eq!(error_code(&reply), Some(ErrorCode::Unauthorized), "{reply:?}");
+    assert_eq!(mqtt_connack(&gw, t).await?, Some(0x86));
+    let (status, _) =
+        rest_publish(&gw.http, "aud/x", "x", &[("authorization", &bearer(&token("frank", 60, caps.clone())))]).await?;
+    assert_eq!(status, 200, "a token without aud is accepted");
+
+    // Configured: one matching value is enough; others are refused.
+    let gw = gateway_with(|c| c.auth.audience = vec!["switchboard".into(), "rt".into()]).await?;
+    for aud in [json!("switchboard"), json!(["other", "rt"])] {
+        let t = with_aud(aud.clone());
+        let (status, body) = rest_publish(&gw.http, "aud/x", "x", &[("authorization", &bearer(&t))]).await?;
+        assert_eq!(status, 200, "{aud}: {body}");
+        let (_ws, reply) = ws_connect(&gw, &t).await?;
+        assert!(matches!(reply.frame, Some(server_frame::Frame::Connected(_))), "{aud}: {reply:?}");
+        assert_eq!(mqtt_connack(&gw, t).await?, Some(0), "{aud}");
+    }
+    for aud in [json!("other"), json!(["a", "b"])] {
+        let t = with_aud(aud.clone());
+        let (status, body) = rest_publish(&gw.http, "aud/x", "x", &[("authorization", &bearer(&t))]).await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{aud}: {body}");
+        let (_ws, reply) = ws_connect(&gw, &t).await?;
+        assert_eq!(error_code(&reply), Some(ErrorCode::Unauthorized), "{aud}: {reply:?}");
+        assert_eq!(mqtt_connack(&gw, t).await?, Some(0x86), "{aud}");
+    }
+    let (status, _) =
+        rest_publish(&gw.http, "aud/x", "x", &[("authorization", &bearer(&token("frank", 60, caps.clone())))]).await?;
+    assert_eq!(status, 200, "a token without aud is still accepted");
     Ok(())
 }
 

@@ -12,6 +12,13 @@
 //!
 //! `{channel}` is the channel name with its `/` kept (`/v1/channels/sensors/1/messages`)
 //! or percent-encoded. The handlers only translate HTTP to router calls.
+//!
+//! Every browser-facing route (WebSocket and MQTT-over-WebSocket upgrades,
+//! SSE, long polling, `POST /v1/refresh`, REST) first checks the request's
+//! `Origin` against `[http] allowed_origins`
+//! ([`switchboard_protocols::origin`]): a page of another origin gets 403
+//! `forbidden_origin`; a request without `Origin` is not a browser's and goes
+//! on. The demo page and `/v1/wt/cert-hash` are for any page.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,6 +32,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use switchboard_proto::{self as proto, ErrorCode};
+use switchboard_protocols::origin::OriginPolicy;
 use switchboard_protocols::port::{Core, CoreError};
 use switchboard_protocols::stream::{RequestError, StreamLimits, StreamRequest};
 use switchboard_protocols::{mqtt, poll, sse, ws};
@@ -33,7 +41,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use crate::core::auth::Caps;
+use crate::core::auth::{Caps, Op};
 use crate::core::engine::Caller;
 use crate::core::router::Router;
 use crate::edge::config::Config;
@@ -99,6 +107,9 @@ pub struct HttpShared {
     pub mqtt: Arc<mqtt::MqttConfig>,
     /// MQTT persistent sessions, shared with the TCP listener.
     pub mqtt_sessions: Arc<dyn mqtt::SessionStore>,
+    /// The pages allowed to use the browser-facing routes (`[http]
+    /// allowed_origins`).
+    pub origins: OriginPolicy,
 }
 
 /// The HTTP status for a core error code.
@@ -158,13 +169,57 @@ fn raw_json(text: String) -> Response<Body> {
     r
 }
 
+/// The route of a browser-facing path, as labelled in
+/// `switchboard_origin_refused_total{route}`; `None` for the paths any page
+/// may read (the demo page, `/v1/wt/cert-hash`) and unknown ones.
+fn browser_route(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/ws" => Some("ws"),
+        "/v1/ws-echo" => Some("ws_echo"),
+        "/mqtt" => Some("mqtt_ws"),
+        "/v1/sse" => Some("sse"),
+        "/v1/poll" => Some("poll"),
+        "/v1/refresh" => Some("refresh"),
+        p if p.starts_with("/v1/channels/") => Some("rest"),
+        _ => None,
+    }
+}
+
+/// The 403 `forbidden_origin` for a browser-facing request whose `Origin`
+/// the policy does not allow (counted and logged); `None` lets it through.
+/// A request without `Origin` is not a browser's and always goes on.
+fn refuse_origin<B>(state: &HttpState, peer: SocketAddr, req: &Request<B>) -> Option<Response<Body>> {
+    let route = browser_route(req.uri().path())?;
+    // An Origin that is not visible ASCII matches no entry.
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or(""));
+    if state.origins.allows(origin) {
+        return None;
+    }
+    let origin = origin.unwrap_or_default();
+    switchboard_protocols::origin::refused(route, origin, Some(peer));
+    Some(error_response(
+        StatusCode::FORBIDDEN,
+        "forbidden_origin",
+        format!("pages from origin {origin:?} may not use this gateway (it is not in [http] allowed_origins)"),
+    ))
+}
+
 /// `GET /v1/sse` and `GET /v1/poll`; `None` for any other request. The
 /// front door ([`crate::edge::front`]) calls this for the HTTP/1.1 requests it
-/// serves itself, hyper's handler for the rest.
+/// serves itself, hyper's handler ([`handle`]) for the rest. Both check the
+/// `Origin` first.
 pub async fn stream_get<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> Option<Response<Body>> {
     if req.method() != Method::GET {
         return None;
     }
+    if let Some(refusal) = refuse_origin(&state, peer, req) {
+        return Some(refusal);
+    }
+    serve_stream_get(state, peer, req).await
+}
+
+/// [`stream_get`] once the method and the `Origin` are settled.
+async fn serve_stream_get<B>(state: HttpState, peer: SocketAddr, req: &Request<B>) -> Option<Response<Body>> {
     match req.uri().path() {
         "/v1/sse" => Some(serve_sse(state, peer, req).await),
         "/v1/poll" => Some(serve_poll(state, peer, req, query_pairs(req)).await),
@@ -179,6 +234,9 @@ pub async fn handle(
     ticket: Option<Arc<crate::edge::admission::Ticket>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Some(refusal) = refuse_origin(&state, peer, &req) {
+        return Ok(refusal);
+    }
     let path = req.uri().path().to_string();
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/v1/ws") => upgrade(state, peer, ticket, req, Route::Switchboard),
@@ -186,7 +244,7 @@ pub async fn handle(
         (&Method::GET, "/mqtt") => upgrade(state, peer, ticket, req, Route::Mqtt),
         (&Method::GET, "/") => demo_page(),
         (&Method::GET, "/v1/wt/cert-hash") => cert_hash(&state),
-        (&Method::GET, "/v1/sse" | "/v1/poll") => match stream_get(state, peer, &req).await {
+        (&Method::GET, "/v1/sse" | "/v1/poll") => match serve_stream_get(state, peer, &req).await {
             Some(r) => r,
             None => error_response(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
         },

@@ -33,14 +33,16 @@ pub(super) async fn rest(state: HttpState, req: Request<Incoming>) -> Response<B
         (Method::POST, "messages") => rest_publish(state, principal, channel, req).await,
         (Method::GET, "history") => rest_history(state, principal, channel, &req).await,
         (Method::POST, "presence") => rest_presence_enter(state, principal, channel, req).await,
-        (Method::DELETE, "presence") => match stream_caller(&state, &principal, header_str(&req, "x-connection-id")) {
-            Ok(Some((caller, caps))) => match state.router.presence_leave_as(&caller, &caps, &channel).await {
-                Ok(()) => json_response(StatusCode::OK, &json!({"channel": channel, "left": true})),
-                Err(e) => core_error(&e),
-            },
-            Ok(None) => missing_connection(),
-            Err(r) => *r,
-        },
+        (Method::DELETE, "presence") => {
+            match stream_caller(&state, &principal, header_str(&req, "x-connection-id"), Op::Presence, &channel) {
+                Ok(Some((caller, caps))) => match state.router.presence_leave_as(&caller, &caps, &channel).await {
+                    Ok(()) => json_response(StatusCode::OK, &json!({"channel": channel, "left": true})),
+                    Err(e) => core_error(&e),
+                },
+                Ok(None) => missing_connection(),
+                Err(r) => *r,
+            }
+        }
         (Method::GET, "presence") => match state.router.members_of(&principal.caps, &channel).await {
             Ok(m) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
                 req: 0,
@@ -105,8 +107,6 @@ pub(super) async fn read_body(state: &HttpState, req: Request<Incoming>) -> Resu
     }
 }
 
-/// The identity of the SSE / long-poll session named by `X-Connection-Id`
-/// (REST is their uplink): `Ok(None)` without the header.
 /// A response that ends the request early (boxed: responses are large).
 pub(super) type ErrorResponse = Box<Response<Body>>;
 
@@ -146,12 +146,18 @@ pub(super) fn rest_principal<B>(state: &HttpState, req: &Request<B>) -> Result<R
 }
 
 /// The identity of the SSE / long-poll session named by `X-Connection-Id`
-/// (REST is their uplink): `Ok(None)` without the header. Only the same
-/// client (or an API key) may act for a stream.
+/// (REST is their uplink), to do `op` on `channel`: `Ok(None)` without the
+/// header. Only the same client (or an API key) may act for a stream, and
+/// the request's own credentials must allow `op` on `channel` as well as the
+/// stream's caps (checked by the router with the caps returned here): a
+/// narrow token of the stream's client must not borrow the stream's wider
+/// rights.
 pub(super) fn stream_caller(
     state: &HttpState,
     principal: &RestPrincipal,
     conn: Option<&str>,
+    op: Op,
+    channel: &str,
 ) -> Result<Option<(Caller, Arc<Caps>)>, ErrorResponse> {
     let Some(conn) = conn else { return Ok(None) };
     let (caller, caps) = state.router.caller_for_connection(conn).ok_or_else(|| {
@@ -166,6 +172,16 @@ pub(super) fn stream_caller(
             StatusCode::FORBIDDEN,
             ErrorCode::PermissionDenied.slug(),
             "a token may only act for streams of its own client",
+        )));
+    }
+    if !principal.caps.allows(op, channel) {
+        return Err(Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            ErrorCode::PermissionDenied.slug(),
+            format!(
+                "not allowed to {} {channel:?}: acting for a stream needs the request's own token to allow it too",
+                op.name()
+            ),
         )));
     }
     Ok(Some((caller, caps)))
@@ -188,11 +204,12 @@ pub(super) async fn rest_presence_enter(
     channel: String,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let (caller, caps) = match stream_caller(&state, &principal, header_str(&req, "x-connection-id")) {
-        Ok(Some(c)) => c,
-        Ok(None) => return missing_connection(),
-        Err(r) => return *r,
-    };
+    let (caller, caps) =
+        match stream_caller(&state, &principal, header_str(&req, "x-connection-id"), Op::Presence, &channel) {
+            Ok(Some(c)) => c,
+            Ok(None) => return missing_connection(),
+            Err(r) => return *r,
+        };
     let is_json = header_str(&req, "content-type").is_some_and(|t| t.starts_with("application/json"));
     let body = match read_body(&state, req).await {
         Ok(b) => b,
@@ -262,7 +279,7 @@ pub(super) async fn rest_publish(
     if let Some(k) = idem {
         publish.id = k;
     }
-    let (caller, caps) = match stream_caller(&state, &principal, conn.as_deref()) {
+    let (caller, caps) = match stream_caller(&state, &principal, conn.as_deref(), Op::Publish, &channel) {
         Ok(Some(c)) => c,
         Ok(None) => (principal.caller, principal.caps),
         Err(r) => return *r,
