@@ -376,6 +376,53 @@ async fn subscriptions_per_connection_are_capped_and_resubscribing_is_not_counte
     by.still_served("subscriptions").await
 }
 
+/// #13 item 6: per-connection bounds on the state a client creates —
+/// positions in one subscribe, the rate of subscribe and presence requests,
+/// and presence entries — each with a clear error and a metric, while the
+/// connection and everyone else go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_request_rate_and_presence_entries_are_capped_per_connection() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.limits.max_positions = 3;
+        cfg.limits.max_presence_per_connection = 2;
+        cfg.limits.request_rate = 0.5;
+        cfg.limits.request_burst = 8.0;
+    })
+    .await?;
+    let mut by = Bystanders::join(&gw).await?;
+    let mut ws = WsClient::connect(&gw.ws, Codec::Proto, "hoarder").await?;
+    // Positions: four in one subscribe (each would create a channel).
+    let positions = (0..4).map(|i| (format!("pos/{i}"), proto::Position { epoch: "E".into(), serial: 0 })).collect();
+    let many =
+        client_frame::Frame::Subscribe(proto::Subscribe { filter: "pos/#".into(), positions, ..Default::default() });
+    assert_eq!(error_of(&ws.request(many).await?), Some(ErrorCode::TooManySubscriptions), "four positions");
+    // Presence: two channels, not a third; leaving one frees its slot.
+    let enter = |ch: &str| {
+        client_frame::Frame::PresenceEnter(proto::PresenceEnter { channel: ch.into(), data: Bytes::from("m") })
+    };
+    let leave = |ch: &str| client_frame::Frame::PresenceLeave(proto::PresenceLeave { channel: ch.into() });
+    for ch in ["room/1", "room/2"] {
+        assert_eq!(error_of(&ws.request(enter(ch)).await?), None, "{ch}");
+    }
+    assert_eq!(error_of(&ws.request(enter("room/3")).await?), Some(ErrorCode::TooManySubscriptions));
+    assert_eq!(error_of(&ws.request(enter("room/1")).await?), None, "an update of a held entry is not counted");
+    assert_eq!(error_of(&ws.request(leave("room/2")).await?), None);
+    assert_eq!(error_of(&ws.request(enter("room/3")).await?), None, "a left entry frees its slot");
+    // Rate: that was 7 requests of the burst of 8; the ninth is refused.
+    ws.subscribe_to("rate/a").await?;
+    assert_eq!(error_of(&ws.request(enter("room/1")).await?), Some(ErrorCode::RateLimited));
+    let sub = client_frame::Frame::Subscribe(proto::Subscribe { filter: "rate/b".into(), ..Default::default() });
+    assert_eq!(error_of(&ws.request(sub).await?), Some(ErrorCode::RateLimited));
+    // The connection goes on: publishing is another bucket.
+    ws.publish("rate/a", b"still", "").await?;
+    assert_eq!(&ws.next_message().await?.payload[..], b"still");
+    for (limit, at_least) in [("positions", 1.0), ("presence", 1.0), ("request_rate", 2.0)] {
+        let n = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", limit), ("protocol", "ws")]).await?;
+        assert!(n >= at_least, "{limit}: {n}");
+    }
+    by.still_served("per-connection state caps").await
+}
+
 /// An MQTT 5 UNSUBSCRIBE of one filter (short: one-byte remaining length).
 fn unsubscribe_packet_v5(pkid: u16, filter: &str) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();

@@ -76,6 +76,15 @@ pub struct RouterLimits {
     /// (from a position) or resume (by time): older messages need
     /// `history` (see [`Engine::subscribe`]).
     pub recovery_window: std::time::Duration,
+    /// Most `positions` in one subscribe.
+    pub max_positions: usize,
+    /// Sustained subscribe and presence requests per second per session
+    /// (0 = unlimited).
+    pub request_rate: f64,
+    /// Such requests a session may send at once before the rate applies.
+    pub request_burst: f64,
+    /// Channels one session may be present on at once.
+    pub max_presence_per_connection: usize,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up. Time is
@@ -126,6 +135,10 @@ impl Default for RouterLimits {
             publish_rate: 1000.0,
             publish_burst: 10_000.0,
             recovery_window: std::time::Duration::from_secs(120),
+            max_positions: 1000,
+            request_rate: 100.0,
+            request_burst: 1000.0,
+            max_presence_per_connection: 64,
         }
     }
 }
@@ -154,6 +167,10 @@ struct Rights {
     expires_at: Option<u64>,
     /// Publish rate limit of this session.
     bucket: TokenBucket,
+    /// Subscribe and presence request rate limit of this session.
+    requests: TokenBucket,
+    /// Channels the session is present on, for `max_presence_per_connection`.
+    presence: StrSet,
 }
 
 /// A session as the admin API reports it.
@@ -451,7 +468,17 @@ impl Router {
     pub async fn presence_leave_as(&self, caller: &Caller, caps: &Caps, channel_name: &str) -> Result<(), CoreError> {
         Self::check_presence_channel(channel_name)?;
         Self::require(caps, Op::Presence, channel_name)?;
-        self.engine.presence_leave(caller, channel_name, now_ms()).await
+        let entry = self.sessions.read().get(&caller.session).cloned();
+        if let Some(entry) = &entry
+            && !entry.rights.lock().requests.take(std::time::Instant::now())
+        {
+            return Err(self.request_rate_limited(caller));
+        }
+        self.engine.presence_leave(caller, channel_name, now_ms()).await?;
+        if let Some(entry) = entry {
+            entry.rights.lock().presence.remove(channel_name);
+        }
+        Ok(())
     }
 
     /// A caller for requests without a session (REST).
@@ -519,6 +546,18 @@ impl Router {
             }
         }
         self.publish_checked(caller, caps, req).await
+    }
+
+    /// The `rate_limited` refusal of a subscribe or presence request.
+    fn request_rate_limited(&self, caller: &Caller) -> CoreError {
+        limit_exceeded("request_rate", caller.protocol, &caller.client_id);
+        CoreError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "subscribe and presence requests over {}/s (burst {})",
+                self.limits.request_rate, self.limits.request_burst
+            ),
+        )
     }
 
     /// The `rate_limited` refusal, counted and logged.
@@ -593,7 +632,28 @@ impl Router {
             limit_exceeded("message_size", caller.protocol, &caller.client_id);
             return Err(CoreError::new(ErrorCode::MessageTooLarge, "presence data exceeds the message size limit"));
         }
-        self.engine.presence_enter(caller, channel_name, data, update, now_ms()).await
+        // A session's presence: rate and count (REST without a stream has
+        // no session, and its members leave with nothing to bound).
+        let entry = self.sessions.read().get(&caller.session).cloned();
+        if let Some(entry) = &entry {
+            let mut r = entry.rights.lock();
+            if !r.requests.take(std::time::Instant::now()) {
+                return Err(self.request_rate_limited(caller));
+            }
+            let max = self.limits.max_presence_per_connection;
+            if !r.presence.contains(channel_name) && r.presence.len() >= max {
+                limit_exceeded("presence", caller.protocol, &caller.client_id);
+                return Err(CoreError::new(
+                    ErrorCode::TooManySubscriptions,
+                    format!("at most {max} presence channels per connection"),
+                ));
+            }
+        }
+        self.engine.presence_enter(caller, channel_name, data, update, now_ms()).await?;
+        if let Some(entry) = entry {
+            entry.rights.lock().presence.insert(channel_name.to_string());
+        }
+        Ok(())
     }
 }
 
@@ -623,6 +683,8 @@ impl Core for Router {
             caps,
             expires_at,
             bucket: TokenBucket::new(self.limits.publish_rate, self.limits.publish_burst, std::time::Instant::now()),
+            requests: TokenBucket::new(self.limits.request_rate, self.limits.request_burst, std::time::Instant::now()),
+            presence: StrSet::new(),
         };
         let entry = SessionEntry { caller, outbox: outbox.clone(), opened_ms: now_ms(), rights: Mutex::new(rights) };
         self.sessions.write().insert(id, Arc::new(entry));
@@ -643,7 +705,17 @@ impl Core for Router {
         }
         {
             let entry = self.entry(session)?;
-            let s = entry.rights.lock();
+            let mut s = entry.rights.lock();
+            if !s.requests.take(std::time::Instant::now()) {
+                return Err(self.request_rate_limited(&entry.caller));
+            }
+            if req.positions.len() > self.limits.max_positions {
+                limit_exceeded("positions", entry.caller.protocol, &entry.caller.client_id);
+                return Err(CoreError::new(
+                    ErrorCode::TooManySubscriptions,
+                    format!("at most {} positions in one subscribe", self.limits.max_positions),
+                ));
+            }
             Self::require(&s.caps, Op::Subscribe, &req.filter)?;
             if req.presence {
                 Self::require(&s.caps, Op::Presence, inner)?;

@@ -162,6 +162,20 @@ pub struct LimitsConfig {
     /// Most MQTT 5 shared subscription groups on the node (a connection's
     /// own are bounded by `max_subscriptions`).
     pub max_shared_groups: usize,
+    /// Most channels on the node (each channel's `$presence/` companion
+    /// comes with it); a publish, subscribe or presence enter that would
+    /// create one more is refused.
+    pub max_channels: usize,
+    /// Most `positions` in one subscribe (each names a channel, which the
+    /// subscribe creates if missing).
+    pub max_positions: usize,
+    /// Sustained subscribe and presence requests per second per connection
+    /// (0 = unlimited), with `request_burst`.
+    pub request_rate: f64,
+    /// Subscribe and presence requests a connection may send at once.
+    pub request_burst: f64,
+    /// Channels one connection may be present on at once.
+    pub max_presence_per_connection: usize,
     /// Longest SSE / long-poll query string (or POST /v1/poll body) in bytes.
     pub max_query_len: usize,
 }
@@ -184,6 +198,11 @@ impl Default for LimitsConfig {
             max_body_size: 1024 * 1024,
             max_stream_channels: 64,
             max_shared_groups: 10_000,
+            max_channels: 1_000_000,
+            max_positions: 1000,
+            request_rate: 100.0,
+            request_burst: 1000.0,
+            max_presence_per_connection: 64,
             max_query_len: 8192,
         }
     }
@@ -837,6 +856,12 @@ impl Config {
         {
             return bad("limits.new_connections_per_sec must be >= 0 and limits.new_connections_burst >= 1".into());
         }
+        if !(l.request_rate >= 0.0 && l.request_rate.is_finite()) || (l.request_rate > 0.0 && l.request_burst < 1.0) {
+            return bad("limits.request_rate must be >= 0 and limits.request_burst >= 1".into());
+        }
+        if l.max_channels == 0 || l.max_positions == 0 || l.max_presence_per_connection == 0 {
+            return bad("limits.max_channels, max_positions and max_presence_per_connection must be at least 1".into());
+        }
         if !(l.new_connections_per_ip_per_sec >= 0.0 && l.new_connections_per_ip_per_sec.is_finite())
             || (l.new_connections_per_ip_per_sec > 0.0 && l.new_connections_per_ip_burst < 1.0)
         {
@@ -988,6 +1013,7 @@ impl Config {
             history_page_max: c.history_page_max,
             history_page_bytes: c.history_page_bytes,
             max_shared_groups: self.limits.max_shared_groups,
+            max_channels: self.limits.max_channels,
             ..EngineConfig::default()
         }
     }
@@ -1002,6 +1028,10 @@ impl Config {
             publish_rate: self.limits.publish_rate,
             publish_burst: self.limits.publish_burst,
             recovery_window: self.channels.recovery_window,
+            max_positions: self.limits.max_positions,
+            request_rate: self.limits.request_rate,
+            request_burst: self.limits.request_burst,
+            max_presence_per_connection: self.limits.max_presence_per_connection,
         }
     }
 }

@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
@@ -248,7 +248,17 @@ pub struct LocalEngine {
     /// Grace is constant, so pushing at the back keeps it sorted.
     pending_leaves: Mutex<VecDeque<(i64, String, MemberKey)>>,
     store: Option<Arc<DiskStore>>,
+    /// `$presence/` companions in `channels` (not counted by `max_channels`).
+    companions: AtomicUsize,
+    /// Channels the sweep has yet to visit in its current pass.
+    sweep_queue: Mutex<Vec<(String, Arc<Cell>)>>,
 }
+
+/// Channels one sweep visits: a node of a million channels is swept in
+/// slices, a pass every ~50 s, so no tick holds the CPU (or the channel
+/// map, for the pass's snapshot) long enough to delay publishes. Reads and
+/// subscribes trim what they touch by themselves.
+const SWEEP_SLICE: usize = 20_000;
 
 /// What one subscribe covers: its filter, its presence companion, and the
 /// oldest message it may replay (see [`Engine::subscribe`]).
@@ -302,6 +312,8 @@ impl LocalEngine {
             channels: RwLock::new(HashMap::new()),
             hub: RwLock::new(Hub::default()),
             pending_leaves: Mutex::new(VecDeque::new()),
+            companions: AtomicUsize::new(0),
+            sweep_queue: Mutex::new(Vec::new()),
             store: None,
         }
     }
@@ -370,6 +382,8 @@ impl LocalEngine {
             channels: RwLock::new(channels),
             hub: RwLock::new(Hub::default()),
             pending_leaves: Mutex::new(VecDeque::new()),
+            companions: AtomicUsize::new(0),
+            sweep_queue: Mutex::new(Vec::new()),
             store: Some(store),
         })
     }
@@ -437,14 +451,30 @@ impl LocalEngine {
         }
     }
 
-    /// The channel's cell, created (with a new epoch) if missing.
-    fn cell(&self, name: &str, now: i64) -> Arc<Cell> {
+    /// The channel's cell, created (with a new epoch) if missing — unless
+    /// the node holds `max_channels` already (presence companions, which
+    /// come one per channel, are not counted: a leave always has its
+    /// companion to announce on).
+    fn cell(&self, name: &str, now: i64) -> Result<Arc<Cell>, CoreError> {
         if let Some(c) = self.channels.read().get(name) {
-            return c.clone();
+            return Ok(c.clone());
         }
         let mut map = self.channels.write();
         if let Some(c) = map.get(name) {
-            return c.clone();
+            return Ok(c.clone());
+        }
+        let companion = name.starts_with(channel::PRESENCE_PREFIX);
+        if !companion && map.len().saturating_sub(self.companions.load(Ordering::Relaxed)) >= self.cfg.max_channels {
+            metrics::counter!("switchboard_limit_exceeded_total", "limit" => "channels", "protocol" => "any")
+                .increment(1);
+            tracing::info!(limit = "channels", max = self.cfg.max_channels, "limit exceeded");
+            return Err(err(
+                ErrorCode::Unavailable,
+                format!("the node holds its maximum of {} channels", self.cfg.max_channels),
+            ));
+        }
+        if companion {
+            self.companions.fetch_add(1, Ordering::Relaxed);
         }
         let durable = self.store.is_some() && !name.starts_with(channel::PRESENCE_PREFIX);
         let mut ch = Channel::new(self.cfg.policy_for(name).clone(), now, durable);
@@ -459,16 +489,16 @@ impl LocalEngine {
         }
         let cell = Arc::new(Mutex::new(ch));
         map.insert(name.to_string(), cell.clone());
-        cell
+        Ok(cell)
     }
 
     /// The channel locked, created if missing. Never called with another
     /// channel locked (it may take the map).
-    fn lock_channel(&self, name: &str, now: i64) -> Guard {
+    fn lock_channel(&self, name: &str, now: i64) -> Result<Guard, CoreError> {
         loop {
-            let guard = Mutex::lock_arc(&self.cell(name, now));
+            let guard = Mutex::lock_arc(&self.cell(name, now)?);
             if !guard.removed {
-                return guard;
+                return Ok(guard);
             }
         }
     }
@@ -625,7 +655,7 @@ impl LocalEngine {
     /// The first half of a publish, under the channel's lock.
     fn start_publish(&self, caller: &Caller, req: proto::Publish, now: i64) -> Result<Started, CoreError> {
         let name = req.channel.clone();
-        let mut ch = self.lock_channel(&name, now);
+        let mut ch = self.lock_channel(&name, now)?;
         let cell = ArcMutexGuard::mutex(&ch).clone();
         self.ensure_loaded(&name, &mut ch, now)?;
         if !req.id.is_empty() {
@@ -764,7 +794,7 @@ impl LocalEngine {
         named.extend(req.positions.keys().filter(|k| k.as_str() != filter).cloned());
         loop {
             for n in &named {
-                self.cell(n, now);
+                self.cell(n, now)?;
             }
             let map = self.channels.read();
             // (name, cell) in reply order.
@@ -968,10 +998,12 @@ impl LocalEngine {
         let _ = self.append(&name, &mut pc, env, 0, None, now);
     }
 
-    /// The `$presence/` companion's cell, for [`Self::presence_event`].
+    /// The `$presence/` companion's cell, for [`Self::presence_event`]
+    /// (companions are not capped, so this always finds or makes one).
     fn presence_cell(&self, channel: &str, now: i64) -> Arc<Cell> {
+        let name = channel::presence_channel(channel);
         loop {
-            let cell = self.cell(&channel::presence_channel(channel), now);
+            let Ok(cell) = self.cell(&name, now) else { continue };
             if !cell.lock().removed {
                 return cell;
             }
@@ -1004,7 +1036,7 @@ impl LocalEngine {
         let max = self.cfg.presence_max_members;
         let key: MemberKey = (caller.client_id.clone(), caller.connection_id.clone());
         let presence = self.presence_cell(name, now);
-        let mut ch = self.lock_channel(name, now);
+        let mut ch = self.lock_channel(name, now)?;
         ch.last_active = now;
         let kind = if let Some(m) = ch.members.get_mut(&key) {
             if m.data == data {
@@ -1153,13 +1185,19 @@ impl LocalEngine {
             }
         }
         let idle_ttl = self.cfg.idle_channel_ttl.as_millis() as i64;
-        let cells: Vec<(String, Arc<Cell>)> =
-            self.channels.read().iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        let cells: Vec<(String, Arc<Cell>)> = {
+            let mut queue = self.sweep_queue.lock();
+            if queue.is_empty() {
+                *queue = self.channels.read().iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+            }
+            let from = queue.len().saturating_sub(SWEEP_SLICE);
+            queue.split_off(from)
+        };
         let mut idle = Vec::new();
         for (name, cell) in &cells {
             let mut ch = cell.lock();
-            if !ch.history_loaded {
-                continue; // the background loader trims it as it reads it
+            if ch.removed || !ch.history_loaded {
+                continue; // forgotten since the pass began; or the background loader trims it as it reads it
             }
             let aged = ch.trim(now);
             self.forget_on_disk(name, &ch, aged);
@@ -1176,6 +1214,9 @@ impl LocalEngine {
                 if ch.is_idle() && now - ch.last_active > idle_ttl {
                     ch.removed = true;
                     map.remove(&name);
+                    if name.starts_with(channel::PRESENCE_PREFIX) {
+                        self.companions.fetch_sub(1, Ordering::Relaxed);
+                    }
                     if ch.durable
                         && let Some(store) = &self.store
                     {

@@ -1530,3 +1530,51 @@ fn history_pages_are_bounded_in_bytes() {
     let req = proto::History { channel: "huge".into(), ..Default::default() };
     assert_eq!(st.history(&req, T0).expect("history").messages.len(), 1);
 }
+
+/// #13 item 6: the node holds at most `max_channels` channels; one more is
+/// refused to a publish, a subscribe and a presence enter alike, while
+/// existing channels go on. Presence companions come with their channel
+/// and are not counted.
+#[test]
+fn channels_are_capped_per_node() {
+    let st = LocalEngine::new(EngineConfig { max_channels: 3, ..EngineConfig::default() });
+    attach(&st, 1, "c", BIG);
+    st.presence_enter(&caller(1, "c"), "a", Bytes::from("m"), false, T0).expect("a and its companion");
+    publish(&st, "b", "x", T0);
+    subscribe(&st, 1, &sub("c"), T0);
+    assert_eq!(st.stats().channels, 4, "three channels and a presence companion");
+    let full = |e: CoreError| (e.code, e.message.contains("maximum of 3 channels"));
+    let refused = futures_util::FutureExt::now_or_never(st.publish_at(&caller(1, "c"), publish_req("d", "x"), T0))
+        .expect("a memory engine never waits")
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(full(refused), (ErrorCode::Unavailable, true));
+    assert_eq!(full(st.subscribe(1, &sub("d"), T0).map(drop).unwrap_err()), (ErrorCode::Unavailable, true));
+    let at = sub_from("x/#", &[("x/1", pos("E", 0))]);
+    assert_eq!(st.subscribe(1, &at, T0).map(drop).unwrap_err().code, ErrorCode::Unavailable, "positions too");
+    let entered = st.presence_enter(&caller(1, "c"), "d", Bytes::from("m"), false, T0);
+    assert_eq!(entered.unwrap_err().code, ErrorCode::Unavailable);
+    // Existing channels go on.
+    assert_eq!(publish(&st, "b", "y", T0).serial, 2);
+}
+
+/// #13 item 6: the sweep visits at most a slice of the channels per tick,
+/// so a node of very many channels never holds a tick for long; every
+/// channel is still visited, over several ticks.
+#[test]
+fn the_sweep_works_through_many_channels_in_slices() {
+    let ttl = 1_000;
+    let st = LocalEngine::new(EngineConfig {
+        idle_channel_ttl: Duration::from_millis(ttl),
+        rules: vec![rule("idle/#", policy(0, 600, SlowPolicy::Disconnect))],
+        ..EngineConfig::default()
+    });
+    let n = SWEEP_SLICE + SWEEP_SLICE / 2;
+    for i in 0..n {
+        publish(&st, &format!("idle/{i}"), "x", T0);
+    }
+    st.sweep(T0 + 2 * ttl as i64);
+    assert_eq!(st.stats().channels, n - SWEEP_SLICE, "one slice per tick");
+    st.sweep(T0 + 2 * ttl as i64);
+    assert_eq!(st.stats().channels, 0, "the rest on the next");
+}

@@ -96,6 +96,9 @@ pub struct EngineConfig {
     /// Most MQTT 5 shared subscription groups on the node (each distinct
     /// `$share/{group}/{filter}`; joining an existing group is not limited).
     pub max_shared_groups: usize,
+    /// Most channels on the node (`$presence/` companions not counted: one
+    /// comes with each channel).
+    pub max_channels: usize,
 }
 
 impl Default for EngineConfig {
@@ -112,6 +115,7 @@ impl Default for EngineConfig {
             history_page_max: 1000,
             history_page_bytes: 1024 * 1024,
             max_shared_groups: 10_000,
+            max_channels: 1_000_000,
         }
     }
 }
