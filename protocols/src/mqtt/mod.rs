@@ -4,9 +4,10 @@
 //! (or a WebSocket to [`serve_ws`]). From there this module owns it: it
 //! reads the CONNECT, detects the protocol level from it (4 = 3.1.1, 5 =
 //! 5.0), opens a core session, and translates packets to and from the
-//! [`Core`]. An MQTT topic is the channel name verbatim; a subscription
-//! filter is passed to the core as is (wildcards, `$share/{group}/{filter}`,
-//! `$presence/<channel>`).
+//! [`Core`]. An MQTT topic is the channel name verbatim (`$` topics such as
+//! `$aws/things/1` included; only the first levels `$SYS`, `$share` and
+//! `$presence` are the gateway's); a subscription filter is passed to the
+//! core as is (wildcards, `$share/{group}/{filter}`, `$presence/<channel>`).
 //!
 //! One task per connection runs one `select!` over the socket read, the
 //! session's [`Outbox`](crate::port::Outbox), the keepalive timer, the shutdown signal and the
@@ -113,7 +114,7 @@
 //! | CONNECT with an unknown Authentication Method / with Authentication Data and no method | CONNACK 0x8C / 0x82, close | — | — |
 //! | second CONNECT, a server-only packet, an AUTH the table above refuses with 0x82, DISCONNECT raising a zero session expiry | DISCONNECT 0x82 | close | published |
 //! | re-authentication refused / with another method | DISCONNECT 0x87 / 0x8C | — | published |
-//! | PUBLISH topic with a wildcard, a NUL, invalid UTF-8, empty, or reserved `$` (other than `$presence/`) | DISCONNECT 0x90 | close | published |
+//! | PUBLISH topic with a wildcard, a NUL, invalid UTF-8, empty, or under a reserved first level (`$SYS`, `$share`, `$presence` other than `$presence/<channel>`) | DISCONNECT 0x90 | close | published |
 //! | topic alias 0, above our maximum, or unknown | DISCONNECT 0x94 | — | published |
 //! | more inbound QoS 2 awaiting PUBREL than [`MqttConfig::receive_maximum`] | DISCONNECT 0x93 | close | published |
 //! | the core refused a QoS 0 publish | (logged, dropped) | close | published |
@@ -131,7 +132,7 @@
 //! |---|---|---|
 //! | SUBACK | 0x00-0x02 | granted QoS |
 //! | SUBACK | 0x8F (3.1.1: 0x80) | invalid filter, or the core said `invalid_filter` / `invalid_channel` |
-//! | SUBACK | 0x87 (3.1.1: 0x80) | `permission_denied` / `unauthorized` / `reserved_channel` (a `$` filter other than `$presence/...`, `$share/...`) |
+//! | SUBACK | 0x87 (3.1.1: 0x80) | `permission_denied` / `unauthorized` / `reserved_channel` (a `$SYS` filter, or `$share`/`$presence` not as `$share/{group}/...`, `$presence/...`) |
 //! | SUBACK | 0x97 (3.1.1: 0x80) | `too_many_subscriptions` / `rate_limited` |
 //! | SUBACK | 0x80 | any other core error |
 //! | PUBACK / PUBREC | 0x00 | accepted (also a duplicate idempotency id) |

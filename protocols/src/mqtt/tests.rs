@@ -553,7 +553,7 @@ async fn refused_publish_acks_v5_reason_and_closes_v4() {
 
 #[tokio::test]
 async fn invalid_publish_topics_are_refused() {
-    for topic in ["a/+", "a/#", "$SYS/x", ""] {
+    for topic in ["a/+", "a/#", "$SYS/x", "$share/g/x", "$presence", ""] {
         let h = Harness::new();
         let (mut c, task, _) = h.connect5("a", None, None).await;
         c.send5(v5::Packet::Publish(v5::Publish::new(topic, Q5::AtMostOnce, "x", None))).await;

@@ -29,6 +29,7 @@ mod common_sse;
 mod auth;
 mod auth_matrix;
 mod bad_input;
+mod dollar_topics;
 mod fanout;
 mod history_policy;
 mod idempotency;
