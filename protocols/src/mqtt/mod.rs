@@ -50,9 +50,13 @@
 //! information; a server reference; store sessions (the core does, behind
 //! [`SessionStore`]).
 //!
-//! A `Gap` from the core (history could not fill a resume) cannot be
-//! expressed in MQTT: it is logged at `info` and delivery continues after
-//! it.
+//! A `Gap` from the core (history could not fill a resume) reaches an MQTT
+//! 5 client as the user property [`GAP_PROPERTY`] (`switchboard-gap`, value
+//! the reason) on the first message of that channel sent after it — for an
+//! `epoch_changed` gap that is the new epoch's oldest message history holds,
+//! since the replay continues from there. A gap not yet told survives a
+//! reconnect of a persistent session. MQTT 3.1.1 cannot express it: it is
+//! logged at `info` and delivery continues after it.
 //!
 //! Publications are encoded per connection (pkid, topic alias and
 //! subscription identifiers differ per client); within a connection each
@@ -155,8 +159,12 @@
 //! | delivery on `$presence/...` | JSON `{"action":"enter|update|leave","client_id","connection_id","timestamp", data/text/data_b64}` |
 //!
 //! Outbound messages whose expiry passed are not sent; others carry the
-//! remaining interval. Messages larger than the client's Maximum Packet Size
-//! are skipped (MQTT 5 §3.1.2.11.4), with a debug log.
+//! remaining interval. A message whose PUBLISH — exactly as it would be
+//! encoded, properties, topic alias and packet id included — is larger than
+//! the client's Maximum Packet Size is discarded (MQTT 5 §3.1.2.11.4; when
+//! only a new topic alias makes it too large, it goes without the alias),
+//! with a debug log; the channel's next message sent carries
+//! [`GAP_PROPERTY`] `too_large`. A packet of exactly the maximum is sent.
 //!
 //! # Metrics (label `protocol="mqtt"`)
 //!
@@ -261,6 +269,14 @@ impl Default for MqttConfig {
         }
     }
 }
+
+/// MQTT 5 user property on the first message a client receives on a channel
+/// after a gap: history could not fill a resume (`trimmed`, `epoch_changed`),
+/// or a message was discarded as larger than the client's Maximum Packet
+/// Size (`too_large`). Its value is that reason. A publisher's header of this
+/// name is not passed on to MQTT clients, so the property is always the
+/// gateway's.
+pub const GAP_PROPERTY: &str = "switchboard-gap";
 
 /// The one Authentication Method (MQTT 5 §4.12) the gateway offers: the
 /// Authentication Data is a connection token (a JWT).

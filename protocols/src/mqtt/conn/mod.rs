@@ -111,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(crate) async fn resume_and_flush(&mut self) -> Result<(), Stop> {
         if let Some(since) = self.resume_since {
             for t in self.state.resend() {
-                self.write_transmit(t);
+                self.write_transmit(t, None);
             }
             let subs = self.state.subs.clone();
             for sub in subs {
