@@ -189,7 +189,12 @@ impl Client {
                     }
                 }
                 match self.io.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
+                    Ok(0) | Err(_) => {
+                        // The server closed: close our side too, as clients
+                        // do (its lingering close then ends at once).
+                        let _ = self.io.shutdown().await;
+                        return None;
+                    }
                     Ok(_) => {}
                 }
             }
@@ -1084,6 +1089,7 @@ async fn reauthentication_refusals_follow_the_table() {
         // Read raw: rumqttc's reader does not know DISCONNECT 0x8C.
         let mut raw = Vec::new();
         tokio::time::timeout(WAIT, c.io.read_to_end(&mut raw)).await.expect("not closed").expect("read");
+        let _ = c.io.shutdown().await;
         assert_eq!(raw, [0xE0, 0x02, want, 0x00], "{case}: DISCONNECT {want:#04x}, then close");
         join(task).await;
     }
@@ -1099,6 +1105,7 @@ async fn reauthentication_refusals_follow_the_table() {
         // Read raw: rumqttc's reader does not know CONNACK 0x8C.
         let mut raw = Vec::new();
         tokio::time::timeout(WAIT, c.io.read_to_end(&mut raw)).await.expect("not closed").expect("read");
+        let _ = c.io.shutdown().await;
         assert_eq!(raw, [0x20, 0x03, 0x00, want, 0x00], "CONNACK {want:#04x}, then close");
         join(task).await;
     }

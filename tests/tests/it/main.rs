@@ -33,6 +33,7 @@ mod dollar_topics;
 mod fanout;
 mod history_policy;
 mod idempotency;
+mod lingering_close;
 mod mqtt;
 mod mqtt_bad_input;
 mod mqtt_cross;
