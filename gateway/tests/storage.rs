@@ -310,6 +310,78 @@ async fn a_restart_keeps_history_positions_retained_ids_and_mqtt_sessions() {
     }
 }
 
+/// Waits for the next MQTT 5 event `pick` accepts.
+async fn mqtt5_until<T>(
+    ev: &mut rumqttc::v5::EventLoop,
+    what: &str,
+    mut pick: impl FnMut(rumqttc::v5::Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let e = tokio::time::timeout_at(deadline, ev.poll()).await.unwrap_or_else(|_| panic!("{what} in time"));
+        if let Some(t) = pick(e.unwrap_or_else(|e| panic!("MQTT 5 while waiting for {what}: {e}"))) {
+            return t;
+        }
+    }
+}
+
+/// The machine restarted after an unclean stop under `sync = "interval"`
+/// (another boot id): every channel starts a new epoch, its history kept
+/// (docs/storage.md). A persistent MQTT 5 session whose position is in the
+/// old epoch resumes with everything the new epoch holds, from its first
+/// message — what it saw and what it missed alike, since positions of
+/// another epoch say nothing — and the first of them tells it of the gap:
+/// user property `switchboard-gap` = `epoch_changed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_change_replays_the_new_epoch_from_its_first_and_tells_mqtt5() {
+    use rumqttc::v5::{Event, Incoming};
+    let dir = DataDir::new("epoch");
+    let boot = std::env::temp_dir().join(format!("sb-storage-epoch-boot-{}", std::process::id()));
+    std::fs::write(&boot, "boot-1").unwrap();
+    let env = [("SWITCHBOARD_STORAGE__BOOT_ID_FILE", boot.to_str().unwrap())];
+    let mut node = Node::start(&dir.0, None, &env);
+    let (base, mqtt) = (node.base(), node.mqtt_url());
+
+    // The session receives e1, leaves cleanly, and misses e2.
+    let (c, mut ev) = mqtt5(&mqtt, "epoch-5");
+    c.subscribe("ep/a", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.unwrap();
+    mqtt5_until(&mut ev, "SUBACK", |e| matches!(e, Event::Incoming(Incoming::SubAck(_))).then_some(())).await;
+    let e1 = rest_publish(&base, "ep/a", "e1", None).await;
+    let got = mqtt5_until(&mut ev, "e1", |e| match e {
+        Event::Incoming(Incoming::Publish(p)) => Some(p.payload),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&got[..], b"e1");
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while ev.poll().await.is_ok() {} }).await;
+    rest_publish(&base, "ep/a", "e2", None).await;
+
+    node.signal("-KILL");
+    std::fs::write(&boot, "boot-2").unwrap();
+    let node = Node::start(&dir.0, None, &env);
+    let (base, mqtt) = (node.base(), node.mqtt_url());
+    let h = history(&base, "ep/a").await;
+    assert_ne!(h["epoch"], e1["epoch"], "a new epoch after a machine restart");
+    assert_eq!(serial_texts(&h), vec![(1, "e1".to_string()), (2, "e2".to_string())]);
+
+    let (c, mut ev) = mqtt5(&mqtt, "epoch-5");
+    let mut got: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    while got.len() < 2 {
+        let p = mqtt5_until(&mut ev, "the new epoch's messages", |e| match e {
+            Event::Incoming(Incoming::Publish(p)) => Some(p),
+            _ => None,
+        })
+        .await;
+        let props = p.properties.map(|p| p.user_properties).unwrap_or_default();
+        got.push((String::from_utf8_lossy(&p.payload).into_owned(), props));
+    }
+    let gap = vec![("switchboard-gap".to_string(), "epoch_changed".to_string())];
+    assert_eq!(got, vec![("e1".to_string(), gap), ("e2".to_string(), vec![])]);
+    let _ = c.disconnect().await;
+    let _ = std::fs::remove_file(&boot);
+}
+
 /// Polls `cond` every 20 ms until it holds, for at most [`WAIT`], without
 /// blocking the runtime (the clients under test run on it).
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -61,8 +61,12 @@
 //! | other | as given | the core closed the outbox with another [`CloseReason`] | `disconnect` | as given | `abrupt` |
 //! | none | — | EOF without a close frame, I/O error, or a write that took longer than [`WsConfig::write_timeout`]: the connection is dropped | — | — | `abrupt` |
 //!
-//! After sending a close frame the server waits up to one second for the
-//! client's close reply, then shuts the transport down.
+//! After sending a close frame the server closes lingering
+//! ([`crate::linger`]): it shuts the transport's write side down, then reads
+//! and discards what the client still sends (its close reply, the rest of an
+//! oversize message) until the client closes, for at most one second and
+//! 256 KiB, so that the close frame reaches a client that is still sending
+//! instead of being lost to a TCP reset.
 //!
 //! # Error frames (the connection stays open unless noted)
 //!
@@ -275,7 +279,8 @@ fn limit_exceeded(limit: &'static str) {
 
 const PING_TIMEOUT: CloseReason = CloseReason { code: 4004, reason: "ping timeout", reconnect: true };
 
-/// How long to wait for the peer's close reply after sending our close frame.
+/// Longest wait for the transport's shutdown when no close frame of ours
+/// needs to linger.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Slots the per-connection batch buffers keep between batches.
@@ -362,11 +367,15 @@ where
     }
 }
 
-/// After our close frame: read (and discard) until the peer's close reply or
-/// EOF, for at most [`CLOSE_LINGER`], then shut the transport down.
+/// After our close frame: a lingering close of the transport
+/// ([`crate::linger`]): shut its write side down (the server closes the TCP
+/// connection first, RFC 6455 §7.1.1), then read and discard what the peer
+/// still sends — its close reply, or the rest of a message it was sending —
+/// until it closes, for at most one second and 256 KiB. Read below
+/// tungstenite: after a framing violation its reader cannot be trusted to
+/// skip the bytes, and a reset would discard the close frame on its way.
 async fn linger_and_shutdown<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
-    let _ = tokio::time::timeout(CLOSE_LINGER, async { while let Some(Ok(_)) = ws.next().await {} }).await;
-    shutdown_transport(ws).await;
+    crate::linger::close(ws.get_mut()).await;
 }
 
 /// Best effort: the server closes the TCP connection first (RFC 6455 §7.1.1).

@@ -26,11 +26,15 @@
 //! | `chat/+` | `chat/a`, filter `chat/+` | `chat/a/b`, filter `chat/#`, `$presence/chat/a` |
 //! | `chat/#` | `chat`, `chat/a/b`, filters `chat/+`, `chat/#` | `chatter`, filter `#` |
 //! | `#` | every non-`$` channel and filter | `$...` channels |
+//! | `$aws/#` | `$aws/things/1`, filter `$aws/+/1` | `aws/x` |
 //!
 //! A filter is granted only when the pattern covers every channel the
-//! filter could match. Presence events (`$presence/<channel>` subscriptions,
-//! `presence: true`) need the `presence` operation on the base channel; no
-//! pattern grants any other `$` name. This module does no I/O and keeps no
+//! filter could match; as in MQTT (§4.7.2), a pattern starting with a
+//! wildcard reaches no `$` name, so `$` channels are granted by patterns
+//! that name their first level. Presence events (`$presence/<channel>`
+//! subscriptions, `presence: true`) need the `presence` operation on the
+//! base channel; no pattern grants a reserved name (`$SYS`, `$share`,
+//! `$presence`: [`crate::core::channel::RESERVED_LEVELS`]). This module does no I/O and keeps no
 //! state; it does not decide what open (dev) mode allows — [`Caps::all`] is
 //! that decision, made by the router's configuration.
 
@@ -40,7 +44,7 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::core::channel::{PRESENCE_PREFIX, SHARE_PREFIX, validate_filter};
+use crate::core::channel::{PRESENCE_PREFIX, SHARE_PREFIX, is_reserved, validate_filter};
 
 /// Why a token or a key configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -197,7 +201,7 @@ impl Caps {
             Some(base) => (Op::Presence, base),
             None => (op, filter),
         };
-        if filter.starts_with('$') {
+        if is_reserved(filter) {
             return false;
         }
         self.rules.iter().any(|(pattern, bits)| bits & op.bit() != 0 && covers(pattern, filter))
@@ -590,6 +594,12 @@ mod tests {
         assert!(everything.allows(Op::Subscribe, "a/b"));
         assert!(everything.allows(Op::Subscribe, "#"));
         assert!(!everything.allows(Op::Subscribe, "$presence/a"), "# does not reach $ names");
+        assert!(!everything.allows(Op::Subscribe, "$aws/things/1"), "# does not reach $ names");
+        let aws = caps(json!({"$aws/#": ["subscribe", "publish"], "$SYS/#": ["subscribe", "publish"]}));
+        assert!(aws.allows(Op::Publish, "$aws/things/1"));
+        assert!(aws.allows(Op::Subscribe, "$aws/+/1"));
+        assert!(!aws.allows(Op::Publish, "aws/things/1"));
+        assert!(!aws.allows(Op::Publish, "$SYS/x"), "no pattern grants a reserved name");
         assert!(Caps::all().allows(Op::Publish, "anything"));
         assert!(!Caps::none().allows(Op::Subscribe, "a"));
     }

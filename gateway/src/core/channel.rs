@@ -1,18 +1,29 @@
 //! Channel names, MQTT-style filters, and the one topic matcher.
 //!
 //! A channel name is MQTT topic syntax: UTF-8, levels separated by `/`,
-//! 1..=256 bytes, no NUL, no `+` or `#`. Names starting with `$` are reserved
-//! for the gateway (`$presence/<channel>` carries presence events). A filter
-//! may use `+` (exactly one level) and `#` (this level and everything below,
-//! last level only), as in MQTT; a filter starting with a wildcard never
-//! matches a `$` channel.
+//! 1..=256 bytes, no NUL, no `+` or `#`. A filter may use `+` (exactly one
+//! level) and `#` (this level and everything below, last level only), as in
+//! MQTT.
+//!
+//! Names whose first level is `$SYS`, `$share` or `$presence` (any ASCII
+//! case; [`RESERVED_LEVELS`]) are reserved for the gateway:
+//! `$presence/<channel>` carries presence events, `$share/{group}/{filter}`
+//! is a shared subscription, `$SYS` is kept for broker status as MQTT
+//! brokers use it. Nobody publishes to them; only `$presence/...` and
+//! `$share/...` may be subscribed. Any other `$` name (`$aws/things/1`, as
+//! devices moving from cloud IoT brokers use) is an ordinary channel, with
+//! MQTT's one rule for `$` topics (MQTT 3.1.1 and 5 §4.7.2): a filter
+//! starting with a wildcard never matches a `$` channel.
 //!
 //! | filter | matches | does not match |
 //! |---|---|---|
 //! | `a/b` | `a/b` | `a`, `a/b/c` |
 //! | `a/+/c` | `a/x/c`, `a//c` | `a/c`, `a/x/y/c` |
 //! | `a/#` | `a`, `a/b`, `a/b/c` | `ab` |
-//! | `#` | `a`, `a/b` | `$presence/a` |
+//! | `#` | `a`, `a/b` | `$presence/a`, `$aws/a` |
+//! | `+/a` | `x/a` | `$aws/a` |
+//! | `$aws/#` | `$aws/things/1` | `aws/things/1` |
+//! | `$aws/+/1` | `$aws/things/1` | `$gcp/things/1` |
 //! | `$presence/#` | `$presence/a` | `a` |
 //!
 //! [`TopicTrie`] is the only matcher in the gateway: every protocol's
@@ -112,9 +123,14 @@ pub fn is_concrete(filter: &str) -> bool {
     !filter.contains(['+', '#'])
 }
 
-/// True for names reserved for the gateway.
-pub fn is_reserved(name: &str) -> bool {
-    name.starts_with('$')
+pub use switchboard_proto::topic::{RESERVED_LEVELS, is_reserved};
+
+/// The refusal of a publish (or presence) on a reserved name.
+pub fn reserved_error(name: &str) -> CoreError {
+    CoreError::new(
+        ErrorCode::ReservedChannel,
+        format!("channel {name:?} is reserved for the gateway (first level $SYS, $share or $presence)"),
+    )
 }
 
 /// The presence channel of `channel` (`chat` → `$presence/chat`).
@@ -247,13 +263,12 @@ impl<K: std::hash::Hash + Eq + Copy, V> TopicTrie<K, V> {
     /// filter; callers that deliver once per key dedupe.
     pub fn for_each_match<'a>(&'a self, channel: &str, mut f: impl FnMut(&'a K, &'a V)) {
         let levels: Vec<&str> = channel.split('/').collect();
-        let reserved = is_reserved(channel);
-        Self::walk(&self.root, &levels, reserved, &mut f);
+        Self::walk(&self.root, &levels, channel.starts_with('$'), &mut f);
     }
 
-    fn walk<'a>(node: &'a Node<K, V>, levels: &[&str], first_reserved: bool, f: &mut impl FnMut(&'a K, &'a V)) {
-        // MQTT: wildcards at the first level never match `$` names.
-        if !first_reserved {
+    fn walk<'a>(node: &'a Node<K, V>, levels: &[&str], first_dollar: bool, f: &mut impl FnMut(&'a K, &'a V)) {
+        // MQTT §4.7.2: wildcards at the first level never match `$` names.
+        if !first_dollar {
             node.hash.iter().for_each(|(k, v)| f(k, v));
         }
         let Some((&level, rest)) = levels.split_first() else {
@@ -263,7 +278,7 @@ impl<K: std::hash::Hash + Eq + Copy, V> TopicTrie<K, V> {
         if let Some(child) = node.children.get(level) {
             Self::walk(child, rest, false, f);
         }
-        if !first_reserved && let Some(child) = node.plus.as_deref() {
+        if !first_dollar && let Some(child) = node.plus.as_deref() {
             Self::walk(child, rest, false, f);
         }
     }
@@ -284,6 +299,17 @@ mod tests {
         assert_eq!(validate_channel("a\0b"), Err(NameError::Nul));
         assert_eq!(validate_channel("a/+"), Err(NameError::Wildcard));
         assert_eq!(validate_channel("a/#"), Err(NameError::Wildcard));
+    }
+
+    #[test]
+    fn reserved_names() {
+        for yes in ["$SYS/x", "$sys", "$share/g/a", "$presence/a", "$PRESENCE/a"] {
+            assert!(is_reserved(yes), "{yes}");
+        }
+        for no in ["$aws/things/1", "$TopicA/B", "a/$SYS", "$SYSTEM"] {
+            assert!(!is_reserved(no), "{no}");
+            assert_eq!(validate_channel(no), Ok(()), "{no}");
+        }
     }
 
     #[test]
@@ -314,9 +340,12 @@ mod tests {
             ("a/b", &["a/b"], &["a", "a/b/c"]),
             ("a/+/c", &["a/x/c", "a//c"], &["a/c", "a/x/y/c"]),
             ("a/#", &["a", "a/b", "a/b/c"], &["ab", "b/a"]),
-            ("#", &["a", "a/b", "/"], &["$presence/a"]),
+            ("#", &["a", "a/b", "/"], &["$presence/a", "$aws/a", "$"]),
             ("+", &["a", ""], &["a/b", "$x"]),
-            ("+/b", &["a/b", "/b"], &["$presence/b"]),
+            ("+/b", &["a/b", "/b"], &["$presence/b", "$aws/b"]),
+            ("+/a", &["x/a"], &["$aws/a"]),
+            ("$aws/#", &["$aws", "$aws/things/1"], &["aws/things/1", "$gcp/x"]),
+            ("$aws/+/1", &["$aws/things/1"], &["$gcp/things/1", "$aws/things/2"]),
             ("$presence/#", &["$presence/a", "$presence/a/b"], &["a"]),
             ("$presence/+", &["$presence/a"], &["$presence/a/b"]),
         ];

@@ -489,10 +489,7 @@ impl Router {
     fn check_publish(&self, req: &proto::Publish) -> Result<(), CoreError> {
         channel::validate_channel(&req.channel).map_err(|e| channel::channel_error(&req.channel, e))?;
         if channel::is_reserved(&req.channel) {
-            return Err(CoreError::new(
-                ErrorCode::ReservedChannel,
-                format!("channel {:?} is reserved for the gateway ('$' prefix)", req.channel),
-            ));
+            return Err(channel::reserved_error(&req.channel));
         }
         let too_large = |what: String| CoreError::new(ErrorCode::MessageTooLarge, what);
         if req.id.len() > MAX_ID_LEN {
@@ -597,7 +594,7 @@ impl Router {
     fn check_presence_channel(name: &str) -> Result<(), CoreError> {
         channel::validate_channel(name).map_err(|e| channel::channel_error(name, e))?;
         if channel::is_reserved(name) {
-            return Err(CoreError::new(ErrorCode::ReservedChannel, format!("channel {name:?} is reserved")));
+            return Err(channel::reserved_error(name));
         }
         Ok(())
     }
@@ -700,7 +697,11 @@ impl Core for Router {
         if channel::is_reserved(inner) && !inner.starts_with(channel::PRESENCE_PREFIX) {
             return Err(CoreError::new(
                 ErrorCode::ReservedChannel,
-                format!("filter {:?} is reserved; only $presence/... and $share/... may be subscribed", req.filter),
+                format!(
+                    "filter {:?} is reserved for the gateway ($SYS, $share and $presence; only $presence/... and \
+                     $share/{{group}}/... may be subscribed)",
+                    req.filter
+                ),
             ));
         }
         {

@@ -46,7 +46,9 @@ pub(crate) async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
                 info!(level, "refused: unsupported MQTT protocol level");
                 protocol_error("unsupported_version");
                 codec::refuse_version(&mut io.wbuf);
-                let _ = io.flush().await;
+                if io.flush().await.is_ok() {
+                    io.close_lingering().await;
+                }
                 return None;
             }
             Err(e) => {
@@ -81,11 +83,14 @@ pub(crate) async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Writes a refusing CONNACK and closes.
+/// Writes a refusing CONNACK and closes, lingering so that the refusal
+/// reaches a client that is already sending more.
 pub(crate) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>, version: Version, code: u8) {
     let _ = codec::encode(version, &Outgoing::ConnAck { session_present: false, code, props: None }, &mut io.wbuf);
-    let _ = io.flush().await;
-    io.shutdown().await;
+    match io.flush().await {
+        Ok(()) => io.close_lingering().await,
+        Err(_) => io.shutdown().await,
+    }
 }
 
 /// The will, validated and ready to publish.

@@ -108,4 +108,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     pub(crate) async fn shutdown(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
+
+    /// Ends the connection with a lingering close ([`crate::linger`]): the
+    /// write side is shut down and what the client still sends is read and
+    /// discarded (at most 1 s, 256 KiB) until it closes, so a CONNACK
+    /// refusal or a DISCONNECT just written reaches a client that is still
+    /// sending instead of being lost to a TCP reset. Buffers go first.
+    pub(crate) async fn close_lingering(&mut self) {
+        self.rbuf = BytesMut::new();
+        self.wbuf = BytesMut::new();
+        crate::linger::close(&mut self.stream).await;
+    }
 }

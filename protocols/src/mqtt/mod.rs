@@ -4,9 +4,10 @@
 //! (or a WebSocket to [`serve_ws`]). From there this module owns it: it
 //! reads the CONNECT, detects the protocol level from it (4 = 3.1.1, 5 =
 //! 5.0), opens a core session, and translates packets to and from the
-//! [`Core`]. An MQTT topic is the channel name verbatim; a subscription
-//! filter is passed to the core as is (wildcards, `$share/{group}/{filter}`,
-//! `$presence/<channel>`).
+//! [`Core`]. An MQTT topic is the channel name verbatim (`$` topics such as
+//! `$aws/things/1` included; only the first levels `$SYS`, `$share` and
+//! `$presence` are the gateway's); a subscription filter is passed to the
+//! core as is (wildcards, `$share/{group}/{filter}`, `$presence/<channel>`).
 //!
 //! One task per connection runs one `select!` over the socket read, the
 //! session's [`Outbox`](crate::port::Outbox), the keepalive timer, the shutdown signal and the
@@ -49,9 +50,13 @@
 //! information; a server reference; store sessions (the core does, behind
 //! [`SessionStore`]).
 //!
-//! A `Gap` from the core (history could not fill a resume) cannot be
-//! expressed in MQTT: it is logged at `info` and delivery continues after
-//! it.
+//! A `Gap` from the core (history could not fill a resume) reaches an MQTT
+//! 5 client as the user property [`GAP_PROPERTY`] (`switchboard-gap`, value
+//! the reason) on the first message of that channel sent after it — for an
+//! `epoch_changed` gap that is the new epoch's oldest message history holds,
+//! since the replay continues from there. A gap not yet told survives a
+//! reconnect of a persistent session. MQTT 3.1.1 cannot express it: it is
+//! logged at `info` and delivery continues after it.
 //!
 //! Publications are encoded per connection (pkid, topic alias and
 //! subscription identifiers differ per client); within a connection each
@@ -113,7 +118,7 @@
 //! | CONNECT with an unknown Authentication Method / with Authentication Data and no method | CONNACK 0x8C / 0x82, close | — | — |
 //! | second CONNECT, a server-only packet, an AUTH the table above refuses with 0x82, DISCONNECT raising a zero session expiry | DISCONNECT 0x82 | close | published |
 //! | re-authentication refused / with another method | DISCONNECT 0x87 / 0x8C | — | published |
-//! | PUBLISH topic with a wildcard, a NUL, invalid UTF-8, empty, or reserved `$` (other than `$presence/`) | DISCONNECT 0x90 | close | published |
+//! | PUBLISH topic with a wildcard, a NUL, invalid UTF-8, empty, or under a reserved first level (`$SYS`, `$share`, `$presence` other than `$presence/<channel>`) | DISCONNECT 0x90 | close | published |
 //! | topic alias 0, above our maximum, or unknown | DISCONNECT 0x94 | — | published |
 //! | more inbound QoS 2 awaiting PUBREL than [`MqttConfig::receive_maximum`] | DISCONNECT 0x93 | close | published |
 //! | the core refused a QoS 0 publish | (logged, dropped) | close | published |
@@ -131,7 +136,7 @@
 //! |---|---|---|
 //! | SUBACK | 0x00-0x02 | granted QoS |
 //! | SUBACK | 0x8F (3.1.1: 0x80) | invalid filter, or the core said `invalid_filter` / `invalid_channel` |
-//! | SUBACK | 0x87 (3.1.1: 0x80) | `permission_denied` / `unauthorized` / `reserved_channel` (a `$` filter other than `$presence/...`, `$share/...`) |
+//! | SUBACK | 0x87 (3.1.1: 0x80) | `permission_denied` / `unauthorized` / `reserved_channel` (a `$SYS` filter, or `$share`/`$presence` not as `$share/{group}/...`, `$presence/...`) |
 //! | SUBACK | 0x97 (3.1.1: 0x80) | `too_many_subscriptions` / `rate_limited` |
 //! | SUBACK | 0x80 | any other core error |
 //! | PUBACK / PUBREC | 0x00 | accepted (also a duplicate idempotency id) |
@@ -154,8 +159,12 @@
 //! | delivery on `$presence/...` | JSON `{"action":"enter|update|leave","client_id","connection_id","timestamp", data/text/data_b64}` |
 //!
 //! Outbound messages whose expiry passed are not sent; others carry the
-//! remaining interval. Messages larger than the client's Maximum Packet Size
-//! are skipped (MQTT 5 §3.1.2.11.4), with a debug log.
+//! remaining interval. A message whose PUBLISH — exactly as it would be
+//! encoded, properties, topic alias and packet id included — is larger than
+//! the client's Maximum Packet Size is discarded (MQTT 5 §3.1.2.11.4; when
+//! only a new topic alias makes it too large, it goes without the alias),
+//! with a debug log; the channel's next message sent carries
+//! [`GAP_PROPERTY`] `too_large`. A packet of exactly the maximum is sent.
 //!
 //! # Metrics (label `protocol="mqtt"`)
 //!
@@ -260,6 +269,14 @@ impl Default for MqttConfig {
         }
     }
 }
+
+/// MQTT 5 user property on the first message a client receives on a channel
+/// after a gap: history could not fill a resume (`trimmed`, `epoch_changed`),
+/// or a message was discarded as larger than the client's Maximum Packet
+/// Size (`too_large`). Its value is that reason. A publisher's header of this
+/// name is not passed on to MQTT clients, so the property is always the
+/// gateway's.
+pub const GAP_PROPERTY: &str = "switchboard-gap";
 
 /// The one Authentication Method (MQTT 5 §4.12) the gateway offers: the
 /// Authentication Data is a connection token (a JWT).

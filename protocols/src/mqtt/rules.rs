@@ -3,10 +3,13 @@
 //! the tables from core refusals to MQTT reason and return codes.
 
 use super::*;
+use switchboard_proto::topic::is_reserved;
 
 /// Validates a topic name for PUBLISH (MQTT 3.1.1 §4.7.3, MQTT 5 §4.7.3,
-/// and the gateway's reserved `$` prefix). `$presence/<channel>` is allowed:
-/// it is how MQTT clients enter presence.
+/// and the gateway's reserved first levels `$SYS`, `$share`, `$presence`:
+/// [`is_reserved`]). `$presence/<channel>` is allowed: it is how MQTT
+/// clients enter presence. Other `$` topics (`$aws/things/1`) are ordinary
+/// channels.
 pub(crate) fn topic_error(topic: &str) -> Option<&'static str> {
     if topic.is_empty() {
         return Some("empty topic");
@@ -17,15 +20,15 @@ pub(crate) fn topic_error(topic: &str) -> Option<&'static str> {
     if topic.contains('\0') {
         return Some("NUL in a topic name");
     }
-    if topic.starts_with('$') && presence_target(topic).is_none() {
-        return Some("topics starting with $ are reserved");
+    if is_reserved(topic) && presence_target(topic).is_none() {
+        return Some("topics under $SYS, $share and $presence are reserved");
     }
     None
 }
 
 /// The channel of a `$presence/<channel>` topic.
 pub(crate) fn presence_target(topic: &str) -> Option<&str> {
-    topic.strip_prefix("$presence/").filter(|c| !c.is_empty() && !c.starts_with('$'))
+    topic.strip_prefix("$presence/").filter(|c| !c.is_empty() && !is_reserved(c))
 }
 
 /// Validates a subscription filter (MQTT 3.1.1 §4.7.1, MQTT 5 §4.7.1 and

@@ -3,9 +3,10 @@
 //! [`SessionState`] is what survives a reconnect when the session is
 //! persistent (MQTT 3.1.1 §3.1.2.4, MQTT 5 §4.1): subscriptions, the last
 //! delivered position of every channel, outbound QoS 1/2 messages in flight,
-//! and inbound QoS 2 packet ids awaiting PUBREL. [`Keepalive`],
-//! [`InboundAliases`], [`OutboundAliases`] and [`will_action`] are per
-//! network connection. Inputs are `handle_*`/`on_*` methods that take time
+//! inbound QoS 2 packet ids awaiting PUBREL, and the gaps the client has not
+//! been told of yet (each travels on the next message of its channel).
+//! [`Keepalive`], [`InboundAliases`], [`OutboundAliases`] and
+//! [`will_action`] are per network connection. Inputs are `handle_*`/`on_*` methods that take time
 //! (`now`, `now_ms`) as arguments; outputs are return values the connection
 //! turns into packets. Everything here is unit-tested without sockets or
 //! sleeps.
@@ -106,6 +107,25 @@ pub struct Queued {
     pub retain: bool,
     /// Subscription identifiers to attach.
     pub sub_ids: Vec<u32>,
+    /// Why messages of this channel were missed just before this one (a
+    /// gap's reason: `trimmed`, `epoch_changed`, `too_large`); set when the
+    /// message is moved out to be sent, so that a resend carries it too.
+    pub gap: Option<String>,
+}
+
+/// What the connection decided about a waiting message before sending it
+/// (see [`SessionState::poll_transmit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it.
+    Send,
+    /// Drop it; the client misses nothing it should hear of (its message
+    /// expiry passed: the publisher asked for that).
+    Skip,
+    /// Drop it and tell the client: the channel's next message sent carries
+    /// a gap with this reason (e.g. `too_large`: over the client's Maximum
+    /// Packet Size, which MQTT 5 §3.1.2.11.4 requires us to discard).
+    Discard(&'static str),
 }
 
 /// An outbound QoS 1/2 message in flight.
@@ -159,6 +179,9 @@ pub struct SessionState {
     /// Deliveries waiting for an inflight slot (not persisted: they are
     /// replayed from history after a resume).
     pending: VecDeque<Queued>,
+    /// Channels with a gap not yet told to the client → the gap's reason.
+    /// The channel's next message sent takes it ([`Queued::gap`]).
+    gaps: HashMap<String, String>,
     pending_bytes: usize,
     /// Something a checkpoint records changed since the last
     /// [`SessionState::take_changed`].
@@ -202,6 +225,10 @@ pub struct SessionRecord {
     /// Inbound QoS 2 packet ids awaiting PUBREL.
     #[prost(uint32, repeated, tag = "3")]
     pub inbound_qos2: Vec<u32>,
+    /// Gaps not yet told to the client: channel → reason (also those of
+    /// messages in flight, which a resume replays as new publishes).
+    #[prost(btree_map = "string, string", tag = "4")]
+    pub gaps: BTreeMap<String, String>,
 }
 
 impl SessionState {
@@ -218,6 +245,7 @@ impl SessionState {
         // Stop short of the first message of each channel not yet done with.
         let unfinished = self.inflight.iter().map(|f| &f.msg).chain(self.pending.iter());
         let mut seen = HashSet::new();
+        let mut gaps: BTreeMap<String, String> = self.gaps.iter().map(|(c, r)| (c.clone(), r.clone())).collect();
         for q in unfinished {
             let env = &q.delivery.envelope;
             if seen.insert(env.channel.as_str())
@@ -225,6 +253,9 @@ impl SessionState {
                 && p.epoch == env.epoch
             {
                 p.serial = p.serial.min(env.prev_serial);
+            }
+            if let Some(reason) = &q.gap {
+                gaps.entry(env.channel.clone()).or_insert_with(|| reason.clone());
             }
         }
         SessionRecord {
@@ -241,6 +272,7 @@ impl SessionState {
                 .collect(),
             delivered,
             inbound_qos2: self.inbound_qos2.iter().map(|&id| id.into()).collect(),
+            gaps,
         }
     }
 
@@ -260,6 +292,7 @@ impl SessionState {
                 .collect(),
             delivered: r.delivered.into_iter().collect(),
             inbound_qos2: r.inbound_qos2.into_iter().filter_map(|id| u16::try_from(id).ok()).collect(),
+            gaps: r.gaps.into_iter().collect(),
             ..SessionState::default()
         }
     }
@@ -316,6 +349,23 @@ impl SessionState {
         }
     }
 
+    /// A gap on `channel` (history could not fill a resume; `to` is where
+    /// delivery continues after): the high-water mark moves to `to`, and
+    /// the channel's next message sent tells the client (the first reason
+    /// stands until then).
+    pub fn handle_gap(&mut self, channel: &str, reason: &str, to: Option<&proto::Position>) {
+        self.changed = true;
+        if let Some(to) = to {
+            self.advance(channel, &to.epoch, to.serial);
+        }
+        self.gaps.entry(channel.to_string()).or_insert_with(|| reason.to_string());
+    }
+
+    /// Gaps not yet told to the client, by channel.
+    pub fn pending_gaps(&self) -> &HashMap<String, String> {
+        &self.gaps
+    }
+
     /// Queues a delivery behind what is already waiting. `max_bytes` bounds
     /// the queue: overflow is the slow-consumer path, never growth.
     pub fn handle_delivery(&mut self, msg: Queued, max_bytes: usize) -> Result<(), Overflow> {
@@ -354,8 +404,9 @@ impl SessionState {
 
     /// Moves waiting messages out, in order, while fewer than `window`
     /// QoS 1/2 messages are in flight. `keep` is asked about each message
-    /// first (expired, or larger than the client accepts): false drops it.
-    pub fn poll_transmit(&mut self, window: usize, mut keep: impl FnMut(&Queued) -> bool) -> Vec<Transmit> {
+    /// first (expired, or larger than the client accepts), with the gap it
+    /// would carry already in [`Queued::gap`]: see [`Verdict`].
+    pub fn poll_transmit(&mut self, window: usize, mut keep: impl FnMut(&Queued) -> Verdict) -> Vec<Transmit> {
         // At most 65535 ids exist.
         let window = window.clamp(1, usize::from(u16::MAX));
         let mut out = Vec::new();
@@ -363,10 +414,23 @@ impl SessionState {
             if front.qos > 0 && self.inflight.len() >= window {
                 break;
             }
-            let msg = self.pending.pop_front().expect("front exists");
+            let mut msg = self.pending.pop_front().expect("front exists");
             self.pending_bytes -= msg.delivery.size;
-            if !keep(&msg) {
-                continue;
+            if !self.gaps.is_empty() {
+                msg.gap = self.gaps.get(&msg.delivery.envelope.channel).cloned();
+            }
+            match keep(&msg) {
+                Verdict::Send => {
+                    if msg.gap.is_some() {
+                        self.gaps.remove(&msg.delivery.envelope.channel);
+                        self.changed = true;
+                    }
+                }
+                Verdict::Skip => continue,
+                Verdict::Discard(reason) => {
+                    self.handle_gap(&msg.delivery.envelope.channel, reason, None);
+                    continue;
+                }
             }
             if msg.qos == 0 {
                 out.push(Transmit::Publish { pkid: 0, dup: false, msg });
@@ -570,22 +634,33 @@ impl OutboundAliases {
         OutboundAliases { max, map: None }
     }
 
-    /// The alias to use for `topic`.
-    pub fn assign(&mut self, topic: &str) -> AliasUse {
+    /// The alias [`OutboundAliases::assign`] would use for `topic`, without
+    /// recording it: a PUBLISH is sized before it is known to be sent.
+    pub fn peek(&self, topic: &str) -> AliasUse {
         if self.max == 0 {
             return AliasUse::None;
         }
-        let map = self.map.get_or_insert_default();
-        if let Some(&a) = map.get(topic) {
-            return AliasUse::Existing(a);
-        }
-        let next = map.len() + 1;
-        if next > usize::from(self.max) {
+        let len = match &self.map {
+            Some(map) => match map.get(topic) {
+                Some(&a) => return AliasUse::Existing(a),
+                None => map.len(),
+            },
+            None => 0,
+        };
+        if len >= usize::from(self.max) {
             return AliasUse::None;
         }
-        let a = next as u16;
-        map.insert(topic.to_string(), a);
-        AliasUse::New(a)
+        AliasUse::New(len as u16 + 1)
+    }
+
+    /// The alias to use for `topic`; a new one is recorded (the PUBLISH that
+    /// carries it must then be sent).
+    pub fn assign(&mut self, topic: &str) -> AliasUse {
+        let alias = self.peek(topic);
+        if let AliasUse::New(a) = alias {
+            self.map.get_or_insert_default().insert(topic.to_string(), a);
+        }
+        alias
     }
 }
 
@@ -647,7 +722,7 @@ mod tests {
     }
 
     fn queued(channel: &str, serial: u64, qos: u8) -> Queued {
-        Queued { delivery: delivery(channel, serial), qos, retain: false, sub_ids: Vec::new() }
+        Queued { delivery: delivery(channel, serial), qos, retain: false, sub_ids: Vec::new(), gap: None }
     }
 
     fn pkids(t: &[Transmit]) -> Vec<u16> {
@@ -664,7 +739,7 @@ mod tests {
         for i in 0..3 {
             s.handle_delivery(queued("a", i + 1, 1), 1 << 20).unwrap();
         }
-        let t = s.poll_transmit(10, |_| true);
+        let t = s.poll_transmit(10, |_| Verdict::Send);
         assert_eq!(pkids(&t), vec![u16::MAX, 1, 2]);
         // Complete 65535 and 2; the next ids skip 1, still in flight.
         assert!(s.handle_puback(u16::MAX));
@@ -672,7 +747,7 @@ mod tests {
         assert!(!s.handle_puback(2), "already completed");
         s.last_pkid = u16::MAX;
         s.handle_delivery(queued("a", 4, 1), 1 << 20).unwrap();
-        assert_eq!(pkids(&s.poll_transmit(10, |_| true)), vec![2]);
+        assert_eq!(pkids(&s.poll_transmit(10, |_| Verdict::Send)), vec![2]);
     }
 
     #[test]
@@ -681,13 +756,13 @@ mod tests {
         s.handle_delivery(queued("a", 1, 1), 1 << 20).unwrap();
         s.handle_delivery(queued("a", 2, 0), 1 << 20).unwrap();
         s.handle_delivery(queued("a", 3, 1), 1 << 20).unwrap();
-        let t = s.poll_transmit(1, |_| true);
+        let t = s.poll_transmit(1, |_| Verdict::Send);
         // The QoS 0 message waits behind the held QoS 1 one: order matters.
         assert_eq!(pkids(&t), vec![1, 0]);
         assert_eq!((s.inflight_len(), s.pending_len()), (1, 1));
-        assert!(s.poll_transmit(1, |_| true).is_empty());
+        assert!(s.poll_transmit(1, |_| Verdict::Send).is_empty());
         assert!(s.handle_puback(1));
-        assert_eq!(pkids(&s.poll_transmit(1, |_| true)), vec![2]);
+        assert_eq!(pkids(&s.poll_transmit(1, |_| Verdict::Send)), vec![2]);
     }
 
     #[test]
@@ -698,7 +773,7 @@ mod tests {
         s.handle_delivery(queued("a", 2, 1), max).unwrap();
         assert_eq!(s.handle_delivery(queued("a", 3, 1), max), Err(Overflow(max)));
         // Sending frees room.
-        s.poll_transmit(10, |_| true);
+        s.poll_transmit(10, |_| Verdict::Send);
         s.handle_delivery(queued("a", 3, 1), max).unwrap();
     }
 
@@ -707,7 +782,7 @@ mod tests {
         let mut s = SessionState::default();
         s.handle_delivery(queued("a", 1, 2), 1 << 20).unwrap();
         s.handle_delivery(queued("a", 2, 2), 1 << 20).unwrap();
-        assert_eq!(pkids(&s.poll_transmit(10, |_| true)), vec![1, 2]);
+        assert_eq!(pkids(&s.poll_transmit(10, |_| Verdict::Send)), vec![1, 2]);
         assert!(!s.handle_pubcomp(1), "PUBCOMP before PUBREC is ignored");
         assert!(s.handle_pubrec(1, false));
         let resend = s.resend();
@@ -736,10 +811,10 @@ mod tests {
         s.handle_delivery(queued("a", 1, 1), 1 << 20).unwrap();
         assert!(s.is_duplicate(&delivery("a", 1).envelope));
         assert!(!s.is_duplicate(&delivery("a", 2).envelope));
-        s.poll_transmit(10, |_| true);
+        s.poll_transmit(10, |_| Verdict::Send);
         s.handle_delivery(queued("a", 2, 1), 1 << 20).unwrap();
         s.handle_delivery(queued("a", 3, 1), 1 << 20).unwrap();
-        s.poll_transmit(1, |_| true);
+        s.poll_transmit(1, |_| Verdict::Send);
         s.detach();
         // 1 is in flight (resent), 2 and 3 were never sent: replay after 1.
         assert_eq!(s.delivered["a"].serial, 1);
@@ -752,9 +827,44 @@ mod tests {
         let mut s = SessionState::default();
         s.handle_delivery(queued("a", 1, 1), 1 << 20).unwrap();
         s.handle_delivery(queued("a", 2, 1), 1 << 20).unwrap();
-        let t = s.poll_transmit(10, |q| q.delivery.envelope.serial != 1);
+        let t = s.poll_transmit(10, |q| if q.delivery.envelope.serial == 1 { Verdict::Skip } else { Verdict::Send });
         assert_eq!(pkids(&t), vec![1]);
         assert_eq!(s.inflight_len(), 1);
+    }
+
+    /// A gap travels on the channel's next message sent (and its resend),
+    /// once; a discarded message leaves its gap for the next one; the store
+    /// record keeps gaps not yet told.
+    #[test]
+    fn gaps_ride_on_the_next_message_of_their_channel() {
+        let mut s = SessionState::default();
+        s.handle_gap("a", "epoch_changed", Some(&proto::Position { epoch: "f".into(), serial: 0 }));
+        assert_eq!(s.delivered["a"], proto::Position { epoch: "f".into(), serial: 0 });
+        assert_eq!(SessionState::from_record(s.to_record()).pending_gaps()["a"], "epoch_changed");
+        s.handle_delivery(queued("b", 1, 0), 1 << 20).unwrap();
+        s.handle_delivery(queued("a", 1, 1), 1 << 20).unwrap();
+        s.handle_delivery(queued("a", 2, 1), 1 << 20).unwrap();
+        let t = s.poll_transmit(10, |_| Verdict::Send);
+        let gaps: Vec<Option<&str>> = t
+            .iter()
+            .map(|t| match t {
+                Transmit::Publish { msg, .. } => msg.gap.as_deref(),
+                Transmit::PubRel(_) => None,
+            })
+            .collect();
+        assert_eq!(gaps, [None, Some("epoch_changed"), None]);
+        assert!(s.pending_gaps().is_empty());
+        // In flight, the gap is in the record (a resume replays the message)
+        // and in the resend.
+        assert_eq!(s.to_record().gaps.get("a").map(String::as_str), Some("epoch_changed"));
+        assert!(matches!(&s.resend()[0], Transmit::Publish { msg, .. } if msg.gap.as_deref() == Some("epoch_changed")));
+
+        s.handle_delivery(queued("c", 1, 0), 1 << 20).unwrap();
+        s.handle_delivery(queued("c", 2, 0), 1 << 20).unwrap();
+        let t = s.poll_transmit(10, |q| {
+            if q.delivery.envelope.serial == 1 { Verdict::Discard("too_large") } else { Verdict::Send }
+        });
+        assert!(matches!(&t[..], [Transmit::Publish { msg, .. }] if msg.gap.as_deref() == Some("too_large")), "{t:?}");
     }
 
     #[test]
@@ -811,7 +921,11 @@ mod tests {
         assert_eq!(inb.resolve("b", Some(0)), Err(AliasError::OutOfRange(0)));
         assert_eq!(inb.resolve("b", None), Ok("b".into()));
         let mut out = OutboundAliases::new(1);
+        assert_eq!(out.peek("x"), AliasUse::New(1));
+        assert_eq!(out.peek("x"), AliasUse::New(1), "peeking records nothing");
         assert_eq!(out.assign("x"), AliasUse::New(1));
+        assert_eq!(out.peek("x"), AliasUse::Existing(1));
+        assert_eq!(out.peek("y"), AliasUse::None);
         assert_eq!(out.assign("x"), AliasUse::Existing(1));
         assert_eq!(out.assign("y"), AliasUse::None);
         assert_eq!(OutboundAliases::new(0).assign("x"), AliasUse::None);

@@ -189,7 +189,12 @@ impl Client {
                     }
                 }
                 match self.io.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
+                    Ok(0) | Err(_) => {
+                        // The server closed: close our side too, as clients
+                        // do (its lingering close then ends at once).
+                        let _ = self.io.shutdown().await;
+                        return None;
+                    }
                     Ok(_) => {}
                 }
             }
@@ -553,7 +558,7 @@ async fn refused_publish_acks_v5_reason_and_closes_v4() {
 
 #[tokio::test]
 async fn invalid_publish_topics_are_refused() {
-    for topic in ["a/+", "a/#", "$SYS/x", ""] {
+    for topic in ["a/+", "a/#", "$SYS/x", "$share/g/x", "$presence", ""] {
         let h = Harness::new();
         let (mut c, task, _) = h.connect5("a", None, None).await;
         c.send5(v5::Packet::Publish(v5::Publish::new(topic, Q5::AtMostOnce, "x", None))).await;
@@ -1084,6 +1089,7 @@ async fn reauthentication_refusals_follow_the_table() {
         // Read raw: rumqttc's reader does not know DISCONNECT 0x8C.
         let mut raw = Vec::new();
         tokio::time::timeout(WAIT, c.io.read_to_end(&mut raw)).await.expect("not closed").expect("read");
+        let _ = c.io.shutdown().await;
         assert_eq!(raw, [0xE0, 0x02, want, 0x00], "{case}: DISCONNECT {want:#04x}, then close");
         join(task).await;
     }
@@ -1099,6 +1105,7 @@ async fn reauthentication_refusals_follow_the_table() {
         // Read raw: rumqttc's reader does not know CONNACK 0x8C.
         let mut raw = Vec::new();
         tokio::time::timeout(WAIT, c.io.read_to_end(&mut raw)).await.expect("not closed").expect("read");
+        let _ = c.io.shutdown().await;
         assert_eq!(raw, [0x20, 0x03, 0x00, want, 0x00], "CONNACK {want:#04x}, then close");
         join(task).await;
     }

@@ -161,12 +161,12 @@ async fn invalid_names(codec: Codec) -> anyhow::Result<()> {
         let enter = proto::PresenceEnter { channel: bad.into(), data: Bytes::new() };
         expect_refused(&mut c, client_frame::Frame::PresenceEnter(enter), ErrorCode::InvalidChannel).await?;
     }
-    expect_refused(&mut c, publish("$x", Bytes::from_static(b"x")), ErrorCode::ReservedChannel).await?;
+    expect_refused(&mut c, publish("$SYS/x", Bytes::from_static(b"x")), ErrorCode::ReservedChannel).await?;
     expect_refused(&mut c, publish("$presence/a", Bytes::from_static(b"x")), ErrorCode::ReservedChannel).await?;
     for bad in ["a/#/b", "a+", "#a", "a/b#", "", long.as_str(), "a\0"] {
         expect_refused(&mut c, subscribe(bad), ErrorCode::InvalidFilter).await?;
     }
-    expect_refused(&mut c, subscribe("$x/#"), ErrorCode::ReservedChannel).await?;
+    expect_refused(&mut c, subscribe("$SYS/#"), ErrorCode::ReservedChannel).await?;
     // The limits are inclusive: 256 bytes is a valid name.
     let longest = "b".repeat(256);
     c.subscribe_to(&longest).await?;
@@ -321,7 +321,7 @@ async fn rest_errors_have_documented_statuses_and_bodies() -> anyhow::Result<()>
         ("a/+", b"x".to_vec(), &[], 400, "invalid_channel"),
         ("", b"x".to_vec(), &[], 400, "invalid_channel"),
         ("a%00b", b"x".to_vec(), &[], 400, "invalid_channel"),
-        ("$x", b"x".to_vec(), &[], 403, "reserved_channel"),
+        ("$SYS/x", b"x".to_vec(), &[], 403, "reserved_channel"),
         ("big", vec![b'x'; 64 * 1024 + 1], &[], 413, "message_too_large"),
         ("big", vec![b'x'; 1024 * 1024 + 1], &[], 413, "message_too_large"),
         ("j", b"{not json".to_vec(), &json_ct, 400, "bad_frame"),

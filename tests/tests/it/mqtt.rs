@@ -344,6 +344,110 @@ async fn oversize_packet_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The whole size of a raw packet on the wire.
+fn wire_size(p: &RawPacket) -> usize {
+    let mut len = Vec::new();
+    varint(p.body.len(), &mut len);
+    1 + len.len() + p.body.len()
+}
+
+/// The MQTT 5 PUBLISH a raw packet holds, decoded by rumqttc.
+fn decode_publish5(p: &RawPacket) -> anyhow::Result<rumqttc::v5::mqttbytes::v5::Publish> {
+    let mut raw = bytes::BytesMut::from(&[p.byte1][..]);
+    let mut len = Vec::new();
+    varint(p.body.len(), &mut len);
+    raw.extend_from_slice(&len);
+    raw.extend_from_slice(&p.body);
+    match rumqttc::v5::mqttbytes::v5::Packet::read(&mut raw, None)? {
+        rumqttc::v5::mqttbytes::v5::Packet::Publish(p) => Ok(p),
+        other => anyhow::bail!("expected a PUBLISH, got {other:?}"),
+    }
+}
+
+/// A raw MQTT 5 subscriber to `filter` at QoS 0 that announced `max` as its
+/// Maximum Packet Size (MQTT 5 §3.1.2.11.4; none when `None`).
+async fn raw_subscriber(gw: &TestGateway, id: &str, max: Option<u32>, filter: &str) -> anyhow::Result<Raw> {
+    let props: Vec<u8> = max.map(|m| [&[0x27][..], &m.to_be_bytes()].concat()).unwrap_or_default();
+    let mut r = Raw::connect(gw.mqtt).await?;
+    r.send(&connect_packet(5, id, 30, None, &props)).await?;
+    let p = r.packet().await?.ok_or_else(|| anyhow::anyhow!("{id}: closed instead of CONNACK"))?;
+    anyhow::ensure!(p.connack_code() == Some(0), "{id}: {p:?}");
+    r.send(&subscribe_packet(Ver::V5, 1, filter, 0)).await?;
+    let p = r.packet().await?.ok_or_else(|| anyhow::anyhow!("{id}: closed instead of SUBACK"))?;
+    anyhow::ensure!(p.kind() == 9 && p.body.last() == Some(&0), "{id}: SUBACK {p:?}");
+    Ok(r)
+}
+
+/// MQTT 5 §3.1.2.11.4 at the exact boundary: a client whose Maximum Packet
+/// Size equals the PUBLISH's size gets it; one byte less, and that message
+/// (only) is discarded — the next one arrives, telling of the gap with the
+/// `switchboard-gap` user property, and the connection stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximum_packet_size_is_honoured_to_the_byte() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut probe = raw_subscriber(&gw, "mps-probe", None, "mps/#").await?;
+    let mut publisher = Mqtt::connect(gw.mqtt, Ver::V5, "mps-pub").await?;
+    // With the numbers: a 43-byte PUBLISH.
+    let payload = "x".repeat(33);
+    publisher.publish_ok("mps/t", 0, payload.clone()).await?;
+    let sized = probe.packet().await?.ok_or_else(|| anyhow::anyhow!("probe closed"))?;
+    let size = wire_size(&sized);
+    assert_eq!(size, 43, "{sized:?}");
+    assert_eq!(decode_publish5(&sized)?.payload, payload.as_bytes());
+
+    let mut exact = raw_subscriber(&gw, "mps-exact", Some(size as u32), "mps/#").await?;
+    let mut under = raw_subscriber(&gw, "mps-under", Some(size as u32 - 1), "mps/#").await?;
+    let mut roomy = raw_subscriber(&gw, "mps-64", Some(64), "mps/#").await?;
+    publisher.publish_ok("mps/t", 0, payload.clone()).await?;
+    publisher.publish_ok("mps/t", 0, "end").await?;
+    for (who, r) in [("exact", &mut exact), ("64", &mut roomy)] {
+        let got = r.packet().await?.ok_or_else(|| anyhow::anyhow!("{who}: closed"))?;
+        assert_eq!(wire_size(&got), size, "{who}: {got:?}");
+        assert_eq!(decode_publish5(&got)?.payload, payload.as_bytes(), "{who}");
+        let end = decode_publish5(&r.packet().await?.ok_or_else(|| anyhow::anyhow!("{who}: closed"))?)?;
+        assert_eq!(end.payload, "end".as_bytes(), "{who}");
+    }
+    let got = decode_publish5(&under.packet().await?.ok_or_else(|| anyhow::anyhow!("under: closed"))?)?;
+    assert_eq!(got.payload, "end".as_bytes(), "the oversize message was discarded, not the connection");
+    let props = got.properties.unwrap_or_default();
+    assert_eq!(props.user_properties, [("switchboard-gap".to_string(), "too_large".to_string())]);
+    // Still connected.
+    under.send(&PINGREQ).await?;
+    let pong = under.packet().await?.ok_or_else(|| anyhow::anyhow!("under: closed instead of PINGRESP"))?;
+    assert_eq!(pong.kind(), 13, "{pong:?}");
+    Ok(())
+}
+
+/// An MQTT 5 persistent session that missed more than history holds learns
+/// of it: the first message after the gap carries the `switchboard-gap`
+/// user property with the reason (`trimmed`); later ones do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_learns_of_a_gap_on_the_next_message() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| cfg.channels.history_size = 2).await?;
+    let opts = Opts { session_expiry: Some(300), ..Opts::new(Ver::V5, "gap-sub") };
+    let mut s = Mqtt::connect_with(gw.mqtt, opts.clone()).await?;
+    s.sub("gp/a", 1).await?;
+    let mut publisher = Mqtt::connect(gw.mqtt, Ver::V5, "gap-pub").await?;
+    publisher.publish_ok("gp/a", 1, "m0").await?;
+    let m = s.next_msg().await?;
+    assert_eq!((m.text().as_str(), m.user_properties()), ("m0", vec![]));
+    s.disconnect().await?;
+    eventually(WAIT, "the subscriber's connection to end", || async { gw.sessions() == 1 }).await?;
+
+    // Five while away: history keeps the last two, so m1 and m2 are lost.
+    publisher.publish_many("gp/a", 1, numbered("m", 5)).await?;
+    let mut s = Mqtt::connect_with(gw.mqtt, Opts { clean: false, ..opts }).await?;
+    assert!(s.session_present);
+    publisher.publish_ok("gp/a", 1, "live1").await?;
+    publisher.publish_ok("gp/a", 1, "live2").await?;
+    let first = s.next_msg().await?;
+    assert_eq!(first.text(), "live1");
+    assert_eq!(first.user_properties(), [("switchboard-gap".to_string(), "trimmed".to_string())]);
+    let second = s.next_msg().await?;
+    assert_eq!((second.text().as_str(), second.user_properties()), ("live2", vec![]));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_properties_and_headers() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;

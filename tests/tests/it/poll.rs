@@ -213,29 +213,36 @@ async fn cursor_is_stateless_across_connections_and_gateways() -> anyhow::Result
     assert_eq!(b.messages.iter().map(|e| (&e.payload[..], e.serial)).collect::<Vec<_>>(), [(&b"m3"[..], 4)]);
 
     // A second gateway process (new memory, new epochs) honours the cursor
-    // with an explicit gap, not an error or silence.
+    // with an explicit gap, not an error or silence, followed by what the
+    // new epoch already holds, from its first message.
     let gw2 = TestGateway::start().await?;
+    let (status, early) = rest_publish(&gw2.http, CH, "early", &[]).await?;
+    assert_eq!(status, 200, "{early}");
+    let epoch2 = early["epoch"].as_str().unwrap_or_default().to_string();
+    assert_ne!(epoch2, epoch1);
     let (status, body) = poll_raw(&gw2.http, &pq(&[CH], &[("cursor", &b.cursor), ("timeout", "5")])).await?;
     assert_eq!(status, 200, "{body}");
     let b2 = parse_batch(&body)?;
-    assert!(b2.messages.is_empty(), "{b2:?}");
     assert_eq!(b2.gaps.len(), 1, "{b2:?}");
     let gap = &b2.gaps[0];
     assert_eq!((gap.channel.as_str(), gap.reason.as_str()), (CH, "epoch_changed"));
     assert_eq!(gap.from, Some(proto::Position { epoch: epoch1.clone(), serial: 4 }));
-    let to = gap.to.clone().unwrap_or_default();
-    assert_ne!(to.epoch, epoch1);
-    assert_eq!(to.serial, 0);
+    assert_eq!(gap.to, Some(proto::Position { epoch: epoch2.clone(), serial: 0 }));
+    assert_eq!(
+        b2.messages.iter().map(|e| (&e.payload[..], e.epoch.as_str(), e.serial)).collect::<Vec<_>>(),
+        [(&b"early"[..], epoch2.as_str(), 1)],
+        "the new epoch from its first"
+    );
     assert_ne!(b2.cursor, b.cursor);
     // Its cursor carries on in the new epoch.
     let (status, ack) = rest_publish(&gw2.http, CH, "fresh", &[]).await?;
     assert_eq!(status, 200);
-    assert_eq!((ack["epoch"].as_str(), ack["serial"].as_u64()), (Some(to.epoch.as_str()), Some(1)));
+    assert_eq!((ack["epoch"].as_str(), ack["serial"].as_u64()), (Some(epoch2.as_str()), Some(2)));
     let b3 = poll(&gw2.http, &pq(&[CH], &[("cursor", &b2.cursor), ("timeout", "5")])).await?;
     assert!(b3.gaps.is_empty(), "{b3:?}");
     assert_eq!(
         b3.messages.iter().map(|e| (&e.payload[..], e.epoch.as_str(), e.serial)).collect::<Vec<_>>(),
-        [(&b"fresh"[..], to.epoch.as_str(), 1)]
+        [(&b"fresh"[..], epoch2.as_str(), 2)]
     );
     Ok(())
 }

@@ -166,7 +166,7 @@ async fn presence_events_reach_every_codec_and_rest_lists_members() -> anyhow::R
     assert_eq!(rest_members(&gw, "rooms/empty").await?, json!([]));
     let (status, body) = get_json(&format!("{}/v1/channels/a%2B/presence", gw.http)).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_channel")));
-    let (status, body) = get_json(&format!("{}/v1/channels/$x/presence", gw.http)).await?;
+    let (status, body) = get_json(&format!("{}/v1/channels/$SYS/presence", gw.http)).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (403, Some("reserved_channel")));
     Ok(())
 }

@@ -147,8 +147,11 @@ async fn trimmed_history_gives_a_gap_then_live_messages() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A position from another epoch (the channel's history was lost, e.g. a
+/// new gateway process): a gap first, then every message the new epoch
+/// holds from its first — not only what comes after the resume.
 #[tokio::test]
-async fn wrong_epoch_gives_an_epoch_changed_gap() -> anyhow::Result<()> {
+async fn wrong_epoch_gives_an_epoch_changed_gap_then_the_new_epoch_from_its_first() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
     let mut publisher = WsClient::connect(&gw.ws, Codec::Json, "pub").await?;
     for (codec, ch) in [(Codec::Json, "epoch/json"), (Codec::Proto, "epoch/proto")] {
@@ -162,10 +165,13 @@ async fn wrong_epoch_gives_an_epoch_changed_gap() -> anyhow::Result<()> {
         let want = proto::Gap {
             channel: ch.into(),
             from: Some(stale),
-            to: Some(pos(&ack.epoch, 3)),
+            to: Some(pos(&ack.epoch, 0)),
             reason: "epoch_changed".into(),
         };
         assert_eq!(gap, want, "{codec:?}");
+        let replayed = sub.messages(3).await?;
+        let got: Vec<(&str, u64, u64)> = replayed.iter().map(|m| (m.epoch.as_str(), m.serial, m.prev_serial)).collect();
+        assert_eq!(got, [(ack.epoch.as_str(), 1, 0), (ack.epoch.as_str(), 2, 1), (ack.epoch.as_str(), 3, 2)]);
         publisher.publish(ch, b"live", "").await?;
         let m = sub.next_message().await?;
         assert_eq!((m.serial, &m.payload[..]), (4, &b"live"[..]), "{codec:?}");

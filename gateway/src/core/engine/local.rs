@@ -903,14 +903,32 @@ impl LocalEngine {
                             replay = not_granted_before(floor, name, Some(pos.clone()), &ch.epoch, replay, &mut out);
                         }
                     }
-                    None => {
-                        let reason = if pos.epoch == ch.epoch.as_ref() { "trimmed" } else { "epoch_changed" };
+                    None if pos.epoch == ch.epoch.as_ref() => {
                         out.replay.push(Outbound::Gap(proto::Gap {
                             channel: name.clone(),
                             from: Some(pos.clone()),
                             to: Some(ch.position()),
-                            reason: reason.into(),
+                            reason: "trimmed".into(),
                         }));
+                    }
+                    None => {
+                        // Another epoch: what the client saw went with it,
+                        // but what the new epoch holds did not. The gap ends
+                        // just before the oldest message history holds, and
+                        // the replay is that history, from its first.
+                        let first = ch.history.front().map_or(ch.serial + 1, |d| d.envelope.serial);
+                        let to = proto::Position { epoch: ch.epoch.to_string(), serial: first - 1 };
+                        out.replay.push(Outbound::Gap(proto::Gap {
+                            channel: name.clone(),
+                            from: Some(pos.clone()),
+                            to: Some(to.clone()),
+                            reason: "epoch_changed".into(),
+                        }));
+                        replay = ch.history.iter().cloned().collect();
+                        // Without `history`, only the recovery window of it.
+                        if let Some(floor) = history_floor {
+                            replay = not_granted_before(floor, name, Some(to), &ch.epoch, replay, &mut out);
+                        }
                     }
                 }
             } else if let Some(since) = since {

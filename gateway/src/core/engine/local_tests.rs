@@ -547,22 +547,71 @@ fn recovery_after_age_trim_is_a_gap() {
     assert!(matches!(&out.replay[..], [Outbound::Gap(g)] if g.reason == "trimmed" && g.to == Some(pos(&epoch, 2))));
 }
 
+/// A position from another epoch: a gap that ends just before the new
+/// epoch's oldest message, then everything the new epoch holds, then live.
 #[test]
-fn recovery_with_another_epoch_is_an_epoch_changed_gap() {
+fn recovery_with_another_epoch_is_an_epoch_changed_gap_then_the_new_epoch() {
     let st = state();
     publish(&st, "e", "1", T0);
     let epoch = publish(&st, "e", "2", T0).epoch;
-    attach(&st, 1, "sub", BIG);
+    let ob = attach(&st, 1, "sub", BIG);
     // An old epoch, even with a serial beyond the current one, is not "ahead".
     let out = subscribe(&st, 1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), T0);
-    assert_eq!(out.replay.len(), 1);
-    let Outbound::Gap(gap) = &out.replay[0] else { panic!("expected a gap") };
+    assert_eq!(out.replay.len(), 3, "{:?}", out.replay);
+    let Outbound::Gap(gap) = &out.replay[0] else { panic!("expected a gap first") };
     assert_eq!(gap.channel, "e");
     assert_eq!(gap.from, Some(pos("oldepoch00", 7)));
-    assert_eq!(gap.to, Some(pos(&epoch, 2)));
+    assert_eq!(gap.to, Some(pos(&epoch, 0)));
     assert_eq!(gap.reason, "epoch_changed");
+    assert_eq!(serials(&out.replay[1..]), vec![1, 2]);
+    assert_eq!(payloads(&out.replay[1..]), vec!["1", "2"]);
     assert!(!out.subscribed.channels[0].recovered);
     assert_eq!(st.stats().subscriptions, 1);
+    publish(&st, "e", "3", T0);
+    assert_eq!(serials(&drain(&ob)), vec![3], "live after the replay");
+}
+
+/// Without `history` (a history floor: the recovery window), the new
+/// epoch's messages older than the floor are held back behind a
+/// `not_granted` gap, as in any other recovery.
+#[test]
+fn recovery_with_another_epoch_keeps_to_the_history_floor() {
+    let st = state();
+    publish(&st, "e", "old", T0);
+    let epoch = publish(&st, "e", "old2", T0 + 1).epoch;
+    publish(&st, "e", "new", T0 + 10_000);
+    attach(&st, 1, "sub", BIG);
+    let out = st.subscribe_with(1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), Some(T0 + 5_000), T0 + 10_000);
+    let out = out.expect("subscribe succeeds");
+    let gaps: Vec<(String, Option<proto::Position>)> = out
+        .replay
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::Gap(g) => Some((g.reason.clone(), g.to.clone())),
+            Outbound::Message(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        gaps,
+        [("epoch_changed".to_string(), Some(pos(&epoch, 0))), ("not_granted".to_string(), Some(pos(&epoch, 2)))]
+    );
+    assert_eq!(serials(&out.replay[2..]), vec![3]);
+}
+
+/// When the new epoch's history is trimmed too, the gap ends before the
+/// oldest message it still holds.
+#[test]
+fn recovery_with_another_epoch_replays_what_trimmed_history_holds() {
+    let st = state_with_rules(vec![rule("t", policy(2, 600, SlowPolicy::Disconnect))]);
+    let mut epoch = String::new();
+    for i in 1..=5 {
+        epoch = publish(&st, "t", &i.to_string(), T0).epoch;
+    }
+    attach(&st, 1, "sub", BIG);
+    let out = subscribe(&st, 1, &sub_from("t", &[("t", pos("oldepoch00", 2))]), T0);
+    let Outbound::Gap(gap) = &out.replay[0] else { panic!("expected a gap first: {:?}", out.replay) };
+    assert_eq!((gap.reason.as_str(), gap.to.clone()), ("epoch_changed", Some(pos(&epoch, 3))));
+    assert_eq!(serials(&out.replay[1..]), vec![4, 5]);
 }
 
 #[test]
@@ -905,11 +954,24 @@ fn retained_value_is_not_duplicated_by_recovery_or_rewind() {
     let out = subscribe(&st, 1, &with(sub_rewind("r", 1, 0)), T0);
     assert_eq!(serials(&out.replay), vec![2, 3]);
 
-    // A gap still tells the client the last value.
+    // After an epoch change the replay is the new epoch from its first,
+    // which covers the retained value: once, in order.
     let out = subscribe(&st, 1, &with(sub_from("r", &[("r", pos("oldepoch00", 1))])), T0);
     assert!(matches!(&out.replay[0], Outbound::Gap(g) if g.reason == "epoch_changed"));
+    assert_eq!(serials(&out.replay[1..]), vec![1, 2, 3]);
+}
+
+#[test]
+fn a_trimmed_gap_still_tells_the_client_the_last_value() {
+    let st = state_with_rules(vec![rule("r", policy(1, 600, SlowPolicy::Disconnect))]);
+    let epoch = publish(&st, "r", "1", T0).epoch;
+    publish_retained(&st, "r", "retained-2", T0);
+    publish(&st, "r", "3", T0);
+    attach(&st, 1, "sub", BIG);
+    let req = proto::Subscribe { retained: true, ..sub_from("r", &[("r", pos(&epoch, 0))]) };
+    let out = subscribe(&st, 1, &req, T0);
+    assert!(matches!(&out.replay[0], Outbound::Gap(g) if g.reason == "trimmed"), "{:?}", out.replay);
     assert_eq!(serials(&out.replay[1..]), vec![2]);
-    assert_eq!(out.replay.len(), 2);
 }
 
 // ---------------------------------------------------------------- presence

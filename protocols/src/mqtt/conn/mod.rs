@@ -111,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(crate) async fn resume_and_flush(&mut self) -> Result<(), Stop> {
         if let Some(since) = self.resume_since {
             for t in self.state.resend() {
-                self.write_transmit(t);
+                self.write_transmit(t, None);
             }
             let subs = self.state.subs.clone();
             for sub in subs {
@@ -219,8 +219,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Ok(())
     }
 
-    /// Ends the connection: DISCONNECT (MQTT 5), the will, the session store.
+    /// Ends the connection: DISCONNECT (MQTT 5), the will, the session store,
+    /// the core session; then, when the server closed (not the client, not
+    /// a dead transport), a lingering close, so that what was written last
+    /// reaches a client that is still sending.
     pub(crate) async fn finish(mut self, stop: Stop) {
+        let mut linger = matches!(stop, Stop::Disconnect(_) | Stop::TakenOver(_));
         let (end, handover) = match stop {
             Stop::ClientDisconnect(r) => {
                 if let Some(s) = &mut self.session {
@@ -234,14 +238,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 if self.v5() {
                     self.push(Outgoing::Disconnect(r));
                 }
-                let _ = self.io.flush().await;
+                linger &= self.io.flush().await.is_ok();
                 (End::Abrupt, None)
             }
             Stop::TakenOver(h) => {
                 if self.v5() {
                     self.push(Outgoing::Disconnect(reason::SESSION_TAKEN_OVER));
                 }
-                let _ = self.io.flush().await;
+                linger &= self.io.flush().await.is_ok();
                 (End::TakenOver, Some(h))
             }
             Stop::Gone => (End::Abrupt, None),
@@ -263,7 +267,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             None => self.sessions.release(&self.client_id, self.ticket.conn, stored, self.session_expiry, now),
         }
         debug!(?end, persistent, "connection ended");
-        // `self.session` (if still here) drops: core.close(.., clean or abrupt).
+        // The core session (if still here) ends now, not after the linger:
+        // core.close(.., clean or abrupt).
+        drop(self.session.take());
+        if linger {
+            self.io.close_lingering().await;
+        }
     }
 
     pub(crate) async fn publish_will(&mut self, end: End) {

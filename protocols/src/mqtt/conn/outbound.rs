@@ -1,9 +1,10 @@
 //! Deliveries to the client: the outbox drained into the session's queue,
 //! what the inflight window allows turned into PUBLISH packets (topic
-//! aliases, subscription ids, the client's maximum packet size), presence
-//! events as JSON, and one write per batch.
+//! aliases, subscription ids, the client's maximum packet size, gaps as a
+//! user property), presence events as JSON, and one write per batch.
 
 use super::*;
+use session::Verdict;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Queues one outbox or replay item for this client. `retained_replay`
@@ -12,12 +13,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(crate) fn queue(&mut self, item: Outbound, retained_replay: bool) -> Result<(), Stop> {
         let d = match item {
             Outbound::Gap(g) => {
-                // MQTT has no way to say "you missed messages": log it and
-                // carry on from where the channel is now.
-                info!(channel = %g.channel, reason = %g.reason, "history gap; MQTT cannot signal it to the client");
-                if let Some(to) = g.to {
-                    self.state.advance(&g.channel, &to.epoch, to.serial);
+                // MQTT 5: the channel's next message carries the reason as a
+                // user property. MQTT 3.1.1 has no way to say it: logged.
+                if self.v5() {
+                    debug!(channel = %g.channel, reason = %g.reason, "history gap; told with the next message");
+                } else {
+                    info!(channel = %g.channel, reason = %g.reason, "history gap; MQTT 3.1.1 cannot signal it");
                 }
+                self.state.handle_gap(&g.channel, &g.reason, g.to.as_ref());
                 return Ok(());
             }
             Outbound::Message(d) => d,
@@ -34,7 +37,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let qos = session::effective_qos(env.qos, route.qos);
         let retain = is_retained_value || (route.retain_as_published && env.retain);
         let delivery = if env.kind != proto::Kind::Message as i32 { presence_delivery(&d) } else { d };
-        let msg = Queued { delivery, qos, retain, sub_ids: route.ids };
+        let msg = Queued { delivery, qos, retain, sub_ids: route.ids, gap: None };
         if let Err(e) = self.state.handle_delivery(msg, self.cfg.max_queued_bytes) {
             info!(error = %e, "slow consumer: outbound queue full");
             return Err(Stop::Disconnect(reason::QUOTA_EXCEEDED));
@@ -42,48 +45,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Ok(())
     }
 
-    /// Builds the PUBLISH for a queued message.
-    pub(crate) fn build_publish(
-        &mut self,
-        pkid: u16,
-        dup: bool,
-        msg: &Queued,
-        now_ms: u64,
-        assign_alias: bool,
-    ) -> codec::Publish {
-        let env = &msg.delivery.envelope;
-        let mut props = codec::PublishProps::default();
-        let mut topic = msg.delivery.channel_bytes().clone();
-        if self.v5() {
-            props.payload_utf8 = env.payload_utf8;
-            if env.message_expiry > 0 {
-                let elapsed = now_ms.saturating_sub(env.timestamp.max(0) as u64) / 1000;
-                props.message_expiry = Some(env.message_expiry.saturating_sub(elapsed as u32).max(1));
-            }
-            props.response_topic = (!env.response_topic.is_empty()).then(|| env.response_topic.clone());
-            props.correlation_data = (!env.correlation_data.is_empty()).then(|| env.correlation_data.clone());
-            props.content_type = (!env.content_type.is_empty()).then(|| env.content_type.clone());
-            props.user_properties = env.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            props.subscription_ids = msg.sub_ids.clone();
-            if assign_alias {
-                match self.out_aliases.assign(&env.channel) {
-                    AliasUse::None => {}
-                    AliasUse::New(a) => props.topic_alias = Some(a),
-                    AliasUse::Existing(a) => {
-                        props.topic_alias = Some(a);
-                        topic = Bytes::new();
-                    }
-                }
-            }
-        }
-        codec::Publish { dup, qos: msg.qos, retain: msg.retain, topic, pkid, payload: env.payload.clone(), props }
-    }
-
-    pub(crate) fn write_transmit(&mut self, t: Transmit) {
+    /// Writes one transmit. `alias` is the topic alias decided when the
+    /// PUBLISH was sized ([`fit`]); `None` (a resend) decides it here.
+    pub(crate) fn write_transmit(&mut self, t: Transmit, alias: Option<AliasUse>) {
         match t {
             Transmit::PubRel(pkid) => self.push(Outgoing::PubRel(pkid)),
             Transmit::Publish { pkid, dup, msg } => {
-                let p = self.build_publish(pkid, dup, &msg, now_ms(), true);
+                let alias = match alias {
+                    Some(a) => a,
+                    None if self.v5() => self.out_aliases.assign(&msg.delivery.envelope.channel),
+                    None => AliasUse::None,
+                };
+                let p = publish_packet(self.version, pkid, dup, &msg, now_ms(), alias);
                 self.push(Outgoing::Publish(p));
                 self.io.delivered += 1;
             }
@@ -116,36 +89,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let now = now_ms();
         let version = self.version;
         let max = self.client_max_packet;
+        let aliases = &mut self.out_aliases;
+        // The alias each sent PUBLISH was sized with, in transmit order.
+        let mut chosen: Vec<AliasUse> = Vec::new();
         let transmits = self.state.poll_transmit(self.window, |q| {
             let env = &q.delivery.envelope;
             if env.message_expiry > 0 && now >= (env.timestamp.max(0) as u64) + u64::from(env.message_expiry) * 1000 {
                 debug!(channel = %env.channel, serial = env.serial, "message expired before delivery");
-                return false;
+                return Verdict::Skip;
             }
-            if max != usize::MAX {
-                let probe = codec::Publish {
-                    qos: q.qos,
-                    retain: q.retain,
-                    topic: q.delivery.channel_bytes().clone(),
-                    pkid: 1,
-                    payload: env.payload.clone(),
-                    ..Default::default()
-                };
-                // Properties add a little; headers are counted generously.
-                let extra: usize = env.headers.iter().map(|(k, v)| k.len() + v.len() + 5).sum::<usize>()
-                    + env.content_type.len()
-                    + env.response_topic.len()
-                    + env.correlation_data.len()
-                    + 32;
-                if codec::publish_size(version, &probe) + extra > max {
-                    debug!(channel = %env.channel, max, "message larger than the client's maximum packet size; skipped");
-                    return false;
+            match fit(version, max, now, q, aliases) {
+                Some(alias) => {
+                    chosen.push(alias);
+                    Verdict::Send
+                }
+                None => {
+                    debug!(channel = %env.channel, max, "over the client's maximum packet size; discarded");
+                    Verdict::Discard("too_large")
                 }
             }
-            true
         });
-        for t in transmits {
-            self.write_transmit(t);
+        for (t, alias) in transmits.into_iter().zip(chosen) {
+            self.write_transmit(t, Some(alias));
         }
         self.io.flush().await?;
         match closed {
@@ -156,6 +121,81 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             None => Ok(()),
         }
     }
+}
+
+/// The PUBLISH for a queued message, its topic named as `alias` says; MQTT 5
+/// properties on a v5 connection only. Pure: the caller decides the alias
+/// (and records it), so a packet can be sized before it is sent.
+pub(crate) fn publish_packet(
+    version: Version,
+    pkid: u16,
+    dup: bool,
+    msg: &Queued,
+    now_ms: u64,
+    alias: AliasUse,
+) -> codec::Publish {
+    let env = &msg.delivery.envelope;
+    let mut props = codec::PublishProps::default();
+    let mut topic = msg.delivery.channel_bytes().clone();
+    if version == Version::V5 {
+        props.payload_utf8 = env.payload_utf8;
+        if env.message_expiry > 0 {
+            let elapsed = now_ms.saturating_sub(env.timestamp.max(0) as u64) / 1000;
+            props.message_expiry = Some(env.message_expiry.saturating_sub(elapsed as u32).max(1));
+        }
+        props.response_topic = (!env.response_topic.is_empty()).then(|| env.response_topic.clone());
+        props.correlation_data = (!env.correlation_data.is_empty()).then(|| env.correlation_data.clone());
+        props.content_type = (!env.content_type.is_empty()).then(|| env.content_type.clone());
+        props.user_properties =
+            env.headers.iter().filter(|(k, _)| *k != GAP_PROPERTY).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(reason) = &msg.gap {
+            props.user_properties.push((GAP_PROPERTY.to_string(), reason.clone()));
+        }
+        props.subscription_ids = msg.sub_ids.clone();
+        match alias {
+            AliasUse::None => {}
+            AliasUse::New(a) => props.topic_alias = Some(a),
+            AliasUse::Existing(a) => {
+                props.topic_alias = Some(a);
+                topic = Bytes::new();
+            }
+        }
+    }
+    codec::Publish { dup, qos: msg.qos, retain: msg.retain, topic, pkid, payload: env.payload.clone(), props }
+}
+
+/// How a message goes out within the client's Maximum Packet Size `max`
+/// (MQTT 5 §3.1.2.11.4): the topic alias to send it with (recorded in
+/// `aliases` when new), or `None` when even its smallest form is larger,
+/// so it must be discarded. The size is the exact encoded size of the
+/// PUBLISH that would be written: properties, alias and packet id included.
+pub(crate) fn fit(
+    version: Version,
+    max: usize,
+    now_ms: u64,
+    msg: &Queued,
+    aliases: &mut OutboundAliases,
+) -> Option<AliasUse> {
+    let topic = &msg.delivery.envelope.channel;
+    if version != Version::V5 {
+        // 3.1.1 clients announce no maximum.
+        return Some(AliasUse::None);
+    }
+    let alias = aliases.peek(topic);
+    // The packet id's value does not change the size; 1 sizes one in.
+    let size = |alias| codec::publish_size(version, &publish_packet(version, 1, false, msg, now_ms, alias));
+    let alias = if max == usize::MAX || size(alias) <= max {
+        alias
+    } else if matches!(alias, AliasUse::New(_)) && size(AliasUse::None) <= max {
+        // A new alias adds its property; the topic alone still fits.
+        AliasUse::None
+    } else {
+        return None;
+    };
+    if let AliasUse::New(_) = alias {
+        aliases.assign(topic);
+    }
+    Some(alias)
 }
 
 /// Presence events on `$presence/...` as JSON for MQTT subscribers.
@@ -194,4 +234,76 @@ pub(crate) fn presence_delivery(d: &Arc<Delivery>) -> Arc<Delivery> {
         payload_utf8: true,
         ..env.clone()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message with every property that changes the PUBLISH's size.
+    fn message(gap: Option<&str>) -> Queued {
+        let env = proto::Envelope {
+            channel: "sensors/7/temp".into(),
+            payload: Bytes::from_static(b"21.5"),
+            content_type: "text/plain".into(),
+            payload_utf8: true,
+            headers: [("trace".to_string(), "t-1".to_string())].into_iter().collect(),
+            correlation_data: Bytes::from_static(b"c"),
+            ..Default::default()
+        };
+        Queued { delivery: Delivery::new(env), qos: 1, retain: false, sub_ids: vec![200], gap: gap.map(str::to_string) }
+    }
+
+    fn encoded_len(msg: &Queued, alias: AliasUse) -> usize {
+        let mut buf = BytesMut::new();
+        let p = publish_packet(Version::V5, 77, false, msg, 0, alias);
+        codec::encode(Version::V5, &Outgoing::Publish(p), &mut buf).unwrap();
+        buf.len()
+    }
+
+    /// MQTT 5 §3.1.2.11.4 at the exact boundary: a PUBLISH of exactly the
+    /// maximum goes out, one byte less discards it.
+    #[test]
+    fn fits_exactly_at_the_maximum_packet_size() {
+        for gap in [None, Some("epoch_changed")] {
+            let msg = message(gap);
+            let len = encoded_len(&msg, AliasUse::None);
+            let mut aliases = OutboundAliases::new(0);
+            assert_eq!(fit(Version::V5, len, 0, &msg, &mut aliases), Some(AliasUse::None), "{gap:?}");
+            assert_eq!(fit(Version::V5, len - 1, 0, &msg, &mut aliases), None, "{gap:?}");
+        }
+    }
+
+    /// A new topic alias adds three bytes: when only the alias makes the
+    /// packet too large, it goes without one (and no alias is recorded);
+    /// an existing alias drops the topic and may make it fit.
+    #[test]
+    fn topic_aliases_are_part_of_the_size() {
+        let msg = message(None);
+        let plain = encoded_len(&msg, AliasUse::None);
+        assert_eq!(encoded_len(&msg, AliasUse::New(1)), plain + 3);
+        let mut aliases = OutboundAliases::new(4);
+        assert_eq!(fit(Version::V5, plain + 2, 0, &msg, &mut aliases), Some(AliasUse::None));
+        assert_eq!(aliases.peek("sensors/7/temp"), AliasUse::New(1), "nothing recorded");
+        assert_eq!(fit(Version::V5, plain + 3, 0, &msg, &mut aliases), Some(AliasUse::New(1)));
+        let short = encoded_len(&msg, AliasUse::Existing(1));
+        assert!(short < plain, "{short} {plain}");
+        assert_eq!(fit(Version::V5, short, 0, &msg, &mut aliases), Some(AliasUse::Existing(1)));
+        assert_eq!(fit(Version::V5, short - 1, 0, &msg, &mut aliases), None);
+    }
+
+    #[test]
+    fn gaps_are_a_user_property_publishers_cannot_forge() {
+        let mut msg = message(Some("trimmed"));
+        let env = proto::Envelope {
+            headers: [(GAP_PROPERTY.to_string(), "forged".to_string())].into_iter().collect(),
+            ..msg.delivery.envelope.clone()
+        };
+        msg.delivery = Delivery::new(env);
+        let p = publish_packet(Version::V5, 1, false, &msg, 0, AliasUse::None);
+        assert_eq!(p.props.user_properties, [(GAP_PROPERTY.to_string(), "trimmed".to_string())]);
+        msg.gap = None;
+        let p = publish_packet(Version::V5, 1, false, &msg, 0, AliasUse::None);
+        assert!(p.props.user_properties.is_empty());
+    }
 }
