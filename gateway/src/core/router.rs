@@ -765,12 +765,20 @@ impl Core for Router {
         // The session's own lock on the hot path: the rate check and the
         // caller's rights.
         let entry = self.entry(session)?;
-        let (caps, allowed) = {
+        let (caps, allowed, expires_at) = {
             let mut r = entry.rights.lock();
             let allowed = r.bucket.take(std::time::Instant::now());
-            (r.caps.clone(), allowed)
+            (r.caps.clone(), allowed, r.expires_at)
         };
         let caller = entry.caller.clone();
+        // A session whose token expired publishes nothing more, even before
+        // the sweep closes it — a delayed MQTT will among others.
+        if let Some(exp) = expires_at {
+            let leeway = self.auth.as_ref().map_or(0, Verifier::leeway_secs);
+            if exp.saturating_add(leeway) < (now_ms() / 1000) as u64 {
+                return Err(CoreError::new(ErrorCode::Unauthorized, "the connection's token has expired"));
+            }
+        }
         if !allowed {
             return Err(self.rate_limited(&caller));
         }

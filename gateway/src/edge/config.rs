@@ -307,6 +307,9 @@ pub struct MqttSection {
     pub max_queued_bytes: usize,
     /// Most persistent sessions stored at once.
     pub max_sessions: usize,
+    /// Most MQTT 5 delayed wills waiting on the node (one per client id at
+    /// most); over it a will is published at once, as if its delay were 0.
+    pub max_delayed_wills: usize,
 }
 
 impl Default for MqttSection {
@@ -323,6 +326,7 @@ impl Default for MqttSection {
             read_buffer: d.read_buffer_size,
             max_queued_bytes: d.max_queued_bytes,
             max_sessions: d.max_sessions,
+            max_delayed_wills: 100_000,
         }
     }
 }

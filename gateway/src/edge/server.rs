@@ -160,7 +160,11 @@ impl Gateway {
 
         // One persistent-session store for MQTT over TCP and over WebSocket.
         let mqtt_cfg = Arc::new(config.mqtt.front_end());
-        let limits = StoreLimits { max_sessions: mqtt_cfg.max_sessions, expiry_max: mqtt_cfg.session_expiry_max };
+        let limits = StoreLimits {
+            max_sessions: mqtt_cfg.max_sessions,
+            expiry_max: mqtt_cfg.session_expiry_max,
+            max_delayed_wills: config.mqtt.max_delayed_wills,
+        };
         let mqtt_sessions = Arc::new(match &disk {
             Some(store) => MqttSessions::on_disk(
                 limits,

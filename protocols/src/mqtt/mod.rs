@@ -206,7 +206,7 @@ use codec::{CodecError, Outgoing, Packet, Version, reason};
 use session::{
     AliasUse, End, InboundAliases, Keepalive, OutboundAliases, Queued, SessionState, Subscription, Transmit,
 };
-pub use store::{Claim, Handover, SessionStore, StoredSession, Ticket};
+pub use store::{Claim, DelayedWill, Handover, SessionStore, StoredSession, Ticket};
 pub use ws::serve_ws;
 
 use conn::*;

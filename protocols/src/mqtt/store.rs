@@ -76,9 +76,23 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     }
     /// The longest a session may be kept.
     fn expiry_max(&self) -> Duration;
-    /// Registers a delayed will; returns its token for [`Self::take_will`].
-    fn delay_will(&self, client_id: &str) -> u64;
+    /// Registers a delayed will, replacing (and cancelling) any other of
+    /// the same client. `None` when the node already holds its maximum of
+    /// delayed wills: the caller publishes the will at once instead.
+    fn delay_will(&self, client_id: &str) -> Option<DelayedWill>;
     /// True (once) if the delayed will `token` is still due: the client did
     /// not reconnect in the meantime.
     fn take_will(&self, client_id: &str, token: u64) -> bool;
+}
+
+/// A delayed will as registered: its token for [`SessionStore::take_will`],
+/// and the signal that it was cancelled (by a reconnect of its client, or a
+/// newer will of the same client), so whoever waits for the delay stops
+/// waiting, and lets go of what it holds, at once.
+#[derive(Debug, Clone)]
+pub struct DelayedWill {
+    /// For [`SessionStore::take_will`].
+    pub token: u64,
+    /// Notified when the will is cancelled.
+    pub cancelled: std::sync::Arc<tokio::sync::Notify>,
 }

@@ -311,10 +311,10 @@ impl SessionStore for FakeSessions {
         Duration::from_secs(3600)
     }
 
-    fn delay_will(&self, client_id: &str) -> u64 {
+    fn delay_will(&self, client_id: &str) -> Option<super::DelayedWill> {
         let token = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         self.wills.lock().insert(client_id.into(), token);
-        token
+        Some(super::DelayedWill { token, cancelled: Arc::new(tokio::sync::Notify::new()) })
     }
 
     fn take_will(&self, client_id: &str, token: u64) -> bool {

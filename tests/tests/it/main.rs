@@ -44,4 +44,5 @@ mod presence;
 mod recovery;
 mod smoke;
 mod sse_http2;
+mod wills;
 mod wt;

@@ -259,7 +259,7 @@ fn a_damaged_store_is_a_clear_error_naming_the_directory() {
 fn mqtt_sessions_come_back_from_their_last_checkpoint() {
     let dir = TempDir::new("mqtt");
     let o = opts(&dir.0, SyncPolicy::Interval);
-    let limits = StoreLimits { max_sessions: 10, expiry_max: Duration::from_secs(3600) };
+    let limits = StoreLimits { max_sessions: 10, expiry_max: Duration::from_secs(3600), max_delayed_wills: 10 };
     let (store, _) = open(&o);
     let now = tokio::time::Instant::now();
     let sessions = MqttSessions::on_disk(limits, store.clone(), now, T0 as u64);

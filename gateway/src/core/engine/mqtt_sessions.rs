@@ -31,7 +31,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use prost::Message as _;
 use switchboard_protocols::mqtt::session::{SessionRecord, SessionState};
-use switchboard_protocols::mqtt::{Claim, Handover, SessionStore, StoredSession, Ticket};
+use switchboard_protocols::mqtt::{Claim, DelayedWill, Handover, SessionStore, StoredSession, Ticket};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::info;
@@ -66,6 +66,8 @@ pub struct StoreLimits {
     pub max_sessions: usize,
     /// Longest a stored session is kept.
     pub expiry_max: Duration,
+    /// Most delayed wills waiting on the node (one per client id at most).
+    pub max_delayed_wills: usize,
 }
 
 /// The persistent-session store (see the module docs).
@@ -73,8 +75,8 @@ pub struct StoreLimits {
 pub struct MqttSessions {
     limits: StoreLimits,
     slots: Mutex<HashMap<String, Slot>>,
-    /// Client id → token of the delayed will waiting for it.
-    wills: Mutex<HashMap<String, u64>>,
+    /// Client id → the delayed will waiting for it.
+    wills: Mutex<HashMap<String, DelayedWill>>,
     next: AtomicU64,
     disk: Option<Arc<DiskStore>>,
 }
@@ -160,6 +162,13 @@ impl MqttSessions {
     }
 }
 
+impl MqttSessions {
+    /// Delayed wills waiting now.
+    pub fn delayed_wills(&self) -> usize {
+        self.wills.lock().len()
+    }
+}
+
 impl SessionStore for MqttSessions {
     fn expiry_max(&self) -> Duration {
         self.limits.expiry_max
@@ -169,7 +178,9 @@ impl SessionStore for MqttSessions {
     /// the same client (MQTT 5 §3.1.3.2.2: a reconnect before the delay
     /// ends means the will is not sent).
     fn claim(&self, client_id: &str, now: Instant) -> (Ticket, Claim) {
-        self.wills.lock().remove(client_id);
+        if let Some(w) = self.wills.lock().remove(client_id) {
+            w.cancelled.notify_one();
+        }
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
         let (kick_tx, kick) = oneshot::channel();
         let new = Slot::Live { conn, kick: Some(kick_tx) };
@@ -246,18 +257,27 @@ impl SessionStore for MqttSessions {
         }
     }
 
-    /// Registers a delayed will; returns its token for [`Self::take_will`].
-    fn delay_will(&self, client_id: &str) -> u64 {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
-        self.wills.lock().insert(client_id.to_string(), token);
-        token
+    /// Registers a delayed will (see [`SessionStore::delay_will`]).
+    fn delay_will(&self, client_id: &str) -> Option<DelayedWill> {
+        let mut wills = self.wills.lock();
+        if !wills.contains_key(client_id) && wills.len() >= self.limits.max_delayed_wills {
+            return None;
+        }
+        let will = DelayedWill {
+            token: self.next.fetch_add(1, Ordering::Relaxed),
+            cancelled: Arc::new(tokio::sync::Notify::new()),
+        };
+        if let Some(old) = wills.insert(client_id.to_string(), will.clone()) {
+            old.cancelled.notify_one();
+        }
+        Some(will)
     }
 
     /// True (once) if the delayed will `token` is still due: the client did
     /// not reconnect in the meantime.
     fn take_will(&self, client_id: &str, token: u64) -> bool {
         let mut wills = self.wills.lock();
-        if wills.get(client_id) == Some(&token) {
+        if wills.get(client_id).is_some_and(|w| w.token == token) {
             wills.remove(client_id);
             return true;
         }
@@ -271,7 +291,11 @@ mod tests {
     use switchboard_protocols::mqtt::session::Subscription;
 
     fn store(max: usize) -> MqttSessions {
-        MqttSessions::with_limits(StoreLimits { max_sessions: max, expiry_max: Duration::from_secs(100) })
+        MqttSessions::with_limits(StoreLimits {
+            max_sessions: max,
+            expiry_max: Duration::from_secs(100),
+            max_delayed_wills: 2,
+        })
     }
 
     fn session(filter: &str) -> Box<StoredSession> {
@@ -349,14 +373,33 @@ mod tests {
         assert!(matches!(st.claim("a", t0).1, Claim::Resumed(_)));
     }
 
-    #[test]
-    fn reconnect_cancels_a_delayed_will() {
+    /// A reconnect cancels a delayed will and wakes its waiter at once; a
+    /// newer will of the same client replaces the older one (#13 item 7: a
+    /// client reconnecting in a loop held one waiting will per connection).
+    #[tokio::test]
+    async fn reconnect_cancels_a_delayed_will_at_once() {
         let st = store(2);
-        let token = st.delay_will("a");
-        assert!(st.take_will("a", token));
-        assert!(!st.take_will("a", token), "only once");
-        let token = st.delay_will("a");
+        let w = st.delay_will("a").expect("room");
+        assert!(st.take_will("a", w.token));
+        assert!(!st.take_will("a", w.token), "only once");
+        let w = st.delay_will("a").expect("room");
         let _ = st.claim("a", Instant::now());
-        assert!(!st.take_will("a", token));
+        tokio::time::timeout(Duration::from_secs(1), w.cancelled.notified()).await.expect("the waiter is woken");
+        assert!(!st.take_will("a", w.token));
+        let first = st.delay_will("b").expect("room");
+        let second = st.delay_will("b").expect("a newer will replaces the first");
+        tokio::time::timeout(Duration::from_secs(1), first.cancelled.notified()).await.expect("the first is cancelled");
+        assert!(!st.take_will("b", first.token) && st.take_will("b", second.token));
+    }
+
+    /// The node holds at most `max_delayed_wills` (here 2): one more is
+    /// refused, and the caller publishes it at once.
+    #[test]
+    fn delayed_wills_are_capped_per_node() {
+        let st = store(2);
+        assert!(st.delay_will("a").is_some() && st.delay_will("b").is_some());
+        assert!(st.delay_will("c").is_none(), "a third client's will");
+        assert!(st.delay_will("a").is_some(), "replacing a held one is not one more");
+        assert_eq!(st.delayed_wills(), 2);
     }
 }

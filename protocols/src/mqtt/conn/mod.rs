@@ -288,16 +288,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
             session::WillAction::After(delay) => {
+                let Some(delayed) = self.sessions.delay_will(&self.client_id) else {
+                    // The node holds its maximum of delayed wills: this one
+                    // goes now, as if its delay were 0.
+                    info!(
+                        limit = "delayed_wills",
+                        "the node holds its maximum of delayed wills; will published at once"
+                    );
+                    metrics::counter!("switchboard_limit_exceeded_total", "limit" => "delayed_wills", "protocol" => "mqtt")
+                        .increment(1);
+                    let id = self.handle_id();
+                    if let Err(e) = self.core.publish(id, will.publish).await {
+                        info!(error = %e, "will refused by the core");
+                    }
+                    return;
+                };
                 // The core session stays open until the will is decided: it
-                // is the publisher.
+                // is the publisher. A reconnect (or a newer will) cancels the
+                // wait at once, so a client reconnecting in a loop holds one
+                // waiting will, not one per connection.
                 let Some(session) = self.session.take() else { return };
-                let token = self.sessions.delay_will(&self.client_id);
                 let sessions = Arc::clone(&self.sessions);
                 let client_id = self.client_id.clone();
                 debug!(?delay, "will delayed");
                 tokio::spawn(
                     async move {
-                        tokio::time::sleep(delay).await;
+                        let token = delayed.token;
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = delayed.cancelled.notified() => {}
+                        }
                         if sessions.take_will(&client_id, token) {
                             match session.core.publish(session.handle.id, will.publish).await {
                                 Ok(_) => debug!("delayed will published"),
