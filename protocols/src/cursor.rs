@@ -4,8 +4,8 @@
 //! SSE sends it as each event's `id:`, so a browser's automatic reconnect
 //! (`Last-Event-ID`) resumes every channel of the stream with no client code;
 //! long polling returns it in each response and takes it back on the next
-//! poll. It is self-contained: any gateway node can resume from it, with no
-//! server-side state.
+//! poll. It is self-contained: the gateway resumes from it on any
+//! connection, with no server-side state.
 //!
 //! # Format (version 1)
 //!

@@ -3,7 +3,7 @@
 //! Stateless: a poll opens a session, resumes every channel from the
 //! request's cursor (see [`crate::stream`]), answers at once when messages
 //! exist after it, and otherwise waits up to the timeout for new ones. The
-//! response carries a new self-contained cursor, so any gateway node can
+//! response carries a new self-contained cursor, so any connection can
 //! serve the next poll — no sticky session, no server-side mailbox. As an
 //! optimisation only, the session may be kept for the next poll on the same
 //! keep-alive connection ([`KeptPoll`]).
