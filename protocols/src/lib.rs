@@ -8,6 +8,7 @@
 pub mod cursor;
 pub mod deadline;
 mod frames;
+pub mod heavy;
 pub mod linger;
 pub mod mqtt;
 pub mod origin;

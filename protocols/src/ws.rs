@@ -709,6 +709,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.push_error(req, ErrorCode::NotConnected, "the first frame must be connect".into());
             return Err(Stop::Disconnect(CloseReason::CONNECT_EXPECTED));
         };
+        // A history page is built and encoded in its turn (crate::heavy).
+        let _turn = match &frame {
+            client_frame::Frame::History(_) => crate::heavy::turn().await,
+            _ => None,
+        };
         match answer(self.core.as_ref(), session.handle.id, frame).await {
             Ok(Answer::Reply(body)) => self.push_reply(req, *body),
             Ok(Answer::Subscribed(outcome)) => {

@@ -118,6 +118,41 @@ enum Parsed {
     Ours(Box<Head>),
 }
 
+/// What the front door makes of the bytes of a request head, for the fuzz
+/// target `http_front_door` and tests.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Classified {
+    /// Not complete yet (and under [`MAX_HEAD`]).
+    Partial,
+    /// Handed to hyper.
+    Hyper,
+    /// Served here: the head's length, whether the connection stays open,
+    /// and the request's path with its query.
+    Ours {
+        /// Bytes of the head.
+        len: usize,
+        /// Keep-alive after the response.
+        keep_alive: bool,
+        /// Path and query.
+        path: String,
+    },
+}
+
+/// Classifies `buf` as the front door does (see [`Classified`]).
+#[doc(hidden)]
+pub fn classify(buf: &[u8]) -> Classified {
+    match parse(buf) {
+        Parsed::Partial => Classified::Partial,
+        Parsed::Hyper => Classified::Hyper,
+        Parsed::Ours(h) => Classified::Ours {
+            len: h.len,
+            keep_alive: h.keep_alive,
+            path: h.request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        },
+    }
+}
+
 fn parse(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);

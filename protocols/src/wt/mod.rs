@@ -973,6 +973,11 @@ impl Conn {
             client_frame::Frame::Unsubscribe(u) => Some((u.filter.clone(), None)),
             _ => None,
         };
+        // A history page is built and encoded in its turn (crate::heavy).
+        let _turn = match &frame {
+            client_frame::Frame::History(_) => crate::heavy::turn().await,
+            _ => None,
+        };
         match answer(self.core.as_ref(), id, frame).await {
             Ok(Answer::Reply(body)) => {
                 if let Some((filter, None)) = mode_change {

@@ -327,6 +327,8 @@ pub(super) async fn rest_history(
             }
         }
     }
+    // Built and encoded in its turn (switchboard_protocols::heavy).
+    let _turn = switchboard_protocols::heavy::turn().await;
     match state.router.history_of(&principal.caps, h).await {
         Ok(r) => raw_json(proto::json::encode_server_frame(&proto::ServerFrame {
             req: 0,
