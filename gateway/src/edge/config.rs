@@ -448,6 +448,12 @@ pub struct AuthSection {
     /// are accepted either way.
     #[serde(deserialize_with = "de_one_or_many")]
     pub audience: Vec<String>,
+    /// Caps of clients that present no credentials at all (no token on
+    /// WebSocket, WebTransport, SSE, long polling or REST; no password and
+    /// no client certificate on MQTT), in a `caps` claim's shape: `{
+    /// "public/#" = "subscribe" }`. Token mode only. Empty: such clients
+    /// are refused. A token that fails verification is refused either way.
+    pub anonymous_caps: std::collections::BTreeMap<String, crate::core::auth::OpsSpec>,
 }
 
 impl Default for AuthSection {
@@ -459,6 +465,7 @@ impl Default for AuthSection {
             keys: Vec::new(),
             cert_caps: Default::default(),
             audience: Vec::new(),
+            anonymous_caps: Default::default(),
         }
     }
 }
@@ -473,6 +480,7 @@ impl AuthSection {
         crate::core::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
             .and_then(|v| v.with_cert_caps(self.cert_caps.clone()))
             .and_then(|v| v.with_audience(self.audience.clone()))
+            .and_then(|v| v.with_anonymous_caps(&self.anonymous_caps))
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
     }
@@ -943,6 +951,11 @@ impl Config {
             return bad("mqtt.max_queued_bytes must be at least mqtt.max_packet_size".into());
         }
         self.auth.verifier()?;
+        if self.auth.mode == AuthMode::Open && !self.auth.anonymous_caps.is_empty() {
+            return bad(
+                "auth.anonymous_caps applies in token mode only (open mode lets every client do everything)".into()
+            );
+        }
         if self.auth.audience.iter().any(|a| a.trim().is_empty()) {
             return bad("auth.audience must not hold an empty string".into());
         }
@@ -1193,6 +1206,27 @@ mod tests {
         assert_eq!(Config::from_toml(token, env).unwrap().auth.audience, ["from-env"]);
         let empty = token.replace("[[auth.keys]]", "audience = [\"\"]\n[[auth.keys]]");
         assert!(Config::from_toml(&empty, Vec::new()).is_err());
+    }
+
+    #[test]
+    fn anonymous_caps_parse_in_token_mode_only() {
+        let token =
+            "[auth]\nmode = \"token\"\n[[auth.keys]]\nalg = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+        let anon = "[auth.anonymous_caps]\n\"public/#\" = \"subscribe\"\n\"news/+\" = [\"subscribe\", \"history\"]\n";
+        let cfg = Config::from_toml(&format!("{token}{anon}"), Vec::new()).unwrap();
+        assert_eq!(cfg.auth.anonymous_caps.len(), 2);
+        let caps = cfg.auth.verifier().unwrap().expect("token mode").anonymous_caps().expect("set");
+        assert!(caps.allows(crate::core::auth::Op::History, "news/today"));
+        assert!(
+            Config::from_toml(token, Vec::new()).unwrap().auth.verifier().unwrap().unwrap().anonymous_caps().is_none()
+        );
+        let e = Config::from_toml(&format!("{token}[auth.anonymous_caps]\n\"a/#/b\" = \"subscribe\"\n"), Vec::new());
+        assert!(e.unwrap_err().to_string().contains("anonymous_caps"));
+        let e = Config::from_toml(anon, Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("token mode only"), "{e}");
+        let env =
+            vec![("SWITCHBOARD_AUTH__ANONYMOUS_CAPS".to_string(), "{ \"public/#\" = \"subscribe\" }".to_string())];
+        assert_eq!(Config::from_toml(token, env).unwrap().auth.anonymous_caps.len(), 1);
     }
 
     #[test]

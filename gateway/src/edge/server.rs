@@ -279,7 +279,10 @@ impl Gateway {
         if let Some(tls) = tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
             let (endpoint, addr) = crate::edge::wt::bind(&config.listen.quic, tls, &config)?;
             quic_addr = Some(addr);
-            let wt_cfg = crate::edge::wt::front_end_config(&config, !router.is_open(), origins.clone());
+            // Token mode needs a token at the session request, unless
+            // anonymous clients are admitted.
+            let require_token = !router.is_open() && router.anonymous_caps().is_none();
+            let wt_cfg = crate::edge::wt::front_end_config(&config, require_token, origins.clone());
             tasks.push(tokio::spawn(crate::edge::wt::accept_loop(
                 endpoint,
                 admission.clone(),

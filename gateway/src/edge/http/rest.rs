@@ -152,7 +152,9 @@ pub(super) struct RestPrincipal {
 /// Authenticates a REST request: a configured API key (`X-Api-Key`) may do
 /// everything; a connection token (`Authorization: Bearer`) may do what its
 /// caps allow, as its `sub`; in open mode with no API keys configured,
-/// anyone may do everything. Anything else is 401.
+/// anyone may do everything; in token mode a request without credentials
+/// may do what `[auth] anonymous_caps` allows, as a fresh anonymous id (so
+/// it acts for no stream). Anything else is 401.
 pub(super) fn rest_principal<B>(state: &HttpState, req: &Request<B>) -> Result<RestPrincipal, ErrorResponse> {
     let unauthorized =
         |m: String| Box::new(error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized.slug(), m));
@@ -172,6 +174,12 @@ pub(super) fn rest_principal<B>(state: &HttpState, req: &Request<B>) -> Result<R
     }
     if keys.is_empty() && state.router.is_open() {
         return Ok(RestPrincipal { caller: Router::rest_caller(""), caps: Arc::new(Caps::all()), api_key: true });
+    }
+    if header_str(req, "authorization").is_none()
+        && let Some(caps) = state.router.anonymous_caps()
+    {
+        let caller = Router::rest_caller(&Router::anonymous_client_id());
+        return Ok(RestPrincipal { caller, caps, api_key: false });
     }
     Err(unauthorized("send X-Api-Key or Authorization: Bearer <connection token>".into()))
 }
