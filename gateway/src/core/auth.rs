@@ -19,6 +19,11 @@
 //! token without `aud` is accepted either way. [`Caps`] answers "may this client do `op` on this channel or
 //! filter" — the same answer for every protocol, asked by the router.
 //!
+//! A client that presents no credentials at all (no token, no client
+//! certificate) is refused, unless `[auth] anonymous_caps` is set: then it
+//! gets those caps ([`Verifier::anonymous_caps`]), like a broker's
+//! anonymous ACL. A token that fails verification is refused either way.
+//!
 //! Capability rules:
 //!
 //! | cap pattern | grants | does not grant |
@@ -294,6 +299,8 @@ pub struct Verifier {
     /// The audiences this gateway answers to; a token's `aud` must name
     /// one (empty: a token with `aud` is refused).
     audience: Vec<String>,
+    /// What a client without any credentials may do; `None`: it is refused.
+    anonymous: Option<std::sync::Arc<Caps>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -383,7 +390,13 @@ impl Verifier {
         if out.is_empty() {
             return Err(AuthError::Config("token auth needs at least one key".into()));
         }
-        Ok(Verifier { keys: out, leeway: leeway_secs, cert_caps: BTreeMap::new(), audience: Vec::new() })
+        Ok(Verifier {
+            keys: out,
+            leeway: leeway_secs,
+            cert_caps: BTreeMap::new(),
+            audience: Vec::new(),
+            anonymous: None,
+        })
     }
 
     /// The clock skew tolerated on `exp` and `nbf`, seconds: a token is
@@ -411,6 +424,25 @@ impl Verifier {
         }
         self.audience = audience;
         Ok(self)
+    }
+
+    /// Sets the caps of clients that present no credentials at all
+    /// (`[auth] anonymous_caps`, a `caps` claim's shape); empty: such
+    /// clients are refused. Patterns are checked here.
+    pub fn with_anonymous_caps(mut self, caps: &BTreeMap<String, OpsSpec>) -> Result<Verifier, AuthError> {
+        self.anonymous = match caps.is_empty() {
+            true => None,
+            false => Some(std::sync::Arc::new(
+                Caps::from_claim(caps).map_err(|e| AuthError::Config(format!("anonymous_caps: {e}")))?,
+            )),
+        };
+        Ok(self)
+    }
+
+    /// What a client without credentials may do, or `None` when it is
+    /// refused (`[auth] anonymous_caps` not set).
+    pub fn anonymous_caps(&self) -> Option<std::sync::Arc<Caps>> {
+        self.anonymous.clone()
     }
 
     /// The caps of a certificate-authenticated device, or `None` when
@@ -671,6 +703,21 @@ mod tests {
         assert!(matches!(v.verify(&hs_token(Some("k1"), claims(json!(7)), SECRET)), Err(AuthError::Invalid(_))));
         assert!(v.verify(&hs_token(Some("k1"), json!({"sub": "u", "exp": now() + 60}), SECRET)).is_ok(), "no aud");
         assert!(hs_verifier().with_audience(vec![String::new()]).is_err());
+    }
+
+    #[test]
+    fn anonymous_caps_are_checked_at_start_and_off_by_default() {
+        assert!(hs_verifier().anonymous_caps().is_none(), "no credentials: refused by default");
+        let claim: BTreeMap<String, OpsSpec> = serde_json::from_value(json!({"public/#": "subscribe"})).unwrap();
+        let anon = hs_verifier().with_anonymous_caps(&claim).unwrap().anonymous_caps().expect("anonymous caps");
+        assert!(anon.allows(Op::Subscribe, "public/a/b") && anon.allows(Op::Subscribe, "public/+"));
+        assert!(!anon.allows(Op::Publish, "public/a") && !anon.allows(Op::Subscribe, "private/a"));
+        assert!(!anon.allows(Op::Subscribe, "#"));
+        assert!(hs_verifier().with_anonymous_caps(&BTreeMap::new()).unwrap().anonymous_caps().is_none());
+        let bad: BTreeMap<String, OpsSpec> = serde_json::from_value(json!({"a/#/b": "subscribe"})).unwrap();
+        assert!(matches!(hs_verifier().with_anonymous_caps(&bad), Err(AuthError::Config(_))));
+        let bad: BTreeMap<String, OpsSpec> = serde_json::from_value(json!({"a": "fly"})).unwrap();
+        assert!(hs_verifier().with_anonymous_caps(&bad).is_err());
     }
 
     #[test]

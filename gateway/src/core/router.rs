@@ -14,7 +14,10 @@
 //! history call — the same check for every protocol (`rewind` on a
 //! subscribe reads history, so it needs `history` too). A session whose
 //! token expires (past `exp` plus the verifier's leeway) without a refresh
-//! is closed with [`CloseReason::TOKEN_EXPIRED`].
+//! is closed with [`CloseReason::TOKEN_EXPIRED`]. A client with no
+//! credentials at all is refused, or, with `[auth] anonymous_caps`, opened
+//! as `anon-` and 16 random hex digits with those caps and no expiry
+//! ([`Router::anonymous_caps`]).
 //!
 //! Limits: the size of a whole message (payload, id, headers and the rest,
 //! with small bounds of their own on ids and headers), subscriptions per
@@ -40,6 +43,10 @@ use switchboard_protocols::port::{
 use crate::core::auth::{Caps, Op, Verifier};
 use crate::core::channel;
 use crate::core::engine::{Caller, Engine, EngineStats};
+
+/// How the client ids of anonymous clients start (`anon-` and 16 hex
+/// digits).
+pub const ANONYMOUS_PREFIX: &str = "anon-";
 
 /// Longest idempotency key (`id`, `Idempotency-Key`, MQTT 5 user
 /// property `id`).
@@ -252,6 +259,19 @@ impl Router {
         self.auth.is_none()
     }
 
+    /// The caps of a client that presents no credentials, when such clients
+    /// are admitted (token mode with `[auth] anonymous_caps`).
+    pub fn anonymous_caps(&self) -> Option<Arc<Caps>> {
+        self.auth.as_ref().and_then(Verifier::anonymous_caps)
+    }
+
+    /// A fresh client id for an anonymous client: random, so that it never
+    /// names another client's MQTT session or presence, nor a session of a
+    /// previous run.
+    pub fn anonymous_client_id() -> String {
+        format!("{ANONYMOUS_PREFIX}{:016x}", rand::random::<u64>())
+    }
+
     /// Verifies a connection token (REST bearer tokens): the client id and
     /// what it may do. Open mode has no tokens to verify.
     pub fn verify_token(&self, token: &str) -> Result<(String, Arc<Caps>, u64), CoreError> {
@@ -268,7 +288,9 @@ impl Router {
     /// requested id and allows everything. With token auth the token names
     /// the client; a verified client certificate (mTLS) names it instead,
     /// and then a token must name the same client, or `auth.cert_caps`
-    /// authorizes the certificate alone.
+    /// authorizes the certificate alone. A client with neither token nor
+    /// certificate gets `auth.anonymous_caps` and a generated id, or is
+    /// refused as before when those are not configured.
     fn authenticate(&self, req: &OpenSession) -> Result<(String, Arc<Caps>, Option<u64>), CoreError> {
         let Some(verifier) = &self.auth else {
             let id = req.cert_identity.clone().unwrap_or_else(|| req.client_id.clone());
@@ -292,6 +314,15 @@ impl Router {
                     ));
                 }
                 Ok((sub, caps, Some(exp)))
+            }
+            None if req.token.is_empty()
+                && let Some(caps) = verifier.anonymous_caps() =>
+            {
+                let id = Self::anonymous_client_id();
+                metrics::counter!("switchboard_anonymous_sessions_total", "protocol" => protocol_label(req.protocol))
+                    .increment(1);
+                tracing::debug!(protocol = protocol_label(req.protocol), peer = ?req.peer, client_id = %id, "anonymous session");
+                Ok((id, caps, None))
             }
             None => self.verify_token(&req.token).map(|(sub, caps, exp)| (sub, caps, Some(exp))),
         }

@@ -471,6 +471,12 @@ pub struct AuthSection {
     /// are accepted either way.
     #[serde(deserialize_with = "de_one_or_many")]
     pub audience: Vec<String>,
+    /// Caps of clients that present no credentials at all (no token on
+    /// WebSocket, WebTransport, SSE, long polling or REST; no password and
+    /// no client certificate on MQTT), in a `caps` claim's shape: `{
+    /// "public/#" = "subscribe" }`. Token mode only. Empty: such clients
+    /// are refused. A token that fails verification is refused either way.
+    pub anonymous_caps: std::collections::BTreeMap<String, crate::core::auth::OpsSpec>,
 }
 
 impl Default for AuthSection {
@@ -482,6 +488,7 @@ impl Default for AuthSection {
             keys: Vec::new(),
             cert_caps: Default::default(),
             audience: Vec::new(),
+            anonymous_caps: Default::default(),
         }
     }
 }
@@ -496,6 +503,7 @@ impl AuthSection {
         crate::core::auth::Verifier::new(&self.keys, jwks, self.leeway.as_secs())
             .and_then(|v| v.with_cert_caps(self.cert_caps.clone()))
             .and_then(|v| v.with_audience(self.audience.clone()))
+            .and_then(|v| v.with_anonymous_caps(&self.anonymous_caps))
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
     }
@@ -510,8 +518,9 @@ pub struct RestConfig {
 }
 
 /// `[http]`: what the browser-facing routes of the HTTP, HTTPS and QUIC
-/// listeners accept.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// listeners accept, and how long HTTP connections may take (the HTTP,
+/// HTTPS and admin listeners; see [`crate::edge::timeouts`]).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
     /// Pages (`Origin` values) allowed to use the WebSocket, MQTT over
@@ -520,6 +529,46 @@ pub struct HttpSection {
     /// `https://*.example.com`, `*`). Empty: any origin. Requests without
     /// an `Origin` (clients that are not browsers) are not affected.
     pub allowed_origins: Vec<String>,
+    /// An HTTP/1.1 request head must be whole within this of its first
+    /// byte (a connection's first request: of the accept or TLS handshake).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// A request body (REST, `POST /v1/poll`, `POST /v1/refresh`) must be
+    /// whole within this of its head.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_read_timeout: Duration,
+    /// A keep-alive connection without a request in flight is closed after
+    /// this (HTTP/2: GOAWAY).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// A response write the client does not take within this drops the
+    /// connection (SSE streams too; WebSocket has its own).
+    #[serde(deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            allowed_origins: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpSection {
+    /// The timeouts, as the listeners take them.
+    pub fn timeouts(&self) -> crate::edge::timeouts::HttpTimeouts {
+        crate::edge::timeouts::HttpTimeouts {
+            header_read: self.header_read_timeout,
+            body_read: self.body_read_timeout,
+            idle: self.idle_timeout,
+            write: self.write_timeout,
+        }
+    }
 }
 
 /// `[admin]`: the admin API on the admin listener (`/v1/sessions`,
@@ -839,6 +888,17 @@ impl Config {
         if t.handshake_timeout.is_zero() {
             return bad("tls.handshake_timeout must be above zero".into());
         }
+        let h = &self.http;
+        for (name, d) in [
+            ("header_read_timeout", h.header_read_timeout),
+            ("body_read_timeout", h.body_read_timeout),
+            ("idle_timeout", h.idle_timeout),
+            ("write_timeout", h.write_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(format!("http.{name} must be above zero"));
+            }
+        }
         let l = &self.limits;
         if l.max_message_size == 0 || l.max_message_size > 16 * 1024 * 1024 {
             return bad("limits.max_message_size must be 1..=16777216".into());
@@ -920,6 +980,11 @@ impl Config {
             return bad("mqtt.max_queued_bytes must be at least mqtt.max_packet_size".into());
         }
         self.auth.verifier()?;
+        if self.auth.mode == AuthMode::Open && !self.auth.anonymous_caps.is_empty() {
+            return bad(
+                "auth.anonymous_caps applies in token mode only (open mode lets every client do everything)".into()
+            );
+        }
         if self.auth.audience.iter().any(|a| a.trim().is_empty()) {
             return bad("auth.audience must not hold an empty string".into());
         }
@@ -1175,6 +1240,44 @@ mod tests {
         assert_eq!(Config::from_toml(token, env).unwrap().auth.audience, ["from-env"]);
         let empty = token.replace("[[auth.keys]]", "audience = [\"\"]\n[[auth.keys]]");
         assert!(Config::from_toml(&empty, Vec::new()).is_err());
+    }
+
+    #[test]
+    fn anonymous_caps_parse_in_token_mode_only() {
+        let token =
+            "[auth]\nmode = \"token\"\n[[auth.keys]]\nalg = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+        let anon = "[auth.anonymous_caps]\n\"public/#\" = \"subscribe\"\n\"news/+\" = [\"subscribe\", \"history\"]\n";
+        let cfg = Config::from_toml(&format!("{token}{anon}"), Vec::new()).unwrap();
+        assert_eq!(cfg.auth.anonymous_caps.len(), 2);
+        let caps = cfg.auth.verifier().unwrap().expect("token mode").anonymous_caps().expect("set");
+        assert!(caps.allows(crate::core::auth::Op::History, "news/today"));
+        assert!(
+            Config::from_toml(token, Vec::new()).unwrap().auth.verifier().unwrap().unwrap().anonymous_caps().is_none()
+        );
+        let e = Config::from_toml(&format!("{token}[auth.anonymous_caps]\n\"a/#/b\" = \"subscribe\"\n"), Vec::new());
+        assert!(e.unwrap_err().to_string().contains("anonymous_caps"));
+        let e = Config::from_toml(anon, Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("token mode only"), "{e}");
+        let env =
+            vec![("SWITCHBOARD_AUTH__ANONYMOUS_CAPS".to_string(), "{ \"public/#\" = \"subscribe\" }".to_string())];
+        assert_eq!(Config::from_toml(token, env).unwrap().auth.anonymous_caps.len(), 1);
+    }
+
+    #[test]
+    fn http_timeouts_parse_and_must_be_above_zero() {
+        let d = Config::from_toml("", Vec::new()).unwrap().http.timeouts();
+        let secs = Duration::from_secs;
+        assert_eq!((d.header_read, d.body_read, d.idle, d.write), (secs(10), secs(30), secs(60), secs(30)));
+        let text = "[http]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"2m\"\n";
+        let env = vec![("SWITCHBOARD_HTTP__WRITE_TIMEOUT".to_string(), "5s".to_string())];
+        let t = Config::from_toml(text, env).unwrap().http.timeouts();
+        assert_eq!(
+            (t.header_read, t.body_read, t.idle, t.write),
+            (Duration::from_millis(300), secs(30), secs(120), secs(5))
+        );
+        let e = Config::from_toml("[http]\nbody_read_timeout = \"0s\"\n", Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("http.body_read_timeout"), "{e}");
+        assert!(Config::from_toml("[http]\nidle_timeout = \"soon\"\n", Vec::new()).is_err());
     }
 
     /// `serve` keeps channel state on disk unless told otherwise; `dev`

@@ -17,10 +17,15 @@
 //!   polling client reuses it; `Connection: close` and HTTP/1.0 close after
 //!   the response;
 //! - SSE bodies are sent chunked (HTTP/1.0: delimited by the close), one
-//!   write per event batch, each within the write timeout; a peer that
-//!   closes its side ends the stream;
-//! - the head must arrive within the handshake timeout and be at most
-//!   [`MAX_HEAD`] bytes (larger heads go to hyper, which answers 431).
+//!   write per event batch, each within `[http] write_timeout` (else the
+//!   connection is dropped); a peer that closes its side ends the stream;
+//! - a head must be whole within `[http] header_read_timeout` of its first
+//!   byte (the first request's: of the accept), else `408` and close, and
+//!   be at most [`MAX_HEAD`] bytes (larger heads go to hyper, which answers
+//!   431); between requests a connection waits at most `[http]
+//!   idle_timeout` for the next one. Each expiry counts in
+//!   `switchboard_http_timeouts_total{kind}` ([`crate::edge::timeouts`],
+//!   which bounds what hyper serves the same way).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -33,6 +38,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::edge::http::{Body, HttpState};
+use crate::edge::timeouts::{self, Expired};
 
 /// Largest request head the front door reads; a longer one goes to hyper.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -52,6 +58,14 @@ pub enum Outcome<IO> {
 pub struct Prefixed<IO> {
     prefix: Bytes,
     io: IO,
+}
+
+impl<IO> Prefixed<IO> {
+    /// Whether the connection starts with the HTTP/2 preface (h2c with
+    /// prior knowledge, or HTTP/2 over TLS without ALPN).
+    pub fn is_h2_preface(&self) -> bool {
+        self.prefix.starts_with(b"PRI * HTTP/2.0")
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
@@ -203,22 +217,40 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     state: HttpState,
     peer: SocketAddr,
 ) -> Outcome<IO> {
-    let head_timeout = state.ws.handshake_timeout;
-    let write_timeout = state.ws.write_timeout;
+    let timeouts = state.config.http.timeouts();
+    let write_timeout = timeouts.write;
     let mut buf = BytesMut::new();
     // A long poller's session between its polls on this connection.
     let poll_slot = crate::edge::http::PollSlot::default();
+    let mut first = true;
     loop {
-        let head = match tokio::time::timeout(head_timeout, read_head(&mut io, &mut buf)).await {
+        // After a response, the next request may take the idle timeout to
+        // start (unless it is here already, pipelined); its head then has
+        // the header timeout. The first request's head has it from the
+        // accept.
+        if !std::mem::take(&mut first) && buf.is_empty() {
+            match tokio::time::timeout(timeouts.idle, read_first(&mut io, &mut buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Outcome::Done,
+                Err(_) => {
+                    timeouts::expired(Expired::Idle, peer);
+                    return Outcome::Done;
+                }
+            }
+        }
+        let head = match tokio::time::timeout(timeouts.header_read, read_head(&mut io, &mut buf)).await {
             Ok(Ok(Some(head))) => head,
             Ok(Ok(None)) => return Outcome::Hyper(Prefixed { prefix: buf.freeze(), io }),
             Ok(Err(_)) => return Outcome::Done,
+            // Nothing at all came: an idle connection, closed in silence.
+            Err(_) if buf.is_empty() => {
+                timeouts::expired(Expired::Idle, peer);
+                return Outcome::Done;
+            }
             Err(_) => {
-                if !buf.is_empty() {
-                    // A head that never finished: tell the client, then close.
-                    let _ = write_all(&mut io, TIMEOUT_RESPONSE, write_timeout).await;
-                    tracing::debug!(%peer, "request head timed out");
-                }
+                // A head that never finished: tell the client, then close.
+                timeouts::expired(Expired::Header, peer);
+                let _ = write_all(&mut io, TIMEOUT_RESPONSE, write_timeout).await;
                 return Outcome::Done;
             }
         };
@@ -229,6 +261,11 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
         let keep_alive = keep_alive && !*state.shutdown.borrow();
         match respond(&mut io, response, keep_alive, http11, write_timeout).await {
             Ok(true) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                // The client stopped reading: drop it, without waiting more.
+                timeouts::expired(Expired::Write, peer);
+                return Outcome::Done;
+            }
             Ok(false) | Err(_) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
                 return Outcome::Done;
@@ -283,32 +320,36 @@ async fn peer_gone<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) {
 const TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// Reads until a complete head: `Some` when the front door serves it,
-/// `None` when it goes to hyper (the bytes stay in `buf`). Between requests
-/// the wait reads into a few bytes inline, so an idle keep-alive connection
-/// holds no buffer.
+/// `None` when it goes to hyper (the bytes stay in `buf`).
 async fn read_head<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) -> std::io::Result<Option<Box<Head>>> {
     loop {
-        if !buf.is_empty() {
-            match parse(buf) {
-                Parsed::Partial => {}
-                Parsed::Hyper => return Ok(None),
-                Parsed::Ours(head) => return Ok(Some(head)),
-            }
+        if buf.is_empty() {
+            read_first(io, buf).await?;
         }
-        let n = if buf.is_empty() {
-            let mut first = [0u8; 64];
-            let n = io.read(&mut first).await?;
-            buf.reserve(1024);
-            buf.put_slice(&first[..n]);
-            n
-        } else {
-            buf.reserve(1024.min(MAX_HEAD.saturating_sub(buf.len())).max(64));
-            io.read_buf(buf).await?
-        };
-        if n == 0 {
+        match parse(buf) {
+            Parsed::Partial => {}
+            Parsed::Hyper => return Ok(None),
+            Parsed::Ours(head) => return Ok(Some(head)),
+        }
+        buf.reserve(1024.min(MAX_HEAD.saturating_sub(buf.len())).max(64));
+        if io.read_buf(buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+/// Waits for the first bytes of a request into the empty `buf`. The wait
+/// reads into a few bytes inline, so an idle keep-alive connection holds
+/// no buffer.
+async fn read_first<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) -> std::io::Result<()> {
+    let mut first = [0u8; 64];
+    let n = io.read(&mut first).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    buf.reserve(1024);
+    buf.put_slice(&first[..n]);
+    Ok(())
 }
 
 async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8], limit: Duration) -> std::io::Result<()> {

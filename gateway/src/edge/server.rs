@@ -28,6 +28,7 @@ use crate::edge::admission::{Admission, Rates, Refusal, Ticket};
 use crate::edge::config::Config;
 use crate::edge::front;
 use crate::edge::http::{HttpShared, HttpState};
+use crate::edge::timeouts::{self, Expired, HttpTimeouts, TimedIo, Tracked, Watch, Watchdog};
 use crate::edge::tls::TlsState;
 
 /// Why the gateway could not start.
@@ -145,6 +146,7 @@ impl Gateway {
             tasks.push(tls.spawn_reloader(shutdown_rx.clone()));
         }
         let handshake_timeout = config.tls.handshake_timeout;
+        let http_timeouts = config.http.timeouts();
         // Validated at load, like the keys.
         let origins = config.origin_policy().map_err(|e| ServerError::Config(e.to_string()))?;
 
@@ -212,7 +214,8 @@ impl Gateway {
                 let state = state.clone();
                 let tls = Tls { config: Arc::new(move || tls.https_config()), timeout: handshake_timeout };
                 let front = Some(state.clone());
-                accept_loop(listener, "https", Some(admission.clone()), Some(tls), front, shutdown_rx.clone(), {
+                let (admission, shutdown) = (Some(admission.clone()), shutdown_rx.clone());
+                accept_loop(listener, "https", admission, Some(tls), front, http_timeouts, shutdown, {
                     move |peer, ticket| {
                         let state = state.clone();
                         service_fn(move |req| crate::edge::http::handle(state.clone(), peer, ticket.clone(), req))
@@ -226,6 +229,7 @@ impl Gateway {
                 Some(admission.clone()),
                 None,
                 Some(state.clone()),
+                http_timeouts,
                 shutdown_rx.clone(),
                 move |peer, ticket| {
                     let state = state.clone();
@@ -248,6 +252,7 @@ impl Gateway {
                 None,
                 None,
                 None,
+                http_timeouts,
                 shutdown_rx.clone(),
                 move |peer, _ticket| {
                     let state = state.clone();
@@ -278,7 +283,10 @@ impl Gateway {
         if let Some(tls) = tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
             let (endpoint, addr) = crate::edge::wt::bind(&config.listen.quic, tls, &config)?;
             quic_addr = Some(addr);
-            let wt_cfg = crate::edge::wt::front_end_config(&config, !router.is_open(), origins.clone());
+            // Token mode needs a token at the session request, unless
+            // anonymous clients are admitted.
+            let require_token = !router.is_open() && router.anonymous_caps().is_none();
+            let wt_cfg = crate::edge::wt::front_end_config(&config, require_token, origins.clone());
             tasks.push(tokio::spawn(crate::edge::wt::accept_loop(
                 endpoint,
                 admission.clone(),
@@ -445,13 +453,15 @@ async fn mqtt_accept_loop(
 }
 
 /// Accepts TCP connections and serves HTTP/1.1 and HTTP/2 (with upgrades)
-/// on each until shutdown.
+/// on each until shutdown, within `timeouts`.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<S, F>(
     listener: TcpListener,
     name: &'static str,
     admission: Option<Arc<Admission>>,
     tls: Option<Tls>,
     front: Option<crate::edge::http::HttpState>,
+    timeouts: HttpTimeouts,
     mut shutdown: watch::Receiver<bool>,
     make_service: F,
 ) where
@@ -504,17 +514,18 @@ async fn accept_loop<S, F>(
         // ends. One task per kind: a plain connection must not pay for the
         // size of TLS's state.
         let front = front.clone();
+        let conn = Conn { peer, timeouts, shutdown: conn_shutdown };
         match tls.clone() {
             None => tokio::spawn(async move {
-                serve_connection(stream, front, service, peer, conn_shutdown).await;
+                serve_connection(stream, front, service, conn, false).await;
                 drop(ticket);
             }),
             Some(tls) => tokio::spawn(async move {
                 let _ticket = ticket;
                 let Some(stream) = tls.accept(stream, name, peer).await else { return };
                 // HTTP/2 (ALPN h2) is hyper's from the first byte.
-                let front = front.filter(|_| stream.get_ref().1.alpn_protocol() != Some(b"h2"));
-                serve_connection(stream, front, service, peer, conn_shutdown).await;
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_connection(stream, front.filter(|_| !h2), service, conn, h2).await;
             }),
         };
     }
@@ -542,15 +553,18 @@ async fn next_connection(
     }
 }
 
-/// One HTTP connection: through the front door ([`front`]) when given,
-/// which hands hyper whatever is not its own, else straight to hyper.
-async fn serve_connection<IO, S>(
-    io: IO,
-    front: Option<crate::edge::http::HttpState>,
-    service: S,
+/// What a connection's HTTP serving needs besides its stream and service.
+struct Conn {
     peer: SocketAddr,
+    timeouts: HttpTimeouts,
     shutdown: watch::Receiver<bool>,
-) where
+}
+
+/// One HTTP connection: through the front door ([`front`]) when given,
+/// which hands hyper whatever is not its own, else straight to hyper
+/// (`h2`: HTTP/2 by ALPN).
+async fn serve_connection<IO, S>(io: IO, front: Option<crate::edge::http::HttpState>, service: S, conn: Conn, h2: bool)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
@@ -562,22 +576,25 @@ async fn serve_connection<IO, S>(
 {
     match front {
         Some(state) => {
-            if let front::Outcome::Hyper(io) = front::serve(io, state, peer).await {
+            if let front::Outcome::Hyper(io) = front::serve(io, state, conn.peer).await {
+                // An h2c client (prior knowledge) starts with the preface.
+                let h2 = h2 || io.is_h2_preface();
                 // Boxed: hyper's state is not needed while a stream lasts.
-                Box::pin(serve_http(TokioIo::new(io), service, peer, shutdown)).await;
+                Box::pin(serve_http(io, service, conn, h2)).await;
             }
         }
         // Boxed too: inline, hyper's connection state would make every
         // task as large, the front door's idle streams included.
-        None => Box::pin(serve_http(TokioIo::new(io), service, peer, shutdown)).await,
+        None => Box::pin(serve_http(io, service, conn, h2)).await,
     }
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one connection until it
-/// ends or the gateway stops.
-async fn serve_http<IO, S>(io: IO, service: S, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
+/// ends, a timeout expires ([`crate::edge::timeouts`]) or the gateway
+/// stops.
+async fn serve_http<IO, S>(io: IO, service: S, conn: Conn, h2: bool)
 where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<crate::edge::http::Body>,
@@ -586,18 +603,36 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let Conn { peer, timeouts, mut shutdown } = conn;
+    let watch = Watch::new(timeouts, peer, h2);
+    let io = TokioIo::new(TimedIo::new(io, watch.clone()));
+    let service = Tracked::new(service, watch.clone());
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    tokio::select! {
+    let mut watchdog = Watchdog::new(watch.clone());
+    let expired = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
+            None
         }
+        kind = &mut watchdog => Some(kind),
         _ = shutdown.changed() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+            None
+        }
+    };
+    if let Some(kind) = expired {
+        timeouts::expired(kind, peer);
+        // An idle connection is closed politely (HTTP/2: GOAWAY, so the
+        // client does not retry into a dead connection); the rest dropped.
+        if kind == Expired::Idle {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(timeouts.write, conn.as_mut()).await;
         }
     }
+    watch.release();
 }

@@ -191,6 +191,9 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
 
+    // No password, no Authentication Data, no client certificate: the core
+    // either refuses the client or admits it anonymously, naming it.
+    let credentials = !token.is_empty() || peer.cert_identity.is_some();
     let open = OpenSession {
         protocol: proto::Protocol::Mqtt,
         client_id: client_id.clone(),
@@ -211,11 +214,15 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // The core names the client (with token auth, the token's `sub`). A
     // CONNECT asking for another id is refused: its id keys the persistent
     // session and the takeover below, which belong to that other client.
+    // An anonymous client (admitted without credentials) gets the id the
+    // core generated whatever it asked, and no persistent session: nothing
+    // could resume it, and it must not fill the store.
+    let anonymous = !credentials && session.handle.client_id != client_id;
     let client_id = if session.handle.client_id == client_id {
         client_id
-    } else if c.client_id.is_empty() {
+    } else if c.client_id.is_empty() || anonymous {
         let id = session.handle.client_id.clone();
-        if v5 {
+        if v5 && c.client_id.is_empty() {
             assigned = Some(id.clone());
         }
         span.record("client_id", id.as_str());
@@ -247,6 +254,10 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Clean session / clean start discards what was stored (§3.1.2.4).
     let stored = if c.clean { None } else { stored };
     let session_present = stored.is_some();
+    let sessions = match anonymous {
+        true => Arc::new(Ephemeral(sessions)),
+        false => sessions,
+    };
     let expiry_cap = sessions.expiry_max();
     let session_expiry = if v5 {
         let asked = Duration::from_secs(c.session_expiry.into());
@@ -318,4 +329,32 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         cfg,
         shutdown,
     })
+}
+
+/// The session store of an anonymous client: its session is never kept
+/// (expiry 0, whatever the CONNECT or DISCONNECT asks), while the claim,
+/// takeover and wills work as for any client.
+#[derive(Debug)]
+struct Ephemeral(Arc<dyn SessionStore>);
+
+impl SessionStore for Ephemeral {
+    fn claim(&self, client_id: &str, now: Instant) -> (Ticket, Claim) {
+        self.0.claim(client_id, now)
+    }
+
+    fn release(&self, client_id: &str, conn: u64, _: Option<Box<StoredSession>>, _: Duration, now: Instant) {
+        self.0.release(client_id, conn, None, Duration::ZERO, now);
+    }
+
+    fn expiry_max(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn delay_will(&self, client_id: &str) -> u64 {
+        self.0.delay_will(client_id)
+    }
+
+    fn take_will(&self, client_id: &str, token: u64) -> bool {
+        self.0.take_will(client_id, token)
+    }
 }

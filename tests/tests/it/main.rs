@@ -26,6 +26,7 @@ mod common_mqtt;
 #[path = "../common_sse/mod.rs"]
 mod common_sse;
 
+mod anonymous;
 mod auth;
 mod auth_matrix;
 mod bad_input;

@@ -249,11 +249,11 @@ pub async fn handle(
             None => error_response(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
         },
         (&Method::POST, "/v1/poll") => poll_post(state, peer, req).await,
-        (&Method::POST, "/v1/refresh") => refresh_stream(state, req).await,
+        (&Method::POST, "/v1/refresh") => refresh_stream(state, peer, req).await,
         (_, "/v1/sse" | "/v1/poll" | "/v1/refresh") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET /v1/sse; GET or POST /v1/poll")
         }
-        (_, p) if p.starts_with("/v1/channels/") => rest(state, req).await,
+        (_, p) if p.starts_with("/v1/channels/") => rest(state, peer, req).await,
         (_, "/v1/ws") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET with a WebSocket upgrade")
         }

@@ -16,7 +16,7 @@ pub(super) fn header_str<'a, B>(req: &'a Request<B>, name: &str) -> Option<&'a s
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-pub(super) async fn rest(state: HttpState, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn rest(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let Some((channel, action)) = channel_route(&path) else {
         return error_response(
@@ -30,9 +30,9 @@ pub(super) async fn rest(state: HttpState, req: Request<Incoming>) -> Response<B
         Err(r) => return *r,
     };
     match (req.method().clone(), action) {
-        (Method::POST, "messages") => rest_publish(state, principal, channel, req).await,
+        (Method::POST, "messages") => rest_publish(state, peer, principal, channel, req).await,
         (Method::GET, "history") => rest_history(state, principal, channel, &req).await,
-        (Method::POST, "presence") => rest_presence_enter(state, principal, channel, req).await,
+        (Method::POST, "presence") => rest_presence_enter(state, peer, principal, channel, req).await,
         (Method::DELETE, "presence") => {
             match stream_caller(&state, &principal, header_str(&req, "x-connection-id"), Op::Presence, &channel) {
                 Ok(Some((caller, caps))) => match state.router.presence_leave_as(&caller, &caps, &channel).await {
@@ -92,18 +92,49 @@ pub(super) fn json_payload(
         .map_err(|e| Box::new(error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame.slug(), e)))
 }
 
-pub(super) async fn read_body(state: &HttpState, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    state: &HttpState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Bytes, Response<Body>> {
     let limit = state.config.limits.max_body_size;
-    match Limited::new(req.into_body(), limit).collect().await {
+    match collect_body(state, peer, req.version(), req.into_body(), limit).await? {
         // Copied out: hyper's chunk is a slice of the connection's read
         // buffer, which history would otherwise keep whole with the message.
-        Ok(b) => Ok(Bytes::copy_from_slice(&b.to_bytes())),
+        Ok(b) => Ok(Bytes::copy_from_slice(&b)),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let message = format!("request body over {limit} bytes");
             http_limit_exceeded("body_size", &message);
             Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge.slug(), message))
         }
         Err(e) => Err(error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read body: {e}"))),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes: the outer `Err` is the
+/// `408 request_timeout` for a body not whole within `[http]
+/// body_read_timeout` of the head (counted and logged; HTTP/1.1 closes the
+/// connection after it), the inner result hyper's (`LengthLimitError` when
+/// over `limit`).
+pub(super) async fn collect_body(
+    state: &HttpState,
+    peer: SocketAddr,
+    version: http::Version,
+    body: Incoming,
+    limit: usize,
+) -> Result<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>, Response<Body>> {
+    let within = state.config.http.body_read_timeout;
+    match tokio::time::timeout(within, Limited::new(body, limit).collect()).await {
+        Ok(r) => Ok(r.map(|b| b.to_bytes())),
+        Err(_) => {
+            crate::edge::timeouts::expired(crate::edge::timeouts::Expired::Body, peer);
+            let message = format!("the request body did not arrive within {within:?}");
+            let mut r = error_response(StatusCode::REQUEST_TIMEOUT, "request_timeout", message);
+            if version < http::Version::HTTP_2 {
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Err(r)
+        }
     }
 }
 
@@ -121,7 +152,9 @@ pub(super) struct RestPrincipal {
 /// Authenticates a REST request: a configured API key (`X-Api-Key`) may do
 /// everything; a connection token (`Authorization: Bearer`) may do what its
 /// caps allow, as its `sub`; in open mode with no API keys configured,
-/// anyone may do everything. Anything else is 401.
+/// anyone may do everything; in token mode a request without credentials
+/// may do what `[auth] anonymous_caps` allows, as a fresh anonymous id (so
+/// it acts for no stream). Anything else is 401.
 pub(super) fn rest_principal<B>(state: &HttpState, req: &Request<B>) -> Result<RestPrincipal, ErrorResponse> {
     let unauthorized =
         |m: String| Box::new(error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized.slug(), m));
@@ -141,6 +174,12 @@ pub(super) fn rest_principal<B>(state: &HttpState, req: &Request<B>) -> Result<R
     }
     if keys.is_empty() && state.router.is_open() {
         return Ok(RestPrincipal { caller: Router::rest_caller(""), caps: Arc::new(Caps::all()), api_key: true });
+    }
+    if header_str(req, "authorization").is_none()
+        && let Some(caps) = state.router.anonymous_caps()
+    {
+        let caller = Router::rest_caller(&Router::anonymous_client_id());
+        return Ok(RestPrincipal { caller, caps, api_key: false });
     }
     Err(unauthorized("send X-Api-Key or Authorization: Bearer <connection token>".into()))
 }
@@ -200,6 +239,7 @@ pub(super) fn missing_connection() -> Response<Body> {
 /// mapping when `application/json`, else raw).
 pub(super) async fn rest_presence_enter(
     state: HttpState,
+    peer: SocketAddr,
     principal: RestPrincipal,
     channel: String,
     req: Request<Incoming>,
@@ -211,7 +251,7 @@ pub(super) async fn rest_presence_enter(
             Err(r) => return *r,
         };
     let is_json = header_str(&req, "content-type").is_some_and(|t| t.starts_with("application/json"));
-    let body = match read_body(&state, req).await {
+    let body = match read_body(&state, peer, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -243,6 +283,7 @@ pub(super) async fn rest_presence_enter(
 
 pub(super) async fn rest_publish(
     state: HttpState,
+    peer: SocketAddr,
     principal: RestPrincipal,
     channel: String,
     req: Request<Incoming>,
@@ -251,7 +292,7 @@ pub(super) async fn rest_publish(
     let idem = header_str(&req, "idempotency-key").map(str::to_string);
     let content_type = header_str(&req, "content-type").unwrap_or("").to_string();
     let is_json = content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
-    let body = match read_body(&state, req).await {
+    let body = match read_body(&state, peer, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -347,10 +388,10 @@ pub(super) fn bearer<B>(req: &Request<B>) -> Option<String> {
 /// `X-Connection-Id`, or `connection_id` in a JSON body) a new token
 /// (`Authorization: Bearer`, or `token` in the body). The new token must name
 /// the same client; the stream continues with its caps and expiry.
-pub(super) async fn refresh_stream(state: HttpState, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn refresh_stream(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let mut conn = header_str(&req, "x-connection-id").map(str::to_string);
     let mut token = bearer(&req);
-    let body = match read_body(&state, req).await {
+    let body = match read_body(&state, peer, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -132,11 +132,12 @@ pub(super) fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, String> {
 /// JSON body (for filter lists too long for a URL).
 pub(super) async fn poll_post(state: HttpState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let is_json = header_str(&req, "content-type").is_some_and(|t| t.starts_with("application/json"));
-    let (parts, body) = req.into_parts();
     let limit = state.stream_limits.max_query_len;
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let (parts, body) = req.into_parts();
+    let bytes = match collect_body(&state, peer, parts.version, body, limit).await {
+        Err(timed_out) => return timed_out,
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             let message = format!("body over {limit} bytes");
             http_limit_exceeded("query_len", &message);
             return error_response(StatusCode::BAD_REQUEST, "query_too_large", message);
