@@ -350,7 +350,7 @@ impl SessionStore for Ephemeral {
         Duration::ZERO
     }
 
-    fn delay_will(&self, client_id: &str) -> u64 {
+    fn delay_will(&self, client_id: &str) -> Option<super::DelayedWill> {
         self.0.delay_will(client_id)
     }
 
