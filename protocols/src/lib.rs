@@ -5,6 +5,7 @@
 //! routes, authorises or stores: it decodes, asks the core, and writes what
 //! the core hands back.
 
+pub mod arrival;
 pub mod cursor;
 pub mod deadline;
 mod frames;

@@ -34,6 +34,9 @@ pub struct Delivery {
     pub envelope: proto::Envelope,
     /// Bytes this delivery counts against an outbox.
     pub size: usize,
+    /// When the core accepted it, in [`mono_ns`]; 0 for a message read
+    /// back from storage (older than any request of this process).
+    pub accepted_ns: u64,
     proto_frame: OnceLock<Bytes>,
     json_frame: OnceLock<Utf8Bytes>,
     channel_bytes: OnceLock<Bytes>,
@@ -43,13 +46,28 @@ pub struct Delivery {
 /// queue slot itself, so that tiny messages cannot fill memory for free.
 const ITEM_OVERHEAD: usize = 64;
 
+/// Nanoseconds on this process's monotonic clock, from its first reading
+/// (never 0): when a request arrived or a message was accepted, comparable
+/// across connections and threads.
+pub fn mono_ns() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    (start.elapsed().as_nanos() as u64).max(1)
+}
+
 impl Delivery {
     /// Wraps a sequenced envelope.
     pub fn new(envelope: proto::Envelope) -> Arc<Self> {
+        Self::accepted_at(envelope, 0)
+    }
+
+    /// Wraps an envelope the core accepted at `accepted_ns` ([`mono_ns`]).
+    pub fn accepted_at(envelope: proto::Envelope, accepted_ns: u64) -> Arc<Self> {
         let size = envelope.encoded_len() + ITEM_OVERHEAD;
         Arc::new(Delivery {
             envelope,
             size,
+            accepted_ns,
             proto_frame: OnceLock::new(),
             json_frame: OnceLock::new(),
             channel_bytes: OnceLock::new(),
@@ -387,6 +405,20 @@ pub trait Core: Send + Sync + 'static {
     async fn open(&self, req: OpenSession) -> Result<SessionHandle, CoreError>;
     /// Subscribes a session to a channel or filter.
     async fn subscribe(&self, session: SessionId, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError>;
+    /// Subscribes like [`Core::subscribe`], for a request that reached the
+    /// gateway at `arrived_ns` ([`mono_ns`]): a channel the request names no
+    /// position, time or rewind for also replays what history holds that
+    /// was accepted after that instant, so a publish on another connection
+    /// that the gateway happened to handle first is not lost.
+    async fn subscribe_arrived(
+        &self,
+        session: SessionId,
+        req: proto::Subscribe,
+        arrived_ns: u64,
+    ) -> Result<SubscribeOutcome, CoreError> {
+        let _ = arrived_ns;
+        self.subscribe(session, req).await
+    }
     /// Removes a subscription.
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError>;
     /// Publishes; the ack carries the assigned position.

@@ -685,44 +685,15 @@ impl Router {
     }
 }
 
-#[async_trait::async_trait]
-impl Core for Router {
-    async fn open(&self, req: OpenSession) -> Result<SessionHandle, CoreError> {
-        // With token auth the token names the client; open mode takes the
-        // requested id and allows everything.
-        let (client_id, caps, expires_at) = self.authenticate(&req).inspect_err(|e| {
-            tracing::info!(protocol = protocol_label(req.protocol), peer = ?req.peer, error = %e, "refused a session");
-        })?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let connection_id = format!("{}-{id}", self.node);
-        if client_id.len() > channel::MAX_NAME_LEN || client_id.contains('\0') {
-            return Err(CoreError::new(ErrorCode::BadRequest, "client id must be at most 256 bytes without NUL"));
-        }
-        let caller = Caller {
-            session: id,
-            client_id: client_id.as_str().into(),
-            connection_id: connection_id.as_str().into(),
-            protocol: req.protocol,
-        };
-        let outbox = Outbox::with_write_delay(self.limits.outbox_capacity, self.limits.write_delay);
-        self.engine.attach(&caller, outbox.clone());
-        let rights = Rights {
-            filters: StrSet::new(),
-            caps,
-            expires_at,
-            bucket: TokenBucket::new(self.limits.publish_rate, self.limits.publish_burst, std::time::Instant::now()),
-            requests: TokenBucket::new(self.limits.request_rate, self.limits.request_burst, std::time::Instant::now()),
-            presence: StrSet::new(),
-        };
-        let entry = SessionEntry { caller, outbox: outbox.clone(), opened_ms: now_ms(), rights: Mutex::new(rights) };
-        self.sessions.write().insert(id, Arc::new(entry));
-        metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
-        metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol))
-            .increment(1);
-        Ok(SessionHandle { id, client_id, connection_id, node: self.node.clone(), outbox })
-    }
-
-    async fn subscribe(&self, session: SessionId, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError> {
+impl Router {
+    /// [`Core::subscribe`], with when the request arrived for
+    /// [`Core::subscribe_arrived`].
+    async fn subscribe_from(
+        &self,
+        session: SessionId,
+        req: proto::Subscribe,
+        arrived_ns: Option<u64>,
+    ) -> Result<SubscribeOutcome, CoreError> {
         channel::validate_subscription(&req.filter).map_err(|e| channel::filter_error(&req.filter, e))?;
         let inner = channel::parse_shared(&req.filter).map_or(req.filter.as_str(), |(_, f)| f);
         if channel::is_reserved(inner) && !inner.starts_with(channel::PRESENCE_PREFIX) {
@@ -769,7 +740,7 @@ impl Core for Router {
         }
         let now = now_ms();
         let history_floor = self.history_floor(session, &req, now)?;
-        let outcome = self.engine.subscribe(session, &req, history_floor, now).await.inspect_err(|e| {
+        let outcome = self.engine.subscribe(session, &req, history_floor, arrived_ns, now).await.inspect_err(|e| {
             // Only the node-wide cap on shared groups says this here.
             if e.code == ErrorCode::TooManySubscriptions
                 && let Ok(s) = self.entry(session)
@@ -781,6 +752,57 @@ impl Core for Router {
             s.rights.lock().filters.insert(req.filter);
         }
         Ok(outcome)
+    }
+}
+
+#[async_trait::async_trait]
+impl Core for Router {
+    async fn open(&self, req: OpenSession) -> Result<SessionHandle, CoreError> {
+        // With token auth the token names the client; open mode takes the
+        // requested id and allows everything.
+        let (client_id, caps, expires_at) = self.authenticate(&req).inspect_err(|e| {
+            tracing::info!(protocol = protocol_label(req.protocol), peer = ?req.peer, error = %e, "refused a session");
+        })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let connection_id = format!("{}-{id}", self.node);
+        if client_id.len() > channel::MAX_NAME_LEN || client_id.contains('\0') {
+            return Err(CoreError::new(ErrorCode::BadRequest, "client id must be at most 256 bytes without NUL"));
+        }
+        let caller = Caller {
+            session: id,
+            client_id: client_id.as_str().into(),
+            connection_id: connection_id.as_str().into(),
+            protocol: req.protocol,
+        };
+        let outbox = Outbox::with_write_delay(self.limits.outbox_capacity, self.limits.write_delay);
+        self.engine.attach(&caller, outbox.clone());
+        let rights = Rights {
+            filters: StrSet::new(),
+            caps,
+            expires_at,
+            bucket: TokenBucket::new(self.limits.publish_rate, self.limits.publish_burst, std::time::Instant::now()),
+            requests: TokenBucket::new(self.limits.request_rate, self.limits.request_burst, std::time::Instant::now()),
+            presence: StrSet::new(),
+        };
+        let entry = SessionEntry { caller, outbox: outbox.clone(), opened_ms: now_ms(), rights: Mutex::new(rights) };
+        self.sessions.write().insert(id, Arc::new(entry));
+        metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
+        metrics::counter!("switchboard_connections_opened_total", "protocol" => protocol_label(req.protocol))
+            .increment(1);
+        Ok(SessionHandle { id, client_id, connection_id, node: self.node.clone(), outbox })
+    }
+
+    async fn subscribe(&self, session: SessionId, req: proto::Subscribe) -> Result<SubscribeOutcome, CoreError> {
+        self.subscribe_from(session, req, None).await
+    }
+
+    async fn subscribe_arrived(
+        &self,
+        session: SessionId,
+        req: proto::Subscribe,
+        arrived_ns: u64,
+    ) -> Result<SubscribeOutcome, CoreError> {
+        self.subscribe_from(session, req, Some(arrived_ns)).await
     }
 
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {

@@ -326,6 +326,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         auth_method,
         entered: HashSet::new(),
         drained: Vec::new(),
+        arrival: ArrivalClock::default(),
         cfg,
         shutdown,
     })

@@ -201,6 +201,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 use tracing::{Instrument, Span, debug, info, warn};
 
+use crate::arrival::ArrivalClock;
 use crate::port::{CloseKind, CloseReason, Core, CoreError, Delivery, OpenSession, Outbound, SessionHandle};
 use codec::{CodecError, Outgoing, Packet, Version, reason};
 use session::{

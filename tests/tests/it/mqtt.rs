@@ -11,6 +11,7 @@ use super::common_mqtt;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use common_mqtt::*;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -639,4 +640,25 @@ async fn subscribed_at_once_v311() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribed_at_once_v5() -> anyhow::Result<()> {
     subscribed_at_once(Ver::V5).await
+}
+
+/// The other side of item 18: what was published (and acknowledged) before
+/// the SUBSCRIBE reached the gateway is not delivered to it, on a new
+/// connection as on one that has been idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_before_subscribing_is_not_delivered() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut publisher = Mqtt::connect(gw.mqtt, Ver::V5, "before-pub").await?;
+    for (i, idle) in [Duration::ZERO, Duration::from_millis(50)].into_iter().enumerate() {
+        let topic = format!("before/{i}");
+        let mut sub = Raw::handshake(gw.mqtt, Ver::V5, &format!("before-sub-{i}"), 60).await?;
+        publisher.publish_ok(&topic, 1, "earlier").await?;
+        tokio::time::sleep(idle).await;
+        sub.send(&subscribe_packet(Ver::V5, 1, &topic, 1)).await?;
+        let suback = sub.packet().await?.context("closed instead of SUBACK")?;
+        assert_eq!(suback.kind(), 9, "SUBACK first");
+        let next = sub.packet_within(Duration::from_millis(300)).await;
+        assert!(next.is_err(), "idle {idle:?}: a message published before the SUBSCRIBE arrived: {next:?}");
+    }
+    Ok(())
 }

@@ -40,7 +40,9 @@ use bytes::Bytes;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
 use rand::Rng as _;
 use switchboard_proto::{self as proto, ErrorCode};
-use switchboard_protocols::port::{CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SubscribeOutcome};
+use switchboard_protocols::port::{
+    CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SubscribeOutcome, mono_ns,
+};
 
 use super::disk::{AppendBatch, DiskError, DiskStore, Recovery, StoredChannel, StoredId, StoredMessage, SyncPolicy};
 use super::hub::Hub;
@@ -267,6 +269,7 @@ struct Scope<'a> {
     filter: &'a str,
     companion: Option<&'a str>,
     history_floor: Option<i64>,
+    arrived_ns: Option<u64>,
 }
 
 /// Splits a replay at `floor`: what is older is announced as a gap with
@@ -616,7 +619,7 @@ impl LocalEngine {
         }
         ch.assigned = serial;
         env.epoch = ch.epoch.to_string();
-        let delivery = Delivery::new(env);
+        let delivery = Delivery::accepted_at(env, mono_ns());
         let pos = proto::Position { epoch: ch.epoch.to_string(), serial };
         match (ticket, &self.store) {
             (Some(t), Some(store)) if store.sync_policy() == SyncPolicy::Always => {
@@ -733,15 +736,16 @@ impl LocalEngine {
         req: &proto::Subscribe,
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        self.subscribe_with(session, req, None, now)
+        self.subscribe_with(session, req, (None, None), now)
     }
 
-    /// Subscribes (see [`Engine::subscribe`]). The router validated the filter.
+    /// Subscribes (see [`Engine::subscribe`]) with a history floor and when
+    /// the request arrived. The router validated the filter.
     pub fn subscribe_with(
         &self,
         session: SessionId,
         req: &proto::Subscribe,
-        history_floor: Option<i64>,
+        (history_floor, arrived_ns): (Option<i64>, Option<u64>),
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
         if let Some((group, inner)) = channel::parse_shared(&req.filter) {
@@ -782,7 +786,7 @@ impl LocalEngine {
         let rewind = req.rewind.filter(|r| r.count > 0 || r.duration_ms > 0);
         let since = (req.since_ms > 0).then_some(req.since_ms as i64);
         let concrete = channel::is_concrete(filter);
-        let scan = !concrete && (rewind.is_some() || req.retained || since.is_some());
+        let scan = !concrete && (rewind.is_some() || req.retained || since.is_some() || arrived_ns.is_some());
 
         // Channels named outright exist (with an epoch) before anything is
         // locked; then, with the map held for reading, the ones a wildcard
@@ -842,7 +846,7 @@ impl LocalEngine {
             if !scan {
                 drop(map);
             }
-            let scope = Scope { filter, companion: companion.as_deref(), history_floor };
+            let scope = Scope { filter, companion: companion.as_deref(), history_floor, arrived_ns };
             let out = self.subscribe_locked(session, req, &scope, &targets, &mut guards, now)?;
             return Ok(out);
         }
@@ -859,7 +863,7 @@ impl LocalEngine {
         guards: &mut [Guard],
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        let Scope { filter, companion, history_floor } = *scope;
+        let Scope { filter, companion, history_floor, arrived_ns } = *scope;
         for ((name, _), ch) in targets.iter().zip(guards.iter()) {
             if let Some(pos) = req.positions.get(name)
                 && ch.epoch.as_ref() == pos.epoch
@@ -964,6 +968,12 @@ impl LocalEngine {
                     .take(count)
                     .cloned()
                     .collect();
+                replay = recent.into_iter().rev().collect();
+            } else if let Some(arrived) = arrived_ns {
+                // What was accepted after the request reached the gateway:
+                // a publish that raced it on another connection, handled
+                // first (#13 item 18). Read back from storage counts as older.
+                let recent: Vec<_> = ch.history.iter().rev().take_while(|d| d.accepted_ns > arrived).cloned().collect();
                 replay = recent.into_iter().rev().collect();
             }
             if want_retained
@@ -1278,9 +1288,10 @@ impl Engine for LocalEngine {
         session: SessionId,
         req: &proto::Subscribe,
         history_floor_ms: Option<i64>,
+        arrived_ns: Option<u64>,
         now_ms: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        LocalEngine::subscribe_with(self, session, req, history_floor_ms, now_ms)
+        LocalEngine::subscribe_with(self, session, req, (history_floor_ms, arrived_ns), now_ms)
     }
 
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {

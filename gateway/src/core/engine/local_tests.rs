@@ -581,7 +581,8 @@ fn recovery_with_another_epoch_keeps_to_the_history_floor() {
     let epoch = publish(&st, "e", "old2", T0 + 1).epoch;
     publish(&st, "e", "new", T0 + 10_000);
     attach(&st, 1, "sub", BIG);
-    let out = st.subscribe_with(1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), Some(T0 + 5_000), T0 + 10_000);
+    let out =
+        st.subscribe_with(1, &sub_from("e", &[("e", pos("oldepoch00", 7))]), (Some(T0 + 5_000), None), T0 + 10_000);
     let out = out.expect("subscribe succeeds");
     let gaps: Vec<(String, Option<proto::Position>)> = out
         .replay
@@ -1639,4 +1640,23 @@ fn the_sweep_works_through_many_channels_in_slices() {
     assert_eq!(st.stats().channels, n - SWEEP_SLICE, "one slice per tick");
     st.sweep(T0 + 2 * ttl as i64);
     assert_eq!(st.stats().channels, 0, "the rest on the next");
+}
+
+/// #13 item 18: a subscribe that names when it arrived replays what was
+/// accepted after that instant (a publish that raced it, handled first) and
+/// nothing accepted before, on a concrete channel and through a wildcard.
+#[test]
+fn a_subscribe_replays_what_was_accepted_after_it_arrived() {
+    let st = state();
+    publish(&st, "race/a", "before", T0);
+    let arrived = switchboard_protocols::port::mono_ns();
+    publish(&st, "race/a", "raced", T0);
+    for (session, filter) in [(1, "race/a"), (2, "race/+")] {
+        attach(&st, session, "sub", 1 << 20);
+        let out = st.subscribe_with(session, &sub(filter), (None, Some(arrived)), T0).expect("subscribe");
+        assert_eq!(payloads(&out.replay), ["raced"], "{filter}");
+    }
+    // Without the arrival: nothing from before.
+    attach(&st, 3, "sub", 1 << 20);
+    assert!(subscribe(&st, 3, &sub("race/a"), T0).replay.is_empty());
 }

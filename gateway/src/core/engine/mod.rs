@@ -158,12 +158,17 @@ pub trait Engine: Send + Sync + 'static {
     /// `history_floor_ms` (the caller may not read history), recovery from
     /// a position and resume by time replay nothing older than it: what
     /// they would have replayed before it becomes a gap with reason
-    /// `not_granted`.
+    /// `not_granted`. With `arrived_ns` (when the request reached the
+    /// gateway, [`mono_ns`](switchboard_protocols::port::mono_ns)), a channel the request names
+    /// no position, time or rewind for replays what history holds that was
+    /// accepted after that instant
+    /// ([`Core::subscribe_arrived`](switchboard_protocols::port::Core::subscribe_arrived)).
     async fn subscribe(
         &self,
         session: SessionId,
         req: &proto::Subscribe,
         history_floor_ms: Option<i64>,
+        arrived_ns: Option<u64>,
         now_ms: i64,
     ) -> Result<SubscribeOutcome, CoreError>;
     /// Removes a subscription (and its presence companion).

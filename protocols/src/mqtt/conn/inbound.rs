@@ -268,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 since_ms: 0,
                 ..Default::default()
             };
-            match self.core.subscribe(self.handle_id(), req).await {
+            match self.core.subscribe_arrived(self.handle_id(), req, self.arrival.arrived()).await {
                 Ok(outcome) => {
                     let qos = f.qos.min(2);
                     self.state.subscribe(Subscription {

@@ -70,6 +70,9 @@ pub(crate) struct Conn<S> {
     /// Channels whose presence this client entered via `$presence/...`.
     pub(crate) entered: HashSet<String>,
     pub(crate) drained: Vec<Outbound>,
+    /// When the bytes being handled arrived ([`crate::arrival`]): a
+    /// SUBSCRIBE is in effect from then.
+    pub(crate) arrival: ArrivalClock,
     pub(crate) cfg: Arc<MqttConfig>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -151,7 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 },
                 kick = &mut self.ticket.kick => Event::Kick(kick),
                 () = &mut self.timer, if self.keepalive.deadline().is_some() => Event::Timer,
-                n = self.io.read_more() => Event::Read(n),
+                n = self.arrival.stamped(self.io.read_more()) => Event::Read(n),
                 () = async { match &outbox { Some(o) => o.ready().await, None => std::future::pending().await } } => Event::Outbox,
             };
             let handled = match event {
@@ -179,7 +182,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
                 // Boxed: packet handling is the loop's largest state, and an
                 // idle connection waits in the select above, not here.
-                Event::Read(Ok(_)) => Box::pin(self.on_bytes()).await,
+                Event::Read(Ok(_)) => {
+                    self.arrival.read_done();
+                    Box::pin(self.on_bytes()).await
+                }
                 Event::Outbox => Ok(()),
             };
             if let Err(stop) = handled {
@@ -199,6 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if self.io.rbuf.is_empty() {
             return Ok(());
         }
+        self.arrival.read_done();
         self.on_bytes().await?;
         self.checkpoint();
         self.write_batch().await
