@@ -6,88 +6,16 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Proc, WAIT, addr_after};
+use common::{DataDir, Node, Proc, WAIT};
 use parking_lot::Mutex;
 use switchboard::tooling::client;
-
-/// A directory for one test's store, removed afterwards.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("sb-storage-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        DataDir(dir)
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `switchboard dev --data DIR` (plain listeners only), its addresses read
-/// from the banner.
-struct Node {
-    proc: Proc,
-    http: String,
-    admin: String,
-    mqtt: String,
-}
-
-impl Node {
-    /// Starts on free ports, or on the given `(http, admin, mqtt)`.
-    fn start(dir: &Path, on: Option<(&str, &str, &str)>, env: &[(&str, &str)]) -> Node {
-        let (http, admin, mqtt) = on.unwrap_or(("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"));
-        let data = dir.display().to_string();
-        let args = [
-            "dev", "--http", http, "--admin", admin, "--mqtt", mqtt, "--https", "", "--mqtts", "", "--quic", "",
-            "--data", &data,
-        ];
-        let proc = Proc::spawn_env(&args, env);
-        let mut node = Node { proc, http: String::new(), admin: String::new(), mqtt: String::new() };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = node.proc.lines.recv_timeout(left).expect("the dev banner, ending with a Try: line");
-            let l = line.trim_start();
-            if l.starts_with("REST") {
-                node.http = addr_after(l, "http://");
-            } else if l.starts_with("admin") {
-                node.admin = addr_after(l, "http://");
-            } else if l.starts_with("MQTT ") {
-                node.mqtt = addr_after(l, "mqtt://");
-            } else if l.starts_with("storage") {
-                assert!(l.contains(&data), "the banner names the store: {l}");
-            } else if l.starts_with("Try:") {
-                break;
-            }
-        }
-        node
-    }
-
-    fn base(&self) -> String {
-        format!("http://{}", self.http)
-    }
-
-    fn mqtt_url(&self) -> String {
-        format!("mqtt://{}", self.mqtt)
-    }
-
-    fn signal(&mut self, sig: &str) {
-        let status = Command::new("kill").args([sig, &self.proc.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
-        self.proc.wait_exit();
-    }
-}
 
 async fn history(base: &str, channel: &str) -> serde_json::Value {
     let url = format!("{base}/v1/channels/{channel}/history?limit=1000");

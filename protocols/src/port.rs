@@ -157,8 +157,10 @@ pub struct CloseReason {
 impl CloseReason {
     /// Outbound queue overflowed under the `disconnect` policy.
     pub const SLOW: CloseReason = CloseReason { code: 4000, reason: "slow consumer", reconnect: true };
-    /// The gateway is shutting down; reconnect to another node.
-    pub const SHUTDOWN: CloseReason = CloseReason { code: 1001, reason: "server shutting down", reconnect: true };
+    /// The node is draining (shutting down or restarting): reconnect, to
+    /// another node or to this one once it is back, and recover. 1012 is
+    /// WebSocket's "service restart".
+    pub const SHUTDOWN: CloseReason = CloseReason { code: 1012, reason: "server shutting down", reconnect: true };
     /// Token invalid or expired.
     pub const UNAUTHORIZED: CloseReason = CloseReason { code: 4001, reason: "unauthorized", reconnect: false };
     /// No connect frame in time, or another frame came first.

@@ -12,7 +12,7 @@
 //! | `message` | the JSON `message` frame (envelope), `kind` = `message` |
 //! | `presence` | the same, `kind` = `presence.enter` / `presence.update` / `presence.leave` (with `presence=1`) |
 //! | `gap` | `{"type":"gap","channel","from","to","reason"}`: history could not fill what was missed; the stream continues |
-//! | `disconnect` | `{"type":"disconnect","code","reason","reconnect"}`: the server ends the stream (4000 slow consumer, 1001 shutdown, 4003 closed by an administrator, 4005 cursor full); a browser's `EventSource` reconnects and resumes whatever `reconnect` says — the field is for clients that can decide |
+//! | `disconnect` | `{"type":"disconnect","code","reason","reconnect"}`: the server ends the stream (4000 slow consumer, 1012 drain, 4003 closed by an administrator, 4005 cursor full); a browser's `EventSource` reconnects and resumes whatever `reconnect` says — the field is for clients that can decide |
 //!
 //! A `retry:` line opens the stream, and a `: keep-alive` comment goes out
 //! whenever nothing else did for [`SseConfig::keepalive`]. Whatever is ready

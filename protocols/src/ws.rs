@@ -46,7 +46,7 @@
 //! | code | reason | when | frames before the close | reconnect | `core.close` |
 //! |---|---|---|---|---|---|
 //! | client's code | client's reason | the client sent a close frame (echoed back) | — | — | `clean` |
-//! | 1001 | `server shutting down` | the gateway is stopping (shutdown signal, or its sender dropped) | `disconnect` | yes | `abrupt` |
+//! | 1012 | `server shutting down` | the node is draining (shutdown signal, or its sender dropped) | `disconnect` | yes | `abrupt` |
 //! | 1002 | `protocol error` | WebSocket framing violation (bad opcode, reserved bits, unmasked or fragmented control frame, ...) | — | — | `abrupt` |
 //! | 1003 | `binary messages need switchboard.v1.proto` / `text messages need switchboard.v1.json` | a data message of the wrong kind for the negotiated codec | — | — | `abrupt` |
 //! | 1007 | `invalid UTF-8` | a text message that is not valid UTF-8 | — | — | `abrupt` |
@@ -844,7 +844,7 @@ fn outbound_message(codec: Codec, item: Outbound) -> Message {
 /// bytes and opcode (text stays text, binary stays binary), answers pings,
 /// and closes cleanly. Invalid UTF-8 in a text message closes with 1007, an
 /// oversize message with 1009, other violations with 1002, and shutdown
-/// with 1001.
+/// with 1012.
 pub async fn serve_echo<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut ws: WebSocketStream<S>,
     mut shutdown: watch::Receiver<bool>,
@@ -853,7 +853,7 @@ pub async fn serve_echo<S: AsyncRead + AsyncWrite + Unpin + Send>(
     async move {
         let mut stop = None;
         if *shutdown.borrow_and_update() {
-            stop = Some(Stop::Violation(CloseCode::Away, CloseReason::SHUTDOWN.reason));
+            stop = Some(Stop::Violation(CloseCode::Restart, CloseReason::SHUTDOWN.reason));
         }
         while stop.is_none() {
             let msg = tokio::select! {
@@ -861,7 +861,7 @@ pub async fn serve_echo<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 changed = shutdown.changed() => match changed {
                     Ok(()) if !*shutdown.borrow_and_update() => continue,
                     _ => {
-                        stop = Some(Stop::Violation(CloseCode::Away, CloseReason::SHUTDOWN.reason));
+                        stop = Some(Stop::Violation(CloseCode::Restart, CloseReason::SHUTDOWN.reason));
                         continue;
                     }
                 },
@@ -1356,12 +1356,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_closes_1001() {
+    async fn shutdown_closes_1012() {
         let mut h = start(Codec::Json, FakeCore::new()).await;
         h.connect().await;
         h.shutdown.send(true).expect("server holds the receiver");
-        assert_eq!(disconnect_of(&h.recv_json().await), (1001, true));
-        assert_eq!(h.recv_close().await, 1001);
+        assert_eq!(disconnect_of(&h.recv_json().await), (1012, true));
+        assert_eq!(h.recv_close().await, 1012);
         let core = h.core.clone();
         h.end().await;
         assert_eq!(core.closes(), vec!["close 7 Abrupt"]);
@@ -1373,8 +1373,8 @@ mod tests {
         h.connect().await;
         let (tx, _) = watch::channel(false);
         drop(std::mem::replace(&mut h.shutdown, tx));
-        assert_eq!(disconnect_of(&h.recv_json().await), (1001, true));
-        assert_eq!(h.recv_close().await, 1001);
+        assert_eq!(disconnect_of(&h.recv_json().await), (1012, true));
+        assert_eq!(h.recv_close().await, 1012);
     }
 
     #[tokio::test]
@@ -1576,7 +1576,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn echo_oversize_closes_1009_and_shutdown_1001() {
+    async fn echo_oversize_closes_1009_and_shutdown_1012() {
         let (mut client, task, _tx) = start_echo().await;
         client.send(Message::binary(vec![0u8; 5000])).await.expect("send");
         assert_eq!(close_code(next(&mut client).await), 1009);
@@ -1584,7 +1584,7 @@ mod tests {
 
         let (mut client, task, tx) = start_echo().await;
         tx.send(true).expect("echo holds the receiver");
-        assert_eq!(close_code(next(&mut client).await), 1001);
+        assert_eq!(close_code(next(&mut client).await), 1012);
         tokio::time::timeout(WAIT, task).await.expect("echo task hung").expect("panicked");
     }
 

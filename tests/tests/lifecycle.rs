@@ -1,6 +1,6 @@
 //! Lifecycle: admin health and readiness, Prometheus metrics after real
 //! traffic, session accounting, the handshake deadline, and graceful
-//! shutdown (close 1001, bounded by the grace, listeners closed).
+//! shutdown (close 1012, bounded by the grace, listeners closed).
 //!
 //! Metrics are process-wide, so every test here that opens WebSocket
 //! connections holds [`SERIAL`]: the metrics test can then assert exact
@@ -242,11 +242,11 @@ async fn connect_must_arrive_within_the_handshake_timeout() -> anyhow::Result<()
     Ok(())
 }
 
-/// Expects the shutdown sequence on a session: `disconnect` 1001, close 1001.
+/// Expects the shutdown sequence on a session: `disconnect` 1012, close 1012.
 async fn sees_shutdown(mut c: WsClient) -> anyhow::Result<()> {
     let f = c.next_push().await?;
-    assert_eq!(disconnect_of(&f)?, (1001, "server shutting down".into(), true));
-    assert_eq!(c.closed_with().await?, 1001);
+    assert_eq!(disconnect_of(&f)?, (1012, "server shutting down".into(), true));
+    assert_eq!(c.closed_with().await?, 1012);
     // Dropping the client ends the TCP connection, so the server need not
     // linger for a close reply.
     drop(c);
@@ -254,7 +254,7 @@ async fn sees_shutdown(mut c: WsClient) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_closes_1001_within_the_grace_and_stops_listening() -> anyhow::Result<()> {
+async fn graceful_shutdown_closes_1012_within_the_grace_and_stops_listening() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let grace = Duration::from_secs(8);
     let gw = TestGateway::start_with(|cfg| cfg.shutdown.grace = grace).await?;
@@ -283,7 +283,7 @@ async fn graceful_shutdown_closes_1001_within_the_grace_and_stops_listening() ->
     let took = started.elapsed();
     ra?;
     rb?;
-    assert_eq!(re?, 1001);
+    assert_eq!(re?, 1012);
     assert!(took < Duration::from_secs(3), "shutdown took {took:?} (grace {grace:?})");
     assert_eq!(router.session_count(), 0);
     refuses_connections(http_addr, Duration::from_secs(2)).await?;

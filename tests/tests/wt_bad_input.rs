@@ -330,15 +330,15 @@ async fn a_reader_that_stops_reading_is_a_slow_consumer() -> anyhow::Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_closes_sessions_1001() -> anyhow::Result<()> {
+async fn shutdown_closes_sessions_1012() -> anyhow::Result<()> {
     let gw = TestGateway::start_with(with_quic).await?;
     let mut c = gw.wt_client("bye").await?;
     let conn = c.connection().clone();
     let gateway = gw.gateway;
     let stop = tokio::spawn(gateway.shutdown());
     let f = tokio::time::timeout(WAIT, c.next_pushed()).await??;
-    assert_eq!(disconnect_code(&f), Some(1001));
-    assert_eq!(wt_closed(&conn).await?, (1001, "server shutting down".to_string()));
+    assert_eq!(disconnect_code(&f), Some(1012));
+    assert_eq!(wt_closed(&conn).await?, (1012, "server shutting down".to_string()));
     tokio::time::timeout(WAIT, stop).await??;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz`, Prometheus `/metrics`, and the
-//! admin API (`GET /v1/sessions`, `POST /v1/sessions/{id}/close`, `GET /v1/stats`).
+//! admin API (`GET /v1/sessions`, `POST /v1/sessions/{id}/close`, `GET /v1/stats`,
+//! `POST /v1/drain`: drain the node and exit, as on SIGTERM).
 //!
 //! Loopback by default: the admin API lists every session and closes any.
 //! Metrics are labelled by protocol only, never by channel, so their
@@ -40,6 +41,9 @@ pub struct AdminState {
     pub router: Arc<Router>,
     /// Flips to true on shutdown (`/readyz` turns 503).
     pub shutdown: watch::Receiver<bool>,
+    /// True once a drain started (`/readyz` turns 503); `POST /v1/drain`
+    /// sets it to start one.
+    pub draining: Arc<watch::Sender<bool>>,
     /// Who may use the admin API.
     pub access: AdminAccess,
 }
@@ -224,8 +228,8 @@ pub async fn handle(
     let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
-            if *shutdown.borrow() {
-                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting down"}))
+            if *shutdown.borrow() || *state.draining.borrow() {
+                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "draining"}))
             } else if let Err(reason) = router.health() {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "storage failed", "reason": reason}))
             } else {
@@ -252,6 +256,12 @@ pub async fn handle(
                     "presence_members": s.presence_members,
                 }),
             )
+        }
+        (&Method::POST, "/v1/drain") => {
+            if !state.draining.send_replace(true) {
+                tracing::info!(%peer, "drain asked for through the admin API");
+            }
+            json_response(StatusCode::ACCEPTED, &json!({"status": "draining"}))
         }
         (&Method::POST, path) if path.starts_with("/v1/sessions/") && path.ends_with("/close") => {
             let id = path.trim_start_matches("/v1/sessions/").trim_end_matches("/close");

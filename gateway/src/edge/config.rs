@@ -668,11 +668,15 @@ pub struct ShutdownConfig {
     /// Longest wait for connections to close after SIGTERM/SIGINT.
     #[serde(deserialize_with = "de_duration")]
     pub grace: Duration,
+    /// How long a drain keeps serving with `/readyz` false before it tells
+    /// clients to go (time for a load balancer to notice).
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_delay: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { grace: Duration::from_secs(10) }
+        ShutdownConfig { grace: Duration::from_secs(10), drain_delay: Duration::ZERO }
     }
 }
 

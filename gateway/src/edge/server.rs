@@ -4,7 +4,7 @@
 //! [`Gateway::start`] binds every configured listener (port 0 picks a free
 //! port; the bound addresses are reported back), and [`Gateway::shutdown`]
 //! stops accepting, tells every client to reconnect elsewhere (WebSocket
-//! close 1001), and waits at most the configured grace for sessions to end.
+//! close 1012), and waits at most the configured grace for sessions to end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,8 +75,12 @@ pub struct Gateway {
     /// The router (for in-process inspection).
     pub router: Arc<Router>,
     shutdown_tx: watch::Sender<bool>,
+    /// Set when a drain starts (`/readyz` turns 503 at once); the admin API
+    /// sets it to ask for one ([`Gateway::drain_requested`]).
+    draining: Arc<watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
+    drain_delay: Duration,
 }
 
 /// Pending connections the kernel queues per listener. The default 128
@@ -126,6 +130,7 @@ impl Gateway {
         let auth = config.auth.verifier().map_err(|e| ServerError::Config(e.to_string()))?;
         let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let draining = Arc::new(watch::Sender::new(false));
         let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
         let l = &config.limits;
         let admission = Admission::new(
@@ -241,6 +246,7 @@ impl Gateway {
             let state = Arc::new(AdminState {
                 router: router.clone(),
                 shutdown: shutdown_rx.clone(),
+                draining: draining.clone(),
                 access: AdminAccess::new(&config.admin.token, addr),
             });
             if config.admin.token.is_empty() {
@@ -308,14 +314,30 @@ impl Gateway {
             storage,
             router,
             shutdown_tx,
+            draining,
             tasks,
             grace: config.shutdown.grace,
+            drain_delay: config.shutdown.drain_delay,
         })
     }
 
-    /// Stops accepting, closes every session with 1001, waits up to the
-    /// grace period for them to end, then stops everything.
+    /// Resolves when the admin API asked for a drain (`POST /v1/drain`);
+    /// the caller then runs [`Gateway::shutdown`], as on SIGTERM.
+    pub async fn drain_requested(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Drains the node: `/readyz` turns 503 at once while everything is
+    /// still served for `[shutdown] drain_delay` (so a load balancer stops
+    /// sending new clients); then it stops accepting, tells every client to
+    /// reconnect elsewhere in its protocol's words, waits up to the grace
+    /// period for the sessions to end (a request being handled is answered
+    /// first), and closes the store (flushed, synced, marked clean).
     pub async fn shutdown(self) {
+        self.draining.send_replace(true);
+        tracing::info!(delay = ?self.drain_delay, grace = ?self.grace, "draining");
+        tokio::time::sleep(self.drain_delay).await;
         let _ = self.shutdown_tx.send(true);
         self.router.close_all(CloseReason::SHUTDOWN);
         let deadline = tokio::time::Instant::now() + self.grace;

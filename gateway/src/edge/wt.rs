@@ -12,7 +12,7 @@
 //! session request to the front end, which holds the IP's slot for its life.
 //!
 //! It does not inspect requests, open sessions or close them: the front end
-//! does, and on shutdown each session closes itself with 1001. The QUIC
+//! does, and on shutdown each session closes itself with 1012. The QUIC
 //! transport is tuned here for bounded memory per session (see
 //! [`transport_config`]).
 
@@ -162,8 +162,8 @@ pub async fn accept_loop(
             wt::serve_request(request, core, cfg, shutdown).await;
         });
     }
-    // Sessions close themselves (1001) on the same signal; give their
+    // Sessions close themselves (1012) on the same signal; give their
     // closing frames a moment, then stop whatever is left (handshakes).
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    endpoint.close(VarInt::from_u32(1001), b"server shutting down");
+    endpoint.close(VarInt::from_u32(1012), b"server shutting down");
 }

@@ -336,8 +336,10 @@ async fn run_gateway(cfg: Config, dev: Option<&ListenArgs>) -> anyhow::Result<()
             "switchboard serving"
         ),
     }
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        () = wait_for_signal() => tracing::info!("shutting down"),
+        () = gw.drain_requested() => tracing::info!("shutting down: drain asked for through the admin API"),
+    }
     gw.shutdown().await;
     Ok(())
 }

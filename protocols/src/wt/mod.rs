@@ -78,7 +78,7 @@
 //! | code | reason | when | reconnect | `core.close` |
 //! |---|---|---|---|---|
 //! | — | — | the client closed the session or the control stream | — | `clean` |
-//! | 1001 | `server shutting down` | the gateway is stopping | yes | `abrupt` |
+//! | 1012 | `server shutting down` | the node is draining | yes | `abrupt` |
 //! | 1002 | `protocol error` | a control-stream length prefix that is not a varint, or the client reset the control stream | no | `abrupt` |
 //! | 1008 | the error code's name | the core refused a `connect` with any code but `unauthorized` | for `unavailable`, `rate_limited`, `internal` | — |
 //! | 1009 | `message too large` | a control frame above [`WtConfig::max_frame_size`] | no | `abrupt` |
