@@ -98,14 +98,23 @@ pub(crate) enum Answer {
 
 /// Answers one request of an open session: one core call, one reply. A
 /// second `connect` is `already_connected`; presence requests are
-/// acknowledged with a `publish_ack` that has only `channel` set.
-pub(crate) async fn answer(core: &dyn Core, id: SessionId, frame: client_frame::Frame) -> Result<Answer, CoreError> {
+/// acknowledged with a `publish_ack` that has only `channel` set. A
+/// `subscribe` is in effect from `arrived_ns`, when its bytes reached the
+/// gateway ([`Core::subscribe_arrived`]).
+pub(crate) async fn answer(
+    core: &dyn Core,
+    id: SessionId,
+    frame: client_frame::Frame,
+    arrived_ns: u64,
+) -> Result<Answer, CoreError> {
     let ack = |channel: String| Reply::PublishAck(proto::PublishAck { channel, ..Default::default() });
     let reply = match frame {
         client_frame::Frame::Connect(_) => {
             return Err(CoreError::new(ErrorCode::AlreadyConnected, "the session is already open"));
         }
-        client_frame::Frame::Subscribe(s) => return core.subscribe(id, s).await.map(Answer::Subscribed),
+        client_frame::Frame::Subscribe(s) => {
+            return core.subscribe_arrived(id, s, arrived_ns).await.map(Answer::Subscribed);
+        }
         client_frame::Frame::Unsubscribe(u) => core
             .unsubscribe(id, &u.filter)
             .await

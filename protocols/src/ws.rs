@@ -120,6 +120,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::{Instrument, Span, debug, error};
 
+use crate::arrival::ArrivalClock;
 use crate::frames::{Answer, Counters, Session, answer, connected, refusal};
 use crate::port::{CloseKind, CloseReason, Core, OpenSession, Outbound, Outbox};
 
@@ -452,6 +453,7 @@ pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         flush_pending: false,
         last_seen: Instant::now(),
         counters: Counters::new("ws"),
+        arrival: ArrivalClock::default(),
     };
     conn.run_to_end().instrument(span)
 }
@@ -483,6 +485,9 @@ struct Conn<S> {
     /// False when pings are disabled (`ping_interval` zero).
     timer_armed: bool,
     counters: Counters,
+    /// When the frames being handled arrived ([`crate::arrival`]): a
+    /// `subscribe` is in effect from then.
+    arrival: ArrivalClock,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
@@ -535,7 +540,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     _ => Event::Shutdown,
                 },
                 () = &mut self.timer, if self.timer_armed => Event::Timer,
-                msg = self.ws.next() => Event::Inbound(msg),
+                msg = self.arrival.stamped(self.ws.next()) => Event::Inbound(msg),
                 () = outbox_ready(self.session.as_ref().map(|s| &*s.handle.outbox)) => Event::Outbox,
             };
             let handled = match event {
@@ -543,7 +548,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Event::Timer => self.on_timer(),
                 // Boxed: request handling is the loop's largest state, and
                 // an idle connection waits in the select above, not there.
-                Event::Inbound(msg) => Box::pin(self.on_inbound_batch(msg)).await,
+                Event::Inbound(msg) => {
+                    self.arrival.read_done();
+                    Box::pin(self.on_inbound_batch(msg)).await
+                }
                 // Draining below is all an outbox wake-up needs.
                 Event::Outbox => Ok(()),
             };
@@ -714,7 +722,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             client_frame::Frame::History(_) => crate::heavy::turn().await,
             _ => None,
         };
-        match answer(self.core.as_ref(), session.handle.id, frame).await {
+        match answer(self.core.as_ref(), session.handle.id, frame, self.arrival.arrived()).await {
             Ok(Answer::Reply(body)) => self.push_reply(req, *body),
             Ok(Answer::Subscribed(outcome)) => {
                 // Reply, then replay, both ahead of the outbox drain that

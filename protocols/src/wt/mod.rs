@@ -147,6 +147,7 @@ use wtransport::{Connection, RecvStream, SendStream, VarInt};
 
 use self::codec::FrameError;
 use self::streams::{Action, ChannelStreams};
+use crate::arrival::ArrivalClock;
 use crate::frames::{Answer, Counters, Session, answer, connected, refusal};
 use crate::origin::OriginPolicy;
 use crate::port::{CloseKind, CloseReason, Core, CoreError, OpenSession, Outbound, Outbox};
@@ -597,6 +598,9 @@ struct Conn {
     refused_streams: u32,
     counters: Counters,
     datagrams: DatagramCounters,
+    /// When the control stream's bytes being handled arrived
+    /// ([`crate::arrival`]): a `subscribe` is in effect from then.
+    arrival: ArrivalClock,
 }
 
 impl Conn {
@@ -615,6 +619,7 @@ impl Conn {
             streams: ChannelStreams::new(cfg.max_channel_streams),
             deadline: Box::pin(tokio::time::sleep(cfg.handshake_timeout)),
             deadline_armed: true,
+            arrival: ArrivalClock::default(),
             cfg,
             shutdown,
             span,
@@ -666,7 +671,7 @@ impl Conn {
                     _ => Event::Shutdown,
                 },
                 () = &mut self.deadline, if self.deadline_armed => Event::Deadline,
-                chunk = read_control(self.ctl_recv.as_mut()), if can_read => Event::Control(chunk),
+                chunk = self.arrival.stamped(read_control(self.ctl_recv.as_mut())), if can_read => Event::Control(chunk),
                 Some(done) = self.io.next(), if !self.io.is_empty() => Event::Io(done),
                 // Also while over `max_buffered` (when pump does not drain):
                 // the wake-up that matters then is the outbox closing.
@@ -682,7 +687,10 @@ impl Conn {
                     Err(Stop::Close(CloseReason::CONNECT_EXPECTED))
                 }
                 Event::Io(done) => self.on_io(done),
-                Event::Control(chunk) => self.on_control(chunk).await,
+                Event::Control(chunk) => {
+                    self.arrival.read_done();
+                    self.on_control(chunk).await
+                }
                 // Draining below is all an outbox wake-up needs.
                 Event::Outbox => Ok(()),
                 Event::Bidi(bi) => self.on_bidi(bi),
@@ -978,7 +986,7 @@ impl Conn {
             client_frame::Frame::History(_) => crate::heavy::turn().await,
             _ => None,
         };
-        match answer(self.core.as_ref(), id, frame).await {
+        match answer(self.core.as_ref(), id, frame, self.arrival.arrived()).await {
             Ok(Answer::Reply(body)) => {
                 if let Some((filter, None)) = mode_change {
                     self.modes.remove(&filter);

@@ -1,7 +1,9 @@
 //! Order under concurrency: four publishers on three front ends race on one
 //! channel while a JSON and a protobuf subscriber read. Both must see serials
 //! 1..=N with an unbroken `prev_serial` chain, the same message at each
-//! serial, and every publisher's messages in the order it sent them.
+//! serial, and every publisher's messages in the order it sent them. And a
+//! `subscribe` is in effect for a publish that raced it from another
+//! connection.
 
 use super::common_a;
 
@@ -116,5 +118,41 @@ async fn concurrent_publishers_on_three_front_ends_keep_one_order() -> anyhow::R
     }
     // Both subscribers kept up: none was closed as a slow consumer.
     assert_eq!(gw.sessions(), 3);
+    Ok(())
+}
+
+/// #13 item 18 on WebSocket: a `subscribe` is in effect for every publish
+/// that reaches the gateway after it did. The subscriber sends its
+/// `subscribe` and, without waiting for `subscribed`, another connection
+/// publishes at once: every round's message arrives (each round a fresh
+/// channel, so a lost message cannot hide behind a later one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_is_in_effect_once_it_arrives() -> anyhow::Result<()> {
+    const ROUNDS: usize = 60;
+    let gw = TestGateway::start().await?;
+    let mut publisher = WsClient::connect(&gw.ws, Codec::Json, "at-once-pub").await?;
+    let mut lost = Vec::new();
+    for round in 0..ROUNDS {
+        let channel = format!("at-once/ws/{round}");
+        let mut sub = WsClient::connect(&gw.ws, Codec::Json, &format!("at-once-sub-{round}")).await?;
+        sub.send(proto::client_frame::Frame::Subscribe(proto::Subscribe {
+            filter: channel.clone(),
+            ..Default::default()
+        }))
+        .await?;
+        publisher.publish_frame(proto::Publish { channel, payload: "now".into(), ..Default::default() }).await?;
+        let got = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+            loop {
+                if let Some(proto::server_frame::Frame::Message(_)) = sub.recv_frame().await?.frame {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await;
+        if !matches!(got, Ok(Ok(()))) {
+            lost.push(round);
+        }
+    }
+    assert!(lost.is_empty(), "{} of {ROUNDS} rounds lost their message: {lost:?}", lost.len());
     Ok(())
 }
