@@ -416,10 +416,50 @@ async fn abandoned_polls_free_their_sessions() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One `GET /v1/poll?{query}` on `client`'s pooled (keep-alive) connection.
-async fn keep_alive_poll(client: reqwest::Client, http: String, query: String) -> anyhow::Result<PollBatch> {
-    let resp = tokio::time::timeout(WAIT, client.get(format!("{http}/v1/poll?{query}")).send()).await??;
-    parse_batch(&resp.text().await?)
+/// One HTTP/1.1 keep-alive connection that polls go over one after another
+/// (a pooling client may open a second connection when a response's
+/// return to its pool races the next request). Dropping it closes it.
+#[derive(Clone)]
+struct KeepAlive {
+    sender: std::sync::Arc<
+        tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
+    >,
+    conn: std::sync::Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl KeepAlive {
+    async fn open(http: &str) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(http.trim_start_matches("http://")).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(KeepAlive {
+            sender: std::sync::Arc::new(tokio::sync::Mutex::new(sender)),
+            conn: std::sync::Arc::new(AbortOnDrop(conn)),
+        })
+    }
+
+    /// One `GET /v1/poll?{query}` on this connection.
+    async fn poll(self, query: String) -> anyhow::Result<PollBatch> {
+        use http_body_util::BodyExt as _;
+        let req = hyper::Request::get(format!("/v1/poll?{query}"))
+            .header(hyper::header::HOST, "gateway")
+            .body(http_body_util::Empty::new())?;
+        let mut sender = self.sender.lock().await;
+        sender.ready().await?;
+        let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await??;
+        let body = tokio::time::timeout(WAIT, resp.into_body().collect()).await??.to_bytes();
+        parse_batch(std::str::from_utf8(&body)?)
+    }
 }
 
 /// Polls on one keep-alive connection that continue from the cursor they
@@ -430,8 +470,8 @@ async fn keep_alive_poll(client: reqwest::Client, http: String, query: String) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_poller_keeps_its_session_between_polls() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
-    let client = reqwest::Client::new();
-    let get = |q: String| keep_alive_poll(client.clone(), gw.http.clone(), q);
+    let client = KeepAlive::open(&gw.http).await?;
+    let get = |q: String| client.clone().poll(q);
     let q =
         |cursor: &str, timeout: &str| pq(&CHS, &[("cursor", cursor), ("timeout", timeout), ("client_id", "keeper")]);
     let keeper = || -> Vec<String> {
@@ -496,8 +536,8 @@ async fn a_kept_session_that_dropped_messages_is_not_continued() -> anyhow::Resu
         cfg.channels.slow_consumer = switchboard::edge::config::SlowConsumer::DropOldest;
     })
     .await?;
-    let client = reqwest::Client::new();
-    let get = |q: String| keep_alive_poll(client.clone(), gw.http.clone(), q);
+    let client = KeepAlive::open(&gw.http).await?;
+    let get = |q: String| client.clone().poll(q);
     let first = get(pq(&["drop/a"], &[("timeout", "0"), ("client_id", "slow")])).await?;
     let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
     // ~60 × 150 bytes: far more than the 2 KiB queue holds between polls.
