@@ -424,7 +424,8 @@ struct KeepAlive {
     sender: std::sync::Arc<
         tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
     >,
-    conn: std::sync::Arc<AbortOnDrop>,
+    /// Held so that the connection lives as long as the last clone.
+    _conn: std::sync::Arc<AbortOnDrop>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -444,7 +445,7 @@ impl KeepAlive {
         });
         Ok(KeepAlive {
             sender: std::sync::Arc::new(tokio::sync::Mutex::new(sender)),
-            conn: std::sync::Arc::new(AbortOnDrop(conn)),
+            _conn: std::sync::Arc::new(AbortOnDrop(conn)),
         })
     }
 
