@@ -1248,3 +1248,59 @@ async fn wt_new_connections_per_second_are_refused_and_established_sessions_go_o
     assert!(n >= 1.0, "refusals counted: {n}");
     Ok(())
 }
+
+/// #13 item 6: the node's history and retained values are bounded in bytes
+/// (`limits.max_history_bytes`, `max_retained_bytes`): a publish that would
+/// grow them further is refused — REST 503 `unavailable`, an MQTT 5
+/// PUBACK failure — counted in `switchboard_limit_exceeded_total{limit}`,
+/// while what the node holds shows in `switchboard_history_bytes` and
+/// everyone else is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_retained_bytes_are_capped_per_node() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| {
+        cfg.limits.max_history_bytes = 64 * 1024;
+        cfg.limits.max_retained_bytes = 8 * 1024;
+        // The bystanders' channels and the retained values' keep no
+        // history, so they never hit its limit.
+        let no_history = |pattern: &str| switchboard::edge::config::ChannelRuleConfig {
+            pattern: pattern.into(),
+            history_size: Some(0),
+            history_ttl: None,
+            slow_consumer: None,
+        };
+        cfg.channels.rules = vec![no_history("by/#"), no_history("keep/#")];
+    })
+    .await?;
+    let mut by = Bystanders::join(&gw).await?;
+    let body = "h".repeat(4000);
+    let mut refused = None;
+    for i in 0..40 {
+        let (status, json) = rest_publish(&gw.http, &format!("fill/{i}"), body.clone(), &[]).await?;
+        if status != 200 {
+            refused = Some((status, json));
+            break;
+        }
+    }
+    let (status, json) = refused.context("no publish was refused")?;
+    assert_eq!((status, json["error"]["code"].as_str()), (503, Some("unavailable")), "{json}");
+    assert!(json["error"]["message"].as_str().unwrap_or_default().contains("bytes of history"), "{json}");
+    let held = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "history_bytes")]).await?;
+    assert!(held >= 1.0, "refusal counted: {held}");
+    // Retained values: an MQTT 5 retained publish past the limit fails.
+    let mut m = raw_mqtt(&gw, Ver::V5, "retainer", 60).await?;
+    let mut reasons = Vec::new();
+    for pkid in 1..=4u16 {
+        let topic = format!("keep/retained/{pkid}");
+        let mut retained = publish_packet(Ver::V5, topic.as_bytes(), 1, pkid, &[b'r'; 3000], &[]);
+        retained[0] |= 1;
+        m.send(&retained).await?;
+        let p = next_reply(&mut m).await?;
+        anyhow::ensure!(p.kind() == 4, "expected PUBACK, got {p:?}");
+        reasons.push(p.body.get(2).copied().unwrap_or(0));
+    }
+    assert_eq!(&reasons[..2], &[0, 0], "two fit: {reasons:?}");
+    assert!(reasons[2..].iter().all(|r| *r >= 0x80), "the rest are refused: {reasons:?}");
+    let n = metric(&gw, "switchboard_limit_exceeded_total", &[("limit", "retained_bytes")]).await?;
+    assert!(n >= 1.0, "refusal counted: {n}");
+    by.still_served("history and retained bytes").await
+}

@@ -435,6 +435,8 @@ impl Router {
                 metrics::gauge!("switchboard_channels").set(stats.channels as f64);
                 metrics::gauge!("switchboard_subscriptions").set(stats.subscriptions as f64);
                 metrics::gauge!("switchboard_presence_members").set(stats.presence_members as f64);
+                metrics::gauge!("switchboard_history_bytes").set(stats.history_bytes as f64);
+                metrics::gauge!("switchboard_retained_bytes").set(stats.retained_bytes as f64);
             }
         })
     }

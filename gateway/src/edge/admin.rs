@@ -191,6 +191,8 @@ fn describe() {
     metrics::describe_gauge!("switchboard_subscriptions", "Subscriptions held (filter, session)");
     metrics::describe_gauge!("switchboard_channels", "Channels with state");
     metrics::describe_gauge!("switchboard_presence_members", "Presence members over all channels");
+    metrics::describe_gauge!("switchboard_history_bytes", "Bytes of history over all channels");
+    metrics::describe_gauge!("switchboard_retained_bytes", "Bytes of retained values over all channels");
     metrics::describe_counter!("switchboard_messages_in_total", "Messages published, by protocol");
     metrics::describe_counter!(
         "switchboard_publish_duplicates_total",

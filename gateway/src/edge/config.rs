@@ -176,6 +176,14 @@ pub struct LimitsConfig {
     pub request_burst: f64,
     /// Channels one connection may be present on at once.
     pub max_presence_per_connection: usize,
+    /// Most bytes of history on the node (every channel's together); a
+    /// publish that would grow it further is refused (`unavailable`).
+    pub max_history_bytes: u64,
+    /// Most bytes of retained values on the node; a retained publish that
+    /// would grow them further is refused (`unavailable`).
+    pub max_retained_bytes: u64,
+    /// Most presence members on the node (every channel's together).
+    pub max_presence_members: u64,
     /// Longest SSE / long-poll query string (or POST /v1/poll body) in bytes.
     pub max_query_len: usize,
 }
@@ -203,6 +211,9 @@ impl Default for LimitsConfig {
             request_rate: 100.0,
             request_burst: 1000.0,
             max_presence_per_connection: 64,
+            max_history_bytes: 2 << 30,
+            max_retained_bytes: 256 << 20,
+            max_presence_members: 1_000_000,
             max_query_len: 8192,
         }
     }
@@ -402,6 +413,10 @@ pub struct ChannelsConfig {
     /// `not_granted` gap for it.
     #[serde(deserialize_with = "de_duration")]
     pub recovery_window: Duration,
+    /// How long a retained value lives after its publish ("0s": until
+    /// replaced or cleared).
+    #[serde(deserialize_with = "de_duration")]
+    pub retained_ttl: Duration,
     /// Per-pattern overrides, first match wins.
     pub rules: Vec<ChannelRuleConfig>,
 }
@@ -417,6 +432,7 @@ impl Default for ChannelsConfig {
             presence_max_members: 10_000,
             history_page_max: 1000,
             history_page_bytes: 1024 * 1024,
+            retained_ttl: Duration::ZERO,
             recovery_window: Duration::from_secs(120),
             rules: Vec::new(),
         }
@@ -1087,6 +1103,10 @@ impl Config {
             history_page_bytes: c.history_page_bytes,
             max_shared_groups: self.limits.max_shared_groups,
             max_channels: self.limits.max_channels,
+            max_history_bytes: self.limits.max_history_bytes,
+            max_retained_bytes: self.limits.max_retained_bytes,
+            retained_ttl: c.retained_ttl,
+            max_presence_members: self.limits.max_presence_members,
             ..EngineConfig::default()
         }
     }

@@ -749,6 +749,16 @@ impl DiskStore {
         }
     }
 
+    /// Forgets a channel's retained value (it expired). Not waited for: a
+    /// lost removal is redone when the value is found expired again.
+    pub fn remove_retained(&self, channel: &str) {
+        if self.check().is_ok()
+            && let Err(e) = self.retained.remove(channel)
+        {
+            self.fail("write", e);
+        }
+    }
+
     /// Forgets a channel entirely (idle, nothing left to keep); compaction
     /// drops whatever of its messages the tables still hold.
     pub fn remove_channel(&self, channel: &str, key: u64) {

@@ -84,8 +84,22 @@ struct Pending {
     from: SessionId,
 }
 
+/// What the node's channels hold together, against the node-wide limits
+/// (`max_history_bytes`, `max_retained_bytes`, `max_presence_members`):
+/// bytes of history and of retained values (as deliveries count them),
+/// presence members. Each channel adds and takes back its own, also when it
+/// is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    history: AtomicU64,
+    retained: AtomicU64,
+    members: AtomicU64,
+}
+
 #[derive(Debug)]
 struct Channel {
+    /// The node's totals this channel counts in.
+    held: Arc<Held>,
     epoch: Arc<str>,
     /// The newest serial delivered (what subscribers and history see).
     serial: u64,
@@ -129,9 +143,19 @@ type Cell = Mutex<Channel>;
 /// A locked channel that owns its cell (so it can be held across calls).
 type Guard = ArcMutexGuard<RawMutex, Channel>;
 
+impl Drop for Channel {
+    fn drop(&mut self) {
+        let history: u64 = self.history.iter().map(|d| d.size as u64).sum();
+        self.held.history.fetch_sub(history, Ordering::Relaxed);
+        self.set_retained(None);
+        self.held.members.fetch_sub(self.members.len() as u64, Ordering::Relaxed);
+    }
+}
+
 impl Channel {
-    fn new(policy: ChannelPolicy, now: i64, durable: bool) -> Self {
+    fn new(policy: ChannelPolicy, now: i64, durable: bool, held: &Arc<Held>) -> Self {
         Channel {
+            held: held.clone(),
             epoch: new_epoch(),
             serial: 0,
             assigned: 0,
@@ -157,6 +181,39 @@ impl Channel {
         proto::Position { epoch: self.epoch.to_string(), serial: self.serial }
     }
 
+    /// Appends to history, counting it in the node's total.
+    fn push_history(&mut self, d: Arc<Delivery>) {
+        self.held.history.fetch_add(d.size as u64, Ordering::Relaxed);
+        self.history.push_back(d);
+    }
+
+    /// Replaces the retained value, counting it in the node's total.
+    fn set_retained(&mut self, r: Option<Arc<Delivery>>) {
+        if let Some(old) = &self.retained {
+            self.held.retained.fetch_sub(old.size as u64, Ordering::Relaxed);
+        }
+        if let Some(new) = &r {
+            self.held.retained.fetch_add(new.size as u64, Ordering::Relaxed);
+        }
+        self.retained = r;
+    }
+
+    /// Adds (or replaces) a presence member, counting it in the node's total.
+    fn add_member(&mut self, key: MemberKey, m: Member) {
+        if self.members.insert(key, m).is_none() {
+            self.held.members.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes a presence member, counting it out of the node's total.
+    fn remove_member(&mut self, key: &MemberKey) -> Option<Member> {
+        let m = self.members.remove(key);
+        if m.is_some() {
+            self.held.members.fetch_sub(1, Ordering::Relaxed);
+        }
+        m
+    }
+
     fn head(&self, serial: u64) -> StoredChannel {
         StoredChannel {
             epoch: self.epoch.to_string(),
@@ -173,6 +230,7 @@ impl Channel {
     fn trim(&mut self, now: i64) -> bool {
         while self.history.len() > self.policy.history_size {
             if let Some(d) = self.history.pop_front() {
+                self.held.history.fetch_sub(d.size as u64, Ordering::Relaxed);
                 self.trimmed_ts = Some(d.envelope.timestamp);
                 self.first_serial = d.envelope.serial + 1;
             }
@@ -181,6 +239,7 @@ impl Channel {
         let mut aged = false;
         while self.history.front().is_some_and(|d| d.envelope.timestamp < min_ts) {
             if let Some(d) = self.history.pop_front() {
+                self.held.history.fetch_sub(d.size as u64, Ordering::Relaxed);
                 self.trimmed_ts = Some(d.envelope.timestamp);
                 self.first_serial = d.envelope.serial + 1;
                 aged = true;
@@ -254,6 +313,8 @@ pub struct LocalEngine {
     companions: AtomicUsize,
     /// Channels the sweep has yet to visit in its current pass.
     sweep_queue: Mutex<Vec<(String, Arc<Cell>)>>,
+    /// What every channel holds together (node-wide limits).
+    held: Arc<Held>,
 }
 
 /// Channels one sweep visits: a node of a million channels is swept in
@@ -318,6 +379,7 @@ impl LocalEngine {
             companions: AtomicUsize::new(0),
             sweep_queue: Mutex::new(Vec::new()),
             store: None,
+            held: Arc::new(Held::default()),
         }
     }
 
@@ -333,11 +395,12 @@ impl LocalEngine {
         now: i64,
     ) -> Result<Self, DiskError> {
         let new_epochs = recovery.tail_may_be_lost;
+        let held = Arc::new(Held::default());
         // Heads only (histories are read when first used, or by the
         // background loader); on every core.
         let loaded = store.load_channels(|loaded| {
             let policy = cfg.policy_for(&loaded.name).clone();
-            let mut ch = Channel::new(policy, now, true);
+            let mut ch = Channel::new(policy, now, true, &held);
             ch.head_stored = true;
             ch.history_loaded = false;
             ch.epoch = if new_epochs { new_epoch() } else { loaded.head.epoch.as_str().into() };
@@ -352,7 +415,7 @@ impl LocalEngine {
                 env.epoch.clone_from(&epoch);
                 Delivery::new(env)
             };
-            ch.retained = loaded.retained.map(stamp);
+            ch.set_retained(loaded.retained.map(stamp));
             let mut ids: Vec<(String, u64, i64)> = loaded.ids.into_iter().filter(|(_, _, exp)| *exp > now).collect();
             ids.sort_by_key(|(_, _, exp)| *exp);
             for (id, serial, exp) in ids {
@@ -388,6 +451,7 @@ impl LocalEngine {
             companions: AtomicUsize::new(0),
             sweep_queue: Mutex::new(Vec::new()),
             store: Some(store),
+            held,
         })
     }
 
@@ -418,7 +482,9 @@ impl LocalEngine {
             ch.trimmed_ts = Some(ch.trimmed_ts.unwrap_or(0).max(first.timestamp));
             ch.first_serial = first.serial;
         }
-        ch.history = history.into_iter().map(Delivery::new).collect();
+        for env in history {
+            ch.push_history(Delivery::new(env));
+        }
         ch.history_loaded = true;
         let aged = ch.trim(now);
         self.forget_on_disk(name, ch, aged);
@@ -480,7 +546,7 @@ impl LocalEngine {
             self.companions.fetch_add(1, Ordering::Relaxed);
         }
         let durable = self.store.is_some() && !name.starts_with(channel::PRESENCE_PREFIX);
-        let mut ch = Channel::new(self.cfg.policy_for(name).clone(), now, durable);
+        let mut ch = Channel::new(self.cfg.policy_for(name).clone(), now, durable, &self.held);
         if durable && let Some(store) = &self.store {
             // Journaled before any of its messages, so a sync that covers a
             // message covers its epoch; if this write is lost, so is every
@@ -535,12 +601,12 @@ impl LocalEngine {
     fn deliver(&self, name: &str, ch: &mut Channel, delivery: Arc<Delivery>, from: SessionId, now: i64) {
         ch.serial = delivery.envelope.serial;
         if ch.policy.history_size > 0 {
-            ch.history.push_back(delivery.clone());
+            ch.push_history(delivery.clone());
         }
         let aged = ch.trim(now);
         self.forget_on_disk(name, ch, aged);
         if delivery.envelope.retain {
-            ch.retained = if delivery.envelope.payload.is_empty() { None } else { Some(delivery.clone()) };
+            ch.set_retained((!delivery.envelope.payload.is_empty()).then(|| delivery.clone()));
         }
         self.hub.read().fanout(&delivery, ch.policy.slow_policy, from);
     }
@@ -551,6 +617,59 @@ impl LocalEngine {
         while ch.pending.front().is_some_and(|p| store.is_synced(p.ticket)) {
             if let Some(p) = ch.pending.pop_front() {
                 self.deliver(name, ch, p.delivery, p.from, now);
+            }
+        }
+    }
+
+    /// Refuses what would take the node past one of its limits: counted in
+    /// `switchboard_limit_exceeded_total{limit}` and logged.
+    fn over_limit(limit: &'static str, max: u64, what: &str) -> CoreError {
+        metrics::counter!("switchboard_limit_exceeded_total", "limit" => limit, "protocol" => "any").increment(1);
+        tracing::info!(limit, max, "limit exceeded");
+        err(ErrorCode::Unavailable, format!("the node holds its maximum of {max} {what}"))
+    }
+
+    /// Checks a publish against the node's history and retained-value
+    /// limits, before anything is written: refused only when it would grow
+    /// what the node holds (a full channel's publish replaces its oldest
+    /// message; a retained value replaces the previous one).
+    fn check_held(&self, name: &str, ch: &Channel, env: &proto::Envelope) -> Result<(), CoreError> {
+        if name.starts_with(channel::PRESENCE_PREFIX) {
+            return Ok(());
+        }
+        let size = prost::Message::encoded_len(env) as u64;
+        if ch.policy.history_size > 0 {
+            let full = ch.history.len() + ch.pending.len() >= ch.policy.history_size;
+            let frees = if full { ch.history.front().map_or(0, |d| d.size as u64) } else { 0 };
+            let held = self.held.history.load(Ordering::Relaxed);
+            if size > frees && held + size - frees > self.cfg.max_history_bytes {
+                return Err(Self::over_limit("history_bytes", self.cfg.max_history_bytes, "bytes of history"));
+            }
+        }
+        if env.retain && !env.payload.is_empty() {
+            let frees = ch.retained.as_ref().map_or(0, |r| r.size as u64);
+            let held = self.held.retained.load(Ordering::Relaxed);
+            if size > frees && held + size - frees > self.cfg.max_retained_bytes {
+                return Err(Self::over_limit(
+                    "retained_bytes",
+                    self.cfg.max_retained_bytes,
+                    "bytes of retained values",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears a retained value older than `channels.retained_ttl`, in the
+    /// store too.
+    fn expire_retained(&self, name: &str, ch: &mut Channel, now: i64) {
+        let ttl = self.cfg.retained_ttl.as_millis() as i64;
+        if ttl > 0 && ch.retained.as_ref().is_some_and(|r| r.envelope.timestamp + ttl <= now) {
+            ch.set_retained(None);
+            if ch.durable
+                && let Some(store) = &self.store
+            {
+                store.remove_retained(name);
             }
         }
     }
@@ -577,6 +696,7 @@ impl LocalEngine {
         id: Option<(&str, i64)>,
         now: i64,
     ) -> Result<(proto::Position, Option<u64>), CoreError> {
+        self.check_held(name, ch, &env)?;
         let serial = ch.assigned + 1;
         env.serial = serial;
         env.prev_serial = serial - 1;
@@ -895,6 +1015,7 @@ impl LocalEngine {
                 recovered: false,
             };
             let mut replay: Vec<Arc<Delivery>> = Vec::new();
+            self.expire_retained(name, ch, now);
             let mut want_retained = req.retained;
             if let Some(pos) = req.positions.get(name) {
                 let recovered = if pos.epoch == ch.epoch.as_ref() { ch.after(pos.serial) } else { None };
@@ -1042,7 +1163,7 @@ impl LocalEngine {
         let Some(cell) = self.channels.read().get(channel).cloned() else { return };
         let presence = self.presence_cell(channel, now);
         let mut c = cell.lock();
-        let Some(m) = c.members.remove(key) else { return };
+        let Some(m) = c.remove_member(key) else { return };
         // A leave is activity: the channel keeps its position for another
         // idle period, so a caught-up client recovers without a false gap.
         c.last_active = now;
@@ -1087,10 +1208,14 @@ impl LocalEngine {
             if resumed.is_none() && ch.members.len() >= max {
                 return Err(err(ErrorCode::Unavailable, format!("presence of {name:?} is full ({max} members)")));
             }
-            if let Some((old, _)) = &resumed {
-                ch.members.remove(old);
+            let node_max = self.cfg.max_presence_members;
+            if resumed.is_none() && self.held.members.load(Ordering::Relaxed) >= node_max {
+                return Err(Self::over_limit("presence_members", node_max, "presence members"));
             }
-            ch.members.insert(key.clone(), Member { data: data.clone(), protocol: caller.protocol, leave_at: None });
+            if let Some((old, _)) = &resumed {
+                ch.remove_member(old);
+            }
+            ch.add_member(key.clone(), Member { data: data.clone(), protocol: caller.protocol, leave_at: None });
             match resumed {
                 Some((_, old_data)) if old_data == data => None,
                 Some(_) => Some(proto::Kind::PresenceUpdate),
@@ -1230,6 +1355,7 @@ impl LocalEngine {
             let aged = ch.trim(now);
             self.forget_on_disk(name, &ch, aged);
             self.forget_ids(name, &mut ch, now);
+            self.expire_retained(name, &mut ch, now);
             if ch.is_idle() && now - ch.last_active > idle_ttl {
                 idle.push(name.clone());
             }
@@ -1260,11 +1386,13 @@ impl LocalEngine {
 
     /// Current counts.
     pub fn stats(&self) -> EngineStats {
-        let cells: Vec<Arc<Cell>> = self.channels.read().values().cloned().collect();
+        // The node's totals, not a walk over every channel's lock.
         EngineStats {
-            channels: cells.len(),
+            channels: self.channels.read().len(),
             subscriptions: self.hub.read().subscriptions(),
-            presence_members: cells.iter().map(|c| c.lock().members.len()).sum(),
+            presence_members: self.held.members.load(Ordering::Relaxed) as usize,
+            history_bytes: self.held.history.load(Ordering::Relaxed),
+            retained_bytes: self.held.retained.load(Ordering::Relaxed),
         }
     }
 }
@@ -1356,6 +1484,19 @@ impl LocalEngine {
             Ok(Started::Done(ack)) => ack,
             Ok(Started::Syncing { .. }) => panic!("a memory engine never waits for a sync"),
             Err(e) => panic!("publish failed: {e}"),
+        }
+    }
+
+    /// A publish on an engine without a store: its ack or why it was refused.
+    pub(crate) fn try_publish(
+        &self,
+        caller: &Caller,
+        req: proto::Publish,
+        now: i64,
+    ) -> Result<proto::PublishAck, CoreError> {
+        match self.start_publish(caller, req, now)? {
+            Started::Done(ack) => Ok(ack),
+            Started::Syncing { .. } => panic!("a memory engine never waits for a sync"),
         }
     }
 }

@@ -1426,11 +1426,13 @@ fn stats_count_channels_subscriptions_and_members() {
 
     // Channels: a, c, $presence/a (two enter events). Subscriptions: a (x2
     // sessions; resubscribing replaces), b/# and $presence/b/#.
-    assert_eq!(st.stats(), EngineStats { channels: 3, subscriptions: 4, presence_members: 2 });
+    let s = st.stats();
+    assert_eq!((s.channels, s.subscriptions, s.presence_members), (3, 4, 2));
 
     st.unsubscribe(1, "b/#").expect("subscribed");
     st.detach(2, CloseKind::Clean, T0);
-    assert_eq!(st.stats(), EngineStats { channels: 3, subscriptions: 1, presence_members: 1 });
+    let s = st.stats();
+    assert_eq!((s.channels, s.subscriptions, s.presence_members), (3, 1, 1));
 }
 
 // ---- resume by time (`since_ms`), used by stream cursors ----
@@ -1659,4 +1661,92 @@ fn a_subscribe_replays_what_was_accepted_after_it_arrived() {
     // Without the arrival: nothing from before.
     attach(&st, 3, "sub", 1 << 20);
     assert!(subscribe(&st, 3, &sub("race/a"), T0).replay.is_empty());
+}
+
+/// #13 item 6: what the node's channels hold together is counted as it
+/// comes and goes (history, retained values, presence members) and bounded
+/// node-wide: a publish that would grow history or retained values past
+/// the limit is refused with `unavailable`, a full channel's publish (which
+/// replaces its oldest message) is not, and a presence enter past the
+/// node's members is refused.
+#[test]
+fn the_node_bounds_history_retained_values_and_presence_members() {
+    let st = LocalEngine::new(EngineConfig {
+        default_policy: policy(4, 600, SlowPolicy::Disconnect),
+        // Retained values here, without history.
+        rules: vec![rule("held/r/#", policy(0, 600, SlowPolicy::Disconnect))],
+        max_history_bytes: 2_000,
+        max_retained_bytes: 500,
+        max_presence_members: 2,
+        ..EngineConfig::default()
+    });
+    let who = caller(99, "publisher");
+    let big = "x".repeat(200);
+    // Four 200-byte messages fill channel a; a fifth replaces the oldest.
+    for _ in 0..5 {
+        publish(&st, "held/a", &big, T0);
+    }
+    let after_a = st.stats().history_bytes;
+    assert!(after_a > 4 * 200 && after_a < 4 * 400, "{after_a}");
+    // Channel b grows history until the node's limit refuses it.
+    let mut refused = None;
+    for i in 0..20 {
+        if let Err(e) = st.try_publish(&who, publish_req(&format!("held/b{i}"), &big), T0) {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("the node's history limit refused a publish");
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+    assert!(e.message.contains("bytes of history"), "{e}");
+    assert!(st.stats().history_bytes <= 2_000);
+    // A full channel still takes publishes: it replaces its oldest.
+    publish(&st, "held/a", &big, T0);
+
+    // Retained values: bounded; replacing one's value does not grow them.
+    let retained = |ch: &str, payload: &str| {
+        let req = proto::Publish { retain: true, ..publish_req(ch, payload) };
+        st.try_publish(&who, req, T0)
+    };
+    let small = "r".repeat(150);
+    retained("held/r/a", &small).expect("first retained value");
+    retained("held/r/a", &small).expect("a replacement does not grow them");
+    retained("held/r/a", &small).expect("a replacement does not grow them");
+    let e = retained("held/r/c", &"r".repeat(400)).expect_err("past the retained limit");
+    assert!(e.message.contains("retained"), "{e}");
+    let held = st.stats().retained_bytes;
+    assert!(held > 150 && held <= 500, "{held}");
+
+    // Presence: two members on the node, whichever channels.
+    st.presence_enter(&caller(1, "m1"), "held/a", Bytes::new(), false, T0).expect("enter");
+    st.presence_enter(&caller(2, "m2"), "held/x", Bytes::new(), false, T0).expect("enter");
+    let e = st.presence_enter(&caller(3, "m3"), "held/y", Bytes::new(), false, T0).expect_err("a third");
+    assert!(e.message.contains("presence members"), "{e}");
+    st.presence_leave(&caller(2, "m2"), "held/x", T0).expect("leave");
+    st.presence_enter(&caller(3, "m3"), "held/y", Bytes::new(), false, T0).expect("room again");
+    assert_eq!(st.stats().presence_members, 2);
+
+    // What leaves history by age leaves the total; forgotten channels take
+    // theirs with them.
+    let later = T0 + 601_000;
+    st.sweep(later);
+    st.sweep(later + 3_700_000);
+    assert_eq!(st.stats().history_bytes, 0);
+}
+
+/// `channels.retained_ttl`: a retained value older than it is not replayed
+/// and is dropped by the sweep (and leaves the node's total).
+#[test]
+fn retained_values_expire_after_their_ttl() {
+    let st = LocalEngine::new(EngineConfig { retained_ttl: Duration::from_secs(60), ..EngineConfig::default() });
+    publish_retained(&st, "ttl/a", "old", T0);
+    publish_retained(&st, "ttl/b", "old", T0);
+    attach(&st, 1, "sub", BIG);
+    let fresh = subscribe(&st, 1, &proto::Subscribe { retained: true, ..sub("ttl/a") }, T0 + 59_000);
+    assert_eq!(payloads(&fresh.replay), ["old"], "within its ttl");
+    let stale = subscribe(&st, 1, &proto::Subscribe { retained: true, ..sub("ttl/a") }, T0 + 60_000);
+    assert!(stale.replay.is_empty(), "expired: {:?}", payloads(&stale.replay));
+    assert!(st.stats().retained_bytes > 0, "ttl/b's is still held");
+    st.sweep(T0 + 61_000);
+    assert_eq!(st.stats().retained_bytes, 0, "the sweep dropped ttl/b's");
 }

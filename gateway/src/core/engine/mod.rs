@@ -99,6 +99,16 @@ pub struct EngineConfig {
     /// Most channels on the node (`$presence/` companions not counted: one
     /// comes with each channel).
     pub max_channels: usize,
+    /// Most bytes of history the node holds (every channel's, as queued
+    /// deliveries count them): a publish that would grow it past this is
+    /// refused.
+    pub max_history_bytes: u64,
+    /// Most bytes of retained values the node holds.
+    pub max_retained_bytes: u64,
+    /// How long a retained value lives (zero: until replaced or cleared).
+    pub retained_ttl: Duration,
+    /// Most presence members on the node, every channel's together.
+    pub max_presence_members: u64,
 }
 
 impl Default for EngineConfig {
@@ -116,6 +126,10 @@ impl Default for EngineConfig {
             history_page_bytes: 1024 * 1024,
             max_shared_groups: 10_000,
             max_channels: 1_000_000,
+            max_history_bytes: 2 << 30,
+            max_retained_bytes: 256 << 20,
+            retained_ttl: Duration::ZERO,
+            max_presence_members: 1_000_000,
         }
     }
 }
@@ -141,6 +155,10 @@ pub struct EngineStats {
     pub subscriptions: usize,
     /// Presence members over all channels.
     pub presence_members: usize,
+    /// Bytes of history over all channels (`limits.max_history_bytes`).
+    pub history_bytes: u64,
+    /// Bytes of retained values over all channels (`limits.max_retained_bytes`).
+    pub retained_bytes: u64,
 }
 
 /// Channel state and fan-out. Methods take `now_ms` (Unix milliseconds) so
