@@ -122,6 +122,7 @@ use tracing::{Instrument, Span, debug, error};
 
 use crate::frames::{Answer, Counters, Session, answer, connected, refusal};
 use crate::port::{CloseKind, CloseReason, Core, OpenSession, Outbound, Outbox};
+use crate::ws_frames::{DeflateConfig, FrameError};
 
 /// Subprotocol of the JSON codec (text messages).
 pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
@@ -219,6 +220,8 @@ pub struct WsConfig {
     /// tungstenite writes to the socket once this many bytes are buffered,
     /// even before the flush (default 64 KiB).
     pub write_buffer_size: usize,
+    /// permessage-deflate ([`crate::ws_frames`]).
+    pub deflate: DeflateConfig,
 }
 
 impl Default for WsConfig {
@@ -230,6 +233,7 @@ impl Default for WsConfig {
             max_frame_size: 1024 * 1024,
             read_buffer_size: 4 * 1024,
             write_buffer_size: 64 * 1024,
+            deflate: DeflateConfig::default(),
         }
     }
 }
@@ -304,6 +308,19 @@ enum Stop {
 
 /// Maps a read error to how the connection ends, counting violations.
 fn read_error(e: WsError) -> Stop {
+    if let WsError::Io(io) = &e
+        && let Some(f) = FrameError::of(io)
+    {
+        let (code, reason, label) = match f {
+            FrameError::Protocol(_) => (CloseCode::Protocol, "protocol error", "protocol_error"),
+            FrameError::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8", "invalid_utf8"),
+            FrameError::BadDeflate => (CloseCode::Invalid, "invalid compressed data", "invalid_deflate"),
+            FrameError::TooLarge => (CloseCode::Size, "message too large", "message_too_large"),
+        };
+        debug!(error = %f, close = reason, "WebSocket violation (frame layer)");
+        protocol_error(label);
+        return Stop::Violation(code, reason);
+    }
     let (code, reason, label) = match &e {
         WsError::Capacity(_) => (CloseCode::Size, "message too large", "message_too_large"),
         WsError::Utf8(_) => (CloseCode::Invalid, "invalid UTF-8", "invalid_utf8"),
