@@ -18,8 +18,22 @@
 //! It deliberately does not: perform the HTTP upgrade or write the
 //! `Sec-WebSocket-Protocol` response header (the gateway does, echoing
 //! [`Codec::subprotocol`] when [`negotiate`] returned `Some`); authorise,
-//! route, validate channel names or store anything (the core does); support
-//! permessage-deflate; or check tokens (the core verifies them, on connect and refresh).
+//! route, validate channel names or store anything (the core does); read
+//! WebSocket frames off the socket (the gateway puts the upgraded I/O in a
+//! [`FrameLayer`](crate::ws_frames::FrameLayer) first: permessage-deflate
+//! when negotiated, and UTF-8 checked as text arrives, so that an invalid
+//! byte ends the connection without waiting for the rest of its message);
+//! or check tokens (the core verifies them, on connect and refresh).
+//!
+//! # Extensions
+//!
+//! permessage-deflate (RFC 7692) when the client offers it and
+//! [`WsConfig::deflate`] allows, negotiated by
+//! [`ws_frames::negotiate`](crate::ws_frames::negotiate): the server answers
+//! `server_no_context_takeover` unless context takeover is configured, and
+//! compresses replies and deliveries of at least
+//! [`DeflateConfig::min_size`] bytes. Whether a message travelled
+//! compressed is invisible here.
 //!
 //! # Codecs
 //!
@@ -47,11 +61,12 @@
 //! |---|---|---|---|---|---|
 //! | client's code | client's reason | the client sent a close frame (echoed back) | — | — | `clean` |
 //! | 1001 | `server shutting down` | the gateway is stopping (shutdown signal, or its sender dropped) | `disconnect` | yes | `abrupt` |
-//! | 1002 | `protocol error` | WebSocket framing violation (bad opcode, reserved bits, unmasked or fragmented control frame, ...) | — | — | `abrupt` |
+//! | 1002 | `protocol error` | WebSocket framing violation (bad opcode, reserved bits, RSV1 without permessage-deflate or on a continuation or control frame, unmasked or fragmented control frame, ...) | — | — | `abrupt` |
 //! | 1003 | `binary messages need switchboard.v1.proto` / `text messages need switchboard.v1.json` | a data message of the wrong kind for the negotiated codec | — | — | `abrupt` |
-//! | 1007 | `invalid UTF-8` | a text message that is not valid UTF-8 | — | — | `abrupt` |
+//! | 1007 | `invalid UTF-8` | a text message that is not valid UTF-8, as soon as the first invalid byte arrives (compressed or not, in any fragment, before the rest of its frame) | — | — | `abrupt` |
+//! | 1007 | `invalid compressed data` | a compressed message that does not inflate | — | — | `abrupt` |
 //! | 1008 | the error code's name, e.g. `permission_denied` | the core refused to open the session with any code but `unauthorized` | `error` (with `req`), `disconnect` | yes for `unavailable`, `rate_limited`, `internal`; else no | — |
-//! | 1009 | `message too large` | a message or frame above [`WsConfig::max_frame_size`] | — | — | `abrupt` |
+//! | 1009 | `message too large` | a message or frame above [`WsConfig::max_frame_size`]; for a compressed message, its inflated size, counted while inflating | — | — | `abrupt` |
 //! | 4000 | `slow consumer` | the session's outbox overflowed (`disconnect` policy) | `disconnect` | yes | `abrupt` |
 //! | 4001 | `unauthorized` | the core refused to open the session with `unauthorized` | `error` (with `req`), `disconnect` | no | — |
 //! | 4002 | `connect expected` | the first frame was not a valid `connect` (`error` `not_connected`, `bad_frame` or `unknown_frame`), or none arrived within [`WsConfig::handshake_timeout`] | `error` (if a frame came), `disconnect` | no | — |
@@ -98,6 +113,7 @@
 //! bytes), `switchboard_frames_in_total` (data messages received), and
 //! `switchboard_protocol_errors_total` with `code` = `bad_frame`,
 //! `unknown_frame`, `unsupported_data` (1003), `invalid_utf8` (1007),
+//! `invalid_deflate` (1007),
 //! `message_too_large` (1009) or `protocol_error` (1002).
 
 use std::net::SocketAddr;
@@ -220,7 +236,8 @@ pub struct WsConfig {
     /// tungstenite writes to the socket once this many bytes are buffered,
     /// even before the flush (default 64 KiB).
     pub write_buffer_size: usize,
-    /// permessage-deflate ([`crate::ws_frames`]).
+    /// permessage-deflate ([`crate::ws_frames`]): on by default, without
+    /// server context takeover.
     pub deflate: DeflateConfig,
 }
 

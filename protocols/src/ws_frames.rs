@@ -32,14 +32,16 @@
 //! # Memory
 //!
 //! Nothing is allocated for compression until a message needs it. Without
-//! context takeover (the server side's default, `server_no_context_takeover`)
-//! a compressor is borrowed from a small node-wide pool for one message and
-//! reset: an idle connection holds none. A client that keeps its context
-//! (browsers do) needs its inflater for the connection's life: about 43 KiB
-//! once it sent a compressed message. Server context takeover
-//! ([`DeflateConfig::context_takeover`]) keeps a compressor per connection,
-//! about 300 KiB: better ratios for chatty streams, paid per connection.
-//! Measured numbers are in docs/protocol.md.
+//! context takeover (the default: the answer says
+//! `server_no_context_takeover; client_no_context_takeover`, which RFC 7692
+//! lets a server add unasked) each message is compressed or inflated on its
+//! own, with a compressor or inflater borrowed from a small node-wide pool
+//! and reset after it: an idle connection holds none, and negotiated
+//! deflate costs a connection about what plain WebSocket does. With
+//! [`DeflateConfig::context_takeover`] both sides keep their window between
+//! messages (better ratios on chatty streams): about 230 KiB more per
+//! connection once compressed messages went both ways. Measured numbers are
+//! in docs/protocol.md.
 //!
 //! It deliberately does not: check what tungstenite checks anyway (control
 //! frame lengths and FIN, close codes), fragment or reorder outbound
@@ -69,9 +71,10 @@ pub const UP_FRAGMENT: usize = 16 * 1024;
 pub struct DeflateConfig {
     /// Accept a client's offer (default true).
     pub enabled: bool,
-    /// Keep the server's compression context between messages (default
-    /// false: `server_no_context_takeover` is always answered, and no
-    /// compressor outlives a message).
+    /// Keep the compression context between messages, on both sides
+    /// (default false: `server_no_context_takeover` and
+    /// `client_no_context_takeover` are always answered, and no compressor
+    /// or inflater outlives a message).
     pub context_takeover: bool,
     /// Outbound data messages smaller than this go uncompressed (default
     /// 256 bytes): on small frames deflate saves little and costs CPU.
@@ -101,11 +104,15 @@ pub struct Deflate {
 /// parameters with the response header's value. `None`: no offer, deflate
 /// disabled, or every offer declined.
 ///
-/// | offer | answer |
+/// With context takeover off (the default), every answer says
+/// `server_no_context_takeover; client_no_context_takeover`; with it on,
+/// only what the client asked for.
+///
+/// | offer | answer (context takeover off / on) |
 /// |---|---|
-/// | `permessage-deflate` | `permessage-deflate; server_no_context_takeover` (context takeover off) |
+/// | `permessage-deflate` | `permessage-deflate; server_no_context_takeover; client_no_context_takeover` / `permessage-deflate` |
 /// | `permessage-deflate; client_max_window_bits` (browsers) | the same: any client window inflates |
-/// | `permessage-deflate; client_no_context_takeover` | `...; server_no_context_takeover; client_no_context_takeover` |
+/// | `permessage-deflate; client_no_context_takeover` | `...; server_no_context_takeover; client_no_context_takeover` / `permessage-deflate; client_no_context_takeover` |
 /// | `permessage-deflate; server_max_window_bits=15` | accepted |
 /// | `permessage-deflate; server_max_window_bits=10` | declined (no window below 15 bits), next offer tried |
 /// | unknown, repeated or malformed parameter, bad value | declined |
@@ -142,15 +149,20 @@ fn accept_offer(offer: &str, cfg: &DeflateConfig) -> Option<(Deflate, String)> {
             return None;
         }
     }
+    // Without context takeover neither side keeps a window between
+    // messages: both parameters may be answered unasked (§7.1.1.1,
+    // §7.1.1.2), and then no connection holds an inflater or a compressor
+    // while it is idle.
     let server_context_takeover = cfg.context_takeover && !server_nct;
+    let client_context_takeover = cfg.context_takeover && !client_nct;
     let mut answer = String::from(PERMESSAGE_DEFLATE);
     if !server_context_takeover {
         answer.push_str("; server_no_context_takeover");
     }
-    if client_nct {
+    if !client_context_takeover {
         answer.push_str("; client_no_context_takeover");
     }
-    let agreed = Deflate { server_context_takeover, client_context_takeover: !client_nct, min_size: cfg.min_size };
+    let agreed = Deflate { server_context_takeover, client_context_takeover, min_size: cfg.min_size };
     Some((agreed, answer))
 }
 
@@ -336,24 +348,44 @@ fn parse_header(b: &[u8]) -> Option<(Header, usize)> {
     Some((h, at))
 }
 
+/// Where encoded or decoded bytes go.
+pub trait Sink {
+    /// Appends `bytes`.
+    fn put_bytes(&mut self, bytes: &[u8]);
+}
+
+impl Sink for BytesMut {
+    fn put_bytes(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 /// Appends a frame header: `first` carries FIN, RSV1 and the opcode.
-fn put_header(out: &mut BytesMut, first: u8, len: usize, mask: Option<[u8; 4]>) {
+fn put_header(out: &mut impl Sink, first: u8, len: usize, mask: Option<[u8; 4]>) {
+    let mut head = [0u8; MAX_HEADER];
     let m = if mask.is_some() { 0x80 } else { 0 };
-    out.put_u8(first);
-    match len {
-        0..=125 => out.put_u8(m | len as u8),
+    head[0] = first;
+    let mut at = match len {
+        0..=125 => {
+            head[1] = m | len as u8;
+            2
+        }
         126..=0xffff => {
-            out.put_u8(m | 126);
-            out.put_u16(len as u16);
+            head[1] = m | 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
         }
         _ => {
-            out.put_u8(m | 127);
-            out.put_u64(len as u64);
+            head[1] = m | 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
         }
-    }
+    };
     if let Some(mask) = mask {
-        out.put_slice(&mask);
+        head[at..at + 4].copy_from_slice(&mask);
+        at += 4;
     }
+    out.put_bytes(&head[..at]);
 }
 
 const OP_CONTINUATION: u8 = 0;
@@ -423,7 +455,7 @@ impl Inbound {
 
     /// Consumes all of `input` (the client's bytes, in order) and appends
     /// what tungstenite should read to `up`. An error is final.
-    pub fn decode(&mut self, mut input: &[u8], up: &mut BytesMut) -> Result<(), FrameError> {
+    pub fn decode(&mut self, mut input: &[u8], up: &mut impl Sink) -> Result<(), FrameError> {
         while !input.is_empty() {
             match &mut self.state {
                 InState::Header => {
@@ -450,9 +482,9 @@ impl Inbound {
                         *at = (offset + n) % 4;
                     }
                     match kind {
-                        PayloadKind::Pass => up.put_slice(chunk),
+                        PayloadKind::Pass => up.put_bytes(chunk),
                         PayloadKind::Text => {
-                            up.put_slice(chunk);
+                            up.put_bytes(chunk);
                             unmasked(chunk, mask, offset, |plain| self.utf8.feed(plain))?;
                         }
                         PayloadKind::Compressed => {
@@ -470,7 +502,7 @@ impl Inbound {
     }
 
     /// Checks a complete header and decides where its payload goes.
-    fn start_frame(&mut self, h: Header, header_len: usize, up: &mut BytesMut) -> Result<(), FrameError> {
+    fn start_frame(&mut self, h: Header, header_len: usize, up: &mut impl Sink) -> Result<(), FrameError> {
         let Some(mask) = h.mask else { return Err(FrameError::Protocol("unmasked client frame")) };
         if h.rsv23 {
             return Err(FrameError::Protocol("reserved bits set"));
@@ -517,7 +549,7 @@ impl Inbound {
         };
         if kind != PayloadKind::Compressed {
             // The header bytes are still at the start of `head`.
-            up.put_slice(&self.head[..header_len]);
+            up.put_bytes(&self.head[..header_len]);
         }
         let control = h.opcode >= 0x8;
         self.state = InState::Payload { remaining: h.len, mask, at: 0, kind, fin: h.fin, control };
@@ -530,7 +562,7 @@ impl Inbound {
 
     /// A frame's last payload byte arrived; on a final data frame, so did
     /// its message's.
-    fn end_frame(&mut self, kind: PayloadKind, fin: bool, control: bool, up: &mut BytesMut) -> Result<(), FrameError> {
+    fn end_frame(&mut self, kind: PayloadKind, fin: bool, control: bool, up: &mut impl Sink) -> Result<(), FrameError> {
         if !fin || control {
             return Ok(());
         }
@@ -548,9 +580,8 @@ impl Inbound {
                     inflater.reset(false);
                     INFLATERS.give(inflater);
                 }
-                if self.inflated.capacity() > UP_FRAGMENT {
-                    self.inflated = Vec::new();
-                }
+                // Nothing of a message stays allocated after it.
+                self.inflated = Vec::new();
             }
         }
         self.message = None;
@@ -559,7 +590,7 @@ impl Inbound {
 
     /// Inflates `plain` (compressed payload bytes, unmasked), counting and
     /// validating the output and handing it up in [`UP_FRAGMENT`] pieces.
-    fn inflate(&mut self, mut plain: &[u8], up: &mut BytesMut) -> Result<(), FrameError> {
+    fn inflate(&mut self, mut plain: &[u8], up: &mut impl Sink) -> Result<(), FrameError> {
         let inflater = self.inflater.get_or_insert_with(|| INFLATERS.take(new_inflater));
         let Some(message) = &mut self.message else { return Ok(()) };
         let mut out = [0u8; 8 * 1024];
@@ -597,7 +628,7 @@ impl Inbound {
         }
     }
 
-    fn hand_up(&mut self, fin: bool, up: &mut BytesMut) {
+    fn hand_up(&mut self, fin: bool, up: &mut impl Sink) {
         if let Some(message) = &mut self.message {
             hand_up(message, &mut self.inflated, fin, up);
         }
@@ -606,7 +637,7 @@ impl Inbound {
 
 /// Hands inflated bytes up as one masked frame (mask 0: tungstenite's
 /// server role wants masked frames, and a zero mask leaves them as they are).
-fn hand_up(message: &mut InMessage, inflated: &mut Vec<u8>, fin: bool, up: &mut BytesMut) {
+fn hand_up(message: &mut InMessage, inflated: &mut Vec<u8>, fin: bool, up: &mut impl Sink) {
     for (i, piece) in inflated.chunks(UP_FRAGMENT).enumerate() {
         let last = fin && (i + 1) * UP_FRAGMENT >= inflated.len();
         let opcode = match (message.handed_up, message.text) {
@@ -615,7 +646,7 @@ fn hand_up(message: &mut InMessage, inflated: &mut Vec<u8>, fin: bool, up: &mut 
             (false, false) => OP_BINARY,
         };
         put_header(up, u8::from(last) << 7 | opcode, piece.len(), Some([0; 4]));
-        up.put_slice(piece);
+        up.put_bytes(piece);
         message.handed_up = true;
     }
     if fin && inflated.is_empty() {
@@ -762,10 +793,8 @@ impl Outbound {
         let body = self.compressed.strip_suffix(&[0, 0, 0xff, 0xff]).unwrap_or(&self.compressed);
         put_header(out, 0x80 | 0x40 | opcode, body.len(), None);
         out.put_slice(body);
-        self.compressed.clear();
-        if self.compressed.capacity() > UP_FRAGMENT {
-            self.compressed = Vec::new();
-        }
+        // Nothing of a message stays allocated after it.
+        self.compressed = Vec::new();
         if !self.deflate.server_context_takeover
             && let Some(mut c) = self.compressor.take()
         {
@@ -810,33 +839,63 @@ impl<S> FrameLayer<S> {
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 4 * 1024;
 
+/// Decoded bytes go straight into the reader's buffer; what does not fit
+/// (inflated output) waits in `up`, in order.
+struct Spill<'a, 'b> {
+    buf: &'a mut ReadBuf<'b>,
+    up: &'a mut BytesMut,
+}
+
+impl Sink for Spill<'_, '_> {
+    fn put_bytes(&mut self, bytes: &[u8]) {
+        let n = if self.up.is_empty() { bytes.len().min(self.buf.remaining()) } else { 0 };
+        self.buf.put_slice(&bytes[..n]);
+        if n < bytes.len() {
+            self.up.extend_from_slice(&bytes[n..]);
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for FrameLayer<S> {
+    /// Reads at most what fits in `buf`, so that plain frames, which come
+    /// out as they went in, never need `up`: the plain path costs a copy
+    /// and a scan, and no memory between reads.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if this.failed {
                 return Pin::new(&mut this.io).poll_read(cx, buf);
             }
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
             if !this.up.is_empty() {
                 let n = this.up.len().min(buf.remaining());
                 buf.put_slice(&this.up[..n]);
                 this.up.advance(n);
-                if this.up.is_empty() && this.up.capacity() > 4 * UP_FRAGMENT {
+                if this.up.is_empty() {
                     this.up = BytesMut::new();
                 }
                 return Poll::Ready(Ok(()));
             }
             let mut raw = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut raw);
+            let want = buf.remaining().min(READ_CHUNK);
+            let mut rb = ReadBuf::new(&mut raw[..want]);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            if let Err(e) = this.inbound.decode(rb.filled(), &mut this.up) {
+            let before = buf.filled().len();
+            let decoded = this.inbound.decode(rb.filled(), &mut Spill { buf, up: &mut this.up });
+            if let Err(e) = decoded {
                 this.failed = true;
                 this.up = BytesMut::new();
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            // Only compressed bytes so far, nothing to hand up yet.
         }
     }
 }
@@ -992,19 +1051,17 @@ mod tests {
 
     #[test]
     fn negotiation_accepts_the_first_acceptable_offer() {
+        const BOTH: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
         let on = DeflateConfig::default();
         let ok = |h: &[&str]| negotiate(h, &on).map(|(_, answer)| answer);
         assert_eq!(ok(&[]), None);
         assert_eq!(ok(&["x-webkit-deflate-frame"]), None);
-        assert_eq!(ok(&["permessage-deflate"]).as_deref(), Some("permessage-deflate; server_no_context_takeover"));
+        assert_eq!(ok(&["permessage-deflate"]).as_deref(), Some(BOTH));
         // What Chromium and Firefox send.
-        assert_eq!(
-            ok(&["permessage-deflate; client_max_window_bits"]).as_deref(),
-            Some("permessage-deflate; server_no_context_takeover")
-        );
+        assert_eq!(ok(&["permessage-deflate; client_max_window_bits"]).as_deref(), Some(BOTH));
         assert_eq!(
             ok(&["permessage-deflate;client_no_context_takeover; server_no_context_takeover"]).as_deref(),
-            Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+            Some(BOTH)
         );
         assert!(ok(&["permessage-deflate; server_max_window_bits=15; client_max_window_bits=\"10\""]).is_some());
         // Declined offers fall through to the next, in the same header or
@@ -1023,17 +1080,24 @@ mod tests {
         ] {
             assert_eq!(ok(&[declined]), None, "{declined}");
             let answer = ok(&[&format!("{declined}, permessage-deflate; client_no_context_takeover")]);
-            assert!(answer.is_some_and(|a| a.ends_with("client_no_context_takeover")), "{declined}");
+            assert_eq!(answer.as_deref(), Some(BOTH), "{declined}");
             let answer = ok(&[declined, "foo", "permessage-deflate"]);
-            assert_eq!(answer.as_deref(), Some("permessage-deflate; server_no_context_takeover"), "{declined}");
+            assert_eq!(answer.as_deref(), Some(BOTH), "{declined}");
         }
         let (d, _) = negotiate(&["permessage-deflate"], &on).expect("accepted");
-        assert_eq!(d, Deflate { server_context_takeover: false, client_context_takeover: true, min_size: 256 });
-        // Context takeover kept when configured, unless the client declines it.
+        assert_eq!(d, Deflate { server_context_takeover: false, client_context_takeover: false, min_size: 256 });
+        // Context takeover kept when configured, on the sides the client
+        // did not decline it for.
         let keep = DeflateConfig { context_takeover: true, ..on };
-        assert_eq!(negotiate(&["permessage-deflate"], &keep).map(|(_, a)| a).as_deref(), Some("permessage-deflate"));
-        let (d, _) = negotiate(&["permessage-deflate; server_no_context_takeover"], &keep).expect("accepted");
-        assert!(!d.server_context_takeover);
+        let (d, answer) = negotiate(&["permessage-deflate"], &keep).expect("accepted");
+        assert_eq!(answer, "permessage-deflate");
+        assert!(d.server_context_takeover && d.client_context_takeover);
+        let (d, answer) = negotiate(&["permessage-deflate; server_no_context_takeover"], &keep).expect("accepted");
+        assert_eq!(answer, "permessage-deflate; server_no_context_takeover");
+        assert!(!d.server_context_takeover && d.client_context_takeover);
+        let (d, answer) = negotiate(&["permessage-deflate; client_no_context_takeover"], &keep).expect("accepted");
+        assert_eq!(answer, "permessage-deflate; client_no_context_takeover");
+        assert!(d.server_context_takeover && !d.client_context_takeover);
         assert_eq!(negotiate(&["permessage-deflate"], &DeflateConfig { enabled: false, ..on }), None);
     }
 

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
 /// A WebSocket client of raw frames: masks what it sends, compresses when
-/// asked (keeping its context, as browsers do), inflates what has RSV1.
+/// asked (keeping its context unless told not to), inflates what has RSV1.
 struct RawClient {
     tcp: TcpStream,
     /// Bytes read and not yet parsed.
@@ -71,6 +71,9 @@ impl RawClient {
 
     /// One compressed message (RFC 7692 §7.2.1), in one frame.
     async fn send_compressed(&mut self, opcode: u8, data: &[u8]) -> anyhow::Result<()> {
+        if self.extensions.as_deref().is_some_and(|e| e.contains("client_no_context_takeover")) {
+            self.compress.reset();
+        }
         let body = deflate(&mut self.compress, data);
         self.send_frame(0x80 | 0x40 | opcode, &body).await
     }
@@ -202,7 +205,10 @@ async fn permessage_deflate_carries_messages_both_ways() -> anyhow::Result<()> {
     let bystander = Bystander::join(&gw).await?;
     let offer = "permessage-deflate; client_max_window_bits";
     let mut c = RawClient::connect(&gw, "/v1/ws?client_id=deflater", Some(offer)).await?;
-    assert_eq!(c.extensions.as_deref(), Some("permessage-deflate; server_no_context_takeover"));
+    assert_eq!(
+        c.extensions.as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
     let (_, hello) = c.recv_json().await?;
     assert!(matches!(hello.frame, Some(server_frame::Frame::Connected(_))), "{hello:?}");
     c.send_compressed(1, subscribe_json(1, "deflate/#").as_bytes()).await?;
