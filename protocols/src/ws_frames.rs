@@ -2,9 +2,9 @@
 //! (RFC 7692) and UTF-8 checked as the bytes arrive.
 //!
 //! tungstenite 0.28 has no permessage-deflate (it refuses any frame with
-//! RSV1 set) and checks a text message's UTF-8 only once the whole message
-//! is in, so a client could hold a megabyte of a message that is invalid
-//! from its first bytes. [`FrameLayer`] sits between the upgraded socket and
+//! RSV1 set) and checks a text frame's UTF-8 only once the whole frame is
+//! in, so a client could make the gateway buffer a megabyte of a message
+//! that is invalid from its first bytes. [`FrameLayer`] sits between the upgraded socket and
 //! tungstenite and reads the client's frames itself:
 //!
 //! - **Inbound.** Frames of uncompressed messages and control frames go up
