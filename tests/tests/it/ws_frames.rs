@@ -1,6 +1,7 @@
 //! The WebSocket frame layer against the real gateway, with a client that
 //! writes its frames by hand: permessage-deflate is negotiated and carries
-//! messages both ways; a decompression bomb, RSV1 without the extension and
+//! messages both ways on `/v1/ws`, `/mqtt` and `/v1/ws-echo`; a
+//! decompression bomb, RSV1 without the extension and
 //! invalid UTF-8 get their close codes — the UTF-8 one while the client has
 //! not sent the rest of its frame (before the layer, tungstenite waited for
 //! the whole frame first). A bystander is served throughout.
@@ -31,6 +32,15 @@ struct RawClient {
 
 impl RawClient {
     async fn connect(gw: &TestGateway, path: &str, extensions: Option<&str>) -> anyhow::Result<Self> {
+        Self::connect_with(gw, path, extensions, None).await
+    }
+
+    async fn connect_with(
+        gw: &TestGateway,
+        path: &str,
+        extensions: Option<&str>,
+        subprotocol: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let addr = gw.http.trim_start_matches("http://");
         let mut tcp = TcpStream::connect(addr).await?;
         let mut req = format!(
@@ -39,6 +49,9 @@ impl RawClient {
         );
         if let Some(e) = extensions {
             req.push_str(&format!("Sec-WebSocket-Extensions: {e}\r\n"));
+        }
+        if let Some(p) = subprotocol {
+            req.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
         }
         req.push_str("\r\n");
         tcp.write_all(req.as_bytes()).await?;
@@ -321,5 +334,28 @@ async fn echo_route_speaks_deflate() -> anyhow::Result<()> {
     let (first, payload) = c.read_frame().await?;
     assert_eq!(first, 0xc1, "a compressed, final text frame");
     assert_eq!(inflate(&payload)?, big.as_bytes());
+    Ok(())
+}
+
+/// MQTT over WebSocket (`/mqtt`) negotiates deflate through the same
+/// upgrade: a compressed CONNECT and SUBSCRIBE are understood, and a PUBLISH
+/// of 1 000 bytes comes back compressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websocket_speaks_deflate() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut c = RawClient::connect_with(&gw, "/mqtt", Some("permessage-deflate"), Some("mqtt")).await?;
+    assert!(c.extensions.is_some());
+    // MQTT 3.1.1 CONNECT, clean session, keep alive 60, empty client id.
+    c.send_compressed(2, &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0]).await?;
+    assert_eq!(c.read_frame().await?, (0x82, vec![0x20, 2, 0, 0]), "CONNACK, uncompressed (small)");
+    c.send_compressed(2, &[0x82, 6, 0, 1, 0, 1, b't', 0]).await?;
+    assert_eq!(c.read_frame().await?, (0x82, vec![0x90, 3, 0, 1, 0]), "SUBACK");
+    let payload: Vec<u8> = b"mqtt over deflate ".iter().copied().cycle().take(1000).collect();
+    // PUBLISH QoS 0 to `t`: remaining length 1 003 = varint EB 07.
+    let publish = [&[0x30, 0xeb, 0x07, 0, 1, b't'][..], &payload].concat();
+    c.send_compressed(2, &publish).await?;
+    let (first, body) = c.read_frame().await?;
+    assert_eq!(first, 0xc2, "a compressed binary message");
+    assert_eq!(inflate(&body)?, publish);
     Ok(())
 }
