@@ -52,7 +52,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -663,21 +663,30 @@ fn hand_up(message: &mut InMessage, inflated: &mut Vec<u8>, fin: bool, up: &mut 
 }
 
 /// Calls `f` with `chunk` unmasked, in pieces (`offset`: the mask position
-/// of its first byte).
+/// of its first byte). Eight bytes at a time: this runs over every byte of
+/// every text message.
 fn unmasked(
     chunk: &[u8],
     mask: [u8; 4],
     offset: usize,
     mut f: impl FnMut(&[u8]) -> Result<(), FrameError>,
 ) -> Result<(), FrameError> {
+    // A multiple of 8, so every piece starts at the same mask position.
     let mut buf = [0u8; 2048];
-    let mut at = offset;
+    let m: [u8; 8] = std::array::from_fn(|i| mask[(offset + i) % 4]);
+    let m64 = u64::from_ne_bytes(m);
     for piece in chunk.chunks(buf.len()) {
-        for (b, (o, m)) in buf.iter_mut().zip(piece.iter().zip(mask.iter().cycle().skip(at % 4))) {
-            *b = o ^ m;
+        let out = &mut buf[..piece.len()];
+        let mut words = out.chunks_exact_mut(8);
+        let mut input = piece.chunks_exact(8);
+        for (o, i) in (&mut words).zip(&mut input) {
+            let word = u64::from_ne_bytes(i.try_into().expect("chunks of 8"));
+            o.copy_from_slice(&(word ^ m64).to_ne_bytes());
         }
-        f(&buf[..piece.len()])?;
-        at += piece.len();
+        for (k, (o, i)) in words.into_remainder().iter_mut().zip(input.remainder()).enumerate() {
+            *o = i ^ m[k];
+        }
+        f(out)?;
     }
     Ok(())
 }
@@ -701,6 +710,69 @@ pub struct Outbound {
     compressor: Option<Box<Compress>>,
     /// The compressed payload of the frame being encoded.
     compressed: Vec<u8>,
+    /// Without context takeover: the payload being collected, compressed
+    /// (or found in [`RECENT`]) once whole.
+    raw: Vec<u8>,
+}
+
+/// Messages compressed lately without context takeover, by any connection.
+/// A delivery reaches its subscribers as the same bytes (encoded once per
+/// wire format), and without context takeover the same bytes compress to
+/// the same message: the first subscriber's connection compresses it, the
+/// others find it here. Bounded in entries and bytes; messages above
+/// [`RECENT_MAX_MESSAGE`] are not kept.
+struct Recent {
+    entries: std::collections::VecDeque<RecentEntry>,
+    bytes: usize,
+}
+
+struct RecentEntry {
+    fingerprint: u64,
+    raw: Vec<u8>,
+    compressed: Bytes,
+}
+
+static RECENT: Mutex<Recent> = Mutex::new(Recent { entries: std::collections::VecDeque::new(), bytes: 0 });
+
+/// Entries [`RECENT`] keeps.
+const RECENT_ENTRIES: usize = 64;
+/// Bytes [`RECENT`] keeps (payloads and their compressed forms).
+const RECENT_BYTES: usize = 4 * 1024 * 1024;
+/// Largest payload [`RECENT`] keeps.
+const RECENT_MAX_MESSAGE: usize = 64 * 1024;
+
+/// A cheap hash of a payload, eight bytes at a time (FxHash's mixing):
+/// [`RECENT`] compares payloads in full only when this matches.
+fn fingerprint(b: &[u8]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = b.len() as u64;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(w.try_into().expect("chunks of 8"))).wrapping_mul(K);
+    }
+    for &x in words.remainder() {
+        h = (h.rotate_left(5) ^ u64::from(x)).wrapping_mul(K);
+    }
+    h
+}
+
+impl Recent {
+    fn find(&self, fingerprint: u64, raw: &[u8]) -> Option<Bytes> {
+        let e = self.entries.iter().rev().find(|e| e.fingerprint == fingerprint && e.raw == raw)?;
+        Some(e.compressed.clone())
+    }
+
+    fn keep(&mut self, fingerprint: u64, raw: &[u8], compressed: &Bytes) {
+        if raw.len() > RECENT_MAX_MESSAGE {
+            return;
+        }
+        self.bytes += raw.len() + compressed.len();
+        self.entries.push_back(RecentEntry { fingerprint, raw: raw.to_vec(), compressed: compressed.clone() });
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            let Some(old) = self.entries.pop_front() else { break };
+            self.bytes -= old.raw.len() + old.compressed.len();
+        }
+    }
 }
 
 impl Outbound {
@@ -713,6 +785,7 @@ impl Outbound {
             state: OutState::Header,
             compressor: None,
             compressed: Vec::new(),
+            raw: Vec::new(),
         }
     }
 
@@ -735,7 +808,9 @@ impl Outbound {
                     let plain = h.fin && !h.rsv1 && !h.rsv23 && h.mask.is_none();
                     if data && plain && h.len >= self.deflate.min_size as u64 {
                         self.state = OutState::Compress { remaining: h.len, opcode: h.opcode };
-                        self.compressor.get_or_insert_with(|| COMPRESSORS.take(new_compressor));
+                        if self.deflate.server_context_takeover {
+                            self.compressor.get_or_insert_with(|| Box::new(new_compressor()));
+                        }
                     } else {
                         out.put_slice(&self.head[..used]);
                         self.state = OutState::Pass { remaining: h.len };
@@ -757,7 +832,11 @@ impl Outbound {
                     let n = (*remaining).min(input.len() as u64) as usize;
                     *remaining -= n as u64;
                     let done = *remaining == 0;
-                    self.compress(&input[..n], FlushCompress::None);
+                    if self.deflate.server_context_takeover {
+                        self.compress(&input[..n], FlushCompress::None);
+                    } else {
+                        self.raw.extend_from_slice(&input[..n]);
+                    }
                     input = &input[n..];
                     if done {
                         self.end_frame(out);
@@ -789,18 +868,38 @@ impl Outbound {
             return;
         };
         self.state = OutState::Header;
-        self.compress(&[], FlushCompress::Sync);
-        let body = self.compressed.strip_suffix(&[0, 0, 0xff, 0xff]).unwrap_or(&self.compressed);
+        let body = if self.deflate.server_context_takeover {
+            self.compress(&[], FlushCompress::Sync);
+            let body = self.compressed.strip_suffix(&[0, 0, 0xff, 0xff]).unwrap_or(&self.compressed);
+            Bytes::copy_from_slice(body)
+        } else {
+            self.compress_alone()
+        };
         put_header(out, 0x80 | 0x40 | opcode, body.len(), None);
-        out.put_slice(body);
+        out.put_slice(&body);
         // Nothing of a message stays allocated after it.
         self.compressed = Vec::new();
-        if !self.deflate.server_context_takeover
-            && let Some(mut c) = self.compressor.take()
-        {
+        self.raw = Vec::new();
+    }
+
+    /// The collected payload compressed on its own: from [`RECENT`], or
+    /// with a pooled compressor (then kept in [`RECENT`]).
+    fn compress_alone(&mut self) -> Bytes {
+        let raw = std::mem::take(&mut self.raw);
+        let fp = fingerprint(&raw);
+        if let Some(hit) = RECENT.lock().find(fp, &raw) {
+            return hit;
+        }
+        self.compressor = Some(COMPRESSORS.take(new_compressor));
+        self.compress(&raw, FlushCompress::Sync);
+        if let Some(mut c) = self.compressor.take() {
             c.reset();
             COMPRESSORS.give(c);
         }
+        let body =
+            Bytes::copy_from_slice(self.compressed.strip_suffix(&[0, 0, 0xff, 0xff]).unwrap_or(&self.compressed));
+        RECENT.lock().keep(fp, &raw, &body);
+        body
     }
 }
 
@@ -856,10 +955,18 @@ impl Sink for Spill<'_, '_> {
     }
 }
 
+/// Drops what it is given: the decoder's output when it equals its input.
+struct Discard;
+
+impl Sink for Discard {
+    fn put_bytes(&mut self, _: &[u8]) {}
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for FrameLayer<S> {
-    /// Reads at most what fits in `buf`, so that plain frames, which come
-    /// out as they went in, never need `up`: the plain path costs a copy
-    /// and a scan, and no memory between reads.
+    /// Without deflate, reads straight into `buf` and scans what arrived
+    /// (plain frames go up as they came). With it, reads at most what fits
+    /// in `buf`, so that plain frames still never need `up`; only inflated
+    /// output can spill there. No memory is held between reads.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
@@ -875,6 +982,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameLayer<S> {
                 this.up.advance(n);
                 if this.up.is_empty() {
                     this.up = BytesMut::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.inbound.deflate.is_none() {
+                // Without deflate what goes up is exactly what came in: read
+                // straight into `buf` and only look at the bytes.
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+                if let Err(e) = this.inbound.decode(&buf.filled()[before..], &mut Discard) {
+                    this.failed = true;
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -1290,6 +1408,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A delivery reaches many connections as the same bytes: the first
+    /// compresses it, the others reuse that (without context takeover).
+    #[test]
+    fn the_same_message_is_compressed_once_for_every_connection() {
+        let payload = format!("{{\"channel\":\"fan/out\",\"n\":{}}}", "7".repeat(5000)).into_bytes();
+        let deflate = Deflate { server_context_takeover: false, client_context_takeover: false, min_size: 16 };
+        let (mut a, mut b) = (Outbound::new(deflate), Outbound::new(deflate));
+        let (mut out_a, mut out_b) = (BytesMut::new(), BytesMut::new());
+        a.encode(&server_frame(0x81, &payload), &mut out_a);
+        assert!(RECENT.lock().find(fingerprint(&payload), &payload).is_some(), "kept after the first");
+        b.encode(&server_frame(0x81, &payload), &mut out_b);
+        assert_eq!(out_a, out_b);
+        // A different payload of the same length is not mistaken for it.
+        let mut other = payload.clone();
+        other[20] = b'8';
+        let mut out_c = BytesMut::new();
+        b.encode(&server_frame(0x81, &other), &mut out_c);
+        assert_ne!(out_a, out_c);
+        assert_eq!(inflate(&mut Decompress::new(false), &frames(&out_c)[0].1), other);
     }
 
     /// The layer under tungstenite: a compressed client message arrives as
