@@ -23,6 +23,11 @@
 //!   least [`Deflate::min_size`] bytes are compressed (§7.2.1: sync flush,
 //!   the trailing `00 00 FF FF` dropped) and sent with RSV1; smaller ones and
 //!   control frames go out unchanged, which the RFC allows per message.
+//!   Without server context takeover a payload compresses to the same bytes
+//!   on every connection, so a delivery fanned out to many subscribers is
+//!   compressed once: recently compressed payloads are kept node-wide
+//!   (bounded: 64 entries, 4 MiB) and found by a cheap fingerprint, then
+//!   compared in full.
 //!
 //! A violation is an `io::Error` of kind `InvalidData` wrapping a
 //! [`FrameError`], which carries the close code; the front end maps it
