@@ -915,8 +915,9 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 pub struct FrameLayer<S> {
     io: S,
     inbound: Inbound,
-    /// `None`: no deflate; writes go straight to the socket.
-    outbound: Option<Outbound>,
+    /// `None`: no deflate; writes go straight to the socket. Boxed: a
+    /// connection without deflate does not carry its size.
+    outbound: Option<Box<Outbound>>,
     /// Decoded bytes tungstenite has not read yet.
     up: BytesMut,
     /// Encoded bytes the socket has not taken yet.
@@ -932,7 +933,7 @@ impl<S> FrameLayer<S> {
         FrameLayer {
             io,
             inbound: Inbound::new(deflate, max_message),
-            outbound: deflate.map(Outbound::new),
+            outbound: deflate.map(|d| Box::new(Outbound::new(d))),
             up: BytesMut::new(),
             down: BytesMut::new(),
             failed: false,
