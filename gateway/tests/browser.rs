@@ -96,4 +96,27 @@ fn browser_websocket_negotiates_permessage_deflate() {
     );
     assert_eq!(result["round_trips"], 6, "{last}");
     assert_eq!(result["close"]["code"], 1000, "{last}");
+    // Compressed both ways: Chromium compressed what it sent, the gateway
+    // what it delivered (the small acknowledgements went uncompressed).
+    let metrics = http_get(&gw.admin, "/metrics");
+    for direction in ["in", "out"] {
+        let line = format!("switchboard_ws_compressed_messages_total{{direction=\"{direction}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in /metrics:\n{metrics}"));
+        assert!(count >= 5, "{direction}: {count} compressed messages");
+    }
+}
+
+/// A plain HTTP/1.1 GET; the response body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
 }

@@ -439,6 +439,8 @@ pub struct Inbound {
     inflater: Option<Box<Decompress>>,
     /// Inflated output not yet handed up (less than [`UP_FRAGMENT`]).
     inflated: Vec<u8>,
+    /// Compressed messages received since [`Inbound::take_inflated_count`].
+    inflated_count: u64,
 }
 
 impl Inbound {
@@ -455,7 +457,13 @@ impl Inbound {
             utf8: Utf8Check::default(),
             inflater: None,
             inflated: Vec::new(),
+            inflated_count: 0,
         }
+    }
+
+    /// Compressed messages received since the last call (for a metric).
+    pub fn take_inflated_count(&mut self) -> u64 {
+        std::mem::take(&mut self.inflated_count)
     }
 
     /// Consumes all of `input` (the client's bytes, in order) and appends
@@ -587,6 +595,7 @@ impl Inbound {
                 }
                 // Nothing of a message stays allocated after it.
                 self.inflated = Vec::new();
+                self.inflated_count += 1;
             }
         }
         self.message = None;
@@ -718,6 +727,8 @@ pub struct Outbound {
     /// Without context takeover: the payload being collected, compressed
     /// (or found in [`RECENT`]) once whole.
     raw: Vec<u8>,
+    /// Compressed messages sent since [`Outbound::take_compressed_count`].
+    compressed_count: u64,
 }
 
 /// Messages compressed lately without context takeover, by any connection.
@@ -791,7 +802,13 @@ impl Outbound {
             compressor: None,
             compressed: Vec::new(),
             raw: Vec::new(),
+            compressed_count: 0,
         }
+    }
+
+    /// Compressed messages sent since the last call (for a metric).
+    pub fn take_compressed_count(&mut self) -> u64 {
+        std::mem::take(&mut self.compressed_count)
     }
 
     /// Consumes all of `input` (frames as tungstenite wrote them, in
@@ -882,6 +899,7 @@ impl Outbound {
         };
         put_header(out, 0x80 | 0x40 | opcode, body.len(), None);
         out.put_slice(&body);
+        self.compressed_count += 1;
         // Nothing of a message stays allocated after it.
         self.compressed = Vec::new();
         self.raw = Vec::new();
@@ -961,6 +979,15 @@ impl Sink for Spill<'_, '_> {
     }
 }
 
+/// `switchboard_ws_compressed_messages_total{direction}`: messages that
+/// travelled compressed, `in` (inflated) or `out` (deflated).
+fn count_compressed(direction: &'static str, n: u64) {
+    if n > 0 {
+        // Per compressed message at most, beside the cost of deflate itself.
+        metrics::counter!("switchboard_ws_compressed_messages_total", "direction" => direction).increment(n);
+    }
+}
+
 /// Drops what it is given: the decoder's output when it equals its input.
 struct Discard;
 
@@ -1016,6 +1043,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameLayer<S> {
                 this.up = BytesMut::new();
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
+            count_compressed("in", this.inbound.take_inflated_count());
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
@@ -1052,6 +1080,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameLayer<S> {
         }
         if let Some(outbound) = &mut this.outbound {
             outbound.encode(buf, &mut this.down);
+            count_compressed("out", outbound.take_compressed_count());
         }
         // Start the write now; the flush finishes it.
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
