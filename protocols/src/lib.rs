@@ -18,4 +18,5 @@ pub mod port;
 pub mod sse;
 pub mod stream;
 pub mod ws;
+pub mod ws_frames;
 pub mod wt;

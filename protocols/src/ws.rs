@@ -18,8 +18,22 @@
 //! It deliberately does not: perform the HTTP upgrade or write the
 //! `Sec-WebSocket-Protocol` response header (the gateway does, echoing
 //! [`Codec::subprotocol`] when [`negotiate`] returned `Some`); authorise,
-//! route, validate channel names or store anything (the core does); support
-//! permessage-deflate; or check tokens (the core verifies them, on connect and refresh).
+//! route, validate channel names or store anything (the core does); read
+//! WebSocket frames off the socket (the gateway puts the upgraded I/O in a
+//! [`FrameLayer`](crate::ws_frames::FrameLayer) first: permessage-deflate
+//! when negotiated, and UTF-8 checked as text arrives, so that an invalid
+//! byte ends the connection without waiting for the rest of its message);
+//! or check tokens (the core verifies them, on connect and refresh).
+//!
+//! # Extensions
+//!
+//! permessage-deflate (RFC 7692) when the client offers it and
+//! [`WsConfig::deflate`] allows, negotiated by
+//! [`ws_frames::negotiate`](crate::ws_frames::negotiate): the server answers
+//! `server_no_context_takeover` unless context takeover is configured, and
+//! compresses replies and deliveries of at least
+//! [`DeflateConfig::min_size`] bytes. Whether a message travelled
+//! compressed is invisible here.
 //!
 //! # Codecs
 //!
@@ -47,11 +61,12 @@
 //! |---|---|---|---|---|---|
 //! | client's code | client's reason | the client sent a close frame (echoed back) | — | — | `clean` |
 //! | 1012 | `server shutting down` | the node is draining (shutdown signal, or its sender dropped) | `disconnect` | yes | `abrupt` |
-//! | 1002 | `protocol error` | WebSocket framing violation (bad opcode, reserved bits, unmasked or fragmented control frame, ...) | — | — | `abrupt` |
+//! | 1002 | `protocol error` | WebSocket framing violation (bad opcode, reserved bits, RSV1 without permessage-deflate or on a continuation or control frame, unmasked or fragmented control frame, ...) | — | — | `abrupt` |
 //! | 1003 | `binary messages need switchboard.v1.proto` / `text messages need switchboard.v1.json` | a data message of the wrong kind for the negotiated codec | — | — | `abrupt` |
-//! | 1007 | `invalid UTF-8` | a text message that is not valid UTF-8 | — | — | `abrupt` |
+//! | 1007 | `invalid UTF-8` | a text message that is not valid UTF-8, as soon as the first invalid byte arrives (compressed or not, in any fragment, before the rest of its frame) | — | — | `abrupt` |
+//! | 1007 | `invalid compressed data` | a compressed message that does not inflate | — | — | `abrupt` |
 //! | 1008 | the error code's name, e.g. `permission_denied` | the core refused to open the session with any code but `unauthorized` | `error` (with `req`), `disconnect` | yes for `unavailable`, `rate_limited`, `internal`; else no | — |
-//! | 1009 | `message too large` | a message or frame above [`WsConfig::max_frame_size`] | — | — | `abrupt` |
+//! | 1009 | `message too large` | a message or frame above [`WsConfig::max_frame_size`]; for a compressed message, its inflated size, counted while inflating | — | — | `abrupt` |
 //! | 4000 | `slow consumer` | the session's outbox overflowed (`disconnect` policy) | `disconnect` | yes | `abrupt` |
 //! | 4001 | `unauthorized` | the core refused to open the session with `unauthorized` | `error` (with `req`), `disconnect` | no | — |
 //! | 4002 | `connect expected` | the first frame was not a valid `connect` (`error` `not_connected`, `bad_frame` or `unknown_frame`), or none arrived within [`WsConfig::handshake_timeout`] | `error` (if a frame came), `disconnect` | no | — |
@@ -98,7 +113,11 @@
 //! bytes), `switchboard_frames_in_total` (data messages received), and
 //! `switchboard_protocol_errors_total` with `code` = `bad_frame`,
 //! `unknown_frame`, `unsupported_data` (1003), `invalid_utf8` (1007),
+//! `invalid_deflate` (1007),
 //! `message_too_large` (1009) or `protocol_error` (1002).
+//! `switchboard_ws_compressed_messages_total{direction}` (`in`, `out`)
+//! counts messages that travelled compressed, on every WebSocket route (its
+//! only label is `direction`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -123,6 +142,7 @@ use tracing::{Instrument, Span, debug, error};
 use crate::arrival::ArrivalClock;
 use crate::frames::{Answer, Counters, Session, answer, connected, refusal};
 use crate::port::{CloseKind, CloseReason, Core, OpenSession, Outbound, Outbox};
+use crate::ws_frames::{DeflateConfig, FrameError};
 
 /// Subprotocol of the JSON codec (text messages).
 pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
@@ -220,6 +240,9 @@ pub struct WsConfig {
     /// tungstenite writes to the socket once this many bytes are buffered,
     /// even before the flush (default 64 KiB).
     pub write_buffer_size: usize,
+    /// permessage-deflate ([`crate::ws_frames`]): on by default, without
+    /// server context takeover.
+    pub deflate: DeflateConfig,
 }
 
 impl Default for WsConfig {
@@ -231,6 +254,7 @@ impl Default for WsConfig {
             max_frame_size: 1024 * 1024,
             read_buffer_size: 4 * 1024,
             write_buffer_size: 64 * 1024,
+            deflate: DeflateConfig::default(),
         }
     }
 }
@@ -305,6 +329,19 @@ enum Stop {
 
 /// Maps a read error to how the connection ends, counting violations.
 fn read_error(e: WsError) -> Stop {
+    if let WsError::Io(io) = &e
+        && let Some(f) = FrameError::of(io)
+    {
+        let (code, reason, label) = match f {
+            FrameError::Protocol(_) => (CloseCode::Protocol, "protocol error", "protocol_error"),
+            FrameError::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8", "invalid_utf8"),
+            FrameError::BadDeflate => (CloseCode::Invalid, "invalid compressed data", "invalid_deflate"),
+            FrameError::TooLarge => (CloseCode::Size, "message too large", "message_too_large"),
+        };
+        debug!(error = %f, close = reason, "WebSocket violation (frame layer)");
+        protocol_error(label);
+        return Stop::Violation(code, reason);
+    }
     let (code, reason, label) = match &e {
         WsError::Capacity(_) => (CloseCode::Size, "message too large", "message_too_large"),
         WsError::Utf8(_) => (CloseCode::Invalid, "invalid UTF-8", "invalid_utf8"),

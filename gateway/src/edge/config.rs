@@ -236,6 +236,13 @@ pub struct WebSocketConfig {
     pub read_buffer: usize,
     /// Write buffer per connection in bytes.
     pub write_buffer: usize,
+    /// Accept permessage-deflate when a client offers it (RFC 7692).
+    pub deflate: bool,
+    /// Keep the server's compression context between messages (about
+    /// 300 KiB per connection that received a compressed message).
+    pub deflate_context_takeover: bool,
+    /// Outbound messages smaller than this many bytes go uncompressed.
+    pub deflate_min_size: usize,
 }
 
 impl Default for WebSocketConfig {
@@ -246,6 +253,9 @@ impl Default for WebSocketConfig {
             ping_interval: Duration::from_secs(25),
             read_buffer: 1024,
             write_buffer: 64 * 1024,
+            deflate: true,
+            deflate_context_takeover: false,
+            deflate_min_size: 256,
         }
     }
 }

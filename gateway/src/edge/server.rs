@@ -196,6 +196,11 @@ impl Gateway {
                     max_frame_size: config.limits.max_frame_size,
                     read_buffer_size: w.read_buffer,
                     write_buffer_size: w.write_buffer,
+                    deflate: switchboard_protocols::ws_frames::DeflateConfig {
+                        enabled: w.deflate,
+                        context_takeover: w.deflate_context_takeover,
+                        min_size: w.deflate_min_size,
+                    },
                 },
                 echo: config.echo.enabled,
                 shutdown: shutdown_rx.clone(),

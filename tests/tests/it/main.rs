@@ -46,4 +46,5 @@ mod recovery;
 mod smoke;
 mod sse_http2;
 mod wills;
+mod ws_frames;
 mod wt;

@@ -35,7 +35,7 @@ use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::origin::OriginPolicy;
 use switchboard_protocols::port::{Core, CoreError};
 use switchboard_protocols::stream::{RequestError, StreamLimits, StreamRequest};
-use switchboard_protocols::{mqtt, poll, sse, ws};
+use switchboard_protocols::{mqtt, poll, sse, ws, ws_frames};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;

@@ -80,7 +80,6 @@ pub(super) fn upgrade(
     let query = query_pairs(&req);
     let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
     let info = ws::ConnInfo { peer: Some(peer), token: get("token"), client_id: get("client_id") };
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let mut ws_cfg = state.ws.clone();
     match route {
         Route::Echo => ws_cfg.max_frame_size = state.config.echo.max_message_size,
@@ -88,6 +87,12 @@ pub(super) fn upgrade(
         Route::Mqtt => ws_cfg.max_frame_size = ws_cfg.max_frame_size.max(state.mqtt.max_packet_size + 8),
         Route::Switchboard => {}
     }
+    let extensions: Vec<&str> =
+        headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()).collect();
+    let deflate = ws_frames::negotiate(&extensions, &ws_cfg.deflate);
+    let (agreed, extension_answer) = deflate.map_or((None, None), |(d, answer)| (Some(d), Some(answer)));
+    let max_message = ws_cfg.max_frame_size;
+    let on_upgrade = hyper::upgrade::on(&mut req);
     let shutdown = state.shutdown.clone();
     let router = state.router.clone();
     let mqtt_sessions = state.mqtt_sessions.clone();
@@ -100,9 +105,10 @@ pub(super) fn upgrade(
                 return;
             }
         };
-        let stream =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws::websocket_config(&ws_cfg)))
-                .await;
+        // The frame layer: permessage-deflate if agreed, and UTF-8 checked
+        // as text arrives (always).
+        let io = ws_frames::FrameLayer::new(TokioIo::new(upgraded), agreed, max_message);
+        let stream = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::websocket_config(&ws_cfg))).await;
         let core: Arc<dyn Core> = router;
         // The session runs in a task of its own, as large as its route's
         // future and no larger (a WebSocket session does not pay for MQTT's
@@ -135,6 +141,9 @@ pub(super) fn upgrade(
     }
     if route == Route::Mqtt {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(mqtt::ws::SUBPROTOCOL));
+    }
+    if let Some(v) = extension_answer.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
     }
     r
 }
