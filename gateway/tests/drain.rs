@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{DataDir, Node, Proc, WAIT};
+use common::{DataDir, Node, Proc, WAIT, until};
 use futures_util::{SinkExt, StreamExt};
 use switchboard::tooling::client;
 use tokio_tungstenite::tungstenite::Message;
@@ -44,14 +44,6 @@ fn sub_texts(p: &Proc, into: &mut Vec<String>) {
         if v["type"] == "message" {
             into.push(v["text"].as_str().unwrap_or_default().to_string());
         }
-    }
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -189,11 +181,22 @@ async fn a_drain_tells_every_client_to_go_and_a_second_node_takes_them_back() {
     let poll = tokio::spawn({
         let base = base.clone();
         async move {
-            let r = reqwest::get(format!("{base}/v1/poll?channel=drain/quiet&timeout=30")).await.unwrap();
+            let r = reqwest::get(format!("{base}/v1/poll?channel=drain/quiet&timeout=30&client_id=drain-poll"))
+                .await
+                .unwrap();
             (Instant::now(), r.status().as_u16())
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sessions: serde_json::Value =
+            reqwest::get(format!("http://{admin}/v1/sessions")).await.unwrap().json().await.unwrap();
+        if sessions["sessions"].as_array().is_some_and(|a| a.iter().any(|s| s["client_id"] == "drain-poll")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the long poll waits in the gateway");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The drain: not ready at once, still serving through the delay.
     let asked = Instant::now();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{DataDir, Node, Proc, WAIT};
+use common::{DataDir, Node, Proc, WAIT, until};
 use parking_lot::Mutex;
 use switchboard::tooling::client;
 
@@ -308,16 +308,6 @@ async fn an_epoch_change_replays_the_new_epoch_from_its_first_and_tells_mqtt5() 
     assert_eq!(got, vec![("e1".to_string(), gap), ("e2".to_string(), vec![])]);
     let _ = c.disconnect().await;
     let _ = std::fs::remove_file(&boot);
-}
-
-/// Polls `cond` every 20 ms until it holds, for at most [`WAIT`], without
-/// blocking the runtime (the clients under test run on it).
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// One publisher's record: what was acknowledged, at which position.

@@ -324,6 +324,39 @@ struct Header {
     len: u64,
 }
 
+/// A frame header arriving in pieces, in both directions.
+#[derive(Debug, Default)]
+struct HeaderBuf {
+    /// The header's bytes; they stay here after it is whole (until the
+    /// next one starts), for whoever passes it on.
+    bytes: [u8; MAX_HEADER],
+    len: usize,
+}
+
+impl HeaderBuf {
+    /// Takes header bytes from the front of `input`: once the header is
+    /// whole, it and its length, `input` then starting at its payload.
+    fn feed(&mut self, input: &mut &[u8]) -> Option<(Header, usize)> {
+        let take = (MAX_HEADER - self.len).min(input.len());
+        self.bytes[self.len..self.len + take].copy_from_slice(&input[..take]);
+        let Some((h, used)) = parse_header(&self.bytes[..self.len + take]) else {
+            self.len += take;
+            *input = &input[take..];
+            return None;
+        };
+        // Only the header's bytes are consumed; the rest of `take` is
+        // payload, read again by the caller.
+        *input = &input[used - self.len..];
+        self.len = 0;
+        Some((h, used))
+    }
+
+    /// The bytes of the header just parsed.
+    fn header(&self, len: usize) -> &[u8] {
+        &self.bytes[..len]
+    }
+}
+
 /// Parses a header from the start of `b`; `None` until it is complete.
 fn parse_header(b: &[u8]) -> Option<(Header, usize)> {
     if b.len() < 2 {
@@ -431,8 +464,7 @@ enum PayloadKind {
 pub struct Inbound {
     deflate: Option<Deflate>,
     max_message: usize,
-    head: [u8; MAX_HEADER],
-    head_len: usize,
+    head: HeaderBuf,
     state: InState,
     message: Option<InMessage>,
     utf8: Utf8Check,
@@ -450,8 +482,7 @@ impl Inbound {
         Inbound {
             deflate,
             max_message,
-            head: [0; MAX_HEADER],
-            head_len: 0,
+            head: HeaderBuf::default(),
             state: InState::Header,
             message: None,
             utf8: Utf8Check::default(),
@@ -472,17 +503,7 @@ impl Inbound {
         while !input.is_empty() {
             match &mut self.state {
                 InState::Header => {
-                    let take = (MAX_HEADER - self.head_len).min(input.len());
-                    self.head[self.head_len..self.head_len + take].copy_from_slice(&input[..take]);
-                    let Some((h, used)) = parse_header(&self.head[..self.head_len + take]) else {
-                        self.head_len += take;
-                        input = &input[take..];
-                        continue;
-                    };
-                    // Only the header's bytes are consumed; the rest of
-                    // `take` is payload, read again below.
-                    input = &input[used - self.head_len..];
-                    self.head_len = 0;
+                    let Some((h, used)) = self.head.feed(&mut input) else { continue };
                     self.start_frame(h, used, up)?;
                 }
                 InState::Payload { remaining, mask, at, kind, fin, control } => {
@@ -562,7 +583,7 @@ impl Inbound {
         };
         if kind != PayloadKind::Compressed {
             // The header bytes are still at the start of `head`.
-            up.put_bytes(&self.head[..header_len]);
+            up.put_bytes(self.head.header(header_len));
         }
         let control = h.opcode >= 0x8;
         self.state = InState::Payload { remaining: h.len, mask, at: 0, kind, fin: h.fin, control };
@@ -718,8 +739,7 @@ enum OutState {
 #[derive(Debug)]
 pub struct Outbound {
     deflate: Deflate,
-    head: [u8; MAX_HEADER],
-    head_len: usize,
+    head: HeaderBuf,
     state: OutState,
     compressor: Option<Box<Compress>>,
     /// The compressed payload of the frame being encoded.
@@ -796,8 +816,7 @@ impl Outbound {
     pub fn new(deflate: Deflate) -> Self {
         Outbound {
             deflate,
-            head: [0; MAX_HEADER],
-            head_len: 0,
+            head: HeaderBuf::default(),
             state: OutState::Header,
             compressor: None,
             compressed: Vec::new(),
@@ -817,15 +836,7 @@ impl Outbound {
         while !input.is_empty() {
             match &mut self.state {
                 OutState::Header => {
-                    let take = (MAX_HEADER - self.head_len).min(input.len());
-                    self.head[self.head_len..self.head_len + take].copy_from_slice(&input[..take]);
-                    let Some((h, used)) = parse_header(&self.head[..self.head_len + take]) else {
-                        self.head_len += take;
-                        input = &input[take..];
-                        continue;
-                    };
-                    input = &input[used - self.head_len..];
-                    self.head_len = 0;
+                    let Some((h, used)) = self.head.feed(&mut input) else { continue };
                     let data = h.opcode == OP_TEXT || h.opcode == OP_BINARY;
                     let plain = h.fin && !h.rsv1 && !h.rsv23 && h.mask.is_none();
                     if data && plain && h.len >= self.deflate.min_size as u64 {
@@ -834,7 +845,7 @@ impl Outbound {
                             self.compressor.get_or_insert_with(|| Box::new(new_compressor()));
                         }
                     } else {
-                        out.put_slice(&self.head[..used]);
+                        out.put_slice(self.head.header(used));
                         self.state = OutState::Pass { remaining: h.len };
                     }
                     if h.len == 0 {

@@ -13,7 +13,7 @@
 // `{"ok":false,"reason":...}` and exits 1. The browser is always closed, and
 // the whole run is bounded by OVERALL_MS.
 
-import { chromium } from 'playwright-core';
+import { run } from './harness.mjs';
 
 const OVERALL_MS = 30_000;
 const STEP_MS = 10_000;
@@ -25,28 +25,6 @@ if (!httpBase || !adminBase) {
   console.log(JSON.stringify({ ok: false, reason: 'usage: eventsource.mjs HTTP_BASE ADMIN_BASE' }));
   process.exit(2);
 }
-
-let browser;
-let finished = false;
-let currentStep = 'start';
-
-async function finish(code, result) {
-  if (finished) return;
-  finished = true;
-  console.log(JSON.stringify(result));
-  try {
-    if (browser) await browser.close();
-  } catch {
-    // The browser is already gone; nothing left to close.
-  }
-  process.exit(code);
-}
-
-const overall = setTimeout(
-  () => finish(1, { ok: false, reason: `timed out after ${OVERALL_MS} ms`, step: currentStep }),
-  OVERALL_MS,
-);
-overall.unref();
 
 /** Publishes one message over REST; returns the gateway's answer. */
 async function publish(channel, payload) {
@@ -71,27 +49,7 @@ async function publishRange(first, last) {
   return acks;
 }
 
-async function step(name, fn) {
-  currentStep = name;
-  return fn();
-}
-
-async function main() {
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
-    ],
-  });
-  const page = await browser.newPage();
-  page.setDefaultTimeout(STEP_MS);
+async function main({ browser, page, step, finish }) {
 
   // Every SSE request the browser makes, with its Last-Event-ID: the proof
   // that the second one is the browser's own reconnect.
@@ -208,4 +166,4 @@ async function main() {
   return finish(0, { ok: true, ...summary });
 }
 
-main().catch((e) => finish(1, { ok: false, reason: String(e && e.message ? e.message : e), step: currentStep }));
+run(OVERALL_MS, STEP_MS, main);

@@ -15,7 +15,7 @@
 // `{"ok":false,"reason":...}` and exits 1. The browser is always closed, and
 // the whole run is bounded by OVERALL_MS.
 
-import { chromium } from 'playwright-core';
+import { run } from './harness.mjs';
 
 const OVERALL_MS = 30_000;
 const STEP_MS = 10_000;
@@ -26,49 +26,7 @@ if (!httpBase) {
   process.exit(2);
 }
 
-let browser;
-let finished = false;
-let currentStep = 'start';
-
-async function finish(code, result) {
-  if (finished) return;
-  finished = true;
-  console.log(JSON.stringify(result));
-  try {
-    if (browser) await browser.close();
-  } catch {
-    // The browser is already gone; nothing left to close.
-  }
-  process.exit(code);
-}
-
-const overall = setTimeout(
-  () => finish(1, { ok: false, reason: `timed out after ${OVERALL_MS} ms`, step: currentStep }),
-  OVERALL_MS,
-);
-overall.unref();
-
-async function step(name, fn) {
-  currentStep = name;
-  return fn();
-}
-
-async function main() {
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
-    ],
-  });
-  const page = await browser.newPage();
-  page.setDefaultTimeout(STEP_MS);
+async function main({ browser, page, step, finish }) {
   const home = await step('open page', () => page.goto(`${httpBase}/`));
   if (!home || !home.ok()) throw new Error(`GET / answered ${home && home.status()}`);
 
@@ -147,4 +105,4 @@ async function main() {
   return finish(0, { ok: true, ...summary });
 }
 
-main().catch((e) => finish(1, { ok: false, reason: String(e && e.message ? e.message : e), step: currentStep }));
+run(OVERALL_MS, STEP_MS, main);

@@ -97,6 +97,17 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// [`eventually`] for async tests: polls `cond` every 20 ms until it holds,
+/// for at most [`WAIT`], without blocking the runtime (the clients under
+/// test run on it).
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The `host:port` after `prefix` in a banner line.
 pub fn addr_after(line: &str, prefix: &str) -> String {
     let start = line.find(prefix).expect("prefix") + prefix.len();

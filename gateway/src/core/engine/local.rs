@@ -1480,11 +1480,7 @@ impl LocalEngine {
 
     /// A publish on an engine without a store, which never waits.
     pub(crate) fn publish(&self, caller: &Caller, req: proto::Publish, now: i64) -> proto::PublishAck {
-        match self.start_publish(caller, req, now) {
-            Ok(Started::Done(ack)) => ack,
-            Ok(Started::Syncing { .. }) => panic!("a memory engine never waits for a sync"),
-            Err(e) => panic!("publish failed: {e}"),
-        }
+        self.try_publish(caller, req, now).unwrap_or_else(|e| panic!("publish failed: {e}"))
     }
 
     /// A publish on an engine without a store: its ack or why it was refused.
