@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer};
 use switchboard_protocols::port::SlowPolicy;
 
 use crate::core::engine::disk::{DiskOptions, SyncPolicy};
+use crate::core::engine::nats::NatsOptions;
 use crate::core::engine::{ChannelPolicy, ChannelRule, EngineConfig};
 use crate::core::router::RouterLimits;
 
@@ -687,6 +688,161 @@ impl StorageSection {
     }
 }
 
+/// Which engine holds channel state.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// This process, in memory or in `[storage]` (the default).
+    #[default]
+    Embedded,
+    /// A NATS JetStream cluster shared by several gateway nodes (`[nats]`).
+    Nats,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// `embedded` or `nats`.
+    pub kind: EngineKind,
+}
+
+/// `[nats]`: the JetStream cluster of `[engine] kind = "nats"`
+/// (docs/cluster.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSection {
+    /// Server URLs, e.g. `["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]`.
+    pub servers: Vec<String>,
+    /// User (with `password`).
+    pub user: String,
+    /// Password of `user`.
+    pub password: String,
+    /// Token authentication.
+    pub token: String,
+    /// File holding an NKey seed.
+    pub nkey_seed_file: String,
+    /// A `.creds` file (user JWT and seed).
+    pub creds_file: String,
+    /// CA bundle the servers' certificates chain to (enables TLS).
+    pub tls_ca: String,
+    /// Client certificate (mutual TLS), with `tls_key`.
+    pub tls_cert: String,
+    /// Client key of `tls_cert`.
+    pub tls_key: String,
+    /// Refuse a connection without TLS.
+    pub tls_required: bool,
+    /// Prefix of the stream and bucket names.
+    pub stream: String,
+    /// Root subject of the message streams.
+    pub subject: String,
+    /// Replicas of every stream and bucket.
+    pub replicas: usize,
+    /// Longest wait for the first connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait for a JetStream reply.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        let d = NatsOptions::default();
+        NatsSection {
+            servers: d.servers,
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            nkey_seed_file: String::new(),
+            creds_file: String::new(),
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_required: false,
+            stream: d.stream,
+            subject: d.subject,
+            replicas: d.replicas,
+            connect_timeout: d.connect_timeout,
+            request_timeout: d.request_timeout,
+        }
+    }
+}
+
+impl NatsSection {
+    /// The engine's options.
+    pub fn options(&self) -> NatsOptions {
+        let path = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+        NatsOptions {
+            servers: self.servers.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            nkey_seed_file: path(&self.nkey_seed_file),
+            creds_file: path(&self.creds_file),
+            tls_ca: path(&self.tls_ca),
+            tls_cert: path(&self.tls_cert).zip(path(&self.tls_key)),
+            tls_required: self.tls_required,
+            stream: self.stream.clone(),
+            subject: self.subject.clone(),
+            replicas: self.replicas,
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.servers.is_empty() {
+            return Err("nats.servers must name at least one server".into());
+        }
+        for s in &self.servers {
+            if s.parse::<async_nats::ServerAddr>().is_err() {
+                return Err(format!("nats.servers: {s:?} is not a NATS URL (nats://host:port)"));
+            }
+        }
+        if self.user.is_empty() != self.password.is_empty() {
+            return Err("nats.user and nats.password go together".into());
+        }
+        let ways = [
+            !self.user.is_empty(),
+            !self.token.is_empty(),
+            !self.nkey_seed_file.is_empty(),
+            !self.creds_file.is_empty(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err("nats: give one of user/password, token, nkey_seed_file or creds_file".into());
+        }
+        if self.tls_cert.is_empty() != self.tls_key.is_empty() {
+            return Err("nats.tls_cert and nats.tls_key go together".into());
+        }
+        for (name, file) in [
+            ("nkey_seed_file", &self.nkey_seed_file),
+            ("creds_file", &self.creds_file),
+            ("tls_ca", &self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+        ] {
+            if !file.is_empty() && !Path::new(file).is_file() {
+                return Err(format!("nats.{name}: {file:?} is not a readable file"));
+            }
+        }
+        let name_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok(&self.stream) {
+            return Err("nats.stream must be letters, digits, '_' or '-'".into());
+        }
+        if !self.subject.split('.').all(name_ok) {
+            return Err("nats.subject must be dot-separated tokens of letters, digits, '_' or '-'".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err("nats.replicas must be 1..=5".into());
+        }
+        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err("nats.connect_timeout and nats.request_timeout must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
 /// `[shutdown]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -745,6 +901,10 @@ pub struct Config {
     pub tls: TlsSection,
     /// `[storage]`.
     pub storage: StorageSection,
+    /// `[engine]`.
+    pub engine: EngineSection,
+    /// `[nats]`.
+    pub nats: NatsSection,
     /// Set by `dev` (never from a file): TLS listeners without a configured
     /// certificate get a generated self-signed one.
     #[serde(skip)]
@@ -985,8 +1145,11 @@ impl Config {
         if self.poll.default_timeout > self.poll.max_timeout {
             return bad("poll.default_timeout must not exceed poll.max_timeout".into());
         }
+        if self.engine.kind == EngineKind::Nats {
+            self.nats.validate().map_err(ConfigError::Invalid)?;
+        }
         let st = &self.storage;
-        if st.kind == StorageKind::Disk && st.dir.as_os_str().is_empty() {
+        if self.engine.kind == EngineKind::Embedded && st.kind == StorageKind::Disk && st.dir.as_os_str().is_empty() {
             return bad("storage.dir must name a directory (or set storage.kind = \"memory\")".into());
         }
         if st.sync == SyncPolicy::Interval && (st.sync_interval.is_zero() || st.sync_interval > Duration::from_secs(60))

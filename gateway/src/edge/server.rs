@@ -22,6 +22,7 @@ use crate::core::engine::Engine;
 use crate::core::engine::disk::DiskStore;
 use crate::core::engine::local::LocalEngine;
 use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
+use crate::core::engine::nats::NatsEngine;
 use crate::core::router::Router;
 use crate::edge::admin::{AdminAccess, AdminState};
 use crate::edge::admission::{Admission, Rates, Refusal, Ticket};
@@ -41,6 +42,9 @@ pub enum ServerError {
     /// what to do).
     #[error("{0}")]
     Storage(String),
+    /// The shared engine cannot be reached or set up.
+    #[error("{0}")]
+    Engine(String),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({name}): {source}")]
     Bind {
@@ -72,6 +76,8 @@ pub struct Gateway {
     pub tls: Option<Arc<TlsState>>,
     /// The store, when channel state is on disk (`None`: memory).
     pub storage: Option<crate::core::engine::disk::DiskOptions>,
+    /// The NATS servers, when channel state is in JetStream.
+    pub nats: Option<String>,
     /// The router (for in-process inspection).
     pub router: Arc<Router>,
     shutdown_tx: watch::Sender<bool>,
@@ -107,7 +113,9 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, ServerError> {
         let config = Arc::new(config);
         crate::edge::admin::metrics_handle();
-        let storage = config.storage.disk();
+        let nats = config.engine.kind == crate::edge::config::EngineKind::Nats;
+        // On NATS, channel state is the cluster's; `[storage]` is not used.
+        let storage = if nats { None } else { config.storage.disk() };
         let (disk, recovery) = match &storage {
             Some(opts) => {
                 let (store, recovery) = DiskStore::open(opts).map_err(|e| ServerError::Storage(e.to_string()))?;
@@ -116,6 +124,9 @@ impl Gateway {
             None => (None, None),
         };
         let engine: Arc<dyn Engine> = match (&disk, recovery) {
+            _ if nats => NatsEngine::start(config.engine(), config.nats.options(), config.limits.max_message_size)
+                .await
+                .map_err(|e| ServerError::Engine(e.to_string()))?,
             (Some(store), Some(recovery)) => {
                 let engine = Arc::new(
                     LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms())
@@ -317,6 +328,7 @@ impl Gateway {
             quic_addr,
             tls,
             storage,
+            nats: nats.then(|| config.nats.servers.join(",")),
             router,
             shutdown_tx,
             draining,

@@ -87,6 +87,10 @@ pub enum Command {
         /// instead of memory.
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
+        /// Keep channel state in a NATS JetStream cluster instead (server
+        /// URLs, comma-separated), shared with other gateway nodes.
+        #[arg(long, value_name = "URL", conflicts_with = "data")]
+        nats: Option<String>,
     },
     /// Run with a configuration file.
     Serve {
@@ -294,9 +298,10 @@ fn banner(gw: &Gateway) {
     if let Some(a) = gw.admin_addr {
         println!("  admin       http://{a}/metrics  /healthz  /readyz  /v1/sessions  /v1/stats");
     }
-    match gw.storage.as_ref() {
-        Some(s) => println!("  storage     {} (sync = {})", s.dir.display(), s.sync.name()),
-        None => println!("  storage     memory (nothing survives a restart; --data DIR keeps it on disk)"),
+    match (gw.storage.as_ref(), gw.nats.as_ref()) {
+        (_, Some(servers)) => println!("  engine      NATS JetStream at {servers} (shared with the other nodes)"),
+        (Some(s), None) => println!("  storage     {} (sync = {})", s.dir.display(), s.sync.name()),
+        (None, None) => println!("  storage     memory (nothing survives a restart; --data DIR keeps it on disk)"),
     }
     if let Some(a) = gw.https_addr {
         println!("  HTTPS       https://{a}/   (same routes: wss://{a}/v1/ws, /v1/sse, ...; HTTP/1.1 and HTTP/2)");
@@ -374,12 +379,16 @@ fn print_envelope(env: &switchboard_proto::Envelope, json: bool) {
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { listen, data } => {
+        Command::Dev { listen, data, nats } => {
             let mut cfg = Config::dev_defaults()?;
             apply_listen(&mut cfg, &listen);
             if let Some(dir) = data {
                 cfg.storage.kind = crate::edge::config::StorageKind::Disk;
                 cfg.storage.dir = dir;
+            }
+            if let Some(urls) = nats {
+                cfg.engine.kind = crate::edge::config::EngineKind::Nats;
+                cfg.nats.servers = urls.split(',').map(|u| u.trim().to_string()).collect();
             }
             for (name, addr) in cfg.listen.all() {
                 let name = name.trim_start_matches("listen.");
@@ -419,8 +428,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
+            let engine = match cfg.engine.kind {
+                crate::edge::config::EngineKind::Nats => format!("nats {}", cfg.nats.servers.join(",")),
+                crate::edge::config::EngineKind::Embedded => "embedded".into(),
+            };
             println!(
-                "{}: ok (http {}, admin {}, {} channel rules)",
+                "{}: ok (http {}, admin {}, {} channel rules, engine {engine})",
                 config.display(),
                 if cfg.listen.http.is_empty() { "off" } else { &cfg.listen.http },
                 if cfg.listen.admin.is_empty() { "off" } else { &cfg.listen.admin },

@@ -333,10 +333,28 @@ struct Scope<'a> {
     arrived_ns: Option<u64>,
 }
 
+/// Validates every position's shape before a subscribe changes anything:
+/// a valid channel, in the filter's (or its presence companion's) scope,
+/// with an epoch.
+pub(super) fn check_positions(req: &proto::Subscribe, filter: &str, companion: Option<&str>) -> Result<(), CoreError> {
+    for (name, pos) in &req.positions {
+        channel::validate_channel(name).map_err(|e| channel::channel_error(name, e))?;
+        let in_scope =
+            channel::filter_matches(filter, name) || companion.is_some_and(|c| channel::filter_matches(c, name));
+        if !in_scope {
+            return Err(err(ErrorCode::BadPosition, format!("position for {name:?} does not match filter {filter:?}")));
+        }
+        if pos.epoch.is_empty() {
+            return Err(err(ErrorCode::BadPosition, format!("position for {name:?} has an empty epoch")));
+        }
+    }
+    Ok(())
+}
+
 /// Splits a replay at `floor`: what is older is announced as a gap with
 /// reason `not_granted` (from `from`, to the newest message held back) and
 /// left out; the rest is returned.
-fn not_granted_before(
+pub(super) fn not_granted_before(
     floor: i64,
     channel: &str,
     from: Option<proto::Position>,
@@ -888,21 +906,7 @@ impl LocalEngine {
         }
         let filter = req.filter.as_str();
         let companion = req.presence.then(|| channel::presence_channel(filter));
-        // Validate every position's shape before changing anything.
-        for (name, pos) in &req.positions {
-            channel::validate_channel(name).map_err(|e| channel::channel_error(name, e))?;
-            let in_scope = channel::filter_matches(filter, name)
-                || companion.as_deref().is_some_and(|c| channel::filter_matches(c, name));
-            if !in_scope {
-                return Err(err(
-                    ErrorCode::BadPosition,
-                    format!("position for {name:?} does not match filter {filter:?}"),
-                ));
-            }
-            if pos.epoch.is_empty() {
-                return Err(err(ErrorCode::BadPosition, format!("position for {name:?} has an empty epoch")));
-            }
-        }
+        check_positions(req, filter, companion.as_deref())?;
         let rewind = req.rewind.filter(|r| r.count > 0 || r.duration_ms > 0);
         let since = (req.since_ms > 0).then_some(req.since_ms as i64);
         let concrete = channel::is_concrete(filter);

@@ -22,6 +22,7 @@ pub mod disk;
 pub mod hub;
 pub mod local;
 pub mod mqtt_sessions;
+pub mod nats;
 
 use std::sync::Arc;
 use std::time::Duration;

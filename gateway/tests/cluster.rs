@@ -1,0 +1,462 @@
+//! The NATS JetStream engine across nodes (#12): a 3-server JetStream
+//! cluster (real `nats-server` processes, R3 streams) and three
+//! `switchboard` nodes on it, on loopback, driven by real clients —
+//! rumqttc, tokio-tungstenite, reqwest with eventsource-stream, plain HTTP
+//! long polls. Failures are SIGKILLs by PID.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{ClusterNode, NatsCluster};
+use common::until;
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// `(payload, epoch, serial, prev_serial)` of a JSON message frame.
+fn pos(m: &Value) -> (String, String, u64, u64) {
+    (
+        m["text"].as_str().unwrap_or_default().to_string(),
+        m["epoch"].as_str().unwrap_or_default().to_string(),
+        m["serial"].as_u64().unwrap_or_default(),
+        m["prev_serial"].as_u64().unwrap_or_default(),
+    )
+}
+
+async fn rest_publish(base: &str, channel: &str, text: &str, id: Option<&str>, retain: bool) -> (u16, Value) {
+    let mut body = json!({ "text": text, "retain": retain });
+    if let Some(id) = id {
+        body["id"] = json!(id);
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/channels/{channel}/messages"))
+        .json(&body)
+        .send()
+        .await
+        .expect("REST publish");
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+async fn ws_connect(http: &str, client_id: &str) -> Ws {
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{http}/v1/ws?client_id={client_id}")).await.expect("WebSocket");
+    ws
+}
+
+async fn ws_send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("WebSocket send");
+}
+
+/// The next frame of `type` (others are skipped).
+async fn ws_next(ws: &mut Ws, ty: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.unwrap_or_else(|_| panic!("no {ty} frame"));
+        if let Some(Ok(Message::Text(t))) = msg {
+            let v: Value = serde_json::from_str(&t).expect("JSON frame");
+            if v["type"] == ty {
+                return v;
+            }
+        } else {
+            panic!("the WebSocket ended waiting for {ty}: {msg:?}");
+        }
+    }
+}
+
+/// Collects the `message` frames an SSE stream delivers.
+fn sse_collect(url: String) -> Arc<Mutex<Vec<Value>>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let into = got.clone();
+    tokio::spawn(async move {
+        use eventsource_stream::Eventsource;
+        let r = reqwest::get(url).await.expect("SSE");
+        assert_eq!(r.status(), 200);
+        let mut events = r.bytes_stream().eventsource();
+        while let Some(Ok(e)) = events.next().await {
+            if e.event == "message" {
+                into.lock().push(serde_json::from_str(&e.data).expect("JSON data"));
+            }
+        }
+    });
+    got
+}
+
+fn cluster(tag: &str, env: &[(&str, &str)]) -> (NatsCluster, Vec<ClusterNode>) {
+    let nats = NatsCluster::start(tag);
+    let urls = nats.urls();
+    let nodes = ["a", "b", "c"].iter().map(|n| ClusterNode::start(n, &urls, None, env)).collect();
+    (nats, nodes)
+}
+
+/// An MQTT device publishing on node A reaches an SSE subscriber on B, a
+/// wildcard WebSocket subscriber on C and a long poller hopping between
+/// the nodes — the same payloads with the same positions everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_has_one_position_on_every_node_and_protocol() {
+    let (_nats, nodes) = cluster("xproto", &[]);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let ch = "plant/line1/temp";
+
+    let sse = sse_collect(format!("{}/v1/sse?channel={ch}", b.base()));
+    let mut ws = ws_connect(&c.http, "wild").await;
+    ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"plant/+/temp"})).await;
+    ws_next(&mut ws, "subscribed").await;
+    // The poller's starting cursor: an empty poll on node C.
+    let first: Value = reqwest::get(format!("{}/v1/poll?channel={ch}&timeout=1", c.base()))
+        .await
+        .expect("poll")
+        .json()
+        .await
+        .expect("poll JSON");
+    let mut cursor = first["cursor"].as_str().expect("a cursor").to_string();
+    // Wait for the SSE stream to be live: a warm-up on another channel of
+    // no interest would not tell, so publish on the channel itself.
+    let (host, port) = a.mqtt.rsplit_once(':').unwrap();
+    let mut o = rumqttc::MqttOptions::new("device-1", host, port.parse().unwrap());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (device, mut ev) = rumqttc::AsyncClient::new(o, 100);
+    let acks = Arc::new(Mutex::new(0usize));
+    let counted = acks.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = e {
+                *counted.lock() += 1;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await; // the SSE request reaches node B
+    let n = 30;
+    for i in 0..n {
+        device.publish(ch, rumqttc::QoS::AtLeastOnce, false, format!("t{i}")).await.unwrap();
+    }
+    until("every PUBACK", || *acks.lock() == n).await;
+
+    // WebSocket, wildcard, node C.
+    let mut over_ws = Vec::new();
+    while over_ws.len() < n {
+        over_ws.push(pos(&ws_next(&mut ws, "message").await));
+    }
+    // Long polls, each on the next node, from the last cursor.
+    let mut polled = Vec::new();
+    let bases = [a.base(), b.base(), c.base()];
+    let deadline = Instant::now() + WAIT;
+    let mut i = 0;
+    while polled.len() < n {
+        assert!(Instant::now() < deadline, "long polls gathered {} of {n}", polled.len());
+        let r: Value = reqwest::get(format!("{}/v1/poll?channel={ch}&cursor={cursor}&timeout=5", bases[i % 3]))
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("poll JSON");
+        assert_eq!(r["gaps"].as_array().map(Vec::len), Some(0), "no gap: {r}");
+        polled.extend(r["messages"].as_array().expect("messages").iter().map(pos));
+        cursor = r["cursor"].as_str().expect("cursor").to_string();
+        i += 1;
+    }
+    until("the SSE stream on node B has every message", || sse.lock().len() >= n).await;
+    let over_sse: Vec<_> = sse.lock().iter().map(pos).collect();
+
+    let texts: Vec<String> = over_ws.iter().map(|p| p.0.clone()).collect();
+    assert_eq!(texts, (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>(), "every message once, in order");
+    for w in over_ws.windows(2) {
+        assert_eq!(w[1].3, w[0].2, "prev_serial chains the channel's messages: {w:?}");
+        assert_eq!(w[1].1, w[0].1, "one epoch");
+    }
+    assert_eq!(over_sse, over_ws, "SSE on B and WebSocket on C see the same positions");
+    assert_eq!(polled, over_ws, "long polls across A, B and C see the same positions");
+    let _ = device.disconnect().await;
+}
+
+/// The same idempotency key on two nodes is stored once; both publishers
+/// are told the same position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_one_message_across_nodes() {
+    let (_nats, nodes) = cluster("idem", &[]);
+    let (s1, first) = rest_publish(&nodes[0].base(), "orders/1", "pay", Some("order-1"), false).await;
+    let (s2, second) = rest_publish(&nodes[1].base(), "orders/1", "pay", Some("order-1"), false).await;
+    let (s3, third) = rest_publish(&nodes[2].base(), "orders/1", "pay", Some("order-1"), false).await;
+    assert_eq!((s1, s2, s3), (200, 200, 200));
+    assert_eq!(first["duplicate"], false);
+    for again in [&second, &third] {
+        assert_eq!(again["duplicate"], true, "{again}");
+        assert_eq!((&again["epoch"], &again["serial"]), (&first["epoch"], &first["serial"]), "the same position");
+    }
+    let h: Value =
+        reqwest::get(format!("{}/v1/channels/orders/1/history", nodes[2].base())).await.unwrap().json().await.unwrap();
+    assert_eq!(h["messages"].as_array().map(Vec::len), Some(1), "stored once: {h}");
+}
+
+/// Publishers on every node at once, on one channel: one chain, no hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_three_nodes_make_one_chain() {
+    let (_nats, nodes) = cluster("race", &[]);
+    let mut ws = ws_connect(&nodes[2].http, "watcher").await;
+    ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"race/one"})).await;
+    ws_next(&mut ws, "subscribed").await;
+    let mut tasks = Vec::new();
+    for (k, node) in nodes.iter().enumerate() {
+        let base = node.base();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let (s, _) = rest_publish(&base, "race/one", &format!("n{k}-{i}"), None, false).await;
+                assert_eq!(s, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let h: Value =
+        reqwest::get(format!("{}/v1/channels/race/one/history", nodes[0].base())).await.unwrap().json().await.unwrap();
+    let msgs = h["messages"].as_array().expect("messages");
+    assert_eq!(msgs.len(), 60, "every publish stored");
+    assert_eq!(msgs[0]["prev_serial"], 0);
+    for w in msgs.windows(2) {
+        assert_eq!(w[1]["prev_serial"], w[0]["serial"], "one chain: {} then {}", w[0], w[1]);
+    }
+    // Live, on a third node: the same chain.
+    let mut live = Vec::new();
+    while live.len() < msgs.len() {
+        live.push(pos(&ws_next(&mut ws, "message").await));
+    }
+    assert_eq!(live, msgs.iter().map(pos).collect::<Vec<_>>(), "live deliveries carry the history's positions");
+}
+
+/// A retained value set on one node is what a subscriber on another gets
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_value_is_read_on_every_node() {
+    let (_nats, nodes) = cluster("retained", &[]);
+    let (s, ack) = rest_publish(&nodes[0].base(), "lamp/1/state", "on", None, true).await;
+    assert_eq!(s, 200);
+    for node in &nodes[1..] {
+        let mut ws = ws_connect(&node.http, "reader").await;
+        ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"lamp/+/state","retained":true})).await;
+        ws_next(&mut ws, "subscribed").await;
+        let m = ws_next(&mut ws, "message").await;
+        assert_eq!((m["text"].as_str(), &m["serial"]), (Some("on"), &ack["serial"]), "on node {}", node.name);
+        assert_eq!(m["retain"], true);
+    }
+}
+
+/// Killing every gateway node loses no channel's epoch or serials:
+/// clients resume on the new processes with no `epoch_changed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_every_node_keeps_every_epoch() {
+    let (nats, mut nodes) = cluster("restart", &[]);
+    let mut last = Value::Null;
+    for i in 0..5 {
+        last = rest_publish(&nodes[i % 3].base(), "keep/me", &format!("k{i}"), None, false).await.1;
+    }
+    for n in &mut nodes {
+        n.kill();
+    }
+    drop(nodes);
+    let urls = nats.urls();
+    let node = ClusterNode::start("a", &urls, None, &[]);
+    let (_, after) = rest_publish(&node.base(), "keep/me", "k5", None, false).await;
+    assert_eq!(after["epoch"], last["epoch"], "the epoch survives");
+    let mut ws = ws_connect(&node.http, "resumer").await;
+    let from = last["serial"].as_u64().unwrap();
+    ws_send(
+        &mut ws,
+        json!({"type":"subscribe","req":1,"filter":"keep/me","positions":{"keep/me":{"epoch":last["epoch"],"serial":from}}}),
+    )
+    .await;
+    let sub = ws_next(&mut ws, "subscribed").await;
+    assert_eq!(sub["channels"][0]["recovered"], true, "{sub}");
+    let m = ws_next(&mut ws, "message").await;
+    assert_eq!((m["text"].as_str(), m["prev_serial"].as_u64()), (Some("k5"), Some(from)));
+}
+
+async fn members(base: &str, channel: &str) -> Vec<String> {
+    let v: Value =
+        reqwest::get(format!("{base}/v1/channels/{channel}/presence")).await.unwrap().json().await.unwrap_or_default();
+    let mut ids: Vec<String> = v["members"]
+        .as_array()
+        .map(|m| m.iter().map(|m| m["client_id"].as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// The next presence event's `(kind, client_id)` on a WebSocket.
+async fn presence_event(ws: &mut Ws) -> (String, String) {
+    loop {
+        let m = ws_next(ws, "message").await;
+        if let Some(kind) = m["kind"].as_str().filter(|k| k.starts_with("presence.")) {
+            return (kind.to_string(), m["publisher"]["client_id"].as_str().unwrap_or_default().to_string());
+        }
+    }
+}
+
+/// Members entered on one node are listed on the others and their events
+/// reach subscribers everywhere; when the node holding a member dies, a
+/// survivor announces its leave after the grace period, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_spans_nodes_and_a_dead_nodes_members_leave() {
+    let (_nats, mut nodes) = cluster("presence", &[("SWITCHBOARD_CHANNELS__PRESENCE_GRACE", "1s")]);
+    let mut watcher = ws_connect(&nodes[2].http, "watcher").await;
+    ws_send(&mut watcher, json!({"type":"subscribe","req":1,"filter":"room/1","presence":true})).await;
+    ws_next(&mut watcher, "subscribed").await;
+
+    let mut alice = ws_connect(&nodes[0].http, "alice").await;
+    ws_send(&mut alice, json!({"type":"presence.enter","req":1,"channel":"room/1","text":"hi"})).await;
+    ws_next(&mut alice, "publish_ack").await;
+    let mut bob = ws_connect(&nodes[1].http, "bob").await;
+    ws_send(&mut bob, json!({"type":"presence.enter","req":1,"channel":"room/1","text":"yo"})).await;
+    ws_next(&mut bob, "publish_ack").await;
+    assert_eq!(presence_event(&mut watcher).await, ("presence.enter".into(), "alice".into()));
+    assert_eq!(presence_event(&mut watcher).await, ("presence.enter".into(), "bob".into()));
+    for node in &nodes {
+        let base = node.base();
+        let deadline = Instant::now() + WAIT;
+        while members(&base, "room/1").await != ["alice", "bob"] {
+            assert!(Instant::now() < deadline, "node {} lists both members", node.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A clean leave on node B is announced at once.
+    ws_send(&mut bob, json!({"type":"presence.leave","req":2,"channel":"room/1"})).await;
+    ws_next(&mut bob, "publish_ack").await;
+    assert_eq!(presence_event(&mut watcher).await, ("presence.leave".into(), "bob".into()));
+
+    // Node A dies with alice present: a survivor says she left.
+    let killed = Instant::now();
+    nodes[0].kill();
+    let event = tokio::time::timeout(Duration::from_secs(20), presence_event(&mut watcher)).await;
+    assert_eq!(event.expect("a leave within 20 s"), ("presence.leave".into(), "alice".into()));
+    let took = killed.elapsed();
+    assert!(took >= Duration::from_secs(1), "not before the grace period ({took:?})");
+    assert_eq!(members(&nodes[1].base(), "room/1").await, Vec::<String>::new());
+    // Announced once: nothing more within another sweep or two.
+    let more = tokio::time::timeout(Duration::from_secs(3), presence_event(&mut watcher)).await;
+    assert!(more.is_err(), "a second presence event: {more:?}");
+}
+
+/// With every NATS server down, publishes fail fast with each protocol's
+/// documented error, `/readyz` says why, and subscribers stay connected;
+/// once NATS is back, publishing resumes and subscribers get every message
+/// with no hole in the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns() {
+    let (mut nats, nodes) = cluster("down", &[]);
+    let mut ws = ws_connect(&nodes[1].http, "sub").await;
+    ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"down/ch"})).await;
+    ws_next(&mut ws, "subscribed").await;
+    let mut got = Vec::new();
+    for i in 0..3 {
+        assert_eq!(rest_publish(&nodes[0].base(), "down/ch", &format!("before{i}"), None, false).await.0, 200);
+        got.push(pos(&ws_next(&mut ws, "message").await));
+    }
+
+    for s in &mut nats.servers {
+        s.kill();
+    }
+    let readyz = |admin: String| async move {
+        let r = reqwest::get(format!("http://{admin}/readyz")).await.expect("readyz");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = readyz(nodes[0].admin.clone()).await;
+        if status == 503 {
+            assert!(body.contains("NATS"), "readyz names NATS: {body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz turns 503 with NATS down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = Instant::now();
+    let (status, body) = rest_publish(&nodes[0].base(), "down/ch", "lost", None, false).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("unavailable")), "REST: {body}");
+    assert!(t.elapsed() < Duration::from_secs(2), "REST failed fast ({:?})", t.elapsed());
+    let mut pubber = ws_connect(&nodes[1].http, "pubber").await;
+    ws_send(&mut pubber, json!({"type":"publish","req":7,"channel":"down/ch","text":"lost"})).await;
+    let e = ws_next(&mut pubber, "error").await;
+    assert_eq!((e["req"].as_u64(), e["code"].as_str()), (Some(7), Some("unavailable")), "WebSocket: {e}");
+    // MQTT 5: PUBACK 0x80 (unspecified error).
+    let (host, port) = nodes[2].mqtt.rsplit_once(':').unwrap();
+    let (m5, mut ev5) =
+        rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("down-5", host, port.parse().unwrap()), 10);
+    m5.publish("down/ch", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "lost").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reason = loop {
+        match tokio::time::timeout_at(deadline, ev5.poll()).await.expect("a PUBACK") {
+            Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a))) => break a.reason,
+            Ok(_) => {}
+            Err(e) => panic!("MQTT 5: {e}"),
+        }
+    };
+    assert_eq!(reason, rumqttc::v5::mqttbytes::v5::PubAckReason::UnspecifiedError, "MQTT 5 PUBACK reason");
+
+    for i in 0..3 {
+        nats.restart(i);
+    }
+    nats.wait_ready();
+    // Publishing resumes (once the gateway has reconnected).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while i < 3 {
+        let (status, _) = rest_publish(&nodes[0].base(), "down/ch", &format!("after{i}"), None, false).await;
+        if status == 200 {
+            i += 1;
+        } else {
+            assert!(Instant::now() < deadline, "publishes resume after NATS returns");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    while got.len() < 6 {
+        got.push(pos(&ws_next(&mut ws, "message").await));
+    }
+    let texts: Vec<&str> = got.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(texts, ["before0", "before1", "before2", "after0", "after1", "after2"]);
+    for w in got.windows(2) {
+        assert_eq!(w[1].3, w[0].2, "no hole in the chain: {w:?}");
+    }
+    let (status, _) = readyz(nodes[0].admin.clone()).await;
+    assert_eq!(status, 200, "ready again");
+}
+
+/// SIGKILL one of the three NATS servers while publishing: every
+/// acknowledged publish is delivered, and publishing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_nats_server_loses_no_acknowledged_publish() {
+    let (mut nats, nodes) = cluster("nats-kill", &[]);
+    let mut ws = ws_connect(&nodes[2].http, "sub").await;
+    ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"steady/ch"})).await;
+    ws_next(&mut ws, "subscribed").await;
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for i in 0..200 {
+        if i == 50 {
+            nats.servers[0].kill();
+        }
+        loop {
+            let (status, _) = rest_publish(&nodes[i % 2].base(), "steady/ch", &format!("s{i}"), None, false).await;
+            if status == 200 {
+                acked.push(format!("s{i}"));
+                break;
+            }
+            assert!(Instant::now() < deadline, "publishing goes on with two of three NATS servers");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut got: Vec<(String, String, u64, u64)> = Vec::new();
+    while got.len() < acked.len() {
+        got.push(pos(&ws_next(&mut ws, "message").await));
+    }
+    let texts: Vec<String> = got.iter().map(|p| p.0.clone()).collect();
+    assert_eq!(texts, acked, "every acknowledged publish, once, in order");
+    for w in got.windows(2) {
+        assert_eq!(w[1].3, w[0].2, "no hole in the chain: {w:?}");
+    }
+}
