@@ -397,6 +397,21 @@ async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns()
         }
     };
     assert_eq!(reason, rumqttc::v5::mqttbytes::v5::PubAckReason::UnspecifiedError, "MQTT 5 PUBACK reason");
+    // MQTT 3.1.1 has no failure PUBACK: the connection closes.
+    let mut o4 = rumqttc::MqttOptions::new("down-4", host, port.parse().unwrap());
+    o4.set_keep_alive(Duration::from_secs(30));
+    let (m4, mut ev4) = rumqttc::AsyncClient::new(o4, 10);
+    m4.publish("down/ch", rumqttc::QoS::AtLeastOnce, false, "lost").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, ev4.poll()).await.expect("MQTT 3.1.1: the connection closes") {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                panic!("MQTT 3.1.1: a PUBACK for a lost publish")
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
 
     for i in 0..3 {
         nats.restart(i);
@@ -459,4 +474,150 @@ async fn losing_one_nats_server_loses_no_acknowledged_publish() {
     for w in got.windows(2) {
         assert_eq!(w[1].3, w[0].2, "no hole in the chain: {w:?}");
     }
+}
+
+/// Per channel, the texts a client got, in order.
+type Got = Arc<Mutex<Vec<Value>>>;
+
+/// A WebSocket client that follows `steady/+` and, when its node goes,
+/// resubscribes on the next with the position it holds of each channel.
+fn ws_follower(https: Vec<String>, got: Got) {
+    tokio::spawn(async move {
+        for http in https {
+            let url = format!("ws://{http}/v1/ws?client_id=follower");
+            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else { continue };
+            let mut positions = serde_json::Map::new();
+            for m in got.lock().iter() {
+                positions
+                    .insert(m["channel"].as_str().unwrap().into(), json!({"epoch":m["epoch"],"serial":m["serial"]}));
+            }
+            let sub = json!({"type":"subscribe","req":1,"filter":"steady/+","positions":positions});
+            if ws.send(Message::text(sub.to_string())).await.is_err() {
+                continue;
+            }
+            while let Some(Ok(frame)) = ws.next().await {
+                let Message::Text(t) = frame else { continue };
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert!(v["type"] != "gap" && v["type"] != "error", "WebSocket: {v}");
+                if v["type"] == "message" {
+                    got.lock().push(v);
+                }
+            }
+        }
+    });
+}
+
+/// An SSE client of the three channels that reconnects to the next node
+/// with `Last-Event-ID`, as a browser's `EventSource` does.
+fn sse_follower(bases: Vec<String>, got: Got) {
+    tokio::spawn(async move {
+        use eventsource_stream::Eventsource;
+        let mut last_id = String::new();
+        for base in bases {
+            let mut req =
+                reqwest::Client::new().get(format!("{base}/v1/sse?channel=steady/0&channel=steady/1&channel=steady/2"));
+            if !last_id.is_empty() {
+                req = req.header("Last-Event-ID", last_id.clone());
+            }
+            let Ok(r) = req.send().await else { continue };
+            let mut events = r.bytes_stream().eventsource();
+            while let Some(Ok(e)) = events.next().await {
+                assert_ne!(e.event, "gap", "SSE: a gap: {}", e.data);
+                if e.event == "message" {
+                    got.lock().push(serde_json::from_str(&e.data).unwrap());
+                }
+                if !e.id.is_empty() {
+                    last_id = e.id;
+                }
+            }
+        }
+    });
+}
+
+/// A long poller of the three channels that takes its cursor to the next
+/// node when a poll fails.
+fn poll_follower(bases: Vec<String>, got: Got, stop: Arc<std::sync::atomic::AtomicBool>) {
+    tokio::spawn(async move {
+        let mut cursor = String::new();
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let url = format!(
+                "{}/v1/poll?channel=steady/0&channel=steady/1&channel=steady/2&timeout=2&cursor={cursor}",
+                bases[i]
+            );
+            let r = match reqwest::get(url).await {
+                Ok(r) => r.json::<Value>().await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => {
+                    assert_eq!(v["gaps"].as_array().map(Vec::len), Some(0), "poll: a gap: {v}");
+                    got.lock().extend(v["messages"].as_array().unwrap().iter().cloned());
+                    cursor = v["cursor"].as_str().unwrap().to_string();
+                }
+                Err(_) => i = (i + 1).min(bases.len() - 1),
+            }
+        }
+    });
+}
+
+/// Under steady publishing on three channels, SIGKILL the node that
+/// WebSocket, SSE and long-poll clients are on: each reconnects to
+/// another node and ends with every message of every channel from the
+/// first it got, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_resume_on_another_with_nothing_lost_or_repeated() {
+    let (_nats, mut nodes) = cluster("node-kill", &[]);
+    let https = vec![nodes[0].http.clone(), nodes[1].http.clone()];
+    let bases = vec![nodes[0].base(), nodes[1].base()];
+    let (ws, sse, poll): (Got, Got, Got) = Default::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    ws_follower(https, ws.clone());
+    sse_follower(bases.clone(), sse.clone());
+    poll_follower(bases, poll.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let publisher = nodes[2].base();
+    let mut sent: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for i in 0..240 {
+        let ch = i % 3;
+        let text = format!("c{ch}-{i}");
+        let (status, _) = rest_publish(&publisher, &format!("steady/{ch}"), &text, None, false).await;
+        assert_eq!(status, 200);
+        sent[ch].push(text);
+        if i == 100 {
+            nodes[0].kill();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (what, got) in [("WebSocket", &ws), ("SSE", &sse), ("long poll", &poll)] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let done = (0..3).all(|ch| {
+                let last = sent[ch].last().unwrap();
+                got.lock().iter().any(|m| m["text"].as_str() == Some(last.as_str()))
+            });
+            if done {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let got = got.lock();
+                let tail: Vec<_> = got.iter().rev().take(3).collect();
+                panic!("{what}: the last message of every channel arrives; got {} ending {tail:?}", got.len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (ch, sent) in sent.iter().enumerate() {
+            let texts: Vec<String> = got
+                .lock()
+                .iter()
+                .filter(|m| m["channel"] == format!("steady/{ch}"))
+                .map(|m| m["text"].as_str().unwrap().to_string())
+                .collect();
+            let first = sent.iter().position(|t| *t == texts[0]).expect("a known first message");
+            assert!(first < 30, "{what}: steady/{ch} started late, at {first}");
+            assert_eq!(texts, sent[first..], "{what}: steady/{ch}: every message once, in order");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }

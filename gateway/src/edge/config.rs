@@ -1494,6 +1494,38 @@ mod tests {
         }
     }
 
+    /// `[engine] kind = "nats"` checks `[nats]` at load: one way to
+    /// authenticate, files that exist, names NATS accepts.
+    #[test]
+    fn nats_settings_are_checked_at_load() {
+        let ok = Config::from_toml(
+            "[engine]\nkind = \"nats\"\n[nats]\nservers = [\"nats://10.0.0.1:4222\"]\nreplicas = 3",
+            Vec::new(),
+        )
+        .unwrap();
+        let o = ok.nats.options();
+        assert_eq!((o.servers.len(), o.replicas, o.stream.as_str()), (1, 3, "SWITCHBOARD"));
+        let env = vec![("SWITCHBOARD_ENGINE__KIND".to_string(), "nats".to_string())];
+        assert_eq!(Config::from_toml("", env).unwrap().engine.kind, EngineKind::Nats);
+        for bad in [
+            "servers = []",
+            "servers = [\"http://[::1\"]",
+            "user = \"u\"",
+            "user = \"u\"\npassword = \"p\"\ntoken = \"t\"",
+            "creds_file = \"/nonexistent/x.creds\"",
+            "tls_cert = \"/etc/hostname\"",
+            "stream = \"a.b\"",
+            "subject = \"a..b\"",
+            "replicas = 0",
+            "request_timeout = \"0s\"",
+        ] {
+            let text = format!("[engine]\nkind = \"nats\"\n[nats]\n{bad}");
+            assert!(Config::from_toml(&text, Vec::new()).is_err(), "{bad} is refused");
+            // The embedded engine ignores [nats].
+            assert!(Config::from_toml(&format!("[nats]\n{bad}"), Vec::new()).is_ok(), "{bad} is ignored when unused");
+        }
+    }
+
     /// The example config in deploy/ must parse and match the defaults it documents.
     #[test]
     fn example_config_parses() {
