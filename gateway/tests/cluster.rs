@@ -561,8 +561,37 @@ fn poll_follower(bases: Vec<String>, got: Got, stop: Arc<std::sync::atomic::Atom
     });
 }
 
+/// An MQTT 5 device with a persistent session and QoS 1 on `steady/+`
+/// that reconnects to the next node when its node goes. A QoS 1 message
+/// sent again with DUP (its PUBACK never reached the server) is MQTT's
+/// redelivery, not a duplicate; any other repeat stays and fails the test.
+fn mqtt_follower(mqtts: Vec<String>, got: Got) {
+    tokio::spawn(async move {
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::{Event, Incoming};
+        for (i, addr) in mqtts.iter().enumerate() {
+            let (c, mut ev) = mqtt5(addr, "steady-device");
+            if i == 0 {
+                let _ = c.subscribe("steady/+", QoS::AtLeastOnce).await;
+            }
+            while let Ok(e) = ev.poll().await {
+                if let Event::Incoming(Incoming::Publish(p)) = e {
+                    let m = json!({
+                        "channel": String::from_utf8_lossy(&p.topic),
+                        "text": String::from_utf8_lossy(&p.payload),
+                    });
+                    let mut got = got.lock();
+                    if !(p.dup && got.contains(&m)) {
+                        got.push(m);
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Under steady publishing on three channels, SIGKILL the node that
-/// WebSocket, SSE and long-poll clients are on: each reconnects to
+/// WebSocket, SSE, long-poll and MQTT clients are on: each reconnects to
 /// another node and ends with every message of every channel from the
 /// first it got, once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,7 +599,9 @@ async fn clients_of_a_killed_node_resume_on_another_with_nothing_lost_or_repeate
     let (_nats, mut nodes) = cluster("node-kill", &[]);
     let https = vec![nodes[0].http.clone(), nodes[1].http.clone()];
     let bases = vec![nodes[0].base(), nodes[1].base()];
-    let (ws, sse, poll): (Got, Got, Got) = Default::default();
+    let mqtts = vec![nodes[0].mqtt.clone(), nodes[1].mqtt.clone()];
+    let (ws, sse, poll, mqtt): (Got, Got, Got, Got) = Default::default();
+    mqtt_follower(mqtts, mqtt.clone());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     ws_follower(https, ws.clone());
     sse_follower(bases.clone(), sse.clone());
@@ -590,7 +621,7 @@ async fn clients_of_a_killed_node_resume_on_another_with_nothing_lost_or_repeate
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for (what, got) in [("WebSocket", &ws), ("SSE", &sse), ("long poll", &poll)] {
+    for (what, got) in [("WebSocket", &ws), ("SSE", &sse), ("long poll", &poll), ("MQTT 5", &mqtt)] {
         let deadline = Instant::now() + WAIT;
         loop {
             let done = (0..3).all(|ch| {
@@ -620,4 +651,118 @@ async fn clients_of_a_killed_node_resume_on_another_with_nothing_lost_or_repeate
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn mqtt5(addr: &str, id: &str) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut o = rumqttc::v5::MqttOptions::new(id, host, port.parse().unwrap());
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(3600));
+    o.set_keep_alive(Duration::from_secs(5));
+    rumqttc::v5::AsyncClient::new(o, 100)
+}
+
+/// MQTT 5 events until `until` says stop (bounded by [`WAIT`]).
+async fn mqtt5_until(
+    ev: &mut rumqttc::v5::EventLoop,
+    mut until: impl FnMut(&rumqttc::v5::Event) -> bool,
+) -> Result<(), rumqttc::v5::ConnectionError> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let e = tokio::time::timeout_at(deadline, ev.poll()).await.expect("MQTT 5 in time")?;
+        if until(&e) {
+            return Ok(());
+        }
+    }
+}
+
+/// A device's persistent session follows it to another node: it resumes
+/// there with its subscription and gets what it missed, once; a second
+/// connection with its client id on a third node takes the session over
+/// and the first is told so (MQTT 5 reason 0x8E).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_session_resumes_and_is_taken_over_across_nodes() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Event, Incoming};
+    let (_nats, nodes) = cluster("mqtt", &[]);
+    let texts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = |texts: &Arc<Mutex<Vec<String>>>| {
+        let texts = texts.clone();
+        move |e: &Event| {
+            if let Event::Incoming(Incoming::Publish(p)) = e {
+                texts.lock().push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            false
+        }
+    };
+
+    // On node A: subscribe, get one message, go away cleanly.
+    let (c, mut ev) = mqtt5(&nodes[0].mqtt, "device-7");
+    c.subscribe("dev/7/cmd", QoS::AtLeastOnce).await.unwrap();
+    mqtt5_until(&mut ev, |e| matches!(e, Event::Incoming(Incoming::SubAck(_)))).await.unwrap();
+    rest_publish(&nodes[1].base(), "dev/7/cmd", "c0", None, false).await;
+    let rec = record(&texts);
+    mqtt5_until(&mut ev, |e| {
+        rec(e);
+        texts.lock().len() == 1
+    })
+    .await
+    .unwrap();
+    c.disconnect().await.unwrap();
+    let _ = mqtt5_until(&mut ev, |e| matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect))).await;
+    drop(ev);
+
+    // Missed while away, published on node B.
+    for i in 1..=3 {
+        assert_eq!(rest_publish(&nodes[1].base(), "dev/7/cmd", &format!("c{i}"), None, false).await.0, 200);
+    }
+    // Back on node C: the session is there, with what it missed.
+    let (c2, mut ev2) = mqtt5(&nodes[2].mqtt, "device-7");
+    let mut present = None;
+    let rec = record(&texts);
+    mqtt5_until(&mut ev2, |e| {
+        if let Event::Incoming(Incoming::ConnAck(a)) = e {
+            present = Some(a.session_present);
+        }
+        rec(e);
+        texts.lock().len() == 4
+    })
+    .await
+    .unwrap();
+    assert_eq!(present, Some(true), "session present on another node");
+    assert_eq!(*texts.lock(), ["c0", "c1", "c2", "c3"], "what it missed, once, in order");
+
+    // A second connection with the same client id, on node A, takes over.
+    let (c3, mut ev3) = mqtt5(&nodes[0].mqtt, "device-7");
+    let mut present = None;
+    mqtt5_until(&mut ev3, |e| {
+        if let Event::Incoming(Incoming::ConnAck(a)) = e {
+            present = Some(a.session_present);
+        }
+        present.is_some()
+    })
+    .await
+    .unwrap();
+    assert_eq!(present, Some(true), "the taken-over session is present");
+    let kicked = mqtt5_until(&mut ev2, |e| matches!(e, Event::Incoming(Incoming::Disconnect(_)))).await;
+    let reason = match kicked {
+        Ok(()) => None,
+        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+            reason_code, ..
+        })) => Some(reason_code as u8),
+        Err(e) => panic!("the first connection ended without a DISCONNECT: {e}"),
+    };
+    assert_eq!(reason, Some(0x8E), "the first connection: session taken over");
+    // The new holder still has the subscription: a message reaches it.
+    rest_publish(&nodes[1].base(), "dev/7/cmd", "c4", None, false).await;
+    let rec = record(&texts);
+    mqtt5_until(&mut ev3, |e| {
+        rec(e);
+        texts.lock().len() == 5
+    })
+    .await
+    .unwrap();
+    assert_eq!(texts.lock().last().map(String::as_str), Some("c4"));
+    let _ = c3.disconnect().await;
+    let _ = c2;
 }

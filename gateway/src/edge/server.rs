@@ -23,6 +23,7 @@ use crate::core::engine::disk::DiskStore;
 use crate::core::engine::local::LocalEngine;
 use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
 use crate::core::engine::nats::NatsEngine;
+use crate::core::engine::nats::mqtt::NatsSessions;
 use crate::core::router::Router;
 use crate::edge::admin::{AdminAccess, AdminState};
 use crate::edge::admission::{Admission, Rates, Refusal, Ticket};
@@ -123,10 +124,16 @@ impl Gateway {
             }
             None => (None, None),
         };
+        let nats_engine = match nats {
+            true => Some(
+                NatsEngine::start(config.engine(), config.nats.options(), config.limits.max_message_size)
+                    .await
+                    .map_err(|e| ServerError::Engine(e.to_string()))?,
+            ),
+            false => None,
+        };
         let engine: Arc<dyn Engine> = match (&disk, recovery) {
-            _ if nats => NatsEngine::start(config.engine(), config.nats.options(), config.limits.max_message_size)
-                .await
-                .map_err(|e| ServerError::Engine(e.to_string()))?,
+            _ if nats_engine.is_some() => nats_engine.clone().expect("the NATS engine"),
             (Some(store), Some(recovery)) => {
                 let engine = Arc::new(
                     LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms())
@@ -183,17 +190,26 @@ impl Gateway {
             expiry_max: mqtt_cfg.session_expiry_max,
             max_delayed_wills: config.mqtt.max_delayed_wills,
         };
-        let mqtt_sessions = Arc::new(match &disk {
-            Some(store) => MqttSessions::on_disk(
-                limits,
-                store.clone(),
-                tokio::time::Instant::now(),
-                crate::core::router::now_ms().max(0) as u64,
-            ),
-            None => MqttSessions::with_limits(limits),
-        });
-        tasks.push(spawn_mqtt_sweeper(&mqtt_sessions));
-        let mqtt_sessions: Arc<dyn mqtt::SessionStore> = mqtt_sessions;
+        let mqtt_sessions: Arc<dyn mqtt::SessionStore> = match &nats_engine {
+            // On NATS the sessions are the cluster's, so a device resumes on
+            // any node (docs/cluster.md).
+            Some(engine) => {
+                NatsSessions::start(engine, limits).await.map_err(|e| ServerError::Engine(e.to_string()))?
+            }
+            None => {
+                let sessions = Arc::new(match &disk {
+                    Some(store) => MqttSessions::on_disk(
+                        limits,
+                        store.clone(),
+                        tokio::time::Instant::now(),
+                        crate::core::router::now_ms().max(0) as u64,
+                    ),
+                    None => MqttSessions::with_limits(limits),
+                });
+                tasks.push(spawn_mqtt_sweeper(&sessions));
+                sessions
+            }
+        };
 
         if let Some(listener) = http {
             let w = &config.websocket;

@@ -250,6 +250,21 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
             }
         }
+        Claim::Lookup(rx) => match tokio::time::timeout(cfg.takeover_timeout, rx).await {
+            Ok(Ok(Ok(s))) => s,
+            failed => {
+                let why = match failed {
+                    Ok(Ok(Err(e))) => e,
+                    Ok(Err(_)) => "the session store dropped the lookup".to_string(),
+                    _ => "the session store did not answer in time".to_string(),
+                };
+                warn!(error = %why, "refused: the shared session store cannot answer");
+                sessions.release(&client_id, ticket.conn, None, Duration::ZERO, now);
+                drop(session);
+                refuse(&mut io, version, if v5 { reason::SERVER_UNAVAILABLE } else { 3 }).await;
+                return None;
+            }
+        },
     };
     // Clean session / clean start discards what was stored (§3.1.2.4).
     let stored = if c.clean { None } else { stored };

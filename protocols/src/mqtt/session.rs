@@ -183,6 +183,13 @@ pub struct SessionState {
     /// The channel's next message sent takes it ([`Queued::gap`]).
     gaps: HashMap<String, String>,
     pending_bytes: usize,
+    /// Per channel, the newest QoS 1/2 message handed to the network, so a
+    /// stored session knows what the client may already hold.
+    sent: HashMap<String, proto::Position>,
+    /// Per channel, what the connection before a crash may have sent: a
+    /// resumed session sends these again with DUP (MQTT's redelivery of an
+    /// unacknowledged message), not as new messages.
+    redeliver: HashMap<String, proto::Position>,
     /// Something a checkpoint records changed since the last
     /// [`SessionState::take_changed`].
     changed: bool,
@@ -229,6 +236,10 @@ pub struct SessionRecord {
     /// messages in flight, which a resume replays as new publishes).
     #[prost(btree_map = "string, string", tag = "4")]
     pub gaps: BTreeMap<String, String>,
+    /// Per channel, the newest QoS 1/2 message that may have reached the
+    /// client: replayed after a resume, those up to it go out with DUP.
+    #[prost(btree_map = "string, message", tag = "5")]
+    pub sent: BTreeMap<String, proto::Position>,
 }
 
 impl SessionState {
@@ -258,7 +269,18 @@ impl SessionState {
                 gaps.entry(env.channel.clone()).or_insert_with(|| reason.clone());
             }
         }
+        let mut sent: BTreeMap<String, proto::Position> =
+            self.redeliver.iter().map(|(c, p)| (c.clone(), p.clone())).collect();
+        for (c, p) in &self.sent {
+            match sent.get_mut(c) {
+                Some(old) if old.epoch == p.epoch && old.serial >= p.serial => {}
+                _ => {
+                    sent.insert(c.clone(), p.clone());
+                }
+            }
+        }
         SessionRecord {
+            sent,
             subs: self
                 .subs
                 .iter()
@@ -293,6 +315,7 @@ impl SessionState {
             delivered: r.delivered.into_iter().collect(),
             inbound_qos2: r.inbound_qos2.into_iter().filter_map(|id| u16::try_from(id).ok()).collect(),
             gaps: r.gaps.into_iter().collect(),
+            redeliver: r.sent.into_iter().collect(),
             ..SessionState::default()
         }
     }
@@ -437,8 +460,16 @@ impl SessionState {
                 continue;
             }
             let pkid = self.next_pkid();
+            let env = &msg.delivery.envelope;
+            let dup = self.redeliver.get(&env.channel).is_some_and(|p| p.epoch == env.epoch && env.serial <= p.serial);
+            let newer = self.sent.get(&env.channel).is_none_or(|p| p.epoch != env.epoch || p.serial < env.serial);
+            if newer {
+                let pos = proto::Position { epoch: env.epoch.clone(), serial: env.serial };
+                self.sent.insert(env.channel.clone(), pos);
+                self.changed = true;
+            }
             self.inflight.push_back(Inflight { pkid, msg: msg.clone(), state: FlowState::Published });
-            out.push(Transmit::Publish { pkid, dup: false, msg });
+            out.push(Transmit::Publish { pkid, dup, msg });
         }
         out
     }
@@ -748,6 +779,31 @@ mod tests {
         s.last_pkid = u16::MAX;
         s.handle_delivery(queued("a", 4, 1), 1 << 20).unwrap();
         assert_eq!(pkids(&s.poll_transmit(10, |_| Verdict::Send)), vec![2]);
+    }
+
+    /// What was handed to the network at QoS 1/2 is in the record; after
+    /// a resume from it, those messages go out again with DUP, newer ones
+    /// without.
+    #[test]
+    fn a_resume_from_a_record_sends_what_may_have_arrived_with_dup() {
+        let mut s = SessionState::default();
+        for i in 1..=2 {
+            s.handle_delivery(queued("a", i, 1), 1 << 20).unwrap();
+        }
+        assert_eq!(pkids(&s.poll_transmit(10, |_| Verdict::Send)), vec![1, 2]);
+        assert!(s.take_changed(), "sending at QoS 1 is a change to record");
+        let rec = s.to_record();
+        assert_eq!(rec.sent.get("a").map(|p| p.serial), Some(2));
+        let mut resumed = SessionState::from_record(rec);
+        for i in 1..=3 {
+            resumed.handle_delivery(queued("a", i, 1), 1 << 20).unwrap();
+        }
+        let dups: Vec<bool> = resumed
+            .poll_transmit(10, |_| Verdict::Send)
+            .iter()
+            .map(|t| matches!(t, Transmit::Publish { dup: true, .. }))
+            .collect();
+        assert_eq!(dups, [true, true, false]);
     }
 
     #[test]

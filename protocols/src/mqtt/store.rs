@@ -46,6 +46,11 @@ pub enum Claim {
     /// Another connection held the session; it has been told to close and
     /// will send its state here (`Err` if it vanished without doing so).
     Takeover(oneshot::Receiver<Option<Box<StoredSession>>>),
+    /// A store shared by several nodes is looking the session up (and, if
+    /// another node's connection holds it, taking it over from there): the
+    /// stored session (`None`: nothing stored), or why the store cannot
+    /// answer (the connection is then refused as server unavailable).
+    Lookup(oneshot::Receiver<Result<Option<Box<StoredSession>>, String>>),
 }
 
 /// A connection's hold on its client id.
@@ -73,6 +78,22 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// acknowledgement of the change is written to the client.
     fn checkpoint(&self, client_id: &str, conn: u64, state: &SessionState, expiry: Duration) {
         let _ = (client_id, conn, state, expiry);
+    }
+    /// QoS 1/2 messages are about to be written to the client (`state`
+    /// records them as sent): a store that outlives the node and writes
+    /// asynchronously returns when it has the record, and the connection
+    /// waits for that before writing, so a resume after a crash sends
+    /// those messages again with DUP rather than as new ones. Stores that
+    /// record synchronously checkpoint and return `None`.
+    fn before_send(
+        &self,
+        client_id: &str,
+        conn: u64,
+        state: &SessionState,
+        expiry: Duration,
+    ) -> Option<oneshot::Receiver<()>> {
+        self.checkpoint(client_id, conn, state, expiry);
+        None
     }
     /// The longest a session may be kept.
     fn expiry_max(&self) -> Duration;

@@ -14,9 +14,11 @@
 //! | MQTT session store | claim and takeover, subscriptions, positions, inbound QoS 2 ids, delayed wills | [`mqtt_sessions::MqttSessions`], behind the front end's `SessionStore` port; on disk with the store |
 //! | node-local fan-out | sessions, the filter trie, shared groups, outboxes and their slow-consumer policies | [`hub::Hub`], always in process |
 //!
-//! A shared engine (a log that spans nodes) implements [`Engine`] with its
-//! own log and presence and the same hub; the front ends and the router do
-//! not change.
+//! The shared engine, [`nats::NatsEngine`] (`[engine] kind = "nats"`),
+//! implements [`Engine`] with its log in JetStream streams, retained values
+//! and presence in KV buckets, and the same hub; its MQTT session store,
+//! [`nats::mqtt::NatsSessions`], keeps sessions in a KV bucket. The front
+//! ends and the router do not change (docs/cluster.md).
 
 pub mod disk;
 pub mod hub;

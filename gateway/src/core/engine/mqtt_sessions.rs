@@ -51,6 +51,10 @@ pub struct StoredMqttSession {
     /// Unix ms when the client went away (or of the checkpoint).
     #[prost(uint64, tag = "3")]
     pub disconnected_ms: u64,
+    /// On a store shared by nodes (NATS): the node incarnation whose
+    /// connection holds the session; empty while the client is away.
+    #[prost(string, tag = "4")]
+    pub owner: String,
 }
 
 #[derive(Debug)]
@@ -133,6 +137,7 @@ impl MqttSessions {
             record: Some(state.to_record()),
             expires_ms: now.saturating_add(expiry.as_millis() as u64),
             disconnected_ms,
+            owner: String::new(),
         };
         disk.put_mqtt_session(client_id, &rec.encode_to_vec());
     }
@@ -163,6 +168,24 @@ impl MqttSessions {
 }
 
 impl MqttSessions {
+    /// Whether connection `conn` still holds `client_id`.
+    pub fn is_live(&self, client_id: &str, conn: u64) -> bool {
+        matches!(self.slots.lock().get(client_id), Some(Slot::Live { conn: c, .. }) if *c == conn)
+    }
+
+    /// Takes the session away from the connection of `client_id` on this
+    /// node, if one holds it: the connection closes (MQTT 5: DISCONNECT
+    /// 0x8E) and sends its session through the returned channel.
+    pub fn kick(&self, client_id: &str) -> Option<oneshot::Receiver<Option<Box<StoredSession>>>> {
+        let mut slots = self.slots.lock();
+        let Some(Slot::Live { kick, .. }) = slots.get_mut(client_id) else { return None };
+        let kick = kick.take()?;
+        slots.remove(client_id);
+        let (tx, rx) = oneshot::channel();
+        kick.send(tx).ok()?;
+        Some(rx)
+    }
+
     /// Delayed wills waiting now.
     pub fn delayed_wills(&self) -> usize {
         self.wills.lock().len()

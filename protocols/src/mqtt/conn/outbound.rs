@@ -109,8 +109,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         });
+        let acknowledged = transmits.iter().any(|t| matches!(t, Transmit::Publish { msg, .. } if msg.qos > 0));
         for (t, alias) in transmits.into_iter().zip(chosen) {
             self.write_transmit(t, Some(alias));
+        }
+        // A persistent session records what it sends at QoS 1/2 before it
+        // goes out (see SessionStore::before_send).
+        if acknowledged && !self.session_expiry.is_zero() && self.state.take_changed() {
+            let recorded =
+                self.sessions.before_send(&self.client_id, self.ticket.conn, &self.state, self.session_expiry);
+            if let Some(recorded) = recorded {
+                let _ = recorded.await;
+            }
         }
         self.io.flush().await?;
         match closed {

@@ -21,6 +21,7 @@
 //! replay is read from JetStream up to exactly that point. Replay and live
 //! neither overlap nor leave a hole.
 
+pub mod mqtt;
 mod presence;
 pub mod subjects;
 

@@ -59,9 +59,9 @@ impl Entry {
 /// The presence buckets and this node's mirror of members.
 pub(super) struct Presence {
     kv: kv::Store,
-    nodes: kv::Store,
+    pub(super) nodes: kv::Store,
     /// This process's incarnation: the node name and when it started.
-    incarnation: String,
+    pub(super) incarnation: String,
     /// key → (revision, entry).
     mirror: Mutex<HashMap<String, (u64, Entry)>>,
 }

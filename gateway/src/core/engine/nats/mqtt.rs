@@ -1,0 +1,313 @@
+//! MQTT persistent sessions on the NATS engine: one key per client id in
+//! the KV bucket `{stream}_mqtt`, so a device resumes its session on
+//! whichever node it reconnects to.
+//!
+//! The record is the one the disk store writes ([`StoredMqttSession`]):
+//! subscriptions, the position delivered per channel (lowered below any
+//! message still unacknowledged), inbound QoS 2 ids, when it expires and
+//! when the client went away, plus `owner`: the node incarnation whose
+//! connection holds the session, or empty while the client is away.
+//!
+//! A connection claims its client id on its own node first (a second
+//! connection on the same node takes over as on one node), then looks the
+//! record up:
+//! - no record, or an expired one: a fresh session;
+//! - a record at rest, or owned by a node whose heartbeat is gone: resumed;
+//! - owned by a live node: that node is asked (NATS request on
+//!   `{subject}.mqtt.kick.{incarnation}`) to take the session from its
+//!   connection, which closes with MQTT 5 reason 0x8E and hands its state
+//!   over; the node writes it back at rest and answers, and the lookup reads
+//!   it again.
+//!
+//! Taking the record writes `owner` with the revision just read, so two
+//! nodes claiming at once cannot both win. Checkpoints of a live session
+//! (a subscription, an acknowledged delivery, an inbound QoS 2 id) and the
+//! release at disconnect go through one writer per node, which keeps each
+//! client's writes in order and folds a client's queued writes into the
+//! newest. Delayed wills stay on the node that holds the connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use prost::Message as _;
+use switchboard_protocols::mqtt::session::SessionState;
+use switchboard_protocols::mqtt::{Claim, DelayedWill, SessionStore, StoredSession, Ticket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{NatsEngine, NatsError, subjects};
+use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits, StoredMqttSession};
+use crate::core::router::now_ms;
+
+/// How often a lookup rereads a record another node changed meanwhile.
+const LOOKUP_TRIES: usize = 8;
+
+/// How long a lookup waits for the node that holds a session to let go.
+const KICK_WAIT: Duration = Duration::from_secs(3);
+
+/// One write of the writer: a record, or `None` to delete it.
+struct Write {
+    client_id: String,
+    value: Option<Bytes>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// The MQTT session store of a node on the NATS engine (see the module
+/// docs).
+#[derive(Debug)]
+pub struct NatsSessions {
+    /// This node's live connections, takeovers between them, delayed wills.
+    local: MqttSessions,
+    kv: kv::Store,
+    nodes: kv::Store,
+    client: async_nats::Client,
+    incarnation: String,
+    kick_root: String,
+    writes: mpsc::UnboundedSender<Write>,
+    /// The expiry each live session asked for, for a handover written back.
+    expiries: Mutex<HashMap<String, Duration>>,
+    this: std::sync::Weak<NatsSessions>,
+}
+
+fn key(client_id: &str) -> String {
+    subjects::token(client_id)
+}
+
+impl NatsSessions {
+    /// The store of `engine`'s node: its bucket, its writer and the
+    /// handler of other nodes' takeovers.
+    pub async fn start(engine: &NatsEngine, limits: StoreLimits) -> Result<Arc<Self>, NatsError> {
+        let bucket = format!("{}_mqtt", engine.opts.stream);
+        let max_age = limits.expiry_max.max(Duration::from_secs(1));
+        let kv = NatsEngine::bucket(&engine.js, &engine.opts, &bucket, max_age, 1).await?;
+        let (writes, queue) = mpsc::unbounded_channel();
+        let kick_root = format!("{}.mqtt.kick", engine.opts.subject);
+        let store = Arc::new_cyclic(|this| NatsSessions {
+            this: this.clone(),
+            local: MqttSessions::with_limits(limits),
+            kv,
+            nodes: engine.presence.nodes.clone(),
+            client: engine.client.clone(),
+            incarnation: engine.presence.incarnation.clone(),
+            kick_root,
+            writes,
+            expiries: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(Self::run_writer(store.kv.clone(), queue));
+        let subject = format!("{}.{}", store.kick_root, store.incarnation);
+        let mut kicks = store
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| NatsError::JetStream { what: subject, reason: e.to_string() })?;
+        let handler = Arc::downgrade(&store);
+        tokio::spawn(async move {
+            while let Some(msg) = kicks.next().await {
+                let Some(store) = handler.upgrade() else { return };
+                tokio::spawn(async move { store.handle_kick(msg).await });
+            }
+        });
+        Ok(store)
+    }
+
+    /// Writes in order, a client's queued writes folded into its newest.
+    async fn run_writer(kv: kv::Store, mut queue: mpsc::UnboundedReceiver<Write>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch: VecDeque<Write> = VecDeque::from([first]);
+            while let Ok(more) = queue.try_recv() {
+                batch.push_back(more);
+            }
+            let mut newest: HashMap<String, usize> = HashMap::new();
+            for (i, w) in batch.iter().enumerate() {
+                newest.insert(w.client_id.clone(), i);
+            }
+            let mut waiting: HashMap<String, Vec<oneshot::Sender<()>>> = HashMap::new();
+            for (i, mut w) in batch.into_iter().enumerate() {
+                if let Some(done) = w.done.take() {
+                    waiting.entry(w.client_id.clone()).or_default().push(done);
+                }
+                if newest.get(&w.client_id) != Some(&i) {
+                    continue;
+                }
+                let k = key(&w.client_id);
+                let result = match w.value {
+                    Some(v) => kv.put(k.as_str(), v).await.map(|_| ()).map_err(|e| e.to_string()),
+                    None => kv.purge(k.as_str()).await.map_err(|e| e.to_string()),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(client_id = %w.client_id, error = %e, "MQTT session: write to NATS failed");
+                }
+                for done in waiting.remove(&w.client_id).unwrap_or_default() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    fn record(&self, state: &SessionState, expiry: Duration, disconnected_ms: u64, owner: &str) -> Bytes {
+        let now = now_ms().max(0) as u64;
+        StoredMqttSession {
+            record: Some(state.to_record()),
+            expires_ms: now.saturating_add(expiry.as_millis() as u64),
+            disconnected_ms,
+            owner: owner.to_string(),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn write(&self, client_id: &str, value: Option<Bytes>, done: Option<oneshot::Sender<()>>) {
+        let _ = self.writes.send(Write { client_id: client_id.to_string(), value, done });
+    }
+
+    /// Another node takes one of this node's sessions: the connection hands
+    /// its state over, it is written back at rest, then the asker is told.
+    async fn handle_kick(&self, msg: async_nats::Message) {
+        let client_id = String::from_utf8_lossy(&msg.payload).into_owned();
+        if let Some(handover) = self.local.kick(&client_id) {
+            tracing::info!(client_id, "MQTT session taken over by another node");
+            let expiry = self.expiries.lock().remove(&client_id).unwrap_or(self.local.expiry_max());
+            if let Ok(Some(session)) = tokio::time::timeout(Duration::from_secs(5), handover).await.unwrap_or(Ok(None))
+            {
+                let (done, written) = oneshot::channel();
+                let value = self.record(&session.state, expiry, now_ms().max(0) as u64, "");
+                self.write(&client_id, Some(value), Some(done));
+                let _ = written.await;
+            }
+        }
+        if let Some(reply) = msg.reply {
+            let _ = self.client.publish(reply, Bytes::new()).await;
+        }
+    }
+
+    /// Whether the node incarnation `owner` still beats.
+    async fn alive(&self, owner: &str) -> bool {
+        matches!(self.nodes.entry(owner).await, Ok(Some(e)) if e.operation == kv::Operation::Put)
+    }
+
+    /// Finds the stored session of `client_id` and takes it for this node.
+    async fn lookup(&self, client_id: &str) -> Result<Option<Box<StoredSession>>, String> {
+        let k = key(client_id);
+        let mine = |rec: Option<&StoredMqttSession>| -> Bytes {
+            let mut r = rec.cloned().unwrap_or_default();
+            r.owner = self.incarnation.clone();
+            r.encode_to_vec().into()
+        };
+        for _ in 0..LOOKUP_TRIES {
+            let entry = self.kv.entry(k.as_str()).await.map_err(|e| format!("NATS: {e}"))?;
+            let held = entry.filter(|e| e.operation == kv::Operation::Put);
+            let Some(entry) = held else {
+                // Nothing stored: mark it ours, unless another node just did.
+                match self.kv.create(k.as_str(), mine(None)).await {
+                    Ok(_) => return Ok(None),
+                    Err(_) => continue,
+                }
+            };
+            let rec = StoredMqttSession::decode(entry.value.as_ref()).unwrap_or_default();
+            let now = now_ms().max(0) as u64;
+            let owner = rec.owner.clone();
+            if !owner.is_empty() && owner != self.incarnation && self.alive(&owner).await {
+                // Live on another node: ask it to let go, then read again.
+                let subject = format!("{}.{owner}", self.kick_root);
+                let asked = self.client.request(subject, Bytes::from(client_id.to_string()));
+                match tokio::time::timeout(KICK_WAIT, asked).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => {
+                        tracing::info!(client_id, owner, error = %e, "MQTT session: its node did not answer; taking it");
+                    }
+                    Err(_) => {
+                        tracing::info!(client_id, owner, "MQTT session: its node did not answer in time; taking it")
+                    }
+                }
+            }
+            let expired = rec.expires_ms <= now;
+            let keep = (!expired).then_some(&rec);
+            if self.kv.update(k.as_str(), mine(keep), entry.revision).await.is_err() {
+                continue;
+            }
+            if expired || rec.record.is_none() {
+                return Ok(None);
+            }
+            let state = SessionState::from_record(rec.record.unwrap_or_default());
+            return Ok(Some(Box::new(StoredSession { state, disconnected_ms: rec.disconnected_ms })));
+        }
+        Err("the session kept changing on other nodes".into())
+    }
+}
+
+impl SessionStore for NatsSessions {
+    fn claim(&self, client_id: &str, now: Instant) -> (Ticket, Claim) {
+        let (ticket, claim) = self.local.claim(client_id, now);
+        match claim {
+            // Another connection on this node: the takeover stays local.
+            Claim::Takeover(rx) => (ticket, Claim::Takeover(rx)),
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                let Some(store) = self.this.upgrade() else { return (ticket, Claim::Fresh) };
+                let client_id = client_id.to_string();
+                tokio::spawn(async move {
+                    let _ = tx.send(store.lookup(&client_id).await);
+                });
+                (ticket, Claim::Lookup(rx))
+            }
+        }
+    }
+
+    fn release(&self, client_id: &str, conn: u64, session: Option<Box<StoredSession>>, expiry: Duration, now: Instant) {
+        if !self.local.is_live(client_id, conn) {
+            return; // taken over: the state went with the handover
+        }
+        self.local.release(client_id, conn, None, Duration::ZERO, now);
+        self.expiries.lock().remove(client_id);
+        let expiry = expiry.min(self.local.expiry_max());
+        let value = session.filter(|_| !expiry.is_zero()).map(|s| self.record(&s.state, expiry, s.disconnected_ms, ""));
+        self.write(client_id, value, None);
+    }
+
+    fn checkpoint(&self, client_id: &str, conn: u64, state: &SessionState, expiry: Duration) {
+        if !self.local.is_live(client_id, conn) {
+            return;
+        }
+        let expiry = expiry.min(self.local.expiry_max());
+        self.expiries.lock().insert(client_id.to_string(), expiry);
+        let value = self.record(state, expiry, now_ms().max(0) as u64, &self.incarnation);
+        self.write(client_id, Some(value), None);
+    }
+
+    /// The record with what is about to be sent, written before it goes
+    /// out (see [`SessionStore::before_send`]).
+    fn before_send(
+        &self,
+        client_id: &str,
+        conn: u64,
+        state: &SessionState,
+        expiry: Duration,
+    ) -> Option<oneshot::Receiver<()>> {
+        if !self.local.is_live(client_id, conn) {
+            return None;
+        }
+        let expiry = expiry.min(self.local.expiry_max());
+        self.expiries.lock().insert(client_id.to_string(), expiry);
+        let value = self.record(state, expiry, now_ms().max(0) as u64, &self.incarnation);
+        let (done, recorded) = oneshot::channel();
+        self.write(client_id, Some(value), Some(done));
+        Some(recorded)
+    }
+
+    fn expiry_max(&self) -> Duration {
+        self.local.expiry_max()
+    }
+
+    fn delay_will(&self, client_id: &str) -> Option<DelayedWill> {
+        self.local.delay_will(client_id)
+    }
+
+    fn take_will(&self, client_id: &str, token: u64) -> bool {
+        self.local.take_will(client_id, token)
+    }
+}
