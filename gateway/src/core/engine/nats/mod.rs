@@ -37,6 +37,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use prost::Message as _;
+use rand::Rng as _;
 use switchboard_proto::{self as proto, ErrorCode};
 use switchboard_protocols::port::{CloseKind, CoreError, Delivery, Outbound, Outbox, SessionId, SubscribeOutcome};
 
@@ -212,6 +213,21 @@ fn epoch_of(created: time::OffsetDateTime) -> Arc<str> {
 fn msg_id(channel: &str, id: &str) -> String {
     use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
     format!("{} {}", utf8_percent_encode(channel, NON_ALPHANUMERIC), utf8_percent_encode(id, NON_ALPHANUMERIC))
+}
+
+/// The channel's last serial as JetStream's refusal of an append names it
+/// (`wrong last sequence: N`).
+fn refused_last(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    const SAYS: &str = "wrong last sequence: ";
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        let text = x.to_string();
+        if let Some(i) = text.find(SAYS) {
+            return text[i + SAYS.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok();
+        }
+        cur = x.source();
+    }
+    None
 }
 
 /// Decodes a stored message into the envelope every node delivers.
@@ -453,6 +469,17 @@ impl NatsEngine {
         }
     }
 
+    /// The channel's last serial as the stream's leader has it (a direct
+    /// read may be answered by a replica a little behind).
+    async fn last_at_leader(&self, slot: &Slot, subject: &str) -> Result<u64, CoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match slot.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// The message at `sequence`, if it is still held and is `channel`'s.
     async fn at(&self, slot: &Slot, channel: &str, sequence: u64) -> Result<Option<proto::Envelope>, CoreError> {
         match slot.stream.direct_get(sequence).await {
@@ -548,7 +575,7 @@ impl NatsEngine {
         } else {
             self.last(&slot, &channel).await?.map_or(0, |e| e.serial)
         };
-        for _ in 0..MAX_APPEND_TRIES {
+        for tries in 0..MAX_APPEND_TRIES {
             env.prev_serial = expected;
             let mut headers = HeaderMap::new();
             headers.insert(header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string().as_str());
@@ -573,8 +600,18 @@ impl NatsEngine {
                         duplicate: ack.duplicate,
                     });
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    expected = self.last(&slot, &channel).await?.map_or(0, |e| e.serial);
+                // Another node appended first (10071 names the channel's
+                // last serial; 10164, from servers that also refuse while
+                // another append to the subject is in flight, does not).
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence || e.to_string().contains("wrong last") => {
+                    expected = match refused_last(&e) {
+                        Some(last) => last,
+                        None => {
+                            let pause = rand::rng().random_range(0..=2 * tries as u64);
+                            tokio::time::sleep(Duration::from_millis(pause)).await;
+                            self.last_at_leader(&slot, &subject).await?
+                        }
+                    };
                     head.last.store(expected, Ordering::Release);
                     head.known.store(true, Ordering::Release);
                 }
