@@ -88,11 +88,21 @@ fn sse_collect(url: String) -> Arc<Mutex<Vec<Value>>> {
     got
 }
 
-fn cluster(tag: &str, env: &[(&str, &str)]) -> (NatsCluster, Vec<ClusterNode>) {
+/// One cluster at a time: each is six processes, and the machine has two
+/// cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A fresh NATS cluster and three gateway nodes `a`, `b`, `c` on it, held
+/// while the guard lives.
+async fn cluster(
+    tag: &str,
+    env: &[(&str, &str)],
+) -> (tokio::sync::MutexGuard<'static, ()>, NatsCluster, Vec<ClusterNode>) {
+    let turn = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::start(tag);
     let urls = nats.urls();
     let nodes = ["a", "b", "c"].iter().map(|n| ClusterNode::start(n, &urls, None, env)).collect();
-    (nats, nodes)
+    (turn, nats, nodes)
 }
 
 /// An MQTT device publishing on node A reaches an SSE subscriber on B, a
@@ -100,7 +110,7 @@ fn cluster(tag: &str, env: &[(&str, &str)]) -> (NatsCluster, Vec<ClusterNode>) {
 /// the nodes — the same payloads with the same positions everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_has_one_position_on_every_node_and_protocol() {
-    let (_nats, nodes) = cluster("xproto", &[]);
+    let (_turn, _nats, nodes) = cluster("xproto", &[]).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     let ch = "plant/line1/temp";
 
@@ -179,7 +189,7 @@ async fn one_message_has_one_position_on_every_node_and_protocol() {
 /// are told the same position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_is_one_message_across_nodes() {
-    let (_nats, nodes) = cluster("idem", &[]);
+    let (_turn, _nats, nodes) = cluster("idem", &[]).await;
     let (s1, first) = rest_publish(&nodes[0].base(), "orders/1", "pay", Some("order-1"), false).await;
     let (s2, second) = rest_publish(&nodes[1].base(), "orders/1", "pay", Some("order-1"), false).await;
     let (s3, third) = rest_publish(&nodes[2].base(), "orders/1", "pay", Some("order-1"), false).await;
@@ -197,7 +207,7 @@ async fn an_idempotency_key_is_one_message_across_nodes() {
 /// Publishers on every node at once, on one channel: one chain, no hole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_on_three_nodes_make_one_chain() {
-    let (_nats, nodes) = cluster("race", &[]);
+    let (_turn, _nats, nodes) = cluster("race", &[]).await;
     let mut ws = ws_connect(&nodes[2].http, "watcher").await;
     ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"race/one"})).await;
     ws_next(&mut ws, "subscribed").await;
@@ -234,7 +244,7 @@ async fn concurrent_publishers_on_three_nodes_make_one_chain() {
 /// first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_value_is_read_on_every_node() {
-    let (_nats, nodes) = cluster("retained", &[]);
+    let (_turn, _nats, nodes) = cluster("retained", &[]).await;
     let (s, ack) = rest_publish(&nodes[0].base(), "lamp/1/state", "on", None, true).await;
     assert_eq!(s, 200);
     for node in &nodes[1..] {
@@ -251,7 +261,7 @@ async fn a_retained_value_is_read_on_every_node() {
 /// clients resume on the new processes with no `epoch_changed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_every_node_keeps_every_epoch() {
-    let (nats, mut nodes) = cluster("restart", &[]);
+    let (_turn, nats, mut nodes) = cluster("restart", &[]).await;
     let mut last = Value::Null;
     for i in 0..5 {
         last = rest_publish(&nodes[i % 3].base(), "keep/me", &format!("k{i}"), None, false).await.1;
@@ -303,7 +313,7 @@ async fn presence_event(ws: &mut Ws) -> (String, String) {
 /// survivor announces its leave after the grace period, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_spans_nodes_and_a_dead_nodes_members_leave() {
-    let (_nats, mut nodes) = cluster("presence", &[("SWITCHBOARD_CHANNELS__PRESENCE_GRACE", "1s")]);
+    let (_turn, _nats, mut nodes) = cluster("presence", &[("SWITCHBOARD_CHANNELS__PRESENCE_GRACE", "1s")]).await;
     let mut watcher = ws_connect(&nodes[2].http, "watcher").await;
     ws_send(&mut watcher, json!({"type":"subscribe","req":1,"filter":"room/1","presence":true})).await;
     ws_next(&mut watcher, "subscribed").await;
@@ -348,7 +358,7 @@ async fn presence_spans_nodes_and_a_dead_nodes_members_leave() {
 /// with no hole in the chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns() {
-    let (mut nats, nodes) = cluster("down", &[]);
+    let (_turn, mut nats, nodes) = cluster("down", &[]).await;
     let mut ws = ws_connect(&nodes[1].http, "sub").await;
     ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"down/ch"})).await;
     ws_next(&mut ws, "subscribed").await;
@@ -468,7 +478,7 @@ async fn nats_down_fails_publishes_fast_and_subscribers_resume_when_it_returns()
 /// acknowledged publish is delivered, and publishing goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_nats_server_loses_no_acknowledged_publish() {
-    let (mut nats, nodes) = cluster("nats-kill", &[]);
+    let (_turn, mut nats, nodes) = cluster("nats-kill", &[]).await;
     let mut ws = ws_connect(&nodes[2].http, "sub").await;
     ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"steady/ch"})).await;
     ws_next(&mut ws, "subscribed").await;
@@ -619,7 +629,7 @@ fn mqtt_follower(mqtts: Vec<String>, got: Got) {
 /// first it got, once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_killed_node_resume_on_another_with_nothing_lost_or_repeated() {
-    let (_nats, mut nodes) = cluster("node-kill", &[]);
+    let (_turn, _nats, mut nodes) = cluster("node-kill", &[]).await;
     let https = vec![nodes[0].http.clone(), nodes[1].http.clone()];
     let bases = vec![nodes[0].base(), nodes[1].base()];
     let mqtts = vec![nodes[0].mqtt.clone(), nodes[1].mqtt.clone()];
@@ -707,7 +717,7 @@ async fn mqtt5_until(
 async fn an_mqtt_session_resumes_and_is_taken_over_across_nodes() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{Event, Incoming};
-    let (_nats, nodes) = cluster("mqtt", &[]);
+    let (_turn, _nats, nodes) = cluster("mqtt", &[]).await;
     let texts = Arc::new(Mutex::new(Vec::<String>::new()));
     let record = |texts: &Arc<Mutex<Vec<String>>>| {
         let texts = texts.clone();

@@ -1,9 +1,9 @@
 //! A JetStream cluster of real `nats-server` processes on loopback, and
 //! `switchboard dev --nats` gateway nodes on it.
 //!
-//! Every port is the kernel's choice (`-1`), read back from the server's
-//! log; a server restarted after a kill comes back on the same ports, so
-//! clients and routes find it again. Readiness is the meta leader reported
+//! Every port is one the kernel picked as free just before; a server
+//! restarted after a kill comes back on the same ports, so clients and
+//! routes find it again. Readiness is the meta leader reported
 //! by `/jsz` on each server's monitoring port, never a sleep.
 
 use std::io::{BufRead, BufReader};
@@ -71,9 +71,9 @@ pub struct NatsCluster {
     cluster: String,
 }
 
-/// Starts one server; returns it with its ports read from its log.
+/// Starts one server on `ports`.
 fn spawn_server(bin: &str, name: &str, store: &Path, cluster: &str, ports: &Ports, routes: &[u16]) -> Server {
-    let port = |p: u16| if p == 0 { "-1".to_string() } else { p.to_string() };
+    let port = |p: u16| p.to_string();
     let routes: Vec<String> = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
     let mut cmd = Command::new(bin);
     cmd.args(["-a", "127.0.0.1", "-p", &port(ports.client), "-m", &port(ports.monitor), "-js"])
@@ -92,53 +92,53 @@ fn spawn_server(bin: &str, name: &str, store: &Path, cluster: &str, ports: &Port
             let _ = tx.send(line);
         }
     });
-    let mut found = ports.clone();
+    // The ports are given: wait only until the server says it listens (or
+    // gives up, e.g. on a port taken meanwhile: the cluster then does not
+    // form, and [`NatsCluster::start`] tries again).
     let deadline = Instant::now() + WAIT;
-    let port_of = |l: &str, what: &str| -> Option<u16> {
-        l.contains(what).then(|| addr_after(l, "127.0.0.1:").trim().parse().ok()).flatten()
-    };
-    while found.client == 0 || found.route == 0 || found.monitor == 0 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("nats-server {name} did not list its ports"));
-        let l = line.replace("127.0.0.1:", " 127.0.0.1:");
-        if let Some(p) = port_of(&l, "Listening for client connections") {
-            found.client = p;
-        } else if let Some(p) = port_of(&l, "Listening for route connections") {
-            found.route = p;
-        } else if let Some(p) = port_of(&l, "Starting http monitor") {
-            found.monitor = p;
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.contains("Server is ready") {
+            break;
         }
     }
     // Keep draining the log so the server never blocks on a full pipe.
     std::thread::spawn(move || while rx.recv().is_ok() {});
-    Server { name: name.to_string(), ports: found, child: Some(child), store: store.to_path_buf() }
+    Server { name: name.to_string(), ports: ports.clone(), child: Some(child), store: store.to_path_buf() }
 }
 
 impl NatsCluster {
     /// Three servers with JetStream, routed to each other, with a meta
-    /// leader elected.
+    /// leader elected. JetStream clustering wants every route configured up
+    /// front, so all nine ports are picked first: the kernel's free ports,
+    /// let go just before the servers take them. Should another process
+    /// take one in between, the cluster does not form, and it starts again
+    /// on fresh ports (at most three times).
     pub fn start(tag: &str) -> NatsCluster {
-        let dir = DataDir::new(&format!("nats-{tag}"));
         let bin = nats_server_bin();
-        let cluster = format!("sb-{tag}");
-        // JetStream clustering wants every route configured up front, so
-        // the route ports are picked first: the kernel's free ports, let go
-        // just before the servers take them.
-        let routes: Vec<u16> = {
-            let held: Vec<std::net::TcpListener> =
-                (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
-            held.iter().map(|l| l.local_addr().expect("port").port()).collect()
-        };
-        let mut servers: Vec<Server> = Vec::new();
-        for i in 0..3 {
-            let store = dir.0.join(format!("n{}", i + 1));
-            let ports = Ports { route: routes[i], ..Ports::default() };
-            let others: Vec<u16> = routes.iter().copied().filter(|p| *p != routes[i]).collect();
-            servers.push(spawn_server(&bin, &format!("n{}", i + 1), &store, &cluster, &ports, &others));
+        for attempt in 1..=3 {
+            let dir = DataDir::new(&format!("nats-{tag}-{attempt}"));
+            let cluster = format!("sb-{tag}");
+            let free: Vec<u16> = {
+                let held: Vec<std::net::TcpListener> =
+                    (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+                held.iter().map(|l| l.local_addr().expect("port").port()).collect()
+            };
+            let ports: Vec<Ports> =
+                (0..3).map(|i| Ports { client: free[i], route: free[3 + i], monitor: free[6 + i] }).collect();
+            let servers: Vec<Server> = (0..3)
+                .map(|i| {
+                    let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j].route).collect();
+                    let store = dir.0.join(format!("n{}", i + 1));
+                    spawn_server(&bin, &format!("n{}", i + 1), &store, &cluster, &ports[i], &others)
+                })
+                .collect();
+            let c = NatsCluster { servers, _dir: dir, cluster };
+            if c.ready_within(Duration::from_secs(20)) {
+                return c;
+            }
+            eprintln!("NATS cluster {tag}: no meta leader on attempt {attempt}; starting again on fresh ports");
         }
-        let c = NatsCluster { servers, _dir: dir, cluster };
-        c.wait_ready();
-        c
+        panic!("NATS cluster {tag}: no JetStream meta leader in three attempts");
     }
 
     /// Every server's client URL, comma-separated.
@@ -159,7 +159,13 @@ impl NatsCluster {
 
     /// Waits until every running server reports a JetStream meta leader.
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        assert!(self.ready_within(Duration::from_secs(30)), "no JetStream meta leader within 30 s");
+    }
+
+    /// Whether every running server reports a JetStream meta leader within
+    /// `limit`.
+    fn ready_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
         for s in self.servers.iter().filter(|s| s.child.is_some()) {
             loop {
                 let leader = http_get_json(s.ports.monitor, "/jsz")
@@ -168,10 +174,13 @@ impl NatsCluster {
                 if leader.is_some() {
                     break;
                 }
-                assert!(Instant::now() < deadline, "no JetStream meta leader on {} within 30 s", s.name);
+                if Instant::now() >= deadline {
+                    return false;
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        true
     }
 }
 

@@ -576,6 +576,8 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
     // perf (if asked for) attaches now, counting off until the window opens.
     let mut probe = ServerProbe::prepare(common).await.context("server probe")?;
     let target = Arc::new(common.target(&[pub_proto, sub_proto]).await?);
+    let sub_targets: Vec<Arc<Target>> =
+        common.sub_targets(&[pub_proto, sub_proto]).await?.into_iter().map(Arc::new).collect();
     let run_id: u32 = rand::random();
     let channels: Arc<Vec<String>> = Arc::new((0..load.channels).map(|c| format!("bench/{run_id:08x}/{c}")).collect());
     let clock = Clock::new();
@@ -589,8 +591,9 @@ pub async fn run(pub_proto: Proto, sub_proto: Proto, load: &LoadArgs, common: &C
     let mut sub_tasks = Vec::with_capacity(subs as usize);
     for i in 0..subs as usize {
         let channel = (i % load.channels as usize) as u32;
-        let (target, channels, shared, setup, ready, stop) =
-            (target.clone(), channels.clone(), shared.clone(), setup.clone(), ready_tx.clone(), stop_rx.clone());
+        let target = sub_targets[i % sub_targets.len()].clone();
+        let (channels, shared, setup, ready, stop) =
+            (channels.clone(), shared.clone(), setup.clone(), ready_tx.clone(), stop_rx.clone());
         let (qos, pubs) = (load.qos, load.pubs as usize);
         sub_tasks.push(tokio::spawn(async move {
             let permit = setup.acquire_owned().await;

@@ -186,6 +186,14 @@ pub struct CommonArgs {
     /// Gateway MQTT listener.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt_url: String,
+    /// Subscribers connect to these HTTP listeners instead, round robin
+    /// (comma-separated; other nodes of a cluster, while publishers stay on
+    /// `--url`). `fanout` and `cross` only.
+    #[arg(long, value_delimiter = ',')]
+    pub sub_url: Vec<String>,
+    /// Subscribers connect to these MQTT listeners instead, round robin.
+    #[arg(long, value_delimiter = ',')]
+    pub sub_mqtt_url: Vec<String>,
     /// MQTT version of the bench's MQTT clients (3 = 3.1.1).
     #[arg(long, value_enum, default_value = "5")]
     pub mqtt_version: MqttVersion,
@@ -404,6 +412,29 @@ impl CommonArgs {
             t.wt = Some(wt::WtTarget::new(&self.wt_url, cert)?);
         }
         Ok(t)
+    }
+}
+
+impl CommonArgs {
+    /// The subscribers' targets: one per `--sub-url` / `--sub-mqtt-url`
+    /// pair (the shorter list repeats), or `--url`'s alone.
+    pub async fn sub_targets(&self, protos: &[Proto]) -> Result<Vec<clients::Target>, BenchError> {
+        let n = self.sub_url.len().max(self.sub_mqtt_url.len());
+        if n == 0 {
+            return Ok(vec![self.target(protos).await?]);
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut one = self.clone();
+            if !self.sub_url.is_empty() {
+                one.url = self.sub_url[i % self.sub_url.len()].clone();
+            }
+            if !self.sub_mqtt_url.is_empty() {
+                one.mqtt_url = self.sub_mqtt_url[i % self.sub_mqtt_url.len()].clone();
+            }
+            out.push(one.target(protos).await?);
+        }
+        Ok(out)
     }
 }
 
