@@ -42,11 +42,18 @@ for i in 1 2 3; do
     gw_pids+=($!)
 done
 for i in 1 2 3; do
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:1909$i/readyz" >/dev/null && break
+    ready=
+    for _ in $(seq 300); do
+        curl -sf "http://127.0.0.1:1909$i/readyz" >/dev/null && ready=1 && break
         sleep 0.1
     done
+    if [ -z "$ready" ]; then
+        echo "gateway gw$i is not ready:" >&2
+        tail -n 20 "$dir/gw$i.log" >&2
+        exit 1
+    fi
 done
+export BENCH_DIR="$dir"
 export GW1=http://127.0.0.1:18081 GW2=http://127.0.0.1:18082 GW3=http://127.0.0.1:18083
 export MQTT1=mqtt://127.0.0.1:11881 MQTT2=mqtt://127.0.0.1:11882 MQTT3=mqtt://127.0.0.1:11883
 GW_PIDS=$(IFS=,; echo "${gw_pids[*]}")

@@ -25,7 +25,7 @@ pub mod mqtt;
 mod presence;
 pub mod subjects;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -180,7 +180,19 @@ struct Head {
     /// handed to the hub ([`UNSEEN`] before the first): the previous
     /// message of the next one the consumer reads.
     seen: AtomicU64,
+    /// The channel's newest messages as the consumer read them, oldest
+    /// first, consecutive: recoveries read them here instead of one
+    /// JetStream request per message ([`RECENT_MAX`], [`RECENT_BYTES`]).
+    recent: Mutex<VecDeque<Arc<Delivery>>>,
 }
+
+/// Most messages a node keeps of one channel in [`Head::recent`] (and never
+/// more than the channel's history).
+const RECENT_MAX: usize = 1000;
+
+/// Most bytes a node keeps in [`Head::recent`] over all channels: past it,
+/// a channel that needs more starts over empty.
+const RECENT_BYTES: u64 = 128 << 20;
 
 /// [`Head::seen`] of a channel the consumer has not read yet.
 const UNSEEN: u64 = u64::MAX;
@@ -192,6 +204,7 @@ impl Default for Head {
             known: AtomicBool::new(false),
             last: AtomicU64::new(0),
             seen: AtomicU64::new(UNSEEN),
+            recent: Mutex::new(VecDeque::new()),
         }
     }
 }
@@ -254,6 +267,8 @@ pub struct NatsEngine {
     conns: Mutex<HashMap<Arc<str>, SessionId>>,
     /// Why a live consumer is not running, if one is not.
     live_failure: Mutex<Option<String>>,
+    /// Bytes in every channel's [`Head::recent`].
+    recent_bytes: AtomicU64,
     sweeping: AtomicBool,
     this: OnceLock<Weak<NatsEngine>>,
 }
@@ -320,23 +335,20 @@ impl NatsEngine {
             )));
         }
         let js = jetstream::new(client.clone());
-        let mut policies: Vec<(usize, Duration)> = Vec::new();
-        for p in std::iter::once(&cfg.default_policy).chain(cfg.rules.iter().map(|r| &r.policy)) {
-            if !policies.contains(&(p.history_size, p.history_ttl)) {
-                policies.push((p.history_size, p.history_ttl));
+        // Nodes starting together with a cluster that is itself starting may
+        // find streams without a leader yet: setting up is tried again for
+        // a while before the start fails.
+        let deadline = tokio::time::Instant::now() + opts.connect_timeout.max(Duration::from_secs(30));
+        let (slots, retained, retained_stream, presence) = loop {
+            match Self::set_up(&js, &opts, &cfg).await {
+                Ok(parts) => break parts,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "JetStream set-up failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
             }
-        }
-        let mut slots = Vec::new();
-        for (size, ttl) in policies {
-            slots.push(Arc::new(Self::open_slot(&js, &opts, &cfg, size, ttl).await?));
-        }
-        let retained_bucket = format!("{}_retained", opts.stream);
-        let retained = Self::bucket(&js, &opts, &retained_bucket, cfg.retained_ttl, 1).await?;
-        let retained_stream = js
-            .get_stream(format!("KV_{retained_bucket}"))
-            .await
-            .map_err(|e| js_error(&retained_bucket)(e.to_string()))?;
-        let presence = presence::Presence::open(&js, &opts, &cfg).await?;
+        };
         let engine = Arc::new(NatsEngine {
             cfg,
             opts,
@@ -350,6 +362,7 @@ impl NatsEngine {
             heads: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             live_failure: Mutex::new(None),
+            recent_bytes: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
             this: OnceLock::new(),
         });
@@ -362,6 +375,32 @@ impl NatsEngine {
         }
         presence::Presence::spawn_watch(Arc::downgrade(&engine));
         Ok(engine)
+    }
+
+    /// The streams (one per history policy) and buckets, made if missing.
+    async fn set_up(
+        js: &jetstream::Context,
+        opts: &NatsOptions,
+        cfg: &EngineConfig,
+    ) -> Result<(Vec<Arc<Slot>>, kv::Store, stream::Stream, presence::Presence), NatsError> {
+        let mut policies: Vec<(usize, Duration)> = Vec::new();
+        for p in std::iter::once(&cfg.default_policy).chain(cfg.rules.iter().map(|r| &r.policy)) {
+            if !policies.contains(&(p.history_size, p.history_ttl)) {
+                policies.push((p.history_size, p.history_ttl));
+            }
+        }
+        let mut slots = Vec::new();
+        for (size, ttl) in policies {
+            slots.push(Arc::new(Self::open_slot(js, opts, cfg, size, ttl).await?));
+        }
+        let retained_bucket = format!("{}_retained", opts.stream);
+        let retained = Self::bucket(js, opts, &retained_bucket, cfg.retained_ttl, 1).await?;
+        let retained_stream = js
+            .get_stream(format!("KV_{retained_bucket}"))
+            .await
+            .map_err(|e| js_error(&retained_bucket)(e.to_string()))?;
+        let presence = presence::Presence::open(js, opts, cfg).await?;
+        Ok((slots, retained, retained_stream, presence))
     }
 
     /// A KV bucket, created if missing. The bucket's stream is made here
@@ -378,7 +417,9 @@ impl NatsEngine {
         if let Ok(kv) = js.get_key_value(name).await {
             return Ok(kv);
         }
-        js.create_stream(stream::Config {
+        // Nodes starting together may race to make it: the same config is
+        // accepted twice.
+        js.get_or_create_stream(stream::Config {
             name: format!("KV_{name}"),
             subjects: vec![format!("$KV.{name}.>")],
             max_messages_per_subject: history,
@@ -518,6 +559,9 @@ impl NatsEngine {
         upto: u64,
         max: usize,
     ) -> Result<Vec<proto::Envelope>, CoreError> {
+        if let Some(cached) = self.read_recent(slot, channel, after, upto, max) {
+            return Ok(cached);
+        }
         let subject = slot.subject(channel);
         let mut out: Vec<proto::Envelope> = Vec::new();
         let mut from = after + 1;
@@ -548,6 +592,48 @@ impl NatsEngine {
             }
         }
         Ok(out)
+    }
+
+    /// [`Self::read`] from the node's recent messages of the channel, when
+    /// they hold everything after `after` up to `upto`.
+    fn read_recent(
+        &self,
+        slot: &Slot,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        max: usize,
+    ) -> Option<Vec<proto::Envelope>> {
+        let head = self.heads.lock().get(channel).cloned()?;
+        let recent = head.recent.lock();
+        let (first, last) = (recent.front()?, recent.back()?);
+        let covers = first.envelope.prev_serial <= after || (after == 0 && recent.len() >= slot.history_size);
+        if !covers || last.envelope.serial < upto {
+            return None;
+        }
+        let wanted = recent.iter().filter(|d| d.envelope.serial > after && d.envelope.serial <= upto);
+        Some(wanted.take(max).map(|d| d.envelope.clone()).collect())
+    }
+
+    /// Keeps `delivery` among its channel's recent messages.
+    fn remember(&self, slot: &Slot, head: &Head, delivery: &Arc<Delivery>) {
+        let cap = slot.history_size.min(RECENT_MAX);
+        if cap == 0 {
+            return;
+        }
+        let size = delivery.size as u64;
+        let mut recent = head.recent.lock();
+        recent.push_back(delivery.clone());
+        let mut freed = 0;
+        while recent.len() > cap {
+            freed += recent.pop_front().map_or(0, |d| d.size as u64);
+        }
+        let total = self.recent_bytes.fetch_add(size, Ordering::AcqRel) + size - freed;
+        self.recent_bytes.fetch_sub(freed, Ordering::AcqRel);
+        if total > RECENT_BYTES {
+            let all: u64 = recent.drain(..).map(|d| d.size as u64).sum();
+            self.recent_bytes.fetch_sub(all, Ordering::AcqRel);
+        }
     }
 
     fn publisher(&self, caller: &Caller) -> proto::Publisher {
@@ -1041,6 +1127,7 @@ impl NatsEngine {
             .unwrap_or(0);
         let policy = self.cfg.policy_for(&env.channel).slow_policy;
         let delivery = Delivery::new(env);
+        self.remember(slot, &head, &delivery);
         self.hub.read().fanout(&delivery, policy, from);
     }
 }
@@ -1131,7 +1218,14 @@ impl Engine for NatsEngine {
         {
             let mut heads = self.heads.lock();
             if heads.len() > 100_000 {
-                heads.retain(|_, h| Arc::strong_count(h) > 1);
+                heads.retain(|_, h| {
+                    let keep = Arc::strong_count(h) > 1;
+                    if !keep {
+                        let bytes: u64 = h.recent.lock().iter().map(|d| d.size as u64).sum();
+                        self.recent_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                    }
+                    keep
+                });
             }
         }
         if self.sweeping.swap(true, Ordering::AcqRel) {

@@ -81,8 +81,18 @@ impl Presence {
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let incarnation = format!("{}_{}", subjects::token(&cfg.node), started.as_micros());
         let p = Presence { kv, nodes, incarnation, mirror: Mutex::new(HashMap::new()) };
-        p.heartbeat().await.map_err(|e| NatsError::JetStream { what: "node heartbeat".into(), reason: e.message })?;
-        Ok(p)
+        // A bucket another node has just made may need a moment for its
+        // replicas to elect a leader.
+        let deadline = tokio::time::Instant::now() + opts.connect_timeout.max(Duration::from_secs(10));
+        loop {
+            match p.heartbeat().await {
+                Ok(()) => return Ok(p),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(NatsError::JetStream { what: "node heartbeat".into(), reason: e.message });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     async fn heartbeat(&self) -> Result<(), CoreError> {
