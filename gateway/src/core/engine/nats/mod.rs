@@ -559,7 +559,7 @@ impl NatsEngine {
         upto: u64,
         max: usize,
     ) -> Result<Vec<proto::Envelope>, CoreError> {
-        if let Some(cached) = self.read_recent(slot, channel, after, upto, max) {
+        if let Some(cached) = self.read_recent(slot, channel, (after, upto), max) {
             return Ok(cached);
         }
         let subject = slot.subject(channel);
@@ -600,8 +600,7 @@ impl NatsEngine {
         &self,
         slot: &Slot,
         channel: &str,
-        after: u64,
-        upto: u64,
+        (after, upto): (u64, u64),
         max: usize,
     ) -> Option<Vec<proto::Envelope>> {
         let head = self.heads.lock().get(channel).cloned()?;
