@@ -799,3 +799,52 @@ async fn an_mqtt_session_resumes_and_is_taken_over_across_nodes() {
     let _ = c3.disconnect().await;
     let _ = c2;
 }
+
+/// History across nodes follows the channel rules (each distinct policy is
+/// its own stream): rewind by count and by duration on another node, and
+/// a recovery from a position history no longer holds gets the `trimmed`
+/// gap, then live messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_rules_rewind_and_the_trimmed_gap_hold_across_nodes() {
+    let rules = r#"[{pattern = "short/#", history_size = 3}]"#;
+    let (_turn, _nats, nodes) = cluster("history", &[("SWITCHBOARD_CHANNELS__RULES", rules)]).await;
+    let mut acks = Vec::new();
+    for i in 0..8 {
+        acks.push(rest_publish(&nodes[i % 3].base(), "short/a", &format!("s{i}"), None, false).await.1);
+        rest_publish(&nodes[i % 3].base(), "long/a", &format!("l{i}"), None, false).await;
+    }
+    let history = |base: String, ch: &'static str| async move {
+        let h: Value = reqwest::get(format!("{base}/v1/channels/{ch}/history")).await.unwrap().json().await.unwrap();
+        h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(history(nodes[1].base(), "short/a").await, ["s5", "s6", "s7"], "the rule's history of 3");
+    assert_eq!(history(nodes[2].base(), "long/a").await.len(), 8, "the default history keeps all 8");
+
+    // Rewind by count and by duration, on another node than the publisher's.
+    let mut ws = ws_connect(&nodes[2].http, "rewinder").await;
+    ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"long/a","rewind":{"count":2}})).await;
+    ws_next(&mut ws, "subscribed").await;
+    let got = [ws_next(&mut ws, "message").await, ws_next(&mut ws, "message").await];
+    assert_eq!(got.map(|m| m["text"].as_str().unwrap().to_string()), ["l6", "l7"]);
+    ws_send(&mut ws, json!({"type":"subscribe","req":2,"filter":"long/+","rewind":{"duration_ms":60000}})).await;
+    ws_next(&mut ws, "subscribed").await;
+    let mut texts = Vec::new();
+    while texts.len() < 8 {
+        texts.push(ws_next(&mut ws, "message").await["text"].as_str().unwrap().to_string());
+    }
+    assert_eq!(texts, (0..8).map(|i| format!("l{i}")).collect::<Vec<_>>(), "a minute's rewind over a wildcard");
+
+    // A position history no longer holds: the gap, then live.
+    let old = &acks[1];
+    let mut late = ws_connect(&nodes[0].http, "late").await;
+    let positions = json!({"short/a": {"epoch": old["epoch"], "serial": old["serial"]}});
+    ws_send(&mut late, json!({"type":"subscribe","req":1,"filter":"short/a","positions":positions})).await;
+    let sub = ws_next(&mut late, "subscribed").await;
+    assert_eq!(sub["channels"][0]["recovered"], false, "{sub}");
+    let gap = ws_next(&mut late, "gap").await;
+    assert_eq!(gap["reason"], "trimmed");
+    assert_eq!(gap["to"]["serial"], acks[7]["serial"], "delivery continues after the channel's position: {gap}");
+    rest_publish(&nodes[1].base(), "short/a", "s8", None, false).await;
+    let m = ws_next(&mut late, "message").await;
+    assert_eq!((m["text"].as_str(), &m["prev_serial"]), (Some("s8"), &acks[7]["serial"]));
+}
