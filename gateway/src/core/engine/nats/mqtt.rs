@@ -115,36 +115,50 @@ impl NatsSessions {
         Ok(store)
     }
 
-    /// Writes in order, a client's queued writes folded into its newest.
+    /// Writes each client's newest record, clients in the order they
+    /// first asked. Before every write the queue is drained into the
+    /// pending set, a client's newer write replacing its older one, so what
+    /// waits is at most one record per client however slow NATS is.
     async fn run_writer(kv: kv::Store, mut queue: mpsc::UnboundedReceiver<Write>) {
-        while let Some(first) = queue.recv().await {
-            let mut batch: VecDeque<Write> = VecDeque::from([first]);
-            while let Ok(more) = queue.try_recv() {
-                batch.push_back(more);
+        let mut order: VecDeque<String> = VecDeque::new();
+        let mut pending: HashMap<String, (Option<Bytes>, Vec<oneshot::Sender<()>>)> = HashMap::new();
+        loop {
+            if pending.is_empty() {
+                let Some(w) = queue.recv().await else { return };
+                Self::fold(&mut order, &mut pending, w);
             }
-            let mut newest: HashMap<String, usize> = HashMap::new();
-            for (i, w) in batch.iter().enumerate() {
-                newest.insert(w.client_id.clone(), i);
+            while let Ok(w) = queue.try_recv() {
+                Self::fold(&mut order, &mut pending, w);
             }
-            let mut waiting: HashMap<String, Vec<oneshot::Sender<()>>> = HashMap::new();
-            for (i, mut w) in batch.into_iter().enumerate() {
-                if let Some(done) = w.done.take() {
-                    waiting.entry(w.client_id.clone()).or_default().push(done);
-                }
-                if newest.get(&w.client_id) != Some(&i) {
-                    continue;
-                }
-                let k = key(&w.client_id);
-                let result = match w.value {
-                    Some(v) => kv.put(k.as_str(), v).await.map(|_| ()).map_err(|e| e.to_string()),
-                    None => kv.purge(k.as_str()).await.map_err(|e| e.to_string()),
-                };
-                if let Err(e) = result {
-                    tracing::warn!(client_id = %w.client_id, error = %e, "MQTT session: write to NATS failed");
-                }
-                for done in waiting.remove(&w.client_id).unwrap_or_default() {
-                    let _ = done.send(());
-                }
+            let Some(client_id) = order.pop_front() else { continue };
+            let Some((value, done)) = pending.remove(&client_id) else { continue };
+            let k = key(&client_id);
+            let result = match value {
+                Some(v) => kv.put(k.as_str(), v).await.map(|_| ()).map_err(|e| e.to_string()),
+                None => kv.purge(k.as_str()).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(client_id, error = %e, "MQTT session: write to NATS failed");
+            }
+            for d in done {
+                let _ = d.send(());
+            }
+        }
+    }
+
+    fn fold(
+        order: &mut VecDeque<String>,
+        pending: &mut HashMap<String, (Option<Bytes>, Vec<oneshot::Sender<()>>)>,
+        w: Write,
+    ) {
+        match pending.get_mut(&w.client_id) {
+            Some((value, done)) => {
+                *value = w.value;
+                done.extend(w.done);
+            }
+            None => {
+                order.push_back(w.client_id.clone());
+                pending.insert(w.client_id, (w.value, w.done.into_iter().collect()));
             }
         }
     }
