@@ -807,7 +807,8 @@ async fn an_mqtt_session_resumes_and_is_taken_over_across_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_rules_rewind_and_the_trimmed_gap_hold_across_nodes() {
     let rules = r#"[{pattern = "short/#", history_size = 3}]"#;
-    let (_turn, _nats, nodes) = cluster("history", &[("SWITCHBOARD_CHANNELS__RULES", rules)]).await;
+    let env = [("SWITCHBOARD_CHANNELS__RULES", rules), ("SWITCHBOARD_NATS__MAX_WILDCARD_CHANNELS", "2")];
+    let (_turn, _nats, nodes) = cluster("history", &env).await;
     let mut acks = Vec::new();
     for i in 0..8 {
         acks.push(rest_publish(&nodes[i % 3].base(), "short/a", &format!("s{i}"), None, false).await.1);
@@ -833,6 +834,15 @@ async fn history_rules_rewind_and_the_trimmed_gap_hold_across_nodes() {
         texts.push(ws_next(&mut ws, "message").await["text"].as_str().unwrap().to_string());
     }
     assert_eq!(texts, (0..8).map(|i| format!("l{i}")).collect::<Vec<_>>(), "a minute's rewind over a wildcard");
+
+    // A wildcard replay over more channels than nats.max_wildcard_channels
+    // is refused, and says why.
+    rest_publish(&nodes[0].base(), "long/b", "b", None, false).await;
+    rest_publish(&nodes[0].base(), "long/c", "c", None, false).await;
+    ws_send(&mut ws, json!({"type":"subscribe","req":3,"filter":"long/+","rewind":{"count":1}})).await;
+    let e = ws_next(&mut ws, "error").await;
+    assert_eq!((e["req"].as_u64(), e["code"].as_str()), (Some(3), Some("bad_request")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("max_wildcard_channels"), "{e}");
 
     // A position history no longer holds: the gap, then live.
     let old = &acks[1];

@@ -744,6 +744,8 @@ pub struct NatsSection {
     /// Longest wait for a JetStream reply.
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
+    /// Most channels a wildcard subscription replays from.
+    pub max_wildcard_channels: usize,
 }
 
 impl Default for NatsSection {
@@ -765,6 +767,7 @@ impl Default for NatsSection {
             replicas: d.replicas,
             connect_timeout: d.connect_timeout,
             request_timeout: d.request_timeout,
+            max_wildcard_channels: d.max_wildcard_channels,
         }
     }
 }
@@ -788,6 +791,7 @@ impl NatsSection {
             replicas: self.replicas,
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
+            max_wildcard_channels: self.max_wildcard_channels,
         }
     }
 
@@ -835,6 +839,9 @@ impl NatsSection {
         }
         if !(1..=5).contains(&self.replicas) {
             return Err("nats.replicas must be 1..=5".into());
+        }
+        if self.max_wildcard_channels == 0 {
+            return Err("nats.max_wildcard_channels must be at least 1".into());
         }
         if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err("nats.connect_timeout and nats.request_timeout must be above zero".into());

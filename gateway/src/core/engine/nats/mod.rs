@@ -76,6 +76,9 @@ pub struct NatsOptions {
     pub connect_timeout: Duration,
     /// Longest wait for a JetStream reply (a publish's ack, a read).
     pub request_timeout: Duration,
+    /// Most channels a wildcard subscription replays from (rewind,
+    /// retained values, resume by time): each is read from JetStream.
+    pub max_wildcard_channels: usize,
 }
 
 impl Default for NatsOptions {
@@ -95,6 +98,7 @@ impl Default for NatsOptions {
             replicas: 1,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(3),
+            max_wildcard_channels: 10_000,
         }
     }
 }
@@ -813,6 +817,17 @@ impl NatsEngine {
                         && channel::filter_matches(filter, &name)
                     {
                         found.insert(name);
+                        let max = self.opts.max_wildcard_channels;
+                        if found.len() > max {
+                            return Err(err(
+                                ErrorCode::BadRequest,
+                                format!(
+                                    "{filter:?} matches more than {max} channels with history or a retained value \
+                                     (nats.max_wildcard_channels): narrow the filter, or subscribe without \
+                                     rewind, retained or since"
+                                ),
+                            ));
+                        }
                     }
                 }
             }
