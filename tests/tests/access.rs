@@ -33,6 +33,10 @@ const EVIL: &str = "https://evil.example";
 /// The admin token of the tests that set one.
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
+/// The refusal counters these tests read are the process's: `cargo test`
+/// runs a file's tests side by side in one process, so one at a time.
+static COUNTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `switchboard_origin_refused_total{route}` now (0 before the first).
 async fn origin_refused(gw: &TestGateway, route: &str) -> anyhow::Result<f64> {
     let text = metrics_text(gw).await?;
@@ -105,6 +109,7 @@ fn http_routes(gw: &TestGateway) -> Vec<(&'static str, reqwest::RequestBuilder, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_of_other_origins_are_refused_on_every_browser_route() -> anyhow::Result<()> {
+    let _one = COUNTERS.lock().await;
     let gw =
         TestGateway::start_with(|c| c.http.allowed_origins = vec![APP.into(), "http://localhost:3000".into()]).await?;
     let forbidden = (403, Some("forbidden_origin".to_string()));
@@ -136,6 +141,7 @@ async fn pages_of_other_origins_are_refused_on_every_browser_route() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_list_any_origin_may_connect() -> anyhow::Result<()> {
+    let _one = COUNTERS.lock().await;
     let gw = TestGateway::start().await?;
     assert_eq!(ws_upgrade(&gw, "/v1/ws", Some(EVIL)).await?, (101, None));
     let (status, _) = rest_publish(&gw.http, "o/any", "x", &[("origin", EVIL)]).await?;
@@ -145,6 +151,7 @@ async fn without_a_list_any_origin_may_connect() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webtransport_session_requests_follow_the_same_list() -> anyhow::Result<()> {
+    let _one = COUNTERS.lock().await;
     let gw = TestGateway::start_with(|c| {
         with_quic(c);
         c.http.allowed_origins = vec![APP.into()];
@@ -195,6 +202,7 @@ fn session_id(gw: &TestGateway, client_id: &str) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_the_admin_api_needs_it_and_health_stays_open() -> anyhow::Result<()> {
+    let _one = COUNTERS.lock().await;
     use reqwest::Method;
     let gw = TestGateway::start_with(|c| c.admin.token = ADMIN_TOKEN.into()).await?;
     let _client = WsClient::connect(&gw.ws, Codec::Json, "watched").await?;
@@ -240,6 +248,7 @@ async fn with_a_token_the_admin_api_needs_it_and_health_stays_open() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_the_admin_api_answers_only_its_own_address_and_origin() -> anyhow::Result<()> {
+    let _one = COUNTERS.lock().await;
     use reqwest::Method;
     let gw = TestGateway::start().await?;
     let _client = WsClient::connect(&gw.ws, Codec::Json, "kept").await?;
