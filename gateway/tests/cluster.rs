@@ -70,22 +70,40 @@ async fn ws_next(ws: &mut Ws, ty: &str) -> Value {
     }
 }
 
-/// Collects the `message` frames an SSE stream delivers.
-fn sse_collect(url: String) -> Arc<Mutex<Vec<Value>>> {
+/// Collects the `message` frames an SSE stream delivers; the flag turns
+/// true with its `connected` event (the stream is subscribed).
+fn sse_collect(url: String) -> (Arc<Mutex<Vec<Value>>>, Ready) {
     let got = Arc::new(Mutex::new(Vec::new()));
-    let into = got.clone();
+    let ready = Ready::default();
+    let (into, connected) = (got.clone(), ready.clone());
     tokio::spawn(async move {
         use eventsource_stream::Eventsource;
         let r = reqwest::get(url).await.expect("SSE");
         assert_eq!(r.status(), 200);
         let mut events = r.bytes_stream().eventsource();
         while let Some(Ok(e)) = events.next().await {
-            if e.event == "message" {
-                into.lock().push(serde_json::from_str(&e.data).expect("JSON data"));
+            match e.event.as_str() {
+                "connected" => connected.mark(),
+                "message" => into.lock().push(serde_json::from_str(&e.data).expect("JSON data")),
+                _ => {}
             }
         }
     });
-    got
+    (got, ready)
+}
+
+/// How many clients have subscribed (each counts once).
+#[derive(Clone, Default)]
+struct Ready(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Ready {
+    fn mark(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// One cluster at a time: each is six processes, and the machine has two
@@ -114,7 +132,7 @@ async fn one_message_has_one_position_on_every_node_and_protocol() {
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     let ch = "plant/line1/temp";
 
-    let sse = sse_collect(format!("{}/v1/sse?channel={ch}", b.base()));
+    let (sse, sse_ready) = sse_collect(format!("{}/v1/sse?channel={ch}", b.base()));
     let mut ws = ws_connect(&c.http, "wild").await;
     ws_send(&mut ws, json!({"type":"subscribe","req":1,"filter":"plant/+/temp"})).await;
     ws_next(&mut ws, "subscribed").await;
@@ -141,7 +159,7 @@ async fn one_message_has_one_position_on_every_node_and_protocol() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await; // the SSE request reaches node B
+    until("the SSE stream on node B is subscribed", || sse_ready.count() == 1).await;
     let n = 30;
     for i in 0..n {
         device.publish(ch, rumqttc::QoS::AtLeastOnce, false, format!("t{i}")).await.unwrap();
@@ -514,9 +532,9 @@ type Got = Arc<Mutex<Vec<Value>>>;
 
 /// A WebSocket client that follows `steady/+` and, when its node goes,
 /// resubscribes on the next with the position it holds of each channel.
-fn ws_follower(https: Vec<String>, got: Got) {
+fn ws_follower(https: Vec<String>, got: Got, ready: Ready) {
     tokio::spawn(async move {
-        for http in https {
+        for (i, http) in https.into_iter().enumerate() {
             let url = format!("ws://{http}/v1/ws?client_id=follower");
             let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else { continue };
             let mut positions = serde_json::Map::new();
@@ -534,6 +552,8 @@ fn ws_follower(https: Vec<String>, got: Got) {
                 assert!(v["type"] != "gap" && v["type"] != "error", "WebSocket: {v}");
                 if v["type"] == "message" {
                     got.lock().push(v);
+                } else if v["type"] == "subscribed" && i == 0 {
+                    ready.mark();
                 }
             }
         }
@@ -542,11 +562,11 @@ fn ws_follower(https: Vec<String>, got: Got) {
 
 /// An SSE client of the three channels that reconnects to the next node
 /// with `Last-Event-ID`, as a browser's `EventSource` does.
-fn sse_follower(bases: Vec<String>, got: Got) {
+fn sse_follower(bases: Vec<String>, got: Got, ready: Ready) {
     tokio::spawn(async move {
         use eventsource_stream::Eventsource;
         let mut last_id = String::new();
-        for base in bases {
+        for (i, base) in bases.into_iter().enumerate() {
             let mut req =
                 reqwest::Client::new().get(format!("{base}/v1/sse?channel=steady/0&channel=steady/1&channel=steady/2"));
             if !last_id.is_empty() {
@@ -558,6 +578,8 @@ fn sse_follower(bases: Vec<String>, got: Got) {
                 assert_ne!(e.event, "gap", "SSE: a gap: {}", e.data);
                 if e.event == "message" {
                     got.lock().push(serde_json::from_str(&e.data).unwrap());
+                } else if e.event == "connected" && i == 0 {
+                    ready.mark();
                 }
                 if !e.id.is_empty() {
                     last_id = e.id;
@@ -568,14 +590,16 @@ fn sse_follower(bases: Vec<String>, got: Got) {
 }
 
 /// A long poller of the three channels that takes its cursor to the next
-/// node when a poll fails.
-fn poll_follower(bases: Vec<String>, got: Got, stop: Arc<std::sync::atomic::AtomicBool>) {
+/// node when a poll fails. Its first poll answers after a second with the
+/// starting cursor: from then on it is subscribed.
+fn poll_follower(bases: Vec<String>, got: Got, stop: Arc<std::sync::atomic::AtomicBool>, ready: Ready) {
     tokio::spawn(async move {
         let mut cursor = String::new();
         let mut i = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let wait = if cursor.is_empty() { 1 } else { 2 };
             let url = format!(
-                "{}/v1/poll?channel=steady/0&channel=steady/1&channel=steady/2&timeout=2&cursor={cursor}",
+                "{}/v1/poll?channel=steady/0&channel=steady/1&channel=steady/2&timeout={wait}&cursor={cursor}",
                 bases[i]
             );
             let r = match reqwest::get(url).await {
@@ -586,6 +610,9 @@ fn poll_follower(bases: Vec<String>, got: Got, stop: Arc<std::sync::atomic::Atom
                 Ok(v) => {
                     assert_eq!(v["gaps"].as_array().map(Vec::len), Some(0), "poll: a gap: {v}");
                     got.lock().extend(v["messages"].as_array().unwrap().iter().cloned());
+                    if cursor.is_empty() {
+                        ready.mark();
+                    }
                     cursor = v["cursor"].as_str().unwrap().to_string();
                 }
                 Err(_) => i = (i + 1).min(bases.len() - 1),
@@ -598,7 +625,7 @@ fn poll_follower(bases: Vec<String>, got: Got, stop: Arc<std::sync::atomic::Atom
 /// that reconnects to the next node when its node goes. A QoS 1 message
 /// sent again with DUP (its PUBACK never reached the server) is MQTT's
 /// redelivery, not a duplicate; any other repeat stays and fails the test.
-fn mqtt_follower(mqtts: Vec<String>, got: Got) {
+fn mqtt_follower(mqtts: Vec<String>, got: Got, ready: Ready) {
     tokio::spawn(async move {
         use rumqttc::v5::mqttbytes::QoS;
         use rumqttc::v5::{Event, Incoming};
@@ -608,6 +635,9 @@ fn mqtt_follower(mqtts: Vec<String>, got: Got) {
                 let _ = c.subscribe("steady/+", QoS::AtLeastOnce).await;
             }
             while let Ok(e) = ev.poll().await {
+                if let (Event::Incoming(Incoming::SubAck(_)), 0) = (&e, i) {
+                    ready.mark();
+                }
                 if let Event::Incoming(Incoming::Publish(p)) = e {
                     let m = json!({
                         "channel": String::from_utf8_lossy(&p.topic),
@@ -634,12 +664,13 @@ async fn clients_of_a_killed_node_resume_on_another_with_nothing_lost_or_repeate
     let bases = vec![nodes[0].base(), nodes[1].base()];
     let mqtts = vec![nodes[0].mqtt.clone(), nodes[1].mqtt.clone()];
     let (ws, sse, poll, mqtt): (Got, Got, Got, Got) = Default::default();
-    mqtt_follower(mqtts, mqtt.clone());
+    let ready = Ready::default();
+    mqtt_follower(mqtts, mqtt.clone(), ready.clone());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    ws_follower(https, ws.clone());
-    sse_follower(bases.clone(), sse.clone());
-    poll_follower(bases, poll.clone(), stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws_follower(https, ws.clone(), ready.clone());
+    sse_follower(bases.clone(), sse.clone(), ready.clone());
+    poll_follower(bases, poll.clone(), stop.clone(), ready.clone());
+    until("every client is subscribed", || ready.count() == 4).await;
 
     let publisher = nodes[2].base();
     let mut sent: Vec<Vec<String>> = vec![Vec::new(); 3];

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{DataDir, Proc, WAIT, addr_after};
+use super::{DataDir, Proc, WAIT, plain_dev};
 
 /// The server binary: `NATS_SERVER` if set (a second version in the test
 /// matrix), else Debian's.
@@ -215,34 +215,11 @@ impl ClusterNode {
     /// Starts node `name` on `nats` (URLs), R3 streams, on free ports or
     /// on the given `(http, admin, mqtt)`.
     pub fn start(name: &str, nats: &str, on: Option<(&str, &str, &str)>, env: &[(&str, &str)]) -> ClusterNode {
-        let (http, admin, mqtt) = on.unwrap_or(("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"));
-        let args = [
-            "dev", "--http", http, "--admin", admin, "--mqtt", mqtt, "--https", "", "--mqtts", "", "--quic", "",
-            "--nats", nats,
-        ];
         let mut all_env = vec![("SWITCHBOARD_NODE__NAME", name), ("SWITCHBOARD_NATS__REPLICAS", "3")];
         all_env.extend_from_slice(env);
-        let proc = Proc::spawn_env(&args, &all_env);
-        let mut node =
-            ClusterNode { proc, name: name.into(), http: String::new(), admin: String::new(), mqtt: String::new() };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = node.proc.lines.recv_timeout(left).expect("the dev banner, ending with a Try: line");
-            let l = line.trim_start();
-            if l.starts_with("REST") {
-                node.http = addr_after(l, "http://");
-            } else if l.starts_with("admin") {
-                node.admin = addr_after(l, "http://");
-            } else if l.starts_with("MQTT ") {
-                node.mqtt = addr_after(l, "mqtt://");
-            } else if l.starts_with("engine") {
-                assert!(l.contains("NATS JetStream"), "the banner names the engine: {l}");
-            } else if l.starts_with("Try:") {
-                break;
-            }
-        }
-        node
+        let (proc, b) = plain_dev(&["--nats", nats], on, &all_env, Duration::from_secs(30));
+        assert!(b.engine.contains("NATS JetStream"), "the banner names the engine: {}", b.engine);
+        ClusterNode { proc, name: name.into(), http: b.http, admin: b.admin, mqtt: b.mqtt }
     }
 
     /// `http://` + the HTTP listener.

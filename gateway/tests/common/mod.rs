@@ -116,6 +116,63 @@ pub fn addr_after(line: &str, prefix: &str) -> String {
     line[start..].split(['/', ' ']).next().expect("addr").to_string()
 }
 
+/// What `switchboard dev`'s banner lists, up to its last line (`Try:`).
+#[derive(Debug, Default)]
+pub struct Banner {
+    /// HTTP listener `host:port`.
+    pub http: String,
+    /// Admin listener `host:port`.
+    pub admin: String,
+    /// MQTT listener `host:port`.
+    pub mqtt: String,
+    /// HTTPS listener `host:port`.
+    pub https: String,
+    /// MQTTS listener `host:port`.
+    pub mqtts: String,
+    /// QUIC (WebTransport) listener `host:port`.
+    pub quic: Option<String>,
+    /// Hex SHA-256 of the generated certificate.
+    pub cert_hash: String,
+    /// The `storage` line.
+    pub storage: String,
+    /// The `engine` line.
+    pub engine: String,
+}
+
+impl Banner {
+    /// Reads `proc`'s banner, for at most `within`.
+    pub fn read(proc: &Proc, within: Duration) -> Banner {
+        let mut b = Banner::default();
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = proc.lines.recv_timeout(left).expect("the dev banner, ending with a Try: line");
+            let l = line.trim_start();
+            if l.starts_with("REST") {
+                b.http = addr_after(l, "http://");
+            } else if l.starts_with("admin") {
+                b.admin = addr_after(l, "http://");
+            } else if l.starts_with("MQTT ") {
+                b.mqtt = addr_after(l, "mqtt://");
+            } else if l.starts_with("HTTPS") {
+                b.https = addr_after(l, "https://");
+            } else if l.starts_with("MQTTS") {
+                b.mqtts = addr_after(l, "mqtts://");
+            } else if l.starts_with("WebTransport") {
+                b.quic = Some(addr_after(l, "https://"));
+            } else if let Some(hash) = l.strip_prefix("cert SHA-256 ") {
+                b.cert_hash = hash.trim().to_string();
+            } else if l.starts_with("storage") {
+                b.storage = l.to_string();
+            } else if l.starts_with("engine") {
+                b.engine = l.to_string();
+            } else if l.starts_with("Try:") {
+                return b;
+            }
+        }
+    }
+}
+
 /// `switchboard dev` with every listener on a free loopback port (never the
 /// standard ones), its addresses read from the banner.
 pub struct DevGateway {
@@ -150,39 +207,17 @@ impl DevGateway {
             &["dev", "--http", free, "--admin", free, "--mqtt", free, "--https", free, "--mqtts", free, "--quic", free],
             env,
         );
-        let mut gw = DevGateway {
+        let b = Banner::read(&proc, WAIT);
+        let gw = DevGateway {
             proc,
-            http: String::new(),
-            admin: String::new(),
-            mqtt: String::new(),
-            https: String::new(),
-            mqtts: String::new(),
-            quic: None,
-            cert_hash: String::new(),
+            http: b.http,
+            admin: b.admin,
+            mqtt: b.mqtt,
+            https: b.https,
+            mqtts: b.mqtts,
+            quic: b.quic,
+            cert_hash: b.cert_hash,
         };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = gw.proc.lines.recv_timeout(left).expect("the dev banner, ending with a Try: line");
-            let l = line.trim_start();
-            if l.starts_with("REST") {
-                gw.http = addr_after(l, "http://");
-            } else if l.starts_with("admin") {
-                gw.admin = addr_after(l, "http://");
-            } else if l.starts_with("MQTT ") {
-                gw.mqtt = addr_after(l, "mqtt://");
-            } else if l.starts_with("HTTPS") {
-                gw.https = addr_after(l, "https://");
-            } else if l.starts_with("MQTTS") {
-                gw.mqtts = addr_after(l, "mqtts://");
-            } else if l.starts_with("WebTransport") {
-                gw.quic = Some(addr_after(l, "https://"));
-            } else if let Some(hash) = l.strip_prefix("cert SHA-256 ") {
-                gw.cert_hash = hash.trim().to_string();
-            } else if l.starts_with("Try:") {
-                break;
-            }
-        }
         for (what, v) in [("http", &gw.http), ("admin", &gw.admin), ("mqtt", &gw.mqtt), ("https", &gw.https)] {
             assert!(!v.is_empty(), "the dev banner lists no {what} address");
         }
@@ -267,6 +302,25 @@ impl Drop for DataDir {
     }
 }
 
+/// `switchboard dev` with plain listeners only, on free ports or on the
+/// given `(http, admin, mqtt)`, where `store` (`--data DIR`, `--nats URL`)
+/// says where channel state lives; the process and its banner, read for at
+/// most `within`.
+pub fn plain_dev(
+    store: &[&str],
+    on: Option<(&str, &str, &str)>,
+    env: &[(&str, &str)],
+    within: Duration,
+) -> (Proc, Banner) {
+    let (http, admin, mqtt) = on.unwrap_or(("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"));
+    let mut args =
+        vec!["dev", "--http", http, "--admin", admin, "--mqtt", mqtt, "--https", "", "--mqtts", "", "--quic", ""];
+    args.extend_from_slice(store);
+    let proc = Proc::spawn_env(&args, env);
+    let banner = Banner::read(&proc, within);
+    (proc, banner)
+}
+
 /// `switchboard dev --data DIR` (plain listeners only), its addresses read
 /// from the banner.
 pub struct Node {
@@ -283,32 +337,10 @@ pub struct Node {
 impl Node {
     /// Starts on free ports, or on the given `(http, admin, mqtt)`.
     pub fn start(dir: &Path, on: Option<(&str, &str, &str)>, env: &[(&str, &str)]) -> Node {
-        let (http, admin, mqtt) = on.unwrap_or(("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"));
         let data = dir.display().to_string();
-        let args = [
-            "dev", "--http", http, "--admin", admin, "--mqtt", mqtt, "--https", "", "--mqtts", "", "--quic", "",
-            "--data", &data,
-        ];
-        let proc = Proc::spawn_env(&args, env);
-        let mut node = Node { proc, http: String::new(), admin: String::new(), mqtt: String::new() };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = node.proc.lines.recv_timeout(left).expect("the dev banner, ending with a Try: line");
-            let l = line.trim_start();
-            if l.starts_with("REST") {
-                node.http = addr_after(l, "http://");
-            } else if l.starts_with("admin") {
-                node.admin = addr_after(l, "http://");
-            } else if l.starts_with("MQTT ") {
-                node.mqtt = addr_after(l, "mqtt://");
-            } else if l.starts_with("storage") {
-                assert!(l.contains(&data), "the banner names the store: {l}");
-            } else if l.starts_with("Try:") {
-                break;
-            }
-        }
-        node
+        let (proc, b) = plain_dev(&["--data", &data], on, env, WAIT);
+        assert!(b.storage.contains(&data), "the banner names the store: {}", b.storage);
+        Node { proc, http: b.http, admin: b.admin, mqtt: b.mqtt }
     }
 
     /// `http://` + the HTTP listener.

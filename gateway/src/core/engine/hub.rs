@@ -73,6 +73,30 @@ pub struct Hub {
     sessions: HashMap<SessionId, Session>,
 }
 
+/// The start of every engine's subscribe, which is the hub's alone: an
+/// MQTT 5 shared subscription joins its group and is answered at once,
+/// with no replay (MQTT 5 sends no retained messages to them; recovery
+/// belongs to one member, not a group); any other needs the session
+/// attached, and `None` says the engine goes on.
+pub fn begin_subscribe(
+    hub: &parking_lot::RwLock<Hub>,
+    session: SessionId,
+    req: &switchboard_proto::Subscribe,
+    max_groups: usize,
+) -> Result<Option<switchboard_protocols::port::SubscribeOutcome>, CoreError> {
+    if let Some((group, inner)) = channel::parse_shared(&req.filter) {
+        hub.write().subscribe_shared(session, &req.filter, (group, inner), req.no_local, max_groups)?;
+        return Ok(Some(switchboard_protocols::port::SubscribeOutcome {
+            subscribed: switchboard_proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
+            replay: Vec::new(),
+        }));
+    }
+    if !hub.read().has_session(session) {
+        return Err(not_connected());
+    }
+    Ok(None)
+}
+
 /// What a detached session leaves behind for the engine to finish.
 #[derive(Debug)]
 pub struct Detached {

@@ -886,23 +886,8 @@ impl LocalEngine {
         (history_floor, arrived_ns): (Option<i64>, Option<u64>),
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        if let Some((group, inner)) = channel::parse_shared(&req.filter) {
-            // Shared subscriptions get no replay (MQTT 5 sends no retained
-            // messages to them; recovery belongs to one member, not a group).
-            self.hub.write().subscribe_shared(
-                session,
-                &req.filter,
-                (group, inner),
-                req.no_local,
-                self.cfg.max_shared_groups,
-            )?;
-            return Ok(SubscribeOutcome {
-                subscribed: proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
-                replay: Vec::new(),
-            });
-        }
-        if !self.hub.read().has_session(session) {
-            return Err(err(ErrorCode::NotConnected, "no such session"));
+        if let Some(shared) = super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)? {
+            return Ok(shared);
         }
         let filter = req.filter.as_str();
         let companion = req.presence.then(|| channel::presence_channel(filter));

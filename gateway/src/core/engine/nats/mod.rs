@@ -554,7 +554,9 @@ impl NatsEngine {
     }
 
     /// `channel`'s messages after `after` up to `upto`, oldest first, at
-    /// most `max`.
+    /// most `max`: deliveries, so that every subscriber replaying one shares
+    /// its encoded frames (those from [`Head::recent`] are the very ones
+    /// live subscribers got).
     async fn read(
         &self,
         slot: &Slot,
@@ -562,12 +564,12 @@ impl NatsEngine {
         after: u64,
         upto: u64,
         max: usize,
-    ) -> Result<Vec<proto::Envelope>, CoreError> {
+    ) -> Result<Vec<Arc<Delivery>>, CoreError> {
         if let Some(cached) = self.read_recent(slot, channel, (after, upto), max) {
             return Ok(cached);
         }
         let subject = slot.subject(channel);
-        let mut out: Vec<proto::Envelope> = Vec::new();
+        let mut out: Vec<Arc<Delivery>> = Vec::new();
         let mut from = after + 1;
         while out.len() < max && from <= upto {
             match slot.stream.direct_get_next_for_subject(subject.as_str(), Some(from)).await {
@@ -579,7 +581,7 @@ impl NatsEngine {
                     // when that is still held (the publisher's word, in the
                     // envelope, can lose a race on NATS 2.9).
                     match out.last() {
-                        Some(prev) => env.prev_serial = prev.serial,
+                        Some(prev) => env.prev_serial = prev.envelope.serial,
                         None if after > 0
                             && env.prev_serial != after
                             && self.at(slot, channel, after).await?.is_some() =>
@@ -588,7 +590,7 @@ impl NatsEngine {
                         }
                         None => {}
                     }
-                    out.push(env);
+                    out.push(Delivery::new(env));
                 }
                 Ok(_) => break,
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
@@ -606,7 +608,7 @@ impl NatsEngine {
         channel: &str,
         (after, upto): (u64, u64),
         max: usize,
-    ) -> Option<Vec<proto::Envelope>> {
+    ) -> Option<Vec<Arc<Delivery>>> {
         let head = self.heads.lock().get(channel).cloned()?;
         let recent = head.recent.lock();
         let (first, last) = (recent.front()?, recent.back()?);
@@ -615,7 +617,7 @@ impl NatsEngine {
             return None;
         }
         let wanted = recent.iter().filter(|d| d.envelope.serial > after && d.envelope.serial <= upto);
-        Some(wanted.take(max).map(|d| d.envelope.clone()).collect())
+        Some(wanted.take(max).cloned().collect())
     }
 
     /// Keeps `delivery` among its channel's recent messages.
@@ -842,21 +844,8 @@ impl NatsEngine {
         history_floor: Option<i64>,
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        if let Some((group, inner)) = channel::parse_shared(&req.filter) {
-            self.hub.write().subscribe_shared(
-                session,
-                &req.filter,
-                (group, inner),
-                req.no_local,
-                self.cfg.max_shared_groups,
-            )?;
-            return Ok(SubscribeOutcome {
-                subscribed: proto::Subscribed { filter: req.filter.clone(), channels: Vec::new() },
-                replay: Vec::new(),
-            });
-        }
-        if !self.hub.read().has_session(session) {
-            return Err(err(ErrorCode::NotConnected, "no such session"));
+        if let Some(shared) = super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)? {
+            return Ok(shared);
         }
         self.connected()?;
         let filter = req.filter.as_str();
@@ -910,7 +899,7 @@ impl NatsEngine {
     }
 
     /// Everything history holds of `channel` up to `head`.
-    async fn all(&self, slot: &Slot, channel: &str, head: u64) -> Result<Vec<proto::Envelope>, CoreError> {
+    async fn all(&self, slot: &Slot, channel: &str, head: u64) -> Result<Vec<Arc<Delivery>>, CoreError> {
         if slot.history_size == 0 {
             return Ok(Vec::new());
         }
@@ -946,12 +935,11 @@ impl NatsEngine {
                 reason: reason.into(),
             })
         };
-        let floor = |replay: Vec<proto::Envelope>, from: Option<proto::Position>, out: &mut SubscribeOutcome| {
-            let replay: Vec<Arc<Delivery>> = replay.into_iter().map(Delivery::new).collect();
-            match r.history_floor {
-                Some(f) => super::local::not_granted_before(f, name, from, &slot.epoch, replay, out),
-                None => replay,
-            }
+        let floor = |replay: Vec<Arc<Delivery>>, from: Option<proto::Position>, out: &mut SubscribeOutcome| match r
+            .history_floor
+        {
+            Some(f) => super::local::not_granted_before(f, name, from, &slot.epoch, replay, out),
+            None => replay,
         };
         let mut deliveries: Vec<Arc<Delivery>> = Vec::new();
         if let Some(pos) = r.req.positions.get(name) {
@@ -964,7 +952,7 @@ impl NatsEngine {
                 }
                 let msgs = if keeps { self.read(&slot, name, pos.serial, head, usize::MAX).await? } else { Vec::new() };
                 let intact = match msgs.first() {
-                    Some(m) => m.prev_serial == pos.serial,
+                    Some(m) => m.envelope.prev_serial == pos.serial,
                     None => pos.serial == head,
                 };
                 if intact {
@@ -978,7 +966,7 @@ impl NatsEngine {
                 // Another epoch: what the new one holds is replayed, after a
                 // gap that ends just before its oldest message.
                 let replay = self.all(&slot, name, head).await?;
-                let first = replay.first().map_or(head + 1, |m| m.serial);
+                let first = replay.first().map_or(head + 1, |m| m.envelope.serial);
                 out.replay.push(gap(Some(pos.clone()), first - 1, "epoch_changed"));
                 deliveries = floor(replay, Some(slot.position(first - 1)), out);
             }
@@ -988,24 +976,24 @@ impl NatsEngine {
             // that oldest is at or after `since`, some of what was asked for
             // may be gone.
             let lost = match replay.first() {
-                Some(f) => f.prev_serial != 0 && f.timestamp >= since,
+                Some(f) => f.envelope.prev_serial != 0 && f.envelope.timestamp >= since,
                 None => head > 0 && self.last(&slot, name).await?.is_some_and(|l| l.timestamp >= since),
             };
             if lost {
                 out.replay.push(gap(None, head, "trimmed"));
             } else {
-                replay.retain(|m| m.timestamp >= since);
+                replay.retain(|m| m.envelope.timestamp >= since);
                 deliveries = match r.history_floor.filter(|f| *f > since) {
                     Some(_) => floor(replay, None, out),
-                    None => replay.into_iter().map(Delivery::new).collect(),
+                    None => replay,
                 };
             }
         } else if let Some(rw) = r.rewind {
             let min_ts = if rw.duration_ms > 0 { r.now.saturating_sub(rw.duration_ms as i64) } else { i64::MIN };
             let count = if rw.count > 0 { rw.count as usize } else { usize::MAX };
             let mut replay = self.all(&slot, name, head).await?;
-            let keep = replay.iter().rev().take_while(|m| m.timestamp > min_ts).take(count).count();
-            deliveries = replay.split_off(replay.len() - keep).into_iter().map(Delivery::new).collect();
+            let keep = replay.iter().rev().take_while(|m| m.envelope.timestamp > min_ts).take(count).count();
+            deliveries = replay.split_off(replay.len() - keep);
         }
         if want_retained
             && let Some(v) = self.retained_value(name).await?
@@ -1052,10 +1040,11 @@ impl NatsEngine {
             bytes += m.encoded_len();
             first || bytes <= self.cfg.history_page_bytes
         };
+        let read = read.iter().map(|d| d.envelope.clone());
         let messages: Vec<proto::Envelope> = if req.reverse {
-            read.into_iter().rev().take(limit).take_while(fits).collect()
+            read.rev().take(limit).take_while(fits).collect()
         } else {
-            read.into_iter().take(limit).take_while(fits).collect()
+            read.take(limit).take_while(fits).collect()
         };
         Ok(proto::HistoryResult { channel: req.channel.clone(), epoch: slot.epoch.to_string(), serial: head, messages })
     }

@@ -184,6 +184,15 @@ impl Presence {
         proto::PresenceMembers { channel: channel.to_string(), members }
     }
 
+    /// The member stored at `k` with its revision, if there is one (at
+    /// `revision`, when given: another's change meanwhile reads as none).
+    async fn stored(&self, k: &str, revision: Option<u64>) -> Result<Option<(u64, Entry)>, CoreError> {
+        let current = self.kv.entry(k).await.map_err(unavailable)?.filter(|e| e.operation == kv::Operation::Put);
+        Ok(current
+            .filter(|c| revision.is_none_or(|r| r == c.revision))
+            .and_then(|c| Some((c.revision, serde_json::from_slice::<Entry>(&c.value).ok()?))))
+    }
+
     pub(super) fn count(&self) -> usize {
         self.mirror.lock().len()
     }
@@ -231,9 +240,7 @@ impl NatsEngine {
             node: p.incarnation.clone(),
             leave_at: None,
         };
-        let current = p.kv.entry(k.as_str()).await.map_err(unavailable)?.filter(|e| e.operation == kv::Operation::Put);
-        let current = current.and_then(|e| serde_json::from_slice::<Entry>(&e.value).ok());
-        let kind = match current {
+        let kind = match p.stored(&k, None).await?.map(|(_, e)| e) {
             Some(c) if c.data == entry.data => None,
             Some(_) => Some(proto::Kind::PresenceUpdate),
             None if update => return Err(err(ErrorCode::BadRequest, format!("not present on {name:?}; enter first"))),
@@ -281,13 +288,8 @@ impl NatsEngine {
     /// race to another node's does nothing) and announces the leave.
     async fn leave_key(&self, k: &str, revision: Option<u64>, now: i64) -> Result<(), CoreError> {
         let p = &self.presence;
-        let current = p.kv.entry(k).await.map_err(unavailable)?.filter(|e| e.operation == kv::Operation::Put);
-        let Some(current) = current else { return Ok(()) };
-        if revision.is_some_and(|r| r != current.revision) {
-            return Ok(());
-        }
-        let Ok(entry) = serde_json::from_slice::<Entry>(&current.value) else { return Ok(()) };
-        if p.kv.purge_expect_revision(k, Some(current.revision)).await.is_err() {
+        let Some((rev, entry)) = p.stored(k, revision).await? else { return Ok(()) };
+        if p.kv.purge_expect_revision(k, Some(rev)).await.is_err() {
             return Ok(()); // changed meanwhile: whoever changed it decides
         }
         p.mirror.lock().remove(k);
@@ -303,18 +305,13 @@ impl NatsEngine {
 
     async fn mark_leaving(&self, k: &str, revision: Option<u64>, now: i64) -> Result<(), CoreError> {
         let p = &self.presence;
-        let current = p.kv.entry(k).await.map_err(unavailable)?.filter(|e| e.operation == kv::Operation::Put);
-        let Some(current) = current else { return Ok(()) };
-        if revision.is_some_and(|r| r != current.revision) {
-            return Ok(());
-        }
-        let Ok(mut entry) = serde_json::from_slice::<Entry>(&current.value) else { return Ok(()) };
+        let Some((current, mut entry)) = p.stored(k, revision).await? else { return Ok(()) };
         if entry.leave_at.is_some() {
             return Ok(());
         }
         entry.leave_at = Some(now + self.cfg.presence_grace.as_millis() as i64);
         let value = serde_json::to_vec(&entry).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-        if let Ok(rev) = p.kv.update(k, value.into(), current.revision).await {
+        if let Ok(rev) = p.kv.update(k, value.into(), current).await {
             p.mirror.lock().insert(k.to_string(), (rev, entry));
         }
         Ok(())
