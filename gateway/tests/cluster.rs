@@ -889,3 +889,96 @@ async fn history_rules_rewind_and_the_trimmed_gap_hold_across_nodes() {
     let m = ws_next(&mut late, "message").await;
     assert_eq!((m["text"].as_str(), &m["prev_serial"]), (Some("s8"), &acks[7]["serial"]));
 }
+
+/// `switchboard_nats_live_messages_total` of a node: the messages its live
+/// consumers read from JetStream.
+async fn live_reads(node: &ClusterNode) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", node.admin)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("switchboard_nats_live_messages_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Publishes messages `{channel}-{i}` for each `i` in `range` on each
+/// channel, interleaved, through `base`.
+async fn publish_round(base: &str, channels: &[&str], range: std::ops::Range<usize>) {
+    for i in range {
+        for ch in channels {
+            let (s, body) = rest_publish(base, ch, &format!("{ch}-{i}"), None, false).await;
+            assert_eq!(s, 200, "{body}");
+        }
+    }
+}
+
+/// Live fan-out is interest-based: a node reads from JetStream only the
+/// channels its own subscribers need — not another node's channels, and
+/// nothing once its last subscriber has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_reads_only_what_its_subscribers_need() {
+    let (_turn, nats, nodes) = cluster("interest", &[]).await;
+    let version = common::cluster::http_get_json(nats.servers[0].ports.monitor, "/varz")
+        .and_then(|v| v["version"].as_str().map(str::to_string))
+        .expect("the server's version");
+    let many_filters = {
+        let mut v = version.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (2, 10)
+    };
+    let mut on_a = ws_connect(&nodes[0].http, "reader-a").await;
+    ws_send(&mut on_a, json!({"type":"subscribe","req":1,"filter":"interest/a"})).await;
+    ws_next(&mut on_a, "subscribed").await;
+    let mut on_b = ws_connect(&nodes[1].http, "reader-b").await;
+    ws_send(&mut on_b, json!({"type":"subscribe","req":1,"filter":"interest/b"})).await;
+    ws_next(&mut on_b, "subscribed").await;
+    let before = [live_reads(&nodes[0]).await, live_reads(&nodes[1]).await, live_reads(&nodes[2]).await];
+
+    // 20 on each channel, then a last one on each: once a subscriber has
+    // its last, its node has read everything before it.
+    publish_round(&nodes[2].base(), &["interest/a", "interest/b", "interest/c"], 0..20).await;
+    publish_round(&nodes[2].base(), &["interest/a", "interest/b"], 20..21).await;
+    for ws in [&mut on_a, &mut on_b] {
+        for i in 0..21 {
+            let m = ws_next(ws, "message").await;
+            assert!(m["text"].as_str().unwrap().ends_with(&format!("-{i}")), "in order: {m}");
+        }
+    }
+    let after = [live_reads(&nodes[0]).await, live_reads(&nodes[1]).await, live_reads(&nodes[2]).await];
+    assert_eq!(after[0] - before[0], 21, "node a reads interest/a only");
+    assert_eq!(after[1] - before[1], 21, "node b reads interest/b only");
+    assert_eq!(after[2], before[2], "node c, with no subscriber, reads nothing");
+
+    // Node b takes a second channel, on a wildcard: on NATS 2.10+ one
+    // consumer reads both filters; NATS 2.9 takes one filter per consumer,
+    // so node b reads the whole stream there. Either way its subscriber
+    // gets exactly its messages, live from the subscribe on.
+    ws_send(&mut on_b, json!({"type":"subscribe","req":2,"filter":"interest/+/x"})).await;
+    ws_next(&mut on_b, "subscribed").await;
+    let before_b = live_reads(&nodes[1]).await;
+    publish_round(&nodes[0].base(), &["interest/a", "interest/q/x", "interest/b"], 21..31).await;
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        got.push(ws_next(&mut on_b, "message").await["text"].as_str().unwrap().to_string());
+    }
+    let wanted: Vec<String> = (21..31).flat_map(|i| [format!("interest/q/x-{i}"), format!("interest/b-{i}")]).collect();
+    assert_eq!(got, wanted);
+    let read = live_reads(&nodes[1]).await - before_b;
+    if many_filters {
+        assert_eq!(read, 20, "NATS {version}: node b reads its two filters only");
+    } else {
+        assert!(read >= 20, "NATS {version}: node b reads its stream");
+    }
+
+    // Node a's last subscriber goes: a little later, it reads nothing more.
+    drop(on_a);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let was = live_reads(&nodes[0]).await;
+        let (s, _) = rest_publish(&nodes[2].base(), "interest/a", "unread", None, false).await;
+        assert_eq!(s, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if live_reads(&nodes[0]).await == was {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node a goes on reading interest/a with no subscriber");
+    }
+}

@@ -258,6 +258,33 @@ impl<K: std::hash::Hash + Eq + Copy, V> TopicTrie<K, V> {
         }
     }
 
+    /// Every filter with at least one subscription, once each.
+    pub fn filters(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        Self::collect(&self.root, &mut Vec::new(), &mut out);
+        out
+    }
+
+    fn collect<'a>(node: &'a Node<K, V>, path: &mut Vec<&'a str>, out: &mut Vec<String>) {
+        let joined = |path: &[&str], last: Option<&str>| path.iter().copied().chain(last).collect::<Vec<_>>().join("/");
+        if !node.exact.is_empty() && !path.is_empty() {
+            out.push(joined(path, None));
+        }
+        if !node.hash.is_empty() {
+            out.push(joined(path, Some("#")));
+        }
+        for (level, child) in &node.children {
+            path.push(level);
+            Self::collect(child, path, out);
+            path.pop();
+        }
+        if let Some(child) = node.plus.as_deref() {
+            path.push("+");
+            Self::collect(child, path, out);
+            path.pop();
+        }
+    }
+
     /// Calls `f` for every subscription matching the concrete `channel`. A
     /// key subscribed through several matching filters is visited once per
     /// filter; callers that deliver once per key dedupe.
@@ -379,6 +406,13 @@ mod tests {
         trie.for_each_match("a/b/c", |k, v| got.push((*k, *v)));
         got.sort();
         assert_eq!(got, vec![(1, "x"), (2, "y"), (3, "z2")]);
+        trie.insert("#", 4u64, "w");
+        trie.insert("/x", 4u64, "v");
+        let mut filters = trie.filters();
+        filters.sort();
+        assert_eq!(filters, ["#", "/x", "a/#", "a/+/c", "a/b/c"]);
+        assert!(trie.remove("#", 4));
+        assert!(trie.remove("/x", 4));
         assert!(trie.remove("a/+/c", 1));
         assert!(!trie.remove("a/+/c", 1));
         assert!(trie.remove("a/#", 2));

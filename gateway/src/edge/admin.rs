@@ -211,6 +211,14 @@ fn describe() {
         "Browser requests refused for their Origin ([http] allowed_origins), by route"
     );
     metrics::describe_counter!("switchboard_admin_refused_total", "Admin API requests refused, by reason");
+    metrics::describe_counter!(
+        "switchboard_nats_live_messages_total",
+        "Messages this node's live JetStream consumers read (NATS engine)"
+    );
+    metrics::describe_counter!(
+        "switchboard_nats_consumers_started_total",
+        "Live JetStream consumers started, by stream subject root (NATS engine)"
+    );
 }
 
 /// Routes one admin request from `peer`: health, readiness and metrics

@@ -234,6 +234,16 @@ impl Hub {
         }
     }
 
+    /// Every filter some local session needs messages of, once each
+    /// (presence companions and shared groups' filters included): what the
+    /// node asks a shared log for.
+    pub fn interest(&self) -> Vec<String> {
+        let mut out = self.trie.filters();
+        let shared: std::collections::BTreeSet<&str> = self.shared_keys.keys().map(|(_, f)| f.as_str()).collect();
+        out.extend(shared.into_iter().map(str::to_string));
+        out
+    }
+
     /// (filter, session) subscriptions, shared groups not included.
     pub fn subscriptions(&self) -> usize {
         self.trie.len()

@@ -7,7 +7,7 @@
 //! | retained values | KV bucket `{stream}_retained`, one key per channel |
 //! | presence | KV bucket `{stream}_presence`, one key per member; events are messages on `$presence/…` like any other |
 //! | node liveness | KV bucket `{stream}_nodes` (a heartbeat per node; a node's members leave after the grace once its key expires) |
-//! | live fan-out | one ordered consumer per stream per node feeds the node's [`Hub`] |
+//! | live fan-out | one ordered consumer per stream per node, reading only the subjects the node's subscriptions need ([`live`]), feeds the node's [`Hub`] |
 //!
 //! The epoch of every channel of a stream is derived from the stream's
 //! creation time: it changes only when the stream is deleted (its history
@@ -16,11 +16,13 @@
 //! taken on one node resumes on any other.
 //!
 //! Subscribing registers the subscription with the hub first, under the
-//! stream's live lock, and notes how far the node's consumer has read: what
-//! the consumer delivers after that goes live to the subscriber, and the
-//! replay is read from JetStream up to exactly that point. Replay and live
-//! neither overlap nor leave a hole.
+//! stream's live lock (widening the consumer if it does not read the
+//! subscription's channels yet), and notes up to where each channel is
+//! replay: what the consumer delivers after that goes live to the
+//! subscriber, and the replay is read from JetStream up to exactly that
+//! point. Replay and live neither overlap nor leave a hole.
 
+mod live;
 pub mod mqtt;
 mod presence;
 pub mod subjects;
@@ -34,7 +36,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, header};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use prost::Message as _;
 use rand::Rng as _;
@@ -144,6 +145,10 @@ fn unavailable(what: impl std::fmt::Display) -> CoreError {
 /// between reading its head and appending.
 const MAX_APPEND_TRIES: usize = 16;
 
+/// How often a read that ends before the message the leader named asks
+/// again (2 ms apart) before it takes the answer.
+const READ_LAG_TRIES: usize = 5;
+
 /// Bytes an envelope adds around the payload, at most (channel, ids,
 /// publisher, headers are bounded by the gateway's own limits).
 const ENVELOPE_OVERHEAD: usize = 8 * 1024;
@@ -156,10 +161,12 @@ struct Slot {
     root: String,
     stream: stream::Stream,
     epoch: Arc<str>,
-    /// The last stream sequence this node's consumer handed to the hub.
-    /// Held while a message is fanned out and while a subscription
-    /// registers, so the two are ordered.
-    live: Mutex<u64>,
+    /// What this node's consumer reads and how far it got (see [`live`]).
+    live: Mutex<live::Live>,
+    /// Wakes the consumer's task when the cover changes.
+    wake: tokio::sync::Notify,
+    /// Set when subscriptions went: the cover may narrow.
+    narrow: AtomicBool,
 }
 
 impl Slot {
@@ -271,6 +278,9 @@ pub struct NatsEngine {
     conns: Mutex<HashMap<Arc<str>, SessionId>>,
     /// Why a live consumer is not running, if one is not.
     live_failure: Mutex<Option<String>>,
+    /// Connections made to NATS: a live consumer started before the last
+    /// reconnect starts again at once.
+    connects: Arc<AtomicU64>,
     /// Bytes in every channel's [`Head::recent`].
     recent_bytes: AtomicU64,
     sweeping: AtomicBool,
@@ -284,7 +294,8 @@ impl std::fmt::Debug for NatsEngine {
 }
 
 /// Connects with the configured credentials and TLS.
-async fn connect(opts: &NatsOptions, node: &str) -> Result<async_nats::Client, NatsError> {
+/// `connects` counts the connections made (the first and every reconnect).
+async fn connect(opts: &NatsOptions, node: &str, connects: Arc<AtomicU64>) -> Result<async_nats::Client, NatsError> {
     let servers = opts.servers.join(",");
     let fail = |reason: String| NatsError::Connect { servers: servers.clone(), reason };
     let mut o = async_nats::ConnectOptions::new()
@@ -292,11 +303,17 @@ async fn connect(opts: &NatsOptions, node: &str) -> Result<async_nats::Client, N
         .connection_timeout(opts.connect_timeout)
         .request_timeout(Some(opts.request_timeout))
         .max_reconnects(None)
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
-                other => tracing::info!(event = %other, "NATS event"),
+        .event_callback(move |event| {
+            let connects = connects.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        connects.fetch_add(1, Ordering::AcqRel);
+                        tracing::info!("NATS connected")
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
             }
         });
     if !opts.user.is_empty() {
@@ -330,7 +347,8 @@ impl NatsEngine {
     /// Connects, creates (or adopts) the streams and buckets, and starts
     /// one live consumer per stream.
     pub async fn start(cfg: EngineConfig, opts: NatsOptions, max_message_size: usize) -> Result<Arc<Self>, NatsError> {
-        let client = connect(&opts, &cfg.node).await?;
+        let connects = Arc::new(AtomicU64::new(0));
+        let client = connect(&opts, &cfg.node, connects.clone()).await?;
         let max_payload = client.server_info().max_payload;
         if max_message_size + ENVELOPE_OVERHEAD > max_payload {
             return Err(NatsError::Config(format!(
@@ -366,6 +384,7 @@ impl NatsEngine {
             heads: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             live_failure: Mutex::new(None),
+            connects,
             recent_bytes: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
             this: OnceLock::new(),
@@ -374,7 +393,7 @@ impl NatsEngine {
         for slot in &engine.slots {
             let mut stream = slot.stream.clone();
             let start = stream.info().await.map_err(|e| js_error(slot.root.clone())(e.to_string()))?;
-            *slot.live.lock() = start.state.last_sequence;
+            *slot.live.lock() = live::Live::new(start.state.last_sequence);
             tokio::spawn(Self::run_live(Arc::downgrade(&engine), slot.clone()));
         }
         presence::Presence::spawn_watch(Arc::downgrade(&engine));
@@ -482,7 +501,16 @@ impl NatsEngine {
         }
         let epoch = epoch_of(info.created);
         tracing::info!(stream = %name, %epoch, "JetStream stream ready");
-        Ok(Slot { history_size: size, history_ttl: ttl, root, stream, epoch, live: Mutex::new(0) })
+        Ok(Slot {
+            history_size: size,
+            history_ttl: ttl,
+            root,
+            stream,
+            epoch,
+            live: Mutex::new(live::Live::new(0)),
+            wake: tokio::sync::Notify::new(),
+            narrow: AtomicBool::new(false),
+        })
     }
 
     fn slot(&self, channel: &str) -> &Arc<Slot> {
@@ -514,13 +542,13 @@ impl NatsEngine {
         }
     }
 
-    /// The channel's last serial as the stream's leader has it (a direct
-    /// read may be answered by a replica a little behind).
-    async fn last_at_leader(&self, slot: &Slot, subject: &str) -> Result<u64, CoreError> {
+    /// The newest message of `channel` as the stream's leader has it: the
+    /// head a replay must reach (a replica may not hold it yet).
+    async fn last_at_leader(&self, slot: &Slot, channel: &str) -> Result<Option<proto::Envelope>, CoreError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        match slot.stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        match slot.stream.get_last_raw_message_by_subject(slot.subject(channel).as_str()).await {
+            Ok(m) => Ok(decode(slot, m.sequence, &m.payload)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -538,7 +566,7 @@ impl NatsEngine {
     /// the newest message's, or, when that came later, the one before it
     /// along the `prev_serial` chain.
     async fn head_at(&self, slot: &Slot, channel: &str, bound: u64) -> Result<u64, CoreError> {
-        let Some(mut m) = self.last(slot, channel).await? else { return Ok(0) };
+        let Some(mut m) = self.last_at_leader(slot, channel).await? else { return Ok(0) };
         while m.serial > bound {
             if m.prev_serial <= bound {
                 return Ok(m.prev_serial);
@@ -571,6 +599,7 @@ impl NatsEngine {
         let subject = slot.subject(channel);
         let mut out: Vec<Arc<Delivery>> = Vec::new();
         let mut from = after + 1;
+        let mut lagging = 0;
         while out.len() < max && from <= upto {
             match slot.stream.direct_get_next_for_subject(subject.as_str(), Some(from)).await {
                 Ok(m) if m.sequence <= upto => {
@@ -593,6 +622,12 @@ impl NatsEngine {
                     out.push(Delivery::new(env));
                 }
                 Ok(_) => break,
+                // `upto` is a message of the channel the leader holds: the
+                // replica that answered may not hold it yet.
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound && lagging < READ_LAG_TRIES => {
+                    lagging += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
                 Err(e) => return Err(unavailable(e)),
             }
@@ -700,7 +735,7 @@ impl NatsEngine {
                         None => {
                             let pause = rand::rng().random_range(0..=2 * tries as u64);
                             tokio::time::sleep(Duration::from_millis(pause)).await;
-                            self.last_at_leader(&slot, &subject).await?
+                            self.last_at_leader(&slot, &channel).await?.map_or(0, |e| e.serial)
                         }
                     };
                     head.last.store(expected, Ordering::Release);
@@ -844,8 +879,16 @@ impl NatsEngine {
         history_floor: Option<i64>,
         now: i64,
     ) -> Result<SubscribeOutcome, CoreError> {
-        if let Some(shared) = super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)? {
-            return Ok(shared);
+        if let Some((_, inner)) = channel::parse_shared(&req.filter) {
+            // A shared group replays nothing: its filter is read from now.
+            let lasts = self.lasts(&[inner]).await?;
+            let mut lives: Vec<_> = self.slots.iter().map(|s| s.live.lock()).collect();
+            self.widen(&mut lives, &[inner], &lasts);
+            return super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)
+                .map(Option::unwrap_or_default);
+        }
+        if let Some(done) = super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)? {
+            return Ok(done);
         }
         self.connected()?;
         let filter = req.filter.as_str();
@@ -871,26 +914,39 @@ impl NatsEngine {
             }
             names.extend(found.into_iter().filter(|n| !req.positions.contains_key(n)));
         }
-        // Register, noting how far each stream's consumer has read: later
-        // messages go live, earlier ones are the replay's.
+        // Register, noting up to where each channel is replay: later
+        // messages go live. The consumers widen first if they do not read
+        // what the subscription needs yet.
+        let wants: Vec<&str> = std::iter::once(filter).chain(companion.as_deref()).collect();
+        let lasts = self.lasts(&wants).await?;
         let heads: Vec<Arc<Head>> = names.iter().map(|n| self.head(n)).collect();
         let (bounds, seen): (Vec<u64>, Vec<u64>) = {
-            let guards: Vec<_> = self.slots.iter().map(|s| s.live.lock()).collect();
+            let mut lives: Vec<_> = self.slots.iter().map(|s| s.live.lock()).collect();
+            self.widen(&mut lives, &wants, &lasts);
             self.hub.write().subscribe(session, filter, companion.as_deref(), req.no_local)?;
-            (guards.iter().map(|g| **g).collect(), heads.iter().map(|h| h.seen.load(Ordering::Acquire)).collect())
+            names
+                .iter()
+                .zip(&heads)
+                .map(|(name, head)| {
+                    let slot = self.slot(name);
+                    let i = self.slots.iter().position(|s| Arc::ptr_eq(s, slot)).unwrap_or(0);
+                    let subject = slot.subject(name);
+                    let told = lives[i].told(&subject);
+                    (lives[i].bound(&subject), if told { head.seen.load(Ordering::Acquire) } else { UNSEEN })
+                })
+                .unzip()
         };
         let scope = Replay { req, history_floor, since, rewind, now };
         let mut out = SubscribeOutcome {
             subscribed: proto::Subscribed { filter: filter.to_string(), channels: Vec::new() },
             replay: Vec::new(),
         };
-        for (name, seen) in names.iter().zip(seen) {
-            let i = self.slots.iter().position(|s| Arc::ptr_eq(s, self.slot(name))).unwrap_or(0);
+        for ((name, seen), bound) in names.iter().zip(seen).zip(bounds) {
             // What the consumer read last of the channel is its head at the
-            // bound; a channel it has not read since this node started is
-            // looked up.
+            // bound; a channel it has not read (since it started reading it)
+            // is looked up.
             let head = (seen != UNSEEN).then_some(seen);
-            if let Err(e) = self.replay(name, (bounds[i], head), &scope, &mut out).await {
+            if let Err(e) = self.replay(name, (bound, head), &scope, &mut out).await {
                 let _ = self.hub.write().unsubscribe(session, filter);
                 return Err(e);
             }
@@ -1048,91 +1104,6 @@ impl NatsEngine {
         };
         Ok(proto::HistoryResult { channel: req.channel.clone(), epoch: slot.epoch.to_string(), serial: head, messages })
     }
-
-    /// Reads one stream from where this node stopped and hands each message
-    /// to the hub, for as long as the engine lives; recreated after errors.
-    async fn run_live(engine: Weak<Self>, slot: Arc<Slot>) {
-        use async_nats::jetstream::consumer::{DeliverPolicy, push};
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let Some(e) = engine.upgrade() else { return };
-            let start = *slot.live.lock() + 1;
-            let consumer = slot
-                .stream
-                .create_consumer(push::OrderedConfig {
-                    deliver_subject: e.client.new_inbox(),
-                    filter_subject: format!("{}.>", slot.root),
-                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|x| x.to_string());
-            let messages = match consumer {
-                Ok(c) => c.messages().await.map_err(|x| x.to_string()),
-                Err(x) => Err(x),
-            };
-            let mut messages = match messages {
-                Ok(m) => m,
-                Err(x) => {
-                    tracing::warn!(stream = %slot.root, error = %x, "live consumer: cannot start; retrying");
-                    *e.live_failure.lock() = Some(format!("live consumer of {}: {x}", slot.root));
-                    drop(e);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            };
-            *e.live_failure.lock() = None;
-            backoff = Duration::from_millis(100);
-            drop(e);
-            while let Some(m) = messages.next().await {
-                let Some(e) = engine.upgrade() else { return };
-                match m {
-                    Ok(m) => match m.info() {
-                        Ok(info) => e.apply(&slot, info.stream_sequence, &m.payload),
-                        Err(x) => tracing::warn!(error = %x, "live consumer: a message without its info"),
-                    },
-                    Err(x) => {
-                        tracing::warn!(stream = %slot.root, error = %x, "live consumer interrupted; resuming");
-                        break;
-                    }
-                }
-            }
-            tokio::time::sleep(backoff).await;
-        }
-    }
-
-    /// Fans out one message the consumer read, once, in stream order.
-    fn apply(&self, slot: &Slot, sequence: u64, payload: &[u8]) {
-        let mut live = slot.live.lock();
-        if sequence <= *live {
-            return;
-        }
-        *live = sequence;
-        let Some(mut env) = decode(slot, sequence, payload) else {
-            tracing::warn!(stream = %slot.root, sequence, "live consumer: not an envelope; skipped");
-            return;
-        };
-        let head = self.head(&env.channel);
-        // The previous message is the one this consumer read before on the
-        // channel, whatever the publisher expected.
-        let seen = head.seen.swap(sequence, Ordering::AcqRel);
-        if seen != UNSEEN {
-            env.prev_serial = seen;
-        }
-        head.last.fetch_max(sequence, Ordering::AcqRel);
-        head.known.store(true, Ordering::Release);
-        let from = env
-            .publisher
-            .as_ref()
-            .filter(|p| p.node == self.cfg.node)
-            .and_then(|p| self.conns.lock().get(p.connection_id.as_str()).copied())
-            .unwrap_or(0);
-        let policy = self.cfg.policy_for(&env.channel).slow_policy;
-        let delivery = Delivery::new(env);
-        self.remember(slot, &head, &delivery);
-        self.hub.read().fanout(&delivery, policy, from);
-    }
 }
 
 /// What a subscribe asks every channel to replay.
@@ -1153,6 +1124,7 @@ impl Engine for NatsEngine {
 
     fn detach(&self, session: SessionId, kind: CloseKind, now_ms: i64) {
         let Some(gone) = self.hub.write().detach(session) else { return };
+        self.interest_dropped();
         self.conns.lock().remove(&gone.caller.connection_id);
         if gone.presence.is_empty() {
             return;
@@ -1187,7 +1159,9 @@ impl Engine for NatsEngine {
     }
 
     async fn unsubscribe(&self, session: SessionId, filter: &str) -> Result<(), CoreError> {
-        self.hub.write().unsubscribe(session, filter)
+        self.hub.write().unsubscribe(session, filter)?;
+        self.interest_dropped();
+        Ok(())
     }
 
     async fn presence_enter(

@@ -100,6 +100,63 @@ pub fn filter_subjects(root: &str, filter: &str) -> Vec<String> {
     subjects
 }
 
+/// Whether every subject the NATS subject filter `b` matches is one `a`
+/// matches too (`a.*` covers `a.b` and `a.*`; `a.>` covers `a.b.c`).
+pub fn covers(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('.'), b.split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some(_), Some(">")) => return false,
+            (Some("*"), Some(_)) => {}
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some subject matches both filters (what NATS refuses among one
+/// consumer's filters).
+pub fn overlap(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('.'), b.split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
+/// `filters` without those another one covers (and without repeats),
+/// sorted; `None` when two that remain still overlap.
+pub fn disjoint(mut filters: Vec<String>) -> Option<Vec<String>> {
+    filters.sort();
+    filters.dedup();
+    let mut kept: Vec<String> = Vec::with_capacity(filters.len());
+    // Wider filters first (fewer tokens, wildcards), so narrower ones meet
+    // what covers them.
+    filters.sort_by_key(|f| (f.split('.').count(), !f.ends_with('>'), f.matches('*').count() == 0));
+    for f in filters {
+        if kept.iter().any(|k| covers(k, &f)) {
+            continue;
+        }
+        if kept.iter().any(|k| overlap(k, &f)) {
+            // `a.>` after `a.*.c`, say: keep it only if it covers them all.
+            kept.retain(|k| !covers(&f, k));
+            if kept.iter().any(|k| overlap(k, &f)) {
+                return None;
+            }
+        }
+        kept.push(f);
+    }
+    kept.sort();
+    Some(kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +183,27 @@ mod tests {
         assert_eq!(filter_subjects("r", "a/#"), ["r.a.>", "r.a"]);
         assert_eq!(filter_subjects("r", "#"), ["r.>"]);
         assert_eq!(filter_subjects("r", "a b/+"), ["r.a=20b.*"]);
+    }
+
+    #[test]
+    fn filters_cover_and_overlap() {
+        assert!(covers("r.a.*", "r.a.b"));
+        assert!(covers("r.a.*", "r.a.*"));
+        assert!(covers("r.>", "r.a.*.c"));
+        assert!(covers("r.a.>", "r.a.b.c"));
+        assert!(!covers("r.a.>", "r.a"));
+        assert!(!covers("r.a.*", "r.a.>"));
+        assert!(!covers("r.a.b", "r.a.*"));
+        assert!(!covers("r.a", "r.a.b"));
+        assert!(overlap("r.a.*", "r.*.b"));
+        assert!(overlap("r.>", "r.a"));
+        assert!(!overlap("r.a.*", "r.b.*"));
+        assert!(!overlap("r.a", "r.a.b"));
+        assert_eq!(
+            disjoint(vec!["r.a.b".into(), "r.a.*".into(), "r.c".into(), "r.c".into()]).unwrap(),
+            ["r.a.*", "r.c"]
+        );
+        assert_eq!(disjoint(vec!["r.a.*.c".into(), "r.a.>".into(), "r.a".into()]).unwrap(), ["r.a", "r.a.>"]);
+        assert_eq!(disjoint(vec!["r.a.*".into(), "r.*.b".into()]), None);
     }
 }
