@@ -7,6 +7,9 @@
 # is stopped and the stores removed afterwards. Ports are fixed, none of them
 # standard: NATS 14221-14223 (routes 16221-16223, monitoring 18221-18223),
 # gateways HTTP 18081-18083, MQTT 11881-11883, admin 19091-19093.
+# Six servers share this machine's cores with the bench: NATS_GOMAXPROCS sets
+# each nats-server's GOMAXPROCS and GW_WORKERS each gateway's tokio worker
+# threads (TOKIO_WORKER_THREADS); unset, each takes one per core.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${SWITCHBOARD:-target/release/switchboard}
@@ -21,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 routes=nats://127.0.0.1:16221,nats://127.0.0.1:16222,nats://127.0.0.1:16223
 for i in 1 2 3; do
-    "$NATS_SERVER" -a 127.0.0.1 -p 1422$i -m 1822$i -js -sd "$dir/n$i" -n n$i \
+    env ${NATS_GOMAXPROCS:+GOMAXPROCS=$NATS_GOMAXPROCS} "$NATS_SERVER" -a 127.0.0.1 -p 1422$i -m 1822$i -js -sd "$dir/n$i" -n n$i \
         --cluster_name bench --cluster nats://127.0.0.1:1622$i --routes $routes >"$dir/n$i.log" 2>&1 &
     pids+=($!)
 done
@@ -34,7 +37,7 @@ for i in 1 2 3; do
 done
 gw_pids=()
 for i in 1 2 3; do
-    SWITCHBOARD_NODE__NAME=gw$i SWITCHBOARD_NATS__REPLICAS=3 "$BIN" dev \
+    env ${GW_WORKERS:+TOKIO_WORKER_THREADS=$GW_WORKERS} SWITCHBOARD_NODE__NAME=gw$i SWITCHBOARD_NATS__REPLICAS=3 "$BIN" dev \
         --nats nats://127.0.0.1:14221,nats://127.0.0.1:14222,nats://127.0.0.1:14223 \
         --http 127.0.0.1:1808$i --mqtt 127.0.0.1:1188$i --admin 127.0.0.1:1909$i \
         --https '' --mqtts '' --quic '' >"$dir/gw$i.log" 2>&1 &
