@@ -88,7 +88,12 @@ pub struct Gateway {
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
     drain_delay: Duration,
+    /// The MQTT sessions on NATS, whose queued writes a shutdown waits for.
+    nats_sessions: Option<Arc<NatsSessions>>,
 }
+
+/// How long a shutdown waits for queued MQTT session writes to NATS.
+const SESSION_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// Pending connections the kernel queues per listener. The default 128
 /// overflows under connection bursts (reconnect storms after a restart),
@@ -190,11 +195,15 @@ impl Gateway {
             expiry_max: mqtt_cfg.session_expiry_max,
             max_delayed_wills: config.mqtt.max_delayed_wills,
         };
+        let mut nats_sessions = None;
         let mqtt_sessions: Arc<dyn mqtt::SessionStore> = match &nats_engine {
             // On NATS the sessions are the cluster's, so a device resumes on
             // any node (docs/cluster.md).
             Some(engine) => {
-                NatsSessions::start(engine, limits).await.map_err(|e| ServerError::Engine(e.to_string()))?
+                let sessions =
+                    NatsSessions::start(engine, limits).await.map_err(|e| ServerError::Engine(e.to_string()))?;
+                nats_sessions = Some(sessions.clone());
+                sessions
             }
             None => {
                 let sessions = Arc::new(match &disk {
@@ -351,6 +360,7 @@ impl Gateway {
             tasks,
             grace: config.shutdown.grace,
             drain_delay: config.shutdown.drain_delay,
+            nats_sessions,
         })
     }
 
@@ -383,6 +393,17 @@ impl Gateway {
         }
         for t in self.tasks {
             t.abort();
+        }
+        // The MQTT sessions the closed connections released are written to
+        // NATS before the process goes (bounded: NATS may be down).
+        if let Some(sessions) = &self.nats_sessions
+            && !sessions.flush(SESSION_FLUSH_WAIT).await
+        {
+            tracing::warn!(
+                pending = sessions.pending(),
+                "shutdown: MQTT session writes to NATS still queued after {SESSION_FLUSH_WAIT:?}; those sessions \
+                 resume from their previous record"
+            );
         }
         // After the sessions: nothing publishes any more, and the store
         // records a clean stop.

@@ -74,6 +74,13 @@ impl Proc {
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         wait_child(&mut self.child, WAIT, "switchboard")
     }
+
+    /// Sends `sig` (as `kill` spells it) and waits for the exit.
+    pub fn signal(&mut self, sig: &str) {
+        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        self.wait_exit();
+    }
 }
 
 impl Drop for Proc {
@@ -360,8 +367,6 @@ impl Node {
 
     /// Sends `sig` (as `kill` spells it) and waits for the exit.
     pub fn signal(&mut self, sig: &str) {
-        let status = Command::new("kill").args([sig, &self.proc.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
-        self.proc.wait_exit();
+        self.proc.signal(sig);
     }
 }

@@ -28,6 +28,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -57,6 +58,14 @@ struct Write {
     done: Option<oneshot::Sender<()>>,
 }
 
+/// A client's newest record waiting for the writer, and how many writes
+/// it stands for.
+struct Pending {
+    value: Option<Bytes>,
+    done: Vec<oneshot::Sender<()>>,
+    folded: usize,
+}
+
 /// The MQTT session store of a node on the NATS engine (see the module
 /// docs).
 #[derive(Debug)]
@@ -69,6 +78,8 @@ pub struct NatsSessions {
     incarnation: String,
     kick_root: String,
     writes: mpsc::UnboundedSender<Write>,
+    /// Writes asked for and not yet done (folded ones included).
+    queued: Arc<AtomicUsize>,
     /// The expiry each live session asked for, for a handover written back.
     expiries: Mutex<HashMap<String, Duration>>,
     this: std::sync::Weak<NatsSessions>,
@@ -86,6 +97,7 @@ impl NatsSessions {
         let max_age = limits.expiry_max.max(Duration::from_secs(1));
         let kv = NatsEngine::bucket(&engine.js, &engine.opts, &bucket, max_age, 1).await?;
         let (writes, queue) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let kick_root = format!("{}.mqtt.kick", engine.opts.subject);
         let store = Arc::new_cyclic(|this| NatsSessions {
             this: this.clone(),
@@ -96,9 +108,10 @@ impl NatsSessions {
             incarnation: engine.presence.incarnation.clone(),
             kick_root,
             writes,
+            queued: queued.clone(),
             expiries: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(Self::run_writer(store.kv.clone(), queue));
+        tokio::spawn(Self::run_writer(store.kv.clone(), queue, queued));
         let subject = format!("{}.{}", store.kick_root, store.incarnation);
         let mut kicks = store
             .client
@@ -119,9 +132,9 @@ impl NatsSessions {
     /// first asked. Before every write the queue is drained into the
     /// pending set, a client's newer write replacing its older one, so what
     /// waits is at most one record per client however slow NATS is.
-    async fn run_writer(kv: kv::Store, mut queue: mpsc::UnboundedReceiver<Write>) {
+    async fn run_writer(kv: kv::Store, mut queue: mpsc::UnboundedReceiver<Write>, queued: Arc<AtomicUsize>) {
         let mut order: VecDeque<String> = VecDeque::new();
-        let mut pending: HashMap<String, (Option<Bytes>, Vec<oneshot::Sender<()>>)> = HashMap::new();
+        let mut pending: HashMap<String, Pending> = HashMap::new();
         loop {
             if pending.is_empty() {
                 let Some(w) = queue.recv().await else { return };
@@ -131,7 +144,7 @@ impl NatsSessions {
                 Self::fold(&mut order, &mut pending, w);
             }
             let Some(client_id) = order.pop_front() else { continue };
-            let Some((value, done)) = pending.remove(&client_id) else { continue };
+            let Some(Pending { value, done, folded }) = pending.remove(&client_id) else { continue };
             let k = key(&client_id);
             let result = match value {
                 Some(v) => kv.put(k.as_str(), v).await.map(|_| ()).map_err(|e| e.to_string()),
@@ -143,24 +156,40 @@ impl NatsSessions {
             for d in done {
                 let _ = d.send(());
             }
+            queued.fetch_sub(folded, Ordering::AcqRel);
         }
     }
 
-    fn fold(
-        order: &mut VecDeque<String>,
-        pending: &mut HashMap<String, (Option<Bytes>, Vec<oneshot::Sender<()>>)>,
-        w: Write,
-    ) {
+    fn fold(order: &mut VecDeque<String>, pending: &mut HashMap<String, Pending>, w: Write) {
         match pending.get_mut(&w.client_id) {
-            Some((value, done)) => {
-                *value = w.value;
-                done.extend(w.done);
+            Some(p) => {
+                p.value = w.value;
+                p.done.extend(w.done);
+                p.folded += 1;
             }
             None => {
                 order.push_back(w.client_id.clone());
-                pending.insert(w.client_id, (w.value, w.done.into_iter().collect()));
+                pending.insert(w.client_id, Pending { value: w.value, done: w.done.into_iter().collect(), folded: 1 });
             }
         }
+    }
+
+    /// Session writes asked for and not yet done.
+    pub fn pending(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Waits until every queued session write is done, at most `within`;
+    /// false if some are still queued then.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.pending() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     fn record(&self, state: &SessionState, expiry: Duration, disconnected_ms: u64, owner: &str) -> Bytes {
@@ -176,7 +205,10 @@ impl NatsSessions {
     }
 
     fn write(&self, client_id: &str, value: Option<Bytes>, done: Option<oneshot::Sender<()>>) {
-        let _ = self.writes.send(Write { client_id: client_id.to_string(), value, done });
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.writes.send(Write { client_id: client_id.to_string(), value, done }).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Another node takes one of this node's sessions: the connection hands
