@@ -1,7 +1,8 @@
 //! How a gateway node reaches NATS (#12 item 1): user and password, a
-//! token, and TLS with a client certificate, each against a real
-//! `nats-server` that demands it; wrong credentials and an untrusted
-//! server stop the start with an error that names the cause.
+//! token, an NKey, a `.creds` file (operator mode) and TLS with a client
+//! certificate, each against a real `nats-server` that demands it; wrong
+//! credentials and an untrusted server stop the start with an error that
+//! names the cause.
 
 mod common;
 
@@ -38,7 +39,7 @@ fn single(store: &Path, extra: &[&str]) -> Single {
         .args(["-sd", &store.display().to_string()])
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("SBTEST_STDERR").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .expect("nats-server (bash tests/run.sh installs it)");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -157,5 +158,98 @@ fn tls_with_a_client_certificate_and_an_untrusted_server_refused() {
     assert!(err.contains("cannot connect to NATS"), "{err}");
     // Without a client certificate the server refuses the handshake.
     let err = refused(&url, &[env[1], env[4]]);
+    assert!(err.contains("cannot connect to NATS"), "{err}");
+}
+
+/// A NATS JWT: `claims` (with `iss`, `sub`, `iat`, `jti` filled in) signed
+/// by `issuer`, as NATS's decentralised auth reads them.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("test{iat}{}", &subject[..8]),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!("{}.{}", b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#), b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// A `.creds` file: the user's JWT and its NKey seed, framed as `nsc`
+/// writes them.
+fn creds(user_jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    )
+}
+
+/// Decentralised auth (an operator, an account with JetStream, a user):
+/// the node connects with the user's `.creds` file; a user the account did
+/// not sign is refused.
+#[test]
+fn a_creds_file_signs_in_as_a_user_of_an_operator() {
+    let dir = DataDir::new("nats-creds");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt =
+        jwt(&operator, &operator.public_key(), "op", serde_json::json!({"type": "operator", "version": 2}));
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1,
+        "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "switchboard",
+        serde_json::json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    // JetStream wants a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(&operator, &system.public_key(), "SYS", serde_json::json!({"type": "account", "version": 2}));
+    let user_claims =
+        serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
+    let user_jwt = jwt(&account, &user.public_key(), "gateway", user_claims.clone());
+    let conf = dir.0.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {acc}: \"{account_jwt}\"\n  {sys}: \"{system_jwt}\"\n}}\n",
+            acc = account.public_key(),
+            sys = system.public_key(),
+        ),
+    )
+    .unwrap();
+    let nats = single(&dir.0.join("js"), &["-c", &conf.display().to_string()]);
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let file = dir.0.join("gateway.creds");
+    std::fs::write(&file, creds(&user_jwt, &user.seed().unwrap())).unwrap();
+    let file = file.display().to_string();
+    let node = ClusterNode::start(
+        "creds-1",
+        &url,
+        None,
+        &[("SWITCHBOARD_NATS__REPLICAS", "1"), ("SWITCHBOARD_NATS__CREDS_FILE", file.as_str())],
+    );
+    publishes(&node);
+    drop(node);
+    // A user signed by another account key is not trusted.
+    let stranger = nkeys::KeyPair::new_user();
+    let forged = jwt(&nkeys::KeyPair::new_account(), &stranger.public_key(), "stranger", user_claims);
+    let other = dir.0.join("stranger.creds");
+    std::fs::write(&other, creds(&forged, &stranger.seed().unwrap())).unwrap();
+    let err = refused(&url, &[("SWITCHBOARD_NATS__CREDS_FILE", &other.display().to_string())]);
     assert!(err.contains("cannot connect to NATS"), "{err}");
 }

@@ -27,7 +27,7 @@ pub struct Proc {
 
 impl Proc {
     /// Runs the binary with `args` (stderr discarded, or passed through when
-    /// `SWITCHBOARD_TEST_STDERR` is set: the logs of a failing test).
+    /// `SBTEST_STDERR` is set: the logs of a failing test).
     pub fn spawn(args: &[&str]) -> Proc {
         Self::spawn_env(args, &[])
     }
@@ -38,11 +38,7 @@ impl Proc {
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("SWITCHBOARD_TEST_STDERR").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(if std::env::var_os("SBTEST_STDERR").is_some() { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .expect("spawn switchboard");
         let out = child.stdout.take().expect("stdout");
