@@ -1081,3 +1081,45 @@ async fn a_drained_nodes_mqtt_sessions_resume_on_another_node() {
         assert!(more.is_err(), "device {d}: a message after what it missed: {more:?}");
     }
 }
+
+/// While a node's consumer changes what it reads — a subscription goes, and
+/// another comes before the consumer narrows — a recovery on that node of
+/// the channel that went still gets exactly what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_after_the_node_stopped_reading_the_channel_is_exact() {
+    let (_turn, _nats, nodes) = cluster("reread", &[]).await;
+    let mut keeper = ws_connect(&nodes[0].http, "keeper").await;
+    ws_send(&mut keeper, json!({"type":"subscribe","req":1,"filter":"reread/a"})).await;
+    ws_next(&mut keeper, "subscribed").await;
+    let mut leaver = ws_connect(&nodes[0].http, "leaver").await;
+    ws_send(&mut leaver, json!({"type":"subscribe","req":1,"filter":"reread/b"})).await;
+    ws_next(&mut leaver, "subscribed").await;
+    rest_publish(&nodes[1].base(), "reread/b", "b0", None, false).await;
+    let held = ws_next(&mut leaver, "message").await;
+    // The leaver goes; at once another channel is subscribed on the node.
+    drop(leaver);
+    ws_send(&mut keeper, json!({"type":"subscribe","req":2,"filter":"reread/c"})).await;
+    ws_next(&mut keeper, "subscribed").await;
+    for i in 1..=3 {
+        rest_publish(&nodes[1].base(), "reread/b", &format!("b{i}"), None, false).await;
+    }
+    rest_publish(&nodes[1].base(), "reread/a", "a0", None, false).await;
+    assert_eq!(ws_next(&mut keeper, "message").await["text"], "a0");
+    // Back on the node, from the position it held: b1..b3, then live.
+    let mut back = ws_connect(&nodes[0].http, "leaver").await;
+    let position = json!({"epoch": held["epoch"], "serial": held["serial"]});
+    ws_send(&mut back, json!({"type":"subscribe","req":1,"filter":"reread/b","positions":{"reread/b": position}}))
+        .await;
+    let subscribed = ws_next(&mut back, "subscribed").await;
+    assert_eq!(subscribed["channels"][0]["recovered"], true, "{subscribed}");
+    rest_publish(&nodes[2].base(), "reread/b", "b4", None, false).await;
+    let mut got = vec![pos(&held)];
+    while got.len() < 5 {
+        got.push(pos(&ws_next(&mut back, "message").await));
+    }
+    let texts: Vec<&str> = got.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(texts, ["b0", "b1", "b2", "b3", "b4"]);
+    for w in got.windows(2) {
+        assert_eq!(w[1].3, w[0].2, "one chain: {w:?}");
+    }
+}

@@ -47,8 +47,35 @@ pub enum Cover {
     Nothing,
     /// The whole stream.
     All,
-    /// These subject filters (sorted, none covering or overlapping another).
-    Subjects(Vec<String>),
+    /// These subject filters.
+    Subjects(Filters),
+}
+
+/// A consumer's subject filters (sorted, none covering or overlapping
+/// another), the literal ones also in a set: a message's subject is
+/// checked against every message's cover.
+#[derive(Debug, Clone)]
+pub struct Filters {
+    list: Vec<String>,
+    literal: std::collections::HashSet<String>,
+    wildcards: Vec<String>,
+}
+
+impl PartialEq for Filters {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list
+    }
+}
+
+impl Eq for Filters {}
+
+impl Filters {
+    fn new(list: Vec<String>) -> Self {
+        let wild = |f: &String| f.split('.').any(|t| t == "*" || t == ">");
+        let literal = list.iter().filter(|f| !wild(f)).cloned().collect();
+        let wildcards = list.iter().filter(|f| wild(f)).cloned().collect();
+        Filters { list, literal, wildcards }
+    }
 }
 
 impl Cover {
@@ -58,7 +85,15 @@ impl Cover {
         match self {
             Cover::Nothing => false,
             Cover::All => true,
-            Cover::Subjects(s) => s.iter().any(|f| subjects::covers(f, filter)),
+            Cover::Subjects(s) => s.literal.contains(filter) || s.wildcards.iter().any(|f| subjects::covers(f, filter)),
+        }
+    }
+
+    /// The filters, for a cover that is some.
+    fn filters(&self) -> &[String] {
+        match self {
+            Cover::Subjects(s) => &s.list,
+            _ => &[],
         }
     }
 }
@@ -128,19 +163,23 @@ impl NatsEngine {
         }
     }
 
-    /// The cover `slot`'s consumer needs for the node's subscriptions and
-    /// `more` (channel filters about to be subscribed).
-    fn wanted(&self, slot: &Arc<Slot>, more: &[&str]) -> Cover {
+    /// The cover `slot`'s consumer needs for the node's subscriptions,
+    /// `more` (channel filters about to be subscribed) and `keep` (subject
+    /// filters to go on reading).
+    fn wanted(&self, slot: &Arc<Slot>, more: &[&str], keep: &[String]) -> Cover {
         let interest = self.hub.read().interest();
         let filters = interest.iter().map(String::as_str).chain(more.iter().copied());
-        let wanted: Vec<String> = filters.flat_map(|f| self.subjects_of(slot, f)).collect();
+        let mut wanted: Vec<String> = filters.flat_map(|f| self.subjects_of(slot, f)).collect();
+        wanted.extend_from_slice(keep);
         if wanted.is_empty() {
             return Cover::Nothing;
         }
         let all = format!("{}.>", slot.root);
         match subjects::disjoint(wanted) {
             Some(s) if s.contains(&all) => Cover::All,
-            Some(s) if s.len() == 1 || (s.len() <= MAX_FILTERS && self.many_filters()) => Cover::Subjects(s),
+            Some(s) if s.len() == 1 || (s.len() <= MAX_FILTERS && self.many_filters()) => {
+                Cover::Subjects(Filters::new(s))
+            }
             _ => Cover::All,
         }
     }
@@ -190,7 +229,11 @@ impl NatsEngine {
             if need.iter().all(|s| live.cover.covers(s)) {
                 continue;
             }
-            let cover = self.wanted(slot, filters);
+            // Only narrowing forgets what the consumer told (a subject
+            // whose subscription went waits for it): widening keeps
+            // everything the cover reads.
+            let keep = live.cover.filters().to_vec();
+            let cover = self.wanted(slot, filters, &keep);
             // Without a fresh last sequence (the cover shrank meanwhile),
             // the consumer's own position is the floor: still exact, only
             // older.
@@ -205,7 +248,7 @@ impl NatsEngine {
     /// the channels it no longer reads forget what it told about them.
     fn narrow(&self, slot: &Arc<Slot>) {
         let mut live = slot.live.lock();
-        let cover = self.wanted(slot, &[]);
+        let cover = self.wanted(slot, &[], &[]);
         if cover == live.cover {
             return;
         }
@@ -215,6 +258,8 @@ impl NatsEngine {
         for (name, head) in self.heads.lock().iter() {
             if Arc::ptr_eq(self.slot(name), slot) && !live.cover.covers(&slot.subject(name)) {
                 head.seen.store(UNSEEN, Ordering::Release);
+                // Its last serial is no longer kept up to date either.
+                head.known.store(false, Ordering::Release);
                 let freed: u64 = head.recent.lock().drain(..).map(|d| d.size as u64).sum();
                 self.recent_bytes.fetch_sub(freed, Ordering::AcqRel);
             }
@@ -253,8 +298,8 @@ impl NatsEngine {
                     continue;
                 }
                 Cover::All => (format!("{}.>", slot.root), Vec::new()),
-                Cover::Subjects(s) if s.len() == 1 => (s[0].clone(), Vec::new()),
-                Cover::Subjects(s) => (String::new(), s.clone()),
+                Cover::Subjects(s) if s.list.len() == 1 => (s.list[0].clone(), Vec::new()),
+                Cover::Subjects(s) => (String::new(), s.list.clone()),
             };
             metrics::counter!("switchboard_nats_consumers_started_total", "stream" => slot.root.clone()).increment(1);
             let connects = e.connects.load(Ordering::Acquire);
@@ -345,6 +390,12 @@ impl NatsEngine {
             return true;
         }
         live.applied = sequence;
+        // A server that ignores `filter_subjects` (2.9, in a cluster being
+        // upgraded) sends the whole stream: what the cover does not name is
+        // not this node's, and must not leave a `seen` that goes stale.
+        if !live.cover.covers(subject) {
+            return true;
+        }
         let replayed = live.floors.iter().any(|f| sequence <= f.at && !f.before.covers(subject));
         if !live.floors.is_empty() {
             live.floors.retain(|f| f.at > sequence);
@@ -388,16 +439,17 @@ mod tests {
         let mut live = Live::new(10);
         assert_eq!(live.bound("r.a"), 10);
         // From nothing: starts at the stream's last sequence.
-        live.switch(Cover::Subjects(vec!["r.a".into()]), 15);
+        let subjects = |s: &[&str]| Cover::Subjects(Filters::new(s.iter().map(|x| x.to_string()).collect()));
+        live.switch(subjects(&["r.a"]), 15);
         assert_eq!((live.applied, live.bound("r.a")), (15, 15));
         assert!(live.told("r.a") && !live.told("r.b"));
         // r.b is added while the consumer is behind: its messages up to 20
         // are replay; r.a's stay live.
-        live.switch(Cover::Subjects(vec!["r.a".into(), "r.b".into()]), 20);
+        live.switch(subjects(&["r.a", "r.b"]), 20);
         assert_eq!((live.bound("r.a"), live.bound("r.b")), (15, 20));
         assert!(live.told("r.a") && !live.told("r.b"));
         // Narrowing adds no floor.
-        live.switch(Cover::Subjects(vec!["r.b".into()]), 15);
+        live.switch(subjects(&["r.b"]), 15);
         assert_eq!(live.floors.len(), 1);
     }
 }

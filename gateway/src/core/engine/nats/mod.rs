@@ -553,6 +553,16 @@ impl NatsEngine {
         }
     }
 
+    /// [`Self::at`], as the stream's leader has it.
+    async fn at_leader(&self, slot: &Slot, channel: &str, sequence: u64) -> Result<Option<proto::Envelope>, CoreError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        match slot.stream.get_raw_message(sequence).await {
+            Ok(m) => Ok(decode(slot, m.sequence, &m.payload).filter(|e| e.channel == channel)),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// The message at `sequence`, if it is still held and is `channel`'s.
     async fn at(&self, slot: &Slot, channel: &str, sequence: u64) -> Result<Option<proto::Envelope>, CoreError> {
         match slot.stream.direct_get(sequence).await {
@@ -571,7 +581,7 @@ impl NatsEngine {
             if m.prev_serial <= bound {
                 return Ok(m.prev_serial);
             }
-            match self.at(slot, channel, m.prev_serial).await? {
+            match self.at_leader(slot, channel, m.prev_serial).await? {
                 Some(prev) => m = prev,
                 // Trimmed meanwhile: nothing at or below the bound is held,
                 // and the chain says where the channel stood.
@@ -884,8 +894,11 @@ impl NatsEngine {
             let lasts = self.lasts(&[inner]).await?;
             let mut lives: Vec<_> = self.slots.iter().map(|s| s.live.lock()).collect();
             self.widen(&mut lives, &[inner], &lasts);
-            return super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)
-                .map(Option::unwrap_or_default);
+            let joined = super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups);
+            if joined.is_err() {
+                self.interest_dropped();
+            }
+            return joined.map(Option::unwrap_or_default);
         }
         if let Some(done) = super::hub::begin_subscribe(&self.hub, session, req, self.cfg.max_shared_groups)? {
             return Ok(done);
@@ -923,7 +936,10 @@ impl NatsEngine {
         let (bounds, seen): (Vec<u64>, Vec<u64>) = {
             let mut lives: Vec<_> = self.slots.iter().map(|s| s.live.lock()).collect();
             self.widen(&mut lives, &wants, &lasts);
-            self.hub.write().subscribe(session, filter, companion.as_deref(), req.no_local)?;
+            if let Err(e) = self.hub.write().subscribe(session, filter, companion.as_deref(), req.no_local) {
+                self.interest_dropped();
+                return Err(e);
+            }
             names
                 .iter()
                 .zip(&heads)
@@ -948,6 +964,7 @@ impl NatsEngine {
             let head = (seen != UNSEEN).then_some(seen);
             if let Err(e) = self.replay(name, (bound, head), &scope, &mut out).await {
                 let _ = self.hub.write().unsubscribe(session, filter);
+                self.interest_dropped();
                 return Err(e);
             }
         }
