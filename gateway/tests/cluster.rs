@@ -1123,3 +1123,78 @@ async fn a_recovery_after_the_node_stopped_reading_the_channel_is_exact() {
         assert_eq!(w[1].3, w[0].2, "one chain: {w:?}");
     }
 }
+
+/// MQTT 5 delayed wills across nodes: a device that drops off node A and
+/// connects again on node B within the will delay has no will sent (node
+/// A's waiting will is cancelled); one that does not come back has its
+/// will sent when the delay ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_is_cancelled_by_a_reconnect_on_another_node() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
+    use rumqttc::v5::{Event, Incoming};
+    let (_turn, _nats, nodes) = cluster("wills", &[]).await;
+    let mut watcher = ws_connect(&nodes[2].http, "will-watcher").await;
+    ws_send(&mut watcher, json!({"type":"subscribe","req":1,"filter":"wills/+"})).await;
+    ws_next(&mut watcher, "subscribed").await;
+    let with_will = |addr: &str, id: &str| {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let mut o = rumqttc::v5::MqttOptions::new(id, host, port.parse().unwrap());
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(300));
+        o.set_keep_alive(Duration::from_secs(5));
+        let props = LastWillProperties {
+            delay_interval: Some(2),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        o.set_last_will(LastWill::new(
+            format!("wills/{id}"),
+            format!("{id} is gone"),
+            QoS::AtLeastOnce,
+            false,
+            Some(props),
+        ));
+        rumqttc::v5::AsyncClient::new(o, 10)
+    };
+    // Both devices on node A; both drop off without a DISCONNECT.
+    let mut gone = Vec::new();
+    for id in ["stays-away", "comes-back"] {
+        let (c, mut ev) = with_will(&nodes[0].mqtt, id);
+        mqtt5_until(&mut ev, |e| matches!(e, Event::Incoming(Incoming::ConnAck(_)))).await.unwrap();
+        gone.push((c, ev));
+    }
+    drop(gone);
+    // One connects again at once, on node B.
+    let (_back, mut ev) = with_will(&nodes[1].mqtt, "comes-back");
+    let mut present = None;
+    mqtt5_until(&mut ev, |e| {
+        if let Event::Incoming(Incoming::ConnAck(a)) = e {
+            present = Some(a.session_present);
+        }
+        present.is_some()
+    })
+    .await
+    .unwrap();
+    assert_eq!(present, Some(true));
+    let polling = tokio::spawn(async move {
+        loop {
+            if ev.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    // The other's will comes after its delay; then nothing more.
+    let will = ws_next(&mut watcher, "message").await;
+    assert_eq!(
+        (will["channel"].as_str(), will["text"].as_str()),
+        (Some("wills/stays-away"), Some("stays-away is gone"))
+    );
+    let more = tokio::time::timeout(Duration::from_secs(4), ws_next(&mut watcher, "message")).await;
+    assert!(more.is_err(), "a will for the device that came back: {more:?}");
+    polling.abort();
+}

@@ -186,6 +186,18 @@ impl MqttSessions {
         Some(rx)
     }
 
+    /// Cancels `client_id`'s delayed will, if one waits here (its client
+    /// connected again, on another node).
+    pub fn cancel_will(&self, client_id: &str) -> bool {
+        match self.wills.lock().remove(client_id) {
+            Some(w) => {
+                w.cancelled.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Delayed wills waiting now.
     pub fn delayed_wills(&self) -> usize {
         self.wills.lock().len()

@@ -77,6 +77,9 @@ pub struct NatsSessions {
     client: async_nats::Client,
     incarnation: String,
     kick_root: String,
+    /// `{subject}.mqtt.connected`: `.{incarnation}` carries the client ids
+    /// that connected on that node.
+    resumed_root: String,
     writes: mpsc::UnboundedSender<Write>,
     /// Writes asked for and not yet done (folded ones included).
     queued: Arc<AtomicUsize>,
@@ -99,6 +102,7 @@ impl NatsSessions {
         let (writes, queue) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let kick_root = format!("{}.mqtt.kick", engine.opts.subject);
+        let resumed_root = format!("{}.mqtt.connected", engine.opts.subject);
         let store = Arc::new_cyclic(|this| NatsSessions {
             this: this.clone(),
             local: MqttSessions::with_limits(limits),
@@ -107,6 +111,7 @@ impl NatsSessions {
             client: engine.client.clone(),
             incarnation: engine.presence.incarnation.clone(),
             kick_root,
+            resumed_root,
             writes,
             queued: queued.clone(),
             expiries: Mutex::new(HashMap::new()),
@@ -123,6 +128,28 @@ impl NatsSessions {
             while let Some(msg) = kicks.next().await {
                 let Some(store) = handler.upgrade() else { return };
                 tokio::spawn(async move { store.handle_kick(msg).await });
+            }
+        });
+        // A device that connects again on another node cancels the delayed
+        // will this node holds for it (MQTT 5 §3.1.3.2.2).
+        let subject = format!("{}.*", store.resumed_root);
+        let mut resumed = store
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| NatsError::JetStream { what: subject, reason: e.to_string() })?;
+        let handler = Arc::downgrade(&store);
+        tokio::spawn(async move {
+            while let Some(msg) = resumed.next().await {
+                let Some(store) = handler.upgrade() else { return };
+                let from = msg.subject.rsplit('.').next().unwrap_or_default();
+                if from == store.incarnation {
+                    continue;
+                }
+                let client_id = String::from_utf8_lossy(&msg.payload);
+                if store.local.cancel_will(&client_id) {
+                    tracing::info!(client_id = %client_id, "MQTT: delayed will cancelled; the client connected to another node");
+                }
             }
         });
         Ok(store)
@@ -297,7 +324,14 @@ impl SessionStore for NatsSessions {
                 let Some(store) = self.this.upgrade() else { return (ticket, Claim::Fresh) };
                 let client_id = client_id.to_string();
                 tokio::spawn(async move {
-                    let _ = tx.send(store.lookup(&client_id).await);
+                    let found = store.lookup(&client_id).await;
+                    if found.is_ok() {
+                        let subject = format!("{}.{}", store.resumed_root, store.incarnation);
+                        if let Err(e) = store.client.publish(subject, Bytes::from(client_id.clone())).await {
+                            tracing::warn!(client_id, error = %e, "MQTT: could not tell other nodes to cancel a delayed will");
+                        }
+                    }
+                    let _ = tx.send(found);
                 });
                 (ticket, Claim::Lookup(rx))
             }
