@@ -71,9 +71,8 @@ impl Eq for Filters {}
 
 impl Filters {
     fn new(list: Vec<String>) -> Self {
-        let wild = |f: &String| f.split('.').any(|t| t == "*" || t == ">");
-        let literal = list.iter().filter(|f| !wild(f)).cloned().collect();
-        let wildcards = list.iter().filter(|f| wild(f)).cloned().collect();
+        let literal = list.iter().filter(|f| !subjects::is_wildcard(f)).cloned().collect();
+        let wildcards = list.iter().filter(|f| subjects::is_wildcard(f)).cloned().collect();
         Filters { list, literal, wildcards }
     }
 }
@@ -163,14 +162,15 @@ impl NatsEngine {
         }
     }
 
-    /// The cover `slot`'s consumer needs for the node's subscriptions,
-    /// `more` (channel filters about to be subscribed) and `keep` (subject
-    /// filters to go on reading).
-    fn wanted(&self, slot: &Arc<Slot>, more: &[&str], keep: &[String]) -> Cover {
+    /// The cover `slot`'s consumer needs for the node's subscriptions now.
+    fn wanted(&self, slot: &Arc<Slot>) -> Cover {
         let interest = self.hub.read().interest();
-        let filters = interest.iter().map(String::as_str).chain(more.iter().copied());
-        let mut wanted: Vec<String> = filters.flat_map(|f| self.subjects_of(slot, f)).collect();
-        wanted.extend_from_slice(keep);
+        let wanted: Vec<String> = interest.iter().flat_map(|f| self.subjects_of(slot, f)).collect();
+        self.cover_of(slot, wanted)
+    }
+
+    /// The cover that reads `wanted` (subject filters).
+    fn cover_of(&self, slot: &Arc<Slot>, wanted: Vec<String>) -> Cover {
         if wanted.is_empty() {
             return Cover::Nothing;
         }
@@ -229,11 +229,13 @@ impl NatsEngine {
             if need.iter().all(|s| live.cover.covers(s)) {
                 continue;
             }
-            // Only narrowing forgets what the consumer told (a subject
-            // whose subscription went waits for it): widening keeps
-            // everything the cover reads.
-            let keep = live.cover.filters().to_vec();
-            let cover = self.wanted(slot, filters, &keep);
+            // Widening adds to what the cover reads (the node's other
+            // subscriptions are in it already); only narrowing drops
+            // subjects, and forgets what the consumer told of them. So a
+            // subscribe costs no walk over every subscription.
+            let mut wanted = live.cover.filters().to_vec();
+            wanted.extend(need);
+            let cover = self.cover_of(slot, wanted);
             // Without a fresh last sequence (the cover shrank meanwhile),
             // the consumer's own position is the floor: still exact, only
             // older.
@@ -248,7 +250,7 @@ impl NatsEngine {
     /// the channels it no longer reads forget what it told about them.
     fn narrow(&self, slot: &Arc<Slot>) {
         let mut live = slot.live.lock();
-        let cover = self.wanted(slot, &[], &[]);
+        let cover = self.wanted(slot);
         if cover == live.cover {
             return;
         }

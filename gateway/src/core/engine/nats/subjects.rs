@@ -131,16 +131,24 @@ pub fn overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether `filter` has a wildcard token.
+pub fn is_wildcard(filter: &str) -> bool {
+    filter.split('.').any(|t| t == "*" || t == ">")
+}
+
 /// `filters` without those another one covers (and without repeats),
-/// sorted; `None` when two that remain still overlap.
-pub fn disjoint(mut filters: Vec<String>) -> Option<Vec<String>> {
-    filters.sort();
-    filters.dedup();
-    let mut kept: Vec<String> = Vec::with_capacity(filters.len());
-    // Wider filters first (fewer tokens, wildcards), so narrower ones meet
-    // what covers them.
-    filters.sort_by_key(|f| (f.split('.').count(), !f.ends_with('>'), f.matches('*').count() == 0));
-    for f in filters {
+/// sorted; `None` when two that remain still overlap. Literal subjects
+/// only meet wildcards (two literals overlap only when equal), so the cost
+/// is a sort of the literals plus the wildcards against each other.
+pub fn disjoint(filters: Vec<String>) -> Option<Vec<String>> {
+    let (mut wild, mut literal): (Vec<String>, Vec<String>) = filters.into_iter().partition(|f| is_wildcard(f));
+    wild.sort();
+    wild.dedup();
+    // Wider filters first (fewer tokens, `>`), so narrower ones meet what
+    // covers them.
+    wild.sort_by_key(|f| (f.split('.').count(), !f.ends_with('>')));
+    let mut kept: Vec<String> = Vec::with_capacity(wild.len());
+    for f in wild {
         if kept.iter().any(|k| covers(k, &f)) {
             continue;
         }
@@ -153,6 +161,11 @@ pub fn disjoint(mut filters: Vec<String>) -> Option<Vec<String>> {
         }
         kept.push(f);
     }
+    literal.sort_unstable();
+    literal.dedup();
+    // A literal a wildcard does not cover does not overlap it either.
+    literal.retain(|l| !kept.iter().any(|k| covers(k, l)));
+    kept.extend(literal);
     kept.sort();
     Some(kept)
 }
