@@ -48,6 +48,12 @@ use crate::core::router::now_ms;
 /// How often a lookup rereads a record another node changed meanwhile.
 const LOOKUP_TRIES: usize = 8;
 
+/// Most client ids a node remembers as taken by other nodes, and for how
+/// long at least (a connection of this node that ends later than that
+/// after another node took its client has long been told).
+const ELSEWHERE_MAX: usize = 65_536;
+const ELSEWHERE_KEEP: Duration = Duration::from_secs(60);
+
 /// How long a lookup waits for the node that holds a session to let go.
 const KICK_WAIT: Duration = Duration::from_secs(3);
 
@@ -80,6 +86,11 @@ pub struct NatsSessions {
     /// `{subject}.mqtt.connected`: `.{incarnation}` carries the client ids
     /// that connected on that node.
     resumed_root: String,
+    /// Client id → (connection, when) this node last took it.
+    claimed: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Client id → when another node said it took it (at most
+    /// [`ELSEWHERE_MAX`], older than [`ELSEWHERE_KEEP`] dropped first).
+    elsewhere: Mutex<HashMap<String, Instant>>,
     writes: mpsc::UnboundedSender<Write>,
     /// Writes asked for and not yet done (folded ones included).
     queued: Arc<AtomicUsize>,
@@ -112,6 +123,8 @@ impl NatsSessions {
             incarnation: engine.presence.incarnation.clone(),
             kick_root,
             resumed_root,
+            claimed: Mutex::new(HashMap::new()),
+            elsewhere: Mutex::new(HashMap::new()),
             writes,
             queued: queued.clone(),
             expiries: Mutex::new(HashMap::new()),
@@ -147,6 +160,7 @@ impl NatsSessions {
                     continue;
                 }
                 let client_id = String::from_utf8_lossy(&msg.payload);
+                store.note_elsewhere(&client_id);
                 if store.local.cancel_will(&client_id) {
                     tracing::info!(client_id = %client_id, "MQTT: delayed will cancelled; the client connected to another node");
                 }
@@ -198,6 +212,18 @@ impl NatsSessions {
                 order.push_back(w.client_id.clone());
                 pending.insert(w.client_id, Pending { value: w.value, done: w.done.into_iter().collect(), folded: 1 });
             }
+        }
+    }
+
+    /// Notes that `client_id` connected on another node now.
+    fn note_elsewhere(&self, client_id: &str) {
+        let mut elsewhere = self.elsewhere.lock();
+        if elsewhere.len() >= ELSEWHERE_MAX {
+            let now = Instant::now();
+            elsewhere.retain(|_, at| now.duration_since(*at) < ELSEWHERE_KEEP);
+        }
+        if elsewhere.len() < ELSEWHERE_MAX {
+            elsewhere.insert(client_id.to_string(), Instant::now());
         }
     }
 
@@ -316,6 +342,7 @@ impl NatsSessions {
 impl SessionStore for NatsSessions {
     fn claim(&self, client_id: &str, now: Instant) -> (Ticket, Claim) {
         let (ticket, claim) = self.local.claim(client_id, now);
+        self.claimed.lock().insert(client_id.to_string(), (ticket.conn, Instant::now()));
         match claim {
             // Another connection on this node: the takeover stays local.
             Claim::Takeover(rx) => (ticket, Claim::Takeover(rx)),
@@ -325,13 +352,15 @@ impl SessionStore for NatsSessions {
                 let client_id = client_id.to_string();
                 tokio::spawn(async move {
                     let found = store.lookup(&client_id).await;
-                    if found.is_ok() {
+                    let taken = found.is_ok();
+                    // Announced only if the connection still waits for the
+                    // session (it gives up after its takeover timeout).
+                    if tx.send(found).is_ok() && taken {
                         let subject = format!("{}.{}", store.resumed_root, store.incarnation);
                         if let Err(e) = store.client.publish(subject, Bytes::from(client_id.clone())).await {
                             tracing::warn!(client_id, error = %e, "MQTT: could not tell other nodes to cancel a delayed will");
                         }
                     }
-                    let _ = tx.send(found);
                 });
                 (ticket, Claim::Lookup(rx))
             }
@@ -339,6 +368,12 @@ impl SessionStore for NatsSessions {
     }
 
     fn release(&self, client_id: &str, conn: u64, session: Option<Box<StoredSession>>, expiry: Duration, now: Instant) {
+        {
+            let mut claimed = self.claimed.lock();
+            if claimed.get(client_id).is_some_and(|(c, _)| *c == conn) {
+                claimed.remove(client_id);
+            }
+        }
         if !self.local.is_live(client_id, conn) {
             return; // taken over: the state went with the handover
         }
@@ -384,7 +419,19 @@ impl SessionStore for NatsSessions {
     }
 
     fn delay_will(&self, client_id: &str) -> Option<DelayedWill> {
-        self.local.delay_will(client_id)
+        let will = self.local.delay_will(client_id)?;
+        // The announcement that the client connected on another node came
+        // before this connection ended (its old socket was still closing):
+        // the will waits for nothing.
+        let since = self.claimed.lock().get(client_id).map(|(_, at)| *at);
+        let elsewhere = self.elsewhere.lock().get(client_id).copied();
+        if let (Some(since), Some(elsewhere)) = (since, elsewhere)
+            && elsewhere > since
+            && self.local.cancel_will(client_id)
+        {
+            tracing::info!(client_id, "MQTT: delayed will not kept; the client connected to another node meanwhile");
+        }
+        Some(will)
     }
 
     fn take_will(&self, client_id: &str, token: u64) -> bool {
