@@ -396,14 +396,22 @@ impl Gateway {
         }
         // The MQTT sessions the closed connections released are written to
         // NATS before the process goes (bounded: NATS may be down).
-        if let Some(sessions) = &self.nats_sessions
-            && !sessions.flush(SESSION_FLUSH_WAIT).await
-        {
-            tracing::warn!(
-                pending = sessions.pending(),
-                "shutdown: MQTT session writes to NATS still queued after {SESSION_FLUSH_WAIT:?}; those sessions \
-                 resume from their previous record"
-            );
+        if let Some(sessions) = &self.nats_sessions {
+            let failed_before = sessions.failed();
+            if !sessions.flush(SESSION_FLUSH_WAIT).await {
+                tracing::warn!(
+                    pending = sessions.pending(),
+                    "shutdown: MQTT session writes to NATS still queued after {SESSION_FLUSH_WAIT:?}; those sessions \
+                     resume from their previous record"
+                );
+            }
+            let failed = sessions.failed() - failed_before;
+            if failed > 0 {
+                tracing::warn!(
+                    failed,
+                    "shutdown: MQTT session writes to NATS failed; those sessions resume from their previous record"
+                );
+            }
         }
         // After the sessions: nothing publishes any more, and the store
         // records a clean stop.

@@ -94,6 +94,8 @@ pub struct NatsSessions {
     writes: mpsc::UnboundedSender<Write>,
     /// Writes asked for and not yet done (folded ones included).
     queued: Arc<AtomicUsize>,
+    /// Writes NATS refused or did not answer, since the start.
+    failed: Arc<AtomicUsize>,
     /// The expiry each live session asked for, for a handover written back.
     expiries: Mutex<HashMap<String, Duration>>,
     this: std::sync::Weak<NatsSessions>,
@@ -112,6 +114,7 @@ impl NatsSessions {
         let kv = NatsEngine::bucket(&engine.js, &engine.opts, &bucket, max_age, 1).await?;
         let (writes, queue) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
         let kick_root = format!("{}.mqtt.kick", engine.opts.subject);
         let resumed_root = format!("{}.mqtt.connected", engine.opts.subject);
         let store = Arc::new_cyclic(|this| NatsSessions {
@@ -127,9 +130,10 @@ impl NatsSessions {
             elsewhere: Mutex::new(HashMap::new()),
             writes,
             queued: queued.clone(),
+            failed: failed.clone(),
             expiries: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(Self::run_writer(store.kv.clone(), queue, queued));
+        tokio::spawn(Self::run_writer(store.kv.clone(), queue, queued, failed));
         let subject = format!("{}.{}", store.kick_root, store.incarnation);
         let mut kicks = store
             .client
@@ -173,7 +177,12 @@ impl NatsSessions {
     /// first asked. Before every write the queue is drained into the
     /// pending set, a client's newer write replacing its older one, so what
     /// waits is at most one record per client however slow NATS is.
-    async fn run_writer(kv: kv::Store, mut queue: mpsc::UnboundedReceiver<Write>, queued: Arc<AtomicUsize>) {
+    async fn run_writer(
+        kv: kv::Store,
+        mut queue: mpsc::UnboundedReceiver<Write>,
+        queued: Arc<AtomicUsize>,
+        failed: Arc<AtomicUsize>,
+    ) {
         let mut order: VecDeque<String> = VecDeque::new();
         let mut pending: HashMap<String, Pending> = HashMap::new();
         loop {
@@ -192,6 +201,7 @@ impl NatsSessions {
                 None => kv.purge(k.as_str()).await.map_err(|e| e.to_string()),
             };
             if let Err(e) = result {
+                failed.fetch_add(1, Ordering::AcqRel);
                 tracing::warn!(client_id, error = %e, "MQTT session: write to NATS failed");
             }
             for d in done {
@@ -225,6 +235,11 @@ impl NatsSessions {
         if elsewhere.len() < ELSEWHERE_MAX {
             elsewhere.insert(client_id.to_string(), Instant::now());
         }
+    }
+
+    /// Session writes NATS refused or did not answer, since the start.
+    pub fn failed(&self) -> usize {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Session writes asked for and not yet done.
