@@ -134,42 +134,14 @@ impl NatsSessions {
             expiries: Mutex::new(HashMap::new()),
         });
         tokio::spawn(Self::run_writer(store.kv.clone(), queue, queued, failed));
-        let subject = format!("{}.{}", store.kick_root, store.incarnation);
-        let mut kicks = store
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| NatsError::JetStream { what: subject, reason: e.to_string() })?;
-        let handler = Arc::downgrade(&store);
-        tokio::spawn(async move {
-            while let Some(msg) = kicks.next().await {
-                let Some(store) = handler.upgrade() else { return };
-                tokio::spawn(async move { store.handle_kick(msg).await });
-            }
-        });
+        let kicks = format!("{}.{}", store.kick_root, store.incarnation);
+        Self::listen(&store, kicks, |store, msg| {
+            tokio::spawn(async move { store.handle_kick(msg).await });
+        })
+        .await?;
         // A device that connects again on another node cancels the delayed
         // will this node holds for it (MQTT 5 §3.1.3.2.2).
-        let subject = format!("{}.*", store.resumed_root);
-        let mut resumed = store
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| NatsError::JetStream { what: subject, reason: e.to_string() })?;
-        let handler = Arc::downgrade(&store);
-        tokio::spawn(async move {
-            while let Some(msg) = resumed.next().await {
-                let Some(store) = handler.upgrade() else { return };
-                let from = msg.subject.rsplit('.').next().unwrap_or_default();
-                if from == store.incarnation {
-                    continue;
-                }
-                let client_id = String::from_utf8_lossy(&msg.payload);
-                store.note_elsewhere(&client_id);
-                if store.local.cancel_will(&client_id) {
-                    tracing::info!(client_id = %client_id, "MQTT: delayed will cancelled; the client connected to another node");
-                }
-            }
-        });
+        Self::listen(&store, format!("{}.*", store.resumed_root), |store, msg| store.handle_connected(&msg)).await?;
         Ok(store)
     }
 
@@ -276,6 +248,42 @@ impl NatsSessions {
         self.queued.fetch_add(1, Ordering::AcqRel);
         if self.writes.send(Write { client_id: client_id.to_string(), value, done }).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Subscribes to `subject` and hands each message to `on` for as long
+    /// as the store lives.
+    async fn listen(
+        store: &Arc<Self>,
+        subject: String,
+        on: fn(Arc<Self>, async_nats::Message),
+    ) -> Result<(), NatsError> {
+        let mut messages = store
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| NatsError::JetStream { what: subject, reason: e.to_string() })?;
+        let handler = Arc::downgrade(store);
+        tokio::spawn(async move {
+            while let Some(msg) = messages.next().await {
+                let Some(store) = handler.upgrade() else { return };
+                on(store, msg);
+            }
+        });
+        Ok(())
+    }
+
+    /// Another node announced that a client connected there: a delayed will
+    /// this node holds for it is not sent.
+    fn handle_connected(&self, msg: &async_nats::Message) {
+        let from = msg.subject.rsplit('.').next().unwrap_or_default();
+        if from == self.incarnation {
+            return;
+        }
+        let client_id = String::from_utf8_lossy(&msg.payload);
+        self.note_elsewhere(&client_id);
+        if self.local.cancel_will(&client_id) {
+            tracing::info!(client_id = %client_id, "MQTT: delayed will cancelled; the client connected to another node");
         }
     }
 
