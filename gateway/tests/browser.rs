@@ -15,54 +15,12 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{DevGateway, SCRIPT_WAIT, repo_root, require_browser};
 
-/// Runs `tests/browser/SCRIPT` with `args` to its end (bounded by
-/// [`SCRIPT_WAIT`]) and returns its last stdout line as JSON, after
-/// asserting that it succeeded.
 fn run_script(root: &std::path::Path, script: &str, args: &[String]) -> serde_json::Value {
-    let mut node = Command::new("node")
-        .arg(root.join("tests/browser").join(script))
-        .args(args)
-        .current_dir(root)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn node");
-    let mut out = node.stdout.take().expect("stdout");
-    let mut err = node.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + SCRIPT_WAIT;
-    let status = loop {
-        if let Some(status) = node.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = node.kill();
-            let _ = node.wait();
-            panic!("{script} did not exit within {SCRIPT_WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = out.join().expect("stdout reader");
-    let err = err.join().expect("stderr reader");
-    let last = out.lines().last().unwrap_or_default();
-    assert!(status.success(), "{script} failed ({status}): {last}\nstderr:\n{err}");
-    let result: serde_json::Value = serde_json::from_str(last).expect("result line is JSON");
-    assert_eq!(result["ok"], true, "{last}");
-    result
+    common::run_browser_script(root, script, args, SCRIPT_WAIT)
 }
 
 #[test]

@@ -11,14 +11,17 @@
 //! Response body:
 //!
 //! ```json
-//! {"messages":[<message frames>],"gaps":[<gap frames>],"cursor":"...","more":false}
+//! {"messages":[<message frames>],"gaps":[<gap frames>],"cursor":"...","more":false,"connection_id":"..."}
 //! ```
 //!
 //! `messages` are the same JSON `message` frames WebSocket and SSE send;
 //! `gaps` says which channels history could not fill (as SSE's `gap` event);
 //! `more` is true when the batch was cut at the batch limit and the next poll
-//! will answer at once. A timeout answers an empty batch and the same
-//! position.
+//! will answer at once; `connection_id` names the poll's session, which a
+//! client sends as `X-Connection-Id` to publish or enter presence over REST
+//! as that session while it lives (kept between polls of one keep-alive
+//! connection, see [`KeptPoll`]). A timeout answers an empty batch and the
+//! same position.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,10 +49,12 @@ impl Default for PollConfig {
     }
 }
 
-/// A poller's session kept between the polls of one keep-alive connection:
-/// a next poll that continues exactly where the last response left it (same
-/// stream parameters, the cursor it was just given) drains it instead of
-/// opening, resubscribing and replaying from history. Anything else — a
+/// A poller's session kept between its polls — on the keep-alive connection
+/// it was served on, or, when the poll named it (`session=`), parked on the
+/// node for the next poll on any connection: a next poll that continues
+/// exactly where the last response left it (same stream parameters, the
+/// cursor it was just given) drains it instead of opening, resubscribing
+/// and replaying from history. Anything else — a
 /// different request, an older cursor, a session the core closed or whose
 /// slow-consumer policy dropped messages meanwhile — opens afresh from the
 /// request's cursor, as every poll on another connection or node does.
@@ -69,8 +74,13 @@ impl std::fmt::Debug for KeptPoll {
 }
 
 impl KeptPoll {
+    /// The session's connection id (what the response named).
+    pub fn connection_id(&self) -> &str {
+        &self.session.handle.connection_id
+    }
+
     /// Whether `req` continues exactly where this session left off.
-    fn continues(&self, req: &StreamRequest) -> bool {
+    pub fn continues(&self, req: &StreamRequest) -> bool {
         let (a, b) = (&self.request, req);
         req.cursor.as_ref() == Some(&self.session.cursor)
             && a.filters == b.filters
@@ -138,7 +148,7 @@ pub async fn poll_kept(
     batch.truncate(cut);
     // The one cursor of the response: after its last event.
     let cursor = session.sent_past(&batch);
-    let body = render(&batch, &cursor, more);
+    let body = render(&batch, &cursor, more, &session.handle.connection_id);
     // Kept only when the cursor returned is the session's own: a cut batch
     // leaves accepted events behind it.
     let keep = !more && session.handle.outbox.closed().is_none() && !*shutdown.borrow();
@@ -151,7 +161,7 @@ pub async fn poll_kept(
     Ok((body, kept))
 }
 
-fn render(batch: &[StreamEvent], cursor: &str, more: bool) -> String {
+fn render(batch: &[StreamEvent], cursor: &str, more: bool, connection_id: &str) -> String {
     let mut messages = String::from("[");
     let mut gaps = String::from("[");
     for ev in batch {
@@ -174,6 +184,10 @@ fn render(batch: &[StreamEvent], cursor: &str, more: bool) -> String {
     }
     messages.push(']');
     gaps.push(']');
-    // The cursor is base64url: no JSON escaping needed.
-    format!("{{\"messages\":{messages},\"gaps\":{gaps},\"cursor\":\"{cursor}\",\"more\":{more}}}")
+    // The cursor is base64url: no JSON escaping needed; the connection id
+    // is the gateway's own (node name and a number), escaped all the same.
+    let connection_id = serde_json::Value::from(connection_id);
+    format!(
+        "{{\"messages\":{messages},\"gaps\":{gaps},\"cursor\":\"{cursor}\",\"more\":{more},\"connection_id\":{connection_id}}}"
+    )
 }

@@ -62,6 +62,11 @@ pub struct StreamRequest {
     pub token: String,
     /// Long-poll wait (`timeout=` seconds), if given.
     pub timeout: Option<Duration>,
+    /// Long polling: the session the previous response named
+    /// (`session=`, its `connection_id`), to continue wherever this poll
+    /// arrives on the node (see `poll::KeptPoll`); empty on a first poll
+    /// that asks for its session to be kept that way.
+    pub session: Option<String>,
     /// Remote address.
     pub peer: Option<SocketAddr>,
 }
@@ -129,6 +134,9 @@ impl StreamRequest {
                 "retained" => req.retained = flag(v)?,
                 "client_id" => req.client_id = v.clone(),
                 "token" => req.token = v.clone(),
+                // Bounded like a client id: it names a session, nothing more.
+                "session" if v.len() <= 256 => req.session = Some(v.clone()),
+                "session" => return Err(bad(ErrorCode::BadRequest.slug(), "session= is at most 256 bytes")),
                 "timeout" => {
                     let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
                         bad(ErrorCode::BadRequest.slug(), format!("timeout must be seconds, got {v:?}"))

@@ -66,8 +66,10 @@ async function main({ browser, page, step, finish }) {
   });
 
   // Same origin as /v1/sse, so the EventSource needs no CORS.
-  const home = await step('open page', () => page.goto(`${httpBase}/`));
-  if (!home || !home.ok()) throw new Error(`GET / answered ${home && home.status()}`);
+  // A page of the gateway's origin that runs no script of its own (the demo
+  // page at `/` would open connections of its own).
+  const home = await step('open page', () => page.goto(`${httpBase}/v1/transports`));
+  if (!home || !home.ok()) throw new Error(`GET /v1/transports answered ${home && home.status()}`);
 
   const query = CHANNELS.map((c) => `channel=${encodeURIComponent(c)}`).join('&');
   await step('open EventSource', () =>

@@ -224,8 +224,10 @@ async function publishFromPage({ channel, text }) {
 
 async function main({ browser, page, step, finish }) {
   // A loopback http:// page is a secure context: WebTransport is available.
-  const home = await step('open page', () => page.goto(`${httpBase}/`));
-  if (!home || !home.ok()) throw new Error(`GET / answered ${home && home.status()}`);
+  // A page of the gateway's origin that runs no script of its own (the demo
+  // page at `/` would open connections of its own).
+  const home = await step('open page', () => page.goto(`${httpBase}/v1/transports`));
+  if (!home || !home.ok()) throw new Error(`GET /v1/transports answered ${home && home.status()}`);
 
   const session = await step('open WebTransport', () =>
     page.evaluate(openSession, {

@@ -50,8 +50,11 @@ const MAX_HEADERS: usize = 64;
 pub enum Outcome<IO> {
     /// Served to the end (closed, or the peer went away).
     Done,
-    /// Not for the front door: serve it with hyper, bytes already read first.
-    Hyper(Prefixed<IO>),
+    /// Not for the front door: serve it with hyper, bytes already read
+    /// first. The long poller's session kept on the connection goes along:
+    /// a request hyper serves next (a REST call acting for that session, or
+    /// the next poll) finds it there instead of ending it.
+    Hyper(Prefixed<IO>, crate::edge::http::PollSlot),
 }
 
 /// A connection with bytes already read from it, replayed first.
@@ -240,7 +243,7 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         let head = match tokio::time::timeout(timeouts.header_read, read_head(&mut io, &mut buf)).await {
             Ok(Ok(Some(head))) => head,
-            Ok(Ok(None)) => return Outcome::Hyper(Prefixed { prefix: buf.freeze(), io }),
+            Ok(Ok(None)) => return Outcome::Hyper(Prefixed { prefix: buf.freeze(), io }, poll_slot),
             Ok(Err(_)) => return Outcome::Done,
             // Nothing at all came: an idle connection, closed in silence.
             Err(_) if buf.is_empty() => {

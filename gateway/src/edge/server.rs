@@ -186,7 +186,13 @@ impl Gateway {
         let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
         let (http_addr, https_addr, admin_addr) = (addr(&http), addr(&https), addr(&admin));
         let (mqtt_addr, mqtts_addr) = (addr(&mqtt), addr(&mqtts));
-        let mut quic_addr = None;
+        // Bound before the HTTP routes are built: `GET /v1/transports` names
+        // the QUIC port a browser's WebTransport should use.
+        let quic = match tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
+            Some(tls) => Some(crate::edge::wt::bind(&config.listen.quic, tls, &config)?),
+            None => None,
+        };
+        let quic_addr = quic.as_ref().map(|(_, addr)| *addr);
 
         // One persistent-session store for MQTT over TCP and over WebSocket.
         let mqtt_cfg = Arc::new(config.mqtt.front_end());
@@ -254,6 +260,13 @@ impl Gateway {
                 mqtt_sessions: mqtt_sessions.clone(),
                 tls: tls.clone(),
                 origins: origins.clone(),
+                parked: crate::edge::http::ParkedPolls::new(shutdown_rx.clone()),
+                listeners: crate::edge::http::Listeners {
+                    quic: quic_addr.map(|a| a.port()),
+                    mqtt: mqtt_addr.map(|a| a.port()),
+                    mqtts: mqtts_addr.map(|a| a.port()),
+                    https: https_addr.map(|a| a.port()),
+                },
             });
             // The same routes over TLS: HTTP/1.1 and HTTP/2 by ALPN.
             let secure = https.zip(tls.clone()).map(|(listener, tls)| {
@@ -327,9 +340,7 @@ impl Gateway {
         }
 
         // QUIC listener: crate::edge::wt
-        if let Some(tls) = tls.as_ref().filter(|_| !config.listen.quic.is_empty()) {
-            let (endpoint, addr) = crate::edge::wt::bind(&config.listen.quic, tls, &config)?;
-            quic_addr = Some(addr);
+        if let Some((endpoint, _)) = quic {
             // Token mode needs a token at the session request, unless
             // anonymous clients are admitted.
             let require_token = !router.is_open() && router.anonymous_caps().is_none();
@@ -660,11 +671,23 @@ where
 {
     match front {
         Some(state) => {
-            if let front::Outcome::Hyper(io) = front::serve(io, state, conn.peer).await {
+            if let front::Outcome::Hyper(io, slot) = front::serve(io, state, conn.peer).await {
                 // An h2c client (prior knowledge) starts with the preface.
                 let h2 = h2 || io.is_h2_preface();
-                // Boxed: hyper's state is not needed while a stream lasts.
-                Box::pin(serve_http(io, service, conn, h2)).await;
+                if h2 {
+                    // HTTP/2 multiplexes any number of pollers (tabs) on one
+                    // connection: no one session is kept for "the next poll".
+                    Box::pin(serve_http(io, service, conn, h2)).await;
+                } else {
+                    // HTTP/1.1: the connection's kept poll session stays
+                    // with it through the requests hyper serves.
+                    let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(slot.clone());
+                        service.call(req)
+                    });
+                    // Boxed: hyper's state is not needed while a stream lasts.
+                    Box::pin(serve_http(io, service, conn, h2)).await;
+                }
             }
         }
         // Boxed too: inline, hyper's connection state would make every

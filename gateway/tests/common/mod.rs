@@ -250,6 +250,51 @@ pub fn require_browser(root: &Path) {
     assert!(pw.exists(), "{} is missing: {fix}", pw.display());
 }
 
+/// Runs `tests/browser/SCRIPT` with `args` to its end (bounded by
+/// `wait`) and returns its last stdout line as JSON, after
+/// asserting that it succeeded.
+pub fn run_browser_script(root: &Path, script: &str, args: &[String], wait: Duration) -> serde_json::Value {
+    let mut node = Command::new("node")
+        .arg(root.join("tests/browser").join(script))
+        .args(args)
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let mut out = node.stdout.take().expect("stdout");
+    let mut err = node.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let deadline = Instant::now() + wait;
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = node.kill();
+            let _ = node.wait();
+            panic!("{script} did not exit within {wait:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = out.join().expect("stdout reader");
+    let err = err.join().expect("stderr reader");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(status.success(), "{script} failed ({status}): {last}\nstderr:\n{err}");
+    let result: serde_json::Value = serde_json::from_str(last).expect("result line is JSON");
+    assert_eq!(result["ok"], true, "{last}");
+    result
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -18,7 +18,8 @@
 //! `Origin` against `[http] allowed_origins`
 //! ([`switchboard_protocols::origin`]): a page of another origin gets 403
 //! `forbidden_origin`; a request without `Origin` is not a browser's and goes
-//! on. The demo page and `/v1/wt/cert-hash` are for any page.
+//! on. The demo page, `/v1/client.js`, `/v1/transports` and
+//! `/v1/wt/cert-hash` are for any page.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -51,8 +52,8 @@ mod streams;
 mod upgrade;
 
 use rest::*;
-pub use streams::PollSlot;
 use streams::*;
+pub use streams::{ParkedPolls, PollSlot};
 use upgrade::*;
 
 /// Response body type of every route.
@@ -110,6 +111,26 @@ pub struct HttpShared {
     /// The pages allowed to use the browser-facing routes (`[http]
     /// allowed_origins`).
     pub origins: OriginPolicy,
+    /// The other listeners' ports, for `GET /v1/transports`.
+    pub listeners: Listeners,
+    /// Long-poll sessions parked between polls (`session=`).
+    pub parked: Arc<ParkedPolls>,
+}
+
+/// The ports of the listeners a page cannot learn from its own URL: what
+/// `GET /v1/transports` tells the browser client (which WebTransport port to
+/// try) and the demo page (which MQTT port its command lines name). `None`:
+/// the listener is off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listeners {
+    /// QUIC (WebTransport).
+    pub quic: Option<u16>,
+    /// MQTT over TCP.
+    pub mqtt: Option<u16>,
+    /// MQTT over TLS.
+    pub mqtts: Option<u16>,
+    /// HTTPS.
+    pub https: Option<u16>,
 }
 
 /// The HTTP status for a core error code.
@@ -146,6 +167,41 @@ fn cert_hash(state: &HttpState) -> Response<Body> {
     resp
 }
 
+/// `GET /v1/transports`: which listeners this gateway runs, by port, for a
+/// page that knows only the HTTP(S) origin it was loaded from. The browser
+/// client learns from it whether (and where) to try WebTransport and whether
+/// to pin the certificate by hash (only a generated development certificate
+/// can be: browsers accept `serverCertificateHashes` only for certificates
+/// valid at most 14 days, which the generated one is and a CA-issued one is
+/// not). Ports are no secret (a port scan finds them), so any origin may
+/// read it.
+fn transports(state: &HttpState) -> Response<Body> {
+    let l = &state.listeners;
+    let port = |p: Option<u16>| p.map(|port| json!({"port": port}));
+    let webtransport = l.quic.zip(state.tls.as_ref()).map(|(port, tls)| {
+        let pin = tls.is_generated().then(|| tls.cert_hash()).flatten();
+        json!({
+            "port": port,
+            "path": "/v1/wt",
+            "certificate_hash": pin.map(|h| json!({"algorithm": "sha-256", "hex": crate::edge::tls::hex(&h)})),
+        })
+    });
+    let body = json!({
+        "webtransport": webtransport,
+        "websocket": {"path": "/v1/ws", "subprotocols": ["switchboard.v1.json", "switchboard.v1.proto"]},
+        "sse": {"path": "/v1/sse"},
+        "poll": {"path": "/v1/poll"},
+        "https": port(l.https),
+        "mqtt": port(l.mqtt),
+        "mqtts": port(l.mqtts),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let mut resp = json_response(StatusCode::OK, &body);
+    resp.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 /// A JSON response.
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(value.to_string()));
@@ -171,7 +227,8 @@ fn raw_json(text: String) -> Response<Body> {
 
 /// The route of a browser-facing path, as labelled in
 /// `switchboard_origin_refused_total{route}`; `None` for the paths any page
-/// may read (the demo page, `/v1/wt/cert-hash`) and unknown ones.
+/// may read (the demo page, `/v1/wt/cert-hash`, `/v1/transports`,
+/// `/v1/client.js`) and unknown ones.
 fn browser_route(path: &str) -> Option<&'static str> {
     match path {
         "/v1/ws" => Some("ws"),
@@ -244,6 +301,8 @@ pub async fn handle(
         (&Method::GET, "/mqtt") => upgrade(state, peer, ticket, req, Route::Mqtt),
         (&Method::GET, "/") => demo_page(),
         (&Method::GET, "/v1/wt/cert-hash") => cert_hash(&state),
+        (&Method::GET, "/v1/transports") => transports(&state),
+        (&Method::GET, "/v1/client.js") => client_module(),
         (&Method::GET, "/v1/sse" | "/v1/poll") => match serve_stream_get(state, peer, &req).await {
             Some(r) => r,
             None => error_response(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
@@ -264,6 +323,19 @@ pub async fn handle(
 
 fn query_pairs<B>(req: &Request<B>) -> Vec<(String, String)> {
     req.uri().query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+/// `GET /v1/client.js`: the browser client, an ES module with no
+/// dependencies (source: `gateway/src/edge/web/client.js`). Readable from
+/// any origin: a page elsewhere may `import` it (module scripts are fetched
+/// with CORS), and it is public code.
+fn client_module() -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(include_bytes!("../web/client.js"))));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/javascript; charset=utf-8"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
 }
 
 fn demo_page() -> Response<Body> {

@@ -74,6 +74,129 @@ pub(super) async fn serve_sse<B>(state: HttpState, peer: SocketAddr, req: &Reque
 #[derive(Clone, Default)]
 pub struct PollSlot(Arc<parking_lot::Mutex<Option<Box<poll::KeptPoll>>>>);
 
+/// Long polls' sessions parked on the node between polls, by connection id.
+///
+/// A browser spreads its requests over several keep-alive connections, so
+/// the per-connection [`PollSlot`] alone rarely sees a poller's next poll:
+/// each poll would open a new session, re-subscribe and replay from history,
+/// and presence entered for the session (REST `X-Connection-Id`) would go
+/// with it. A poll that names its session (`session=`, the previous
+/// response's `connection_id`) parks the session here instead, and its next
+/// poll continues it from any connection. A parked session that no poll
+/// continues within [`PARKED_LINGER`] ends (as a finished poll); one that
+/// another request names but does not continue (a different cursor or
+/// stream) stays for its owner. Bounded: at most [`PARKED_MAX`] on the node
+/// and [`PARKED_PER_IP`] per client address; past them a session ends after
+/// its poll, as without `session=`. A drain ends them all at once.
+pub struct ParkedPolls {
+    inner: parking_lot::Mutex<ParkedInner>,
+    shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct ParkedInner {
+    by_id: std::collections::HashMap<String, Parked>,
+    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+    generation: u64,
+}
+
+struct Parked {
+    kept: Box<poll::KeptPoll>,
+    ip: std::net::IpAddr,
+    generation: u64,
+}
+
+/// How long a parked session waits for its next poll.
+pub const PARKED_LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+/// Parked sessions on the node, at most.
+pub const PARKED_MAX: usize = 100_000;
+/// Parked sessions per client address, at most.
+pub const PARKED_PER_IP: usize = 256;
+
+impl ParkedPolls {
+    /// An empty registry whose sessions end when `shutdown` flips.
+    pub fn new(shutdown: watch::Receiver<bool>) -> Arc<ParkedPolls> {
+        Arc::new(ParkedPolls { inner: parking_lot::Mutex::new(ParkedInner::default()), shutdown })
+    }
+
+    /// Takes the session `req` names, if it is parked here and `req`
+    /// continues it.
+    fn take(&self, req: &StreamRequest) -> Option<Box<poll::KeptPoll>> {
+        let id = req.session.as_deref()?;
+        let mut inner = self.inner.lock();
+        if !inner.by_id.get(id)?.kept.continues(req) {
+            return None;
+        }
+        let parked = inner.by_id.remove(id)?;
+        inner.release(parked.ip);
+        Some(parked.kept)
+    }
+
+    /// Parks `kept` for its next poll (or ends it, over the bounds).
+    fn park(self: &Arc<Self>, kept: Box<poll::KeptPoll>, ip: std::net::IpAddr) {
+        let id = kept.connection_id().to_string();
+        let generation = {
+            let mut inner = self.inner.lock();
+            let held = inner.per_ip.get(&ip).copied().unwrap_or(0);
+            if inner.by_id.len() >= PARKED_MAX || held >= PARKED_PER_IP || *self.shutdown.borrow() {
+                tracing::debug!(%ip, parked = inner.by_id.len(), "poll session not parked: over the bound");
+                return;
+            }
+            inner.generation += 1;
+            let generation = inner.generation;
+            *inner.per_ip.entry(ip).or_default() += 1;
+            if let Some(old) = inner.by_id.insert(id.clone(), Parked { kept, ip, generation }) {
+                inner.release(old.ip);
+            }
+            generation
+        };
+        let me = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(PARKED_LINGER) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+            let expired = {
+                let mut inner = me.inner.lock();
+                match inner.by_id.get(&id) {
+                    Some(p) if p.generation == generation => {
+                        let p = inner.by_id.remove(&id);
+                        if let Some(p) = &p {
+                            inner.release(p.ip);
+                        }
+                        p
+                    }
+                    _ => None,
+                }
+            };
+            // Ends the session outside the lock.
+            drop(expired);
+        });
+    }
+
+    /// Sessions parked now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().by_id.len()
+    }
+
+    /// Whether none is parked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ParkedInner {
+    fn release(&mut self, ip: std::net::IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
 pub(super) async fn serve_poll<B>(
     state: HttpState,
     peer: SocketAddr,
@@ -87,11 +210,23 @@ pub(super) async fn serve_poll<B>(
     let core: Arc<dyn Core> = state.router.clone();
     let now = crate::core::router::now_ms() as u64;
     let slot = req.extensions().get::<PollSlot>();
-    let kept = slot.and_then(|s| s.0.lock().take());
+    // A poll that names its session continues it from the node's parked
+    // sessions; else from the connection's slot.
+    let named = parsed.session.is_some();
+    let kept = match named {
+        true => state.parked.take(&parsed),
+        false => slot.and_then(|s| s.0.lock().take()),
+    };
     let polled = poll::poll_kept(core, &parsed, &state.poll, state.shutdown.clone(), now, kept).await;
     match polled.map(|(body, kept)| {
-        if let Some(s) = slot {
-            *s.0.lock() = kept;
+        match (named, kept) {
+            (true, Some(kept)) => state.parked.park(kept, peer.ip()),
+            (false, kept) => {
+                if let Some(s) = slot {
+                    *s.0.lock() = kept;
+                }
+            }
+            (true, None) => {}
         }
         body
     }) {

@@ -1,0 +1,172 @@
+//! The browser client (`/v1/client.js`) and the demo page (`/`) in headless
+//! Chromium against the real binary (`tests/browser/client.mjs`,
+//! `tests/browser/demo.mjs`, through playwright-core):
+//!
+//! - each transport forced in turn — WebTransport, WebSocket, SSE, long
+//!   polling — subscribes, publishes (acknowledged at the positions then
+//!   delivered), receives every message once in order, enters presence (the
+//!   event, and exactly one member: this client), and reads history;
+//! - fallback through a proxy the script runs: no QUIC listener → WebSocket;
+//!   WebSocket upgrades refused → SSE; streamed responses held back as a
+//!   buffering proxy does → long polling; everything allowed again → back up
+//!   to WebSocket; every message at every stage;
+//! - recovery: the page goes offline while messages are published and while
+//!   it publishes itself, and comes back to every message once, in order,
+//!   its queued publishes acknowledged; then the same across a forced change
+//!   of transport (WebSocket refused meanwhile: back on SSE);
+//! - the demo page loads from the gateway alone, shows one `switchboard pub`
+//!   message at the same position in all five panes, and `mosquitto_sub`
+//!   gets it too; a screenshot is kept in `target/browser-artifacts/`.
+//!
+//! Needs `node`, `/usr/bin/chromium`, `tests/browser/node_modules` and
+//! `mosquitto_sub`; `bash tests/run.sh` installs them. Never skips.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, DevGateway, WAIT, plain_dev, repo_root, require_browser, run_browser_script};
+use serde_json::Value;
+
+/// client.mjs bounds itself at 90 s; this only catches a hung `node`.
+const CLIENT_SCRIPT_WAIT: Duration = Duration::from_secs(120);
+
+fn client_scenario(scenario: &str, http: &str) -> Value {
+    let root = repo_root();
+    require_browser(&root);
+    run_browser_script(&root, "client.mjs", &[scenario.to_string(), format!("http://{http}")], CLIENT_SCRIPT_WAIT)
+}
+
+#[test]
+fn each_transport_forced_subscribes_publishes_and_has_presence_and_history() {
+    let gw = DevGateway::start();
+    let result = client_scenario("forced", &gw.http);
+    let last = result.to_string();
+    for transport in ["webtransport", "websocket", "sse", "poll"] {
+        let r = &result["results"][transport];
+        assert_eq!(r["transport"], transport, "{transport} was forced: {last}");
+        assert_eq!(r["messages"], 5, "{transport}: {last}");
+        assert_eq!(r["serials"], serde_json::json!([1, 2, 3, 4, 5]), "{transport}: {last}");
+        let me = format!("page-{transport}");
+        let members = r["presence"]["members"].as_array().expect("members");
+        assert_eq!(members.len(), 1, "{transport}: exactly one member, this client: {last}");
+        assert_eq!(members[0]["client_id"], me.as_str(), "{transport}: {last}");
+        assert_eq!(members[0]["data"]["role"], "tester", "{transport}: {last}");
+        assert_eq!(r["presence"]["enter"]["client_id"], me.as_str(), "{transport}: {last}");
+        assert_eq!(r["history"]["serial"], 5, "{transport}: {last}");
+        assert_eq!(
+            r["history"]["texts"],
+            serde_json::json!(["page 1", "page 2", "page 3", "rest 4", "rest 5"]),
+            "{transport}: {last}"
+        );
+    }
+}
+
+#[test]
+fn the_client_falls_back_when_transports_are_blocked_and_climbs_back() {
+    // No QUIC listener: WebTransport is not offered at all.
+    let (_gw, banner) = plain_dev(&[], None, &[], WAIT);
+    let result = client_scenario("fallback", &banner.http);
+    let last = result.to_string();
+    let stages = &result["stages"];
+    for (stage, transport) in
+        [("no_quic", "websocket"), ("no_websocket", "sse"), ("no_streaming", "poll"), ("climb_back", "websocket")]
+    {
+        assert_eq!(stages[stage]["transport"], transport, "{stage}: {last}");
+    }
+    for stage in ["no_quic", "no_websocket", "no_streaming"] {
+        assert_eq!(stages[stage]["messages"], 5, "{stage}: {last}");
+    }
+    assert_eq!(stages["climb_back"]["messages"], 8, "{last}");
+    // Each stage tried the better transports first, in order.
+    let states =
+        |s: &str| stages[s]["states"].as_array().expect("states").iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    let tried = |s: &str, t: &str| states(s).iter().any(|x| x.contains(&format!("connecting:{t}")));
+    assert!(tried("no_websocket", "websocket") && tried("no_streaming", "sse"), "{last}");
+}
+
+#[test]
+fn the_client_recovers_every_message_after_going_offline_and_across_a_transport_change() {
+    let (_gw, banner) = plain_dev(&[], None, &[], WAIT);
+    let result = client_scenario("recovery", &banner.http);
+    let last = result.to_string();
+    assert_eq!(result["first"], "websocket", "{last}");
+    assert_eq!(result["back"], "websocket", "{last}");
+    assert_eq!(result["switched"], "sse", "{last}");
+    // 3 before, 4 away, 2 queued by the page, 2 after, 4 during the switch, 1 on SSE.
+    assert_eq!(result["messages"], 16, "{last}");
+    assert_eq!(result["gaps"], 0, "nothing was lost, so no gap: {last}");
+    let acks = result["acks"].as_array().expect("acks");
+    assert_eq!(acks.len(), 2, "{last}");
+    for ack in acks {
+        assert_eq!(ack["duplicate"], false, "sent once after the reconnect: {last}");
+    }
+}
+
+#[test]
+fn the_demo_page_shows_one_message_on_every_transport_and_on_mqtt() {
+    let root = repo_root();
+    require_browser(&root);
+    let gw = DevGateway::start();
+    let text = format!("hello-{}", std::process::id());
+    let (host, port) = gw.mqtt.rsplit_once(':').expect("host:port");
+    let mosquitto = Command::new("mosquitto_sub")
+        .args(["-h", host, "-p", port, "-t", "demo", "-v", "-C", "1", "-W", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (Debian mosquitto-clients; bash tests/run.sh installs it)");
+    wait_for_subscription(&gw.admin);
+
+    let dir = root.join("target/browser-artifacts");
+    std::fs::create_dir_all(&dir).expect("artefact directory");
+    let shot = dir.join("demo.png");
+    let _ = std::fs::remove_file(&shot);
+    let result = run_browser_script(
+        &root,
+        "demo.mjs",
+        &[format!("http://{}", gw.http), BIN.to_string(), text.clone(), shot.display().to_string()],
+        CLIENT_SCRIPT_WAIT,
+    );
+    let last = result.to_string();
+    for (pane, transport) in [
+        ("webtransport", "webtransport"),
+        ("websocket", "websocket"),
+        ("sse", "sse"),
+        ("poll", "poll"),
+        ("auto", "webtransport"),
+    ] {
+        assert_eq!(result["transports"][pane], transport, "{pane}: {last}");
+    }
+    let positions = result["positions"].as_object().expect("positions");
+    let first = &positions["websocket"];
+    for (pane, p) in positions {
+        assert_eq!((&p["serial"], &p["epoch"]), (&first["serial"], &first["epoch"]), "{pane}: {last}");
+    }
+    assert_eq!(result["shown"], 5, "on screen in every pane: {last}");
+    assert_eq!(result["foreign"], serde_json::json!([]), "no request left the gateway: {last}");
+    assert_eq!(result["page_errors"], serde_json::json!([]), "{last}");
+    let published = result["published"].as_str().expect("pub output");
+    assert_eq!(published, format!("demo {}:{}", first["epoch"].as_str().expect("epoch"), first["serial"]));
+
+    let out = mosquitto.wait_with_output().expect("mosquitto_sub ran");
+    assert!(out.status.success(), "mosquitto_sub: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("demo {text}"));
+    let png = std::fs::read(&shot).expect("the screenshot was written");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot: {} bytes", png.len());
+}
+
+/// Waits until the gateway holds a subscription (mosquitto_sub's).
+fn wait_for_subscription(admin: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats: Option<Value> =
+            reqwest::blocking::get(format!("http://{admin}/v1/stats")).ok().and_then(|r| r.json().ok());
+        if stats.is_some_and(|s| s["subscriptions"].as_u64() >= Some(1)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_sub did not subscribe within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
