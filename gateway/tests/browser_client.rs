@@ -14,6 +14,11 @@
 //!   it publishes itself, and comes back to every message once, in order,
 //!   its queued publishes acknowledged; then the same across a forced change
 //!   of transport (WebSocket refused meanwhile: back on SSE);
+//! - drain: the node drains, the client is told to go (1012) and, once a
+//!   second node is up on the same address and store, recovers every
+//!   message with no gap;
+//! - tokens: in token mode, a client per transport with `getToken` and
+//!   3-second tokens refreshes in place and never drops over 8 s;
 //! - the demo page loads from the gateway alone, shows one `switchboard pub`
 //!   message at the same position in all five panes, and `mosquitto_sub`
 //!   gets it too; a screenshot is kept in `target/browser-artifacts/`.
@@ -101,6 +106,68 @@ fn the_client_recovers_every_message_after_going_offline_and_across_a_transport_
     assert_eq!(acks.len(), 2, "{last}");
     for ack in acks {
         assert_eq!(ack["duplicate"], false, "sent once after the reconnect: {last}");
+    }
+}
+
+#[test]
+fn the_client_reconnects_and_recovers_across_a_drain() {
+    let root = repo_root();
+    require_browser(&root);
+    let dir = common::DataDir::new("browser-drain");
+    let mut first = common::Node::start(&dir.0, None, &[]);
+    let (http, admin, mqtt) = (first.http.clone(), first.admin.clone(), first.mqtt.clone());
+    let script = {
+        let (root, http, admin) = (root.clone(), http.clone(), admin.clone());
+        std::thread::spawn(move || {
+            run_browser_script(
+                &root,
+                "client.mjs",
+                &["drain".to_string(), format!("http://{http}"), format!("http://{admin}")],
+                CLIENT_SCRIPT_WAIT,
+            )
+        })
+    };
+    // The script asks for the drain; the node exits within its grace.
+    common::wait_child(&mut first.proc.child, Duration::from_secs(60), "the draining node");
+    let _second = common::Node::start(&dir.0, Some((&http, &admin, &mqtt)), &[]);
+    let result = script.join().expect("the script thread");
+    let last = result.to_string();
+    assert_eq!(result["told"], 1012, "told to reconnect elsewhere: {last}");
+    assert_eq!(result["messages"], 6, "{last}");
+    assert_eq!(result["gaps"], serde_json::json!([]), "same store: nothing lost, no gap: {last}");
+}
+
+#[test]
+fn every_transport_refreshes_its_token_in_place_before_it_expires() {
+    let secret = "browser-client-secret-browser-client";
+    let keys = format!("[{{ kid = \"k1\", alg = \"HS256\", secret = \"{secret}\" }}]");
+    let gw = DevGateway::start_env(&[
+        ("SWITCHBOARD_AUTH__MODE", "token"),
+        ("SWITCHBOARD_AUTH__KEYS", &keys),
+        ("SWITCHBOARD_AUTH__LEEWAY", "0s"),
+    ]);
+    let root = repo_root();
+    require_browser(&root);
+    let result = run_browser_script(
+        &root,
+        "client.mjs",
+        &["tokens".to_string(), format!("http://{}", gw.http), secret.to_string()],
+        CLIENT_SCRIPT_WAIT,
+    );
+    let last = result.to_string();
+    for transport in ["webtransport", "websocket", "sse", "poll"] {
+        let r = &result["results"][transport];
+        // Tokens live 3 s and the run lasts 8 s: the first token and at
+        // least two refreshes, each taken in place.
+        assert!(r["minted"].as_u64().is_some_and(|n| n >= 3), "{transport}: {last}");
+        let states = r["states"].as_array().expect("states");
+        let connects = states.iter().filter(|s| s.as_str().is_some_and(|s| s.starts_with("connected:"))).count();
+        assert_eq!(connects, 1, "{transport} never dropped: {last}");
+        assert!(
+            !states.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with("disconnected"))),
+            "{transport}: {last}"
+        );
+        assert_eq!(r["errors"], serde_json::json!([]), "{transport}: {last}");
     }
 }
 

@@ -79,17 +79,34 @@ impl KeptPoll {
         &self.session.handle.connection_id
     }
 
+    /// The core's id of the session.
+    pub fn session_id(&self) -> crate::port::SessionId {
+        self.session.handle.id
+    }
+
     /// Whether `req` continues exactly where this session left off.
     pub fn continues(&self, req: &StreamRequest) -> bool {
+        self.request.token == req.token && self.continues_but_token(req)
+    }
+
+    /// Whether `req` continues where this session left off, but with a
+    /// token of its own: once the core refreshed the session with it
+    /// ([`KeptPoll::refreshed`]), the session continues.
+    pub fn continues_but_token(&self, req: &StreamRequest) -> bool {
         let (a, b) = (&self.request, req);
         req.cursor.as_ref() == Some(&self.session.cursor)
             && a.filters == b.filters
             && a.presence == b.presence
             && a.retained == b.retained
             && a.client_id == b.client_id
-            && a.token == b.token
             && self.session.handle.outbox.closed().is_none()
             && self.session.handle.outbox.dropped() == self.dropped
+    }
+
+    /// The core took `token` for this session (a refresh): polls carrying
+    /// it continue the session from now on.
+    pub fn refreshed(&mut self, token: &str) {
+        self.request.token = token.to_string();
     }
 }
 

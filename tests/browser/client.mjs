@@ -19,10 +19,22 @@
 //       online it has every message once, in order, and its queued publishes
 //       are acknowledged; then the same across a forced change of transport
 //       (offline, WebSocket upgrades refused meanwhile: back on SSE).
+//   node tests/browser/client.mjs drain    HTTP_BASE ADMIN_BASE
+//       through the proxy: the node drains (admin `POST /v1/drain`); the
+//       client is told to go (1012), and once a second node is up on the
+//       same address and store (gateway/tests/browser_client.rs starts it
+//       when the first has exited) it reconnects by itself and has every
+//       message once, in order, with no gap.
+//   node tests/browser/client.mjs tokens   HTTP_BASE SECRET
+//       a gateway in token mode (HS256 key `k1` = SECRET, no leeway): one
+//       client per transport with `getToken`, whose tokens live 3 s; over
+//       8 s every client refreshes in place, never drops, and receives every
+//       message published meanwhile once, in order.
 //
 // It starts no gateway itself (gateway/tests/browser_client.rs does). One
 // JSON result line on stdout; exit 0 on success. Bounded by OVERALL_MS.
 
+import { createHmac } from 'node:crypto';
 import http from 'node:http';
 import net from 'node:net';
 
@@ -31,17 +43,34 @@ import { run } from './harness.mjs';
 const OVERALL_MS = 90_000;
 const STEP_MS = 20_000;
 
-const [scenario, httpBase] = process.argv.slice(2);
-if (!['forced', 'fallback', 'recovery'].includes(scenario) || !httpBase) {
-  console.log(JSON.stringify({ ok: false, reason: 'usage: client.mjs forced|fallback|recovery HTTP_BASE' }));
+const [scenario, httpBase, third] = process.argv.slice(2);
+const known = ['forced', 'fallback', 'recovery', 'tokens', 'drain'];
+if (!known.includes(scenario) || !httpBase || (['tokens', 'drain'].includes(scenario) && !third)) {
+  console.log(JSON.stringify({ ok: false, reason: 'usage: client.mjs forced|fallback|recovery HTTP_BASE | tokens HTTP_BASE SECRET | drain HTTP_BASE ADMIN_BASE' }));
   process.exit(2);
 }
 
-/** Publishes over REST, straight to the gateway. */
+const b64url = (x) => Buffer.from(x).toString('base64url');
+
+/** Token mode's HS256 secret (`tokens`). */
+const tokenSecret = scenario === 'tokens' ? third : '';
+
+/** An HS256 token of key `k1` for `sub`, valid `ttl` seconds, with every right on `tok/#`. */
+function mint(sub, ttl) {
+  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT', kid: 'k1' }));
+  const exp = Math.floor(Date.now() / 1000) + ttl;
+  const body = b64url(JSON.stringify({ sub, exp, caps: { 'tok/#': 'subscribe,publish,presence,history' } }));
+  const sig = createHmac('sha256', tokenSecret).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
+}
+
+/** Publishes over REST, straight to the gateway (with a token in token mode). */
 async function publish(channel, text) {
+  const headers = { 'content-type': 'text/plain' };
+  if (tokenSecret) headers.authorization = `Bearer ${mint('publisher', 60)}`;
   const res = await fetch(`${httpBase}/v1/channels/${encodeURIComponent(channel)}/messages`, {
     method: 'POST',
-    headers: { 'content-type': 'text/plain' },
+    headers,
     body: text,
   });
   if (!res.ok) throw new Error(`publish to ${channel}: HTTP ${res.status} ${await res.text()}`);
@@ -121,10 +150,11 @@ async function installClient(page, base) {
     window.sb = { mod, clients: {} };
     window.makeClient = (name, options) => {
       const c = mod.connect(location.origin, options);
-      const log = { messages: [], presence: [], gaps: [], states: [], errors: [] };
+      const log = { messages: [], presence: [], gaps: [], states: [], errors: [], disconnects: [] };
       c.on('state', (s) => log.states.push(`${s.state}:${s.transport || ''}`));
       c.on('gap', (g) => log.gaps.push(g));
       c.on('error', (e) => log.errors.push(`${e.code || ''} ${e.message}`));
+      c.on('disconnected', (d) => log.disconnects.push(d.code));
       window.sb.clients[name] = { c, log };
       return true;
     };
@@ -329,7 +359,95 @@ async function recovery({ page, step, finish }) {
   finish(0, { ok: true, ...out });
 }
 
+async function tokens({ page, step, finish }) {
+  const TTL = 3;
+  const RUN_MS = 8000;
+  const minted = {};
+  await page.exposeFunction('mintToken', (sub) => {
+    minted[sub] = (minted[sub] || 0) + 1;
+    return mint(sub, TTL);
+  });
+  await step('load the client', () => installClient(page, httpBase));
+  const transports = ['webtransport', 'websocket', 'sse', 'poll'];
+  await step('connect every transport with getToken', async () => {
+    await page.evaluate((ts) => {
+      for (const t of ts) {
+        window.makeClient(t, { transports: [t], getToken: () => window.mintToken(`tok-${t}`) });
+        window.subscribeAll(t, `tok/${t}`);
+      }
+    }, transports);
+    for (const t of transports) {
+      await connected(page, t, t);
+      await page.waitForFunction(([n, c]) => window.sb.clients[n].c.subs.get(c).established, [t, `tok/${t}`]);
+    }
+  });
+  // Messages throughout more than two token lifetimes.
+  const sent = {};
+  const until = Date.now() + RUN_MS;
+  for (let i = 1; Date.now() < until; i++) {
+    for (const t of transports) {
+      await publish(`tok/${t}`, `m${i}`);
+      (sent[t] = sent[t] || []).push(`m${i}`);
+    }
+    await page.waitForTimeout(400);
+  }
+  const results = {};
+  for (const t of transports) {
+    const got = await step(`${t}: receive`, () => received(page, t, `tok/${t}`, sent[t].length));
+    exactly(got, sent[t], t);
+    const states = await page.evaluate((n) => window.sb.clients[n].log.states, t);
+    const errors = await page.evaluate((n) => window.sb.clients[n].log.errors, t);
+    results[t] = { messages: got.length, minted: minted[`tok-${t}`] || 0, states, errors };
+  }
+  finish(0, { ok: true, ttl: TTL, run_ms: RUN_MS, results });
+}
+
+async function drain({ page, step, finish }) {
+  const adminBase = third;
+  const proxy = await startProxy(httpBase);
+  const ch = 'drain/a';
+  const texts = [];
+  const out = {};
+  try {
+    await step('load the client through the proxy', () => installClient(page, proxy.base));
+    await step('connect and subscribe', async () => {
+      await page.evaluate((c) => {
+        window.makeClient('d', { connectTimeout: 3000, retryMax: 1000, upgradeAfter: 1000 });
+        window.subscribeAll('d', c);
+      }, ch);
+      out.before = await connected(page, 'd');
+      await page.waitForFunction((c) => window.sb.clients.d.c.subs.get(c).established, ch);
+    });
+    for (let i = 1; i <= 3; i++) texts.push((await publish(ch, `first ${i}`), `first ${i}`));
+    await step('receive from the first node', () => received(page, 'd', ch, 3));
+    const res = await fetch(`${adminBase}/v1/drain`, { method: 'POST' });
+    if (res.status !== 202) throw new Error(`POST /v1/drain: HTTP ${res.status}`);
+    await step('told to go', () => page.waitForFunction(() => window.sb.clients.d.log.disconnects.length > 0));
+    out.told = await page.evaluate(() => window.sb.clients.d.log.disconnects[0]);
+    // The second node comes up on the same address once the first exited.
+    await step('the second node answers', async () => {
+      for (;;) {
+        const up = await fetch(`${httpBase}/v1/transports`).then((r) => r.ok, () => false);
+        if (up) return;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    });
+    for (let i = 1; i <= 3; i++) texts.push((await publish(ch, `second ${i}`), `second ${i}`));
+    out.after = await step('reconnect', () => connected(page, 'd'));
+    const got = await step('receive everything once', () => received(page, 'd', ch, texts.length));
+    exactly(got, texts, 'across the drain');
+    out.messages = got.length;
+    out.gaps = await page.evaluate(() => window.sb.clients.d.log.gaps);
+    await page.waitForTimeout(300);
+    const total = await page.evaluate((c) => window.sb.clients.d.log.messages.filter((m) => m.channel === c).length, ch);
+    if (total !== texts.length) throw new Error(`${total} messages after settling, want ${texts.length}`);
+  } finally {
+    proxy.close();
+  }
+  finish(0, { ok: true, ...out });
+}
+
 run(OVERALL_MS, STEP_MS, async (ctx) => {
-  const main = { forced, fallback, recovery }[scenario];
+  const main = { forced, fallback, recovery, tokens, drain }[scenario];
   await main(ctx);
 });

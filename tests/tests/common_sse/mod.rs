@@ -167,6 +167,8 @@ pub struct PollBatch {
     pub cursor: String,
     /// `more`.
     pub more: bool,
+    /// `connection_id`: the poll's session.
+    pub connection_id: String,
 }
 
 /// Decodes a long-poll body, keeping message frames verbatim for the frame
@@ -175,7 +177,7 @@ pub fn parse_batch(body: &str) -> anyhow::Result<PollBatch> {
     let top: BTreeMap<String, Box<RawValue>> =
         serde_json::from_str(body).with_context(|| format!("poll body is not a JSON object: {body}"))?;
     let keys: Vec<&str> = top.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["cursor", "gaps", "messages", "more"], "poll body fields: {body}");
+    assert_eq!(keys, ["connection_id", "cursor", "gaps", "messages", "more"], "poll body fields: {body}");
     let list = |k: &str| -> anyhow::Result<Vec<Box<RawValue>>> { Ok(serde_json::from_str(top[k].get())?) };
     let mut messages = Vec::new();
     let mut raw_messages = Vec::new();
@@ -195,7 +197,8 @@ pub fn parse_batch(body: &str) -> anyhow::Result<PollBatch> {
     }
     let cursor: String = serde_json::from_str(top["cursor"].get())?;
     let more: bool = serde_json::from_str(top["more"].get())?;
-    Ok(PollBatch { messages, raw_messages, gaps, cursor, more })
+    let connection_id: String = serde_json::from_str(top["connection_id"].get())?;
+    Ok(PollBatch { messages, raw_messages, gaps, cursor, more, connection_id })
 }
 
 /// `GET /v1/poll?{query}` on a fresh client (no connection reuse: any

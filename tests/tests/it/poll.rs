@@ -556,3 +556,80 @@ async fn a_kept_session_that_dropped_messages_is_not_continued() -> anyhow::Resu
     assert_same_per_channel(&got, &sent);
     Ok(())
 }
+
+/// A poll that names its session (`session=`, empty at first, then each
+/// answer's `connection_id`) continues it from any connection: every poll
+/// here goes on a fresh connection, yet one session serves them all, and
+/// presence entered for it over REST (`X-Connection-Id`) stays one member.
+/// A poll naming it from another place (an older cursor) gets a fresh
+/// session and leaves the parked one to its owner, who continues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_session_continues_on_any_connection_and_keeps_its_presence() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let named = || -> Vec<String> {
+        let sessions = gw.gateway.router.sessions();
+        sessions.into_iter().filter(|s| s.client_id == "named").map(|s| s.connection_id).collect()
+    };
+    let q = |session: &str, cursor: &str, timeout: &str| {
+        pq(&CHS, &[("session", session), ("cursor", cursor), ("timeout", timeout), ("client_id", "named")])
+    };
+    let first = poll(&gw.http, &pq(&CHS, &[("session", ""), ("timeout", "0"), ("client_id", "named")])).await?;
+    let id = first.connection_id.clone();
+    assert_eq!(named(), [id.clone()], "the first poll's session is parked after its answer");
+
+    let http = reqwest::Client::new();
+    let enter = http
+        .post(format!("{}/v1/channels/lp%2Fa/presence", gw.http))
+        .header("x-connection-id", &id)
+        .header("content-type", "application/json")
+        .body(r#"{"data":{"n":1}}"#)
+        .send()
+        .await?;
+    assert_eq!(enter.status().as_u16(), 200, "presence for the parked session");
+    let members = || async {
+        let v: serde_json::Value =
+            http.get(format!("{}/v1/channels/lp%2Fa/presence", gw.http)).send().await?.json().await?;
+        anyhow::Ok(
+            v["members"].as_array().map(|m| m.iter().map(|m| m["connection_id"].to_string()).collect::<Vec<_>>()),
+        )
+    };
+
+    let mut publisher = WsClient::connect(&gw.ws, Codec::Proto, "pub").await?;
+    let (mut sent, mut got, mut cursor) = (Vec::new(), Vec::new(), first.cursor.clone());
+    for round in 0..3 {
+        sent.extend(publish_round_robin(&mut publisher, &CHS, 2, &format!("r{round}")).await?);
+        while got.len() < sent.len() {
+            // `poll` opens a new connection each time.
+            let b = poll(&gw.http, &q(&id, &cursor, "5")).await?;
+            assert_eq!(b.connection_id, id, "round {round}: the named session answered");
+            got.extend(b.messages);
+            cursor = b.cursor;
+        }
+        assert_eq!(named(), [id.clone()], "round {round}: one session throughout");
+        assert_eq!(members().await?, Some(vec![format!("{id:?}")]), "round {round}: one member");
+    }
+    assert_same_per_channel(&got, &sent);
+
+    // Another cursor is another place: a fresh session, the parked one kept.
+    let other = poll(&gw.http, &q(&id, &first.cursor, "0")).await?;
+    assert_ne!(other.connection_id, id);
+    assert_same_per_channel(&other.messages, &sent);
+    eventually(WAIT, "the parked session to stay and the other to be parked too", || async {
+        let mut n = named();
+        n.sort();
+        let mut want = vec![id.clone(), other.connection_id.clone()];
+        want.sort();
+        n == want
+    })
+    .await?;
+    let tail = publish_round_robin(&mut publisher, &CHS, 1, "tail").await?;
+    let mut more = Vec::new();
+    while more.len() < tail.len() {
+        let b = poll(&gw.http, &q(&id, &cursor, "5")).await?;
+        assert_eq!(b.connection_id, id, "the owner continues its session");
+        more.extend(b.messages);
+        cursor = b.cursor;
+    }
+    assert_same_per_channel(&more, &tail);
+    Ok(())
+}

@@ -120,16 +120,36 @@ impl ParkedPolls {
     }
 
     /// Takes the session `req` names, if it is parked here and `req`
-    /// continues it.
-    fn take(&self, req: &StreamRequest) -> Option<Box<poll::KeptPoll>> {
+    /// continues it. A poll that continues it with a new token (the client
+    /// refreshed its token) refreshes the session in place first, as
+    /// `POST /v1/refresh` does: the token must name the same client; if the
+    /// core refuses it, the session stays parked for its owner.
+    async fn take(self: &Arc<Self>, req: &StreamRequest, router: &Router) -> Option<Box<poll::KeptPoll>> {
         let id = req.session.as_deref()?;
-        let mut inner = self.inner.lock();
-        if !inner.by_id.get(id)?.kept.continues(req) {
-            return None;
+        let mut parked = {
+            let mut inner = self.inner.lock();
+            let p = inner.by_id.get(id)?;
+            if !p.kept.continues_but_token(req) {
+                return None;
+            }
+            let parked = inner.by_id.remove(id)?;
+            inner.release(parked.ip);
+            parked
+        };
+        if parked.kept.continues(req) {
+            return Some(parked.kept);
         }
-        let parked = inner.by_id.remove(id)?;
-        inner.release(parked.ip);
-        Some(parked.kept)
+        match Core::refresh(router, parked.kept.session_id(), &req.token).await {
+            Ok(()) => {
+                parked.kept.refreshed(&req.token);
+                Some(parked.kept)
+            }
+            Err(e) => {
+                tracing::debug!(session = id, error = %e.message, "a poll's new token was refused; its session stays parked");
+                self.park(parked.kept, parked.ip);
+                None
+            }
+        }
     }
 
     /// Parks `kept` for its next poll (or ends it, over the bounds).
@@ -214,7 +234,7 @@ pub(super) async fn serve_poll<B>(
     // sessions; else from the connection's slot.
     let named = parsed.session.is_some();
     let kept = match named {
-        true => state.parked.take(&parsed),
+        true => state.parked.take(&parsed, &state.router).await,
         false => slot.and_then(|s| s.0.lock().take()),
     };
     let polled = poll::poll_kept(core, &parsed, &state.poll, state.shutdown.clone(), now, kept).await;
