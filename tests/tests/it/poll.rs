@@ -575,7 +575,7 @@ async fn a_named_session_continues_on_any_connection_and_keeps_its_presence() ->
     };
     let first = poll(&gw.http, &pq(&CHS, &[("session", ""), ("timeout", "0"), ("client_id", "named")])).await?;
     let id = first.connection_id.clone();
-    assert_eq!(named(), [id.clone()], "the first poll's session is parked after its answer");
+    assert_eq!(named(), std::slice::from_ref(&id), "the first poll's session is parked after its answer");
 
     let http = reqwest::Client::new();
     let enter = http
@@ -605,7 +605,7 @@ async fn a_named_session_continues_on_any_connection_and_keeps_its_presence() ->
             got.extend(b.messages);
             cursor = b.cursor;
         }
-        assert_eq!(named(), [id.clone()], "round {round}: one session throughout");
+        assert_eq!(named(), std::slice::from_ref(&id), "round {round}: one session throughout");
         assert_eq!(members().await?, Some(vec![format!("{id:?}")]), "round {round}: one member");
     }
     assert_same_per_channel(&got, &sent);
