@@ -21,7 +21,8 @@
 //!   3-second tokens refreshes in place and never drops over 8 s;
 //! - the demo page loads from the gateway alone, shows one `switchboard pub`
 //!   message at the same position in all five panes, and `mosquitto_sub`
-//!   gets it too; a screenshot is kept in `target/browser-artifacts/`.
+//!   gets it too, over HTTP and over HTTPS; screenshots are kept in
+//!   `target/browser-artifacts/`.
 //!
 //! Needs `node`, `/usr/bin/chromium`, `tests/browser/node_modules` and
 //! `mosquitto_sub`; `bash tests/run.sh` installs them. Never skips.
@@ -173,10 +174,20 @@ fn every_transport_refreshes_its_token_in_place_before_it_expires() {
 
 #[test]
 fn the_demo_page_shows_one_message_on_every_transport_and_on_mqtt() {
+    demo_page(false);
+}
+
+/// The same page from the HTTPS listener (HTTP/2; dev's certificate).
+#[test]
+fn the_demo_page_works_over_https() {
+    demo_page(true);
+}
+
+fn demo_page(https: bool) {
     let root = repo_root();
     require_browser(&root);
     let gw = DevGateway::start();
-    let text = format!("hello-{}", std::process::id());
+    let text = format!("hello-{}-{https}", std::process::id());
     let (host, port) = gw.mqtt.rsplit_once(':').expect("host:port");
     let mosquitto = Command::new("mosquitto_sub")
         .args(["-h", host, "-p", port, "-t", "demo", "-v", "-C", "1", "-W", "60"])
@@ -188,12 +199,13 @@ fn the_demo_page_shows_one_message_on_every_transport_and_on_mqtt() {
 
     let dir = root.join("target/browser-artifacts");
     std::fs::create_dir_all(&dir).expect("artefact directory");
-    let shot = dir.join("demo.png");
+    let shot = dir.join(if https { "demo-https.png" } else { "demo.png" });
     let _ = std::fs::remove_file(&shot);
+    let page = if https { format!("https://{}", gw.https) } else { format!("http://{}", gw.http) };
     let result = run_browser_script(
         &root,
         "demo.mjs",
-        &[format!("http://{}", gw.http), BIN.to_string(), text.clone(), shot.display().to_string()],
+        &[format!("http://{}", gw.http), BIN.to_string(), text.clone(), shot.display().to_string(), page],
         CLIENT_SCRIPT_WAIT,
     );
     let last = result.to_string();

@@ -103,6 +103,13 @@ impl KeptPoll {
             && self.session.handle.outbox.dropped() == self.dropped
     }
 
+    /// Whether `req` comes from this session's own client (the same client
+    /// id and token): a poll of its owner that does not continue it (new
+    /// filters, another cursor) replaces it.
+    pub fn owned_by(&self, req: &StreamRequest) -> bool {
+        self.request.client_id == req.client_id && self.request.token == req.token
+    }
+
     /// The core took `token` for this session (a refresh): polls carrying
     /// it continue the session from now on.
     pub fn refreshed(&mut self, token: &str) {

@@ -5,7 +5,11 @@
 // publishes one message, and every pane must show it at the same position.
 // A screenshot of the page is written to SCREENSHOT.
 //
-//   node tests/browser/demo.mjs HTTP_BASE SWITCHBOARD_BIN TEXT SCREENSHOT
+//   node tests/browser/demo.mjs HTTP_BASE SWITCHBOARD_BIN TEXT SCREENSHOT [PAGE_BASE]
+//
+// PAGE_BASE (default HTTP_BASE) is where the page is loaded from, e.g. the
+// HTTPS listener (`https://127.0.0.1:PORT`, dev's self-signed certificate
+// accepted); `switchboard pub` always publishes to HTTP_BASE.
 //
 // It starts no gateway (gateway/tests/browser_client.rs does). One JSON
 // result line on stdout; exit 0 on success. Bounded by OVERALL_MS.
@@ -18,7 +22,8 @@ const OVERALL_MS = 60_000;
 const STEP_MS = 20_000;
 const PANES = ['webtransport', 'websocket', 'sse', 'poll', 'auto'];
 
-const [httpBase, bin, text, screenshot] = process.argv.slice(2);
+const [httpBase, bin, text, screenshot, pageArg] = process.argv.slice(2);
+const pageBase = pageArg || httpBase;
 if (!httpBase || !bin || !text || !screenshot) {
   console.log(JSON.stringify({ ok: false, reason: 'usage: demo.mjs HTTP_BASE SWITCHBOARD_BIN TEXT SCREENSHOT' }));
   process.exit(2);
@@ -28,12 +33,12 @@ run(OVERALL_MS, STEP_MS, async ({ page, step, finish }) => {
   const foreign = [];
   page.on('request', (req) => {
     const url = req.url();
-    if (!url.startsWith(`${httpBase}/`) && !url.startsWith('data:')) foreign.push(url);
+    if (!url.startsWith(`${pageBase}/`) && !url.startsWith('data:')) foreign.push(url);
   });
   const consoleErrors = [];
   page.on('pageerror', (e) => consoleErrors.push(String(e)));
   await page.setViewportSize({ width: 1280, height: 900 });
-  await step('load the demo page', () => page.goto(`${httpBase}/`));
+  await step('load the demo page', () => page.goto(`${pageBase}/`));
   await step('every pane connects', () =>
     page.waitForFunction((panes) => panes.every((p) => window.demo && window.demo.panes[p] && window.demo.panes[p].client.state === 'connected'), PANES),
   );
@@ -59,5 +64,5 @@ run(OVERALL_MS, STEP_MS, async ({ page, step, finish }) => {
   await step('presence lists this page', () => page.waitForFunction(() => document.querySelectorAll('#members li').length > 0));
   const commands = await page.evaluate(() => [...document.querySelectorAll('#commands pre')].map((p) => p.textContent));
   await page.screenshot({ path: screenshot, fullPage: true });
-  finish(0, { ok: true, transports, positions, shown, published, commands, foreign, page_errors: consoleErrors });
-});
+  finish(0, { ok: true, page: pageBase, transports, positions, shown, published, commands, foreign, page_errors: consoleErrors });
+}, { ignoreHTTPSErrors: pageBase.startsWith('https:') });

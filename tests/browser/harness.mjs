@@ -5,11 +5,15 @@
 // `overallMs`, one JSON result line on stdout (exit 0 on success, 1 on
 // failure) and the browser always closed.
 //
-//   run(OVERALL_MS, STEP_MS, async ({ browser, page, step, finish }) => { ... });
+//   run(OVERALL_MS, STEP_MS, async ({ browser, page, step, finish }) => { ... }, contextOptions);
+//
+// `contextOptions` go to playwright's `browser.newContext` (e.g.
+// `{ ignoreHTTPSErrors: true }` for a page served with dev's self-signed
+// certificate).
 
 import { chromium } from 'playwright-core';
 
-export function run(overallMs, stepMs, main) {
+export function run(overallMs, stepMs, main, contextOptions = {}) {
   let browser;
   let finished = false;
   let currentStep = 'start';
@@ -51,7 +55,8 @@ export function run(overallMs, stepMs, main) {
         '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
       ],
     });
-    const page = await browser.newPage();
+    const context = await browser.newContext(contextOptions);
+    const page = await context.newPage();
     page.setDefaultTimeout(stepMs);
     return main({ browser, page, step, finish });
   })().catch((e) => finish(1, { ok: false, reason: String(e && e.message ? e.message : e), step: currentStep }));

@@ -561,8 +561,9 @@ async fn a_kept_session_that_dropped_messages_is_not_continued() -> anyhow::Resu
 /// answer's `connection_id`) continues it from any connection: every poll
 /// here goes on a fresh connection, yet one session serves them all, and
 /// presence entered for it over REST (`X-Connection-Id`) stays one member.
-/// A poll naming it from another place (an older cursor) gets a fresh
-/// session and leaves the parked one to its owner, who continues it.
+/// Another client naming it gets a fresh session and leaves the parked one
+/// to its owner; the owner naming it from another place (an older cursor)
+/// gets a fresh session, and the parked one ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_session_continues_on_any_connection_and_keeps_its_presence() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
@@ -610,18 +611,14 @@ async fn a_named_session_continues_on_any_connection_and_keeps_its_presence() ->
     }
     assert_same_per_channel(&got, &sent);
 
-    // Another cursor is another place: a fresh session, the parked one kept.
-    let other = poll(&gw.http, &q(&id, &first.cursor, "0")).await?;
+    // Another client naming it gets a fresh session of its own; the parked
+    // one stays for its owner, who continues it.
+    let intruder =
+        pq(&CHS, &[("session", &id), ("cursor", &first.cursor), ("timeout", "0"), ("client_id", "intruder")]);
+    let other = poll(&gw.http, &intruder).await?;
     assert_ne!(other.connection_id, id);
     assert_same_per_channel(&other.messages, &sent);
-    eventually(WAIT, "the parked session to stay and the other to be parked too", || async {
-        let mut n = named();
-        n.sort();
-        let mut want = vec![id.clone(), other.connection_id.clone()];
-        want.sort();
-        n == want
-    })
-    .await?;
+    assert_eq!(named(), std::slice::from_ref(&id), "the parked session stays for its owner");
     let tail = publish_round_robin(&mut publisher, &CHS, 1, "tail").await?;
     let mut more = Vec::new();
     while more.len() < tail.len() {
@@ -631,5 +628,14 @@ async fn a_named_session_continues_on_any_connection_and_keeps_its_presence() ->
         cursor = b.cursor;
     }
     assert_same_per_channel(&more, &tail);
+
+    // The owner going back to an older cursor: a fresh session replays from
+    // it, and the parked one ends at once.
+    let back = poll(&gw.http, &q(&id, &first.cursor, "0")).await?;
+    assert_ne!(back.connection_id, id);
+    sent.extend(tail);
+    assert_same_per_channel(&back.messages, &sent);
+    eventually(WAIT, "the replaced session to end", || async { named() == std::slice::from_ref(&back.connection_id) })
+        .await?;
     Ok(())
 }
