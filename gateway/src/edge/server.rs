@@ -151,7 +151,7 @@ impl Gateway {
         };
         // Validated at load: a bad key configuration never gets this far.
         let auth = config.auth.verifier().map_err(|e| ServerError::Config(e.to_string()))?;
-        let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth);
+        let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth, Default::default());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let draining = Arc::new(watch::Sender::new(false));
         let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
