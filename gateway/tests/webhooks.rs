@@ -70,7 +70,7 @@ fn signature_ok(secret: &str, header: &str, body: &[u8]) -> bool {
     signed.extend_from_slice(body);
     let tag = aws_lc_rs::hmac::sign(&key, &signed);
     let want: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    v1.iter().any(|s| *s == want)
+    v1.contains(&want)
 }
 
 /// A webhook receiver: records every request and answers `status`.

@@ -118,7 +118,8 @@ impl Worker {
                         Some(q) => self.admit(q),
                         None => return self.stopping(),
                     },
-                    _ = self.stop.changed() => {}
+                    // Set, or its sender gone: either way, stop.
+                    _ = self.stop.changed() => return self.stopping(),
                 }
                 continue;
             };
