@@ -12,6 +12,8 @@
 //!   hold instead of waiting.
 //! - With durable storage, events queued while the receiver is down
 //!   survive a SIGKILL of the gateway and arrive after the restart.
+//! - A drain (SIGTERM) delivers the sessions' disconnects, even one that
+//!   needs a retry, before the process exits.
 
 mod common;
 
@@ -534,5 +536,40 @@ async fn queued_events_survive_a_sigkill_with_durable_storage() {
     let serials: BTreeSet<u64> =
         receiver.delivered("/durable").iter().filter_map(|g| g.body["message"]["serial"].as_u64()).collect();
     assert_eq!(serials, (1..=30).collect(), "the events name the messages' positions");
+    receiver.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_delivers_the_disconnects_before_the_process_exits() {
+    let receiver = Receiver::start(None, &[("/drain", SECRET_ALL)]).await;
+    let hook = format!(
+        r#"{{ url = "http://{}/drain", secret = "{SECRET_ALL}", backoff_min = "50ms", backoff_max = "100ms" }}"#,
+        receiver.addr
+    );
+    let hooks = webhooks_env(&[hook]);
+    let (mut gw, banner) = plain_dev(&[], None, &[("SWITCHBOARD_WEBHOOKS", hooks.as_str())], WAIT);
+    let mut ws = ws_connect(&banner.http, "erin").await;
+    ws_call(&mut ws, json!({"type": "subscribe", "filter": "drain/x"}), 1).await;
+    let reader = tokio::spawn(async move { while ws.next().await.is_some() {} });
+    let types = || -> Vec<String> {
+        receiver.delivered("/drain").iter().map(|g| g.body["type"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    until("connect and subscribe delivered", || types() == ["connect", "subscribe"]).await;
+
+    // SIGTERM: the server closes the session, and its disconnect — refused
+    // once (503), so it waits in the queue — is delivered within
+    // [shutdown] webhook_flush, before the exit.
+    receiver.status.store(503, Ordering::SeqCst);
+    let (got, status) = (receiver.got.clone(), receiver.status.clone());
+    let heal = tokio::spawn(async move {
+        until("the disconnect refused once", || got.lock().iter().any(|g| g.status == 503)).await;
+        status.store(200, Ordering::SeqCst);
+    });
+    tokio::task::spawn_blocking(move || gw.signal("-TERM")).await.unwrap();
+    heal.await.unwrap();
+    assert_eq!(types(), ["connect", "subscribe", "disconnect"]);
+    let last = receiver.delivered("/drain").pop().unwrap();
+    assert_eq!((last.body["client_id"].as_str(), last.body["clean"].as_bool()), (Some("erin"), Some(false)));
+    reader.abort();
     receiver.stop();
 }
