@@ -5,5 +5,6 @@
 pub mod auth;
 pub mod channel;
 pub mod engine;
+pub mod lifecycle;
 pub mod router;
 pub mod str_set;

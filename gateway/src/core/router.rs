@@ -43,6 +43,7 @@ use switchboard_protocols::port::{
 use crate::core::auth::{Caps, Op, Verifier};
 use crate::core::channel;
 use crate::core::engine::{Caller, Engine, EngineStats};
+use crate::core::lifecycle::{Detail, Event, EventKind, Lifecycle};
 
 /// How the client ids of anonymous clients start (`anon-` and 16 hex
 /// digits).
@@ -214,6 +215,9 @@ pub struct Router {
     node: String,
     next_id: AtomicU64,
     sessions: RwLock<HashMap<SessionId, Arc<SessionEntry>>>,
+    /// Where connect, disconnect, subscribe, unsubscribe and publish
+    /// events go (webhooks); presence events come from the engine.
+    lifecycle: Lifecycle,
 }
 
 impl std::fmt::Debug for Router {
@@ -242,8 +246,14 @@ fn limit_exceeded(limit: &'static str, protocol: proto::Protocol, client_id: &st
 }
 
 impl Router {
-    /// A router over `engine`.
-    pub fn new(engine: Arc<dyn Engine>, limits: RouterLimits, node: String, auth: Option<Verifier>) -> Arc<Self> {
+    /// A router over `engine`, handing lifecycle events to `lifecycle`.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        limits: RouterLimits,
+        node: String,
+        auth: Option<Verifier>,
+        lifecycle: Lifecycle,
+    ) -> Arc<Self> {
         Arc::new(Router {
             engine,
             auth,
@@ -251,7 +261,15 @@ impl Router {
             node,
             next_id: AtomicU64::new(1),
             sessions: RwLock::new(HashMap::new()),
+            lifecycle,
         })
+    }
+
+    /// Hands a connect, disconnect, subscribe or unsubscribe of `caller`
+    /// to the lifecycle sink, if it wants it.
+    fn emit(&self, kind: EventKind, caller: &Caller, channel: &str, detail: impl FnOnce() -> Detail) {
+        self.lifecycle
+            .emit_with(kind, channel, || Event { detail: detail(), ..Event::of(kind, caller, channel, now_ms()) });
     }
 
     /// True in open (dev) mode: no token needed, everything allowed.
@@ -614,12 +632,19 @@ impl Router {
             }
         })?;
         Self::require(caps, Op::Publish, &req.channel)?;
+        // The message is kept for the event only when someone wants it
+        // (publish events are opt-in).
+        let for_event = self.lifecycle.wants(EventKind::Publish, &req.channel).then(|| req.clone());
         let ack = self.engine.publish(caller, req, now_ms()).await?;
         let label = protocol_label(caller.protocol);
         if ack.duplicate {
             metrics::counter!("switchboard_publish_duplicates_total", "protocol" => label).increment(1);
         } else {
             metrics::counter!("switchboard_messages_in_total", "protocol" => label).increment(1);
+            if let Some(message) = for_event {
+                let (channel, ack) = (message.channel.clone(), ack.clone());
+                self.emit(EventKind::Publish, caller, &channel, || Detail::Publish { ack, message: Box::new(message) });
+            }
         }
         Ok(ack)
     }
@@ -751,6 +776,7 @@ impl Router {
             }
         })?;
         if let Ok(s) = self.entry(session) {
+            self.emit(EventKind::Subscribe, &s.caller, &req.filter, || Detail::None);
             s.rights.lock().filters.insert(req.filter);
         }
         Ok(outcome)
@@ -786,6 +812,7 @@ impl Core for Router {
             requests: TokenBucket::new(self.limits.request_rate, self.limits.request_burst, std::time::Instant::now()),
             presence: StrSet::new(),
         };
+        self.emit(EventKind::Connect, &caller, "", || Detail::None);
         let entry = SessionEntry { caller, outbox: outbox.clone(), opened_ms: now_ms(), rights: Mutex::new(rights) };
         self.sessions.write().insert(id, Arc::new(entry));
         metrics::gauge!("switchboard_connections", "protocol" => protocol_label(req.protocol)).increment(1.0);
@@ -811,6 +838,7 @@ impl Core for Router {
         channel::validate_subscription(filter).map_err(|e| channel::filter_error(filter, e))?;
         self.engine.unsubscribe(session, filter).await?;
         if let Ok(s) = self.entry(session) {
+            self.emit(EventKind::Unsubscribe, &s.caller, filter, || Detail::None);
             s.rights.lock().filters.remove(filter);
         }
         Ok(())
@@ -887,6 +915,9 @@ impl Core for Router {
     fn close(&self, session: SessionId, kind: CloseKind) {
         let Some(entry) = self.sessions.write().remove(&session) else { return };
         self.engine.detach(session, kind, now_ms());
+        // After the detach: a clean close's presence leaves come first.
+        let clean = kind == CloseKind::Clean;
+        self.emit(EventKind::Disconnect, &entry.caller, "", || Detail::Disconnect { clean });
         let label = protocol_label(entry.caller.protocol);
         metrics::gauge!("switchboard_connections", "protocol" => label).decrement(1.0);
         if entry.outbox.closed() == Some(CloseReason::SLOW) {

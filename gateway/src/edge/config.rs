@@ -861,11 +861,170 @@ pub struct ShutdownConfig {
     /// clients to go (time for a load balancer to notice).
     #[serde(deserialize_with = "de_duration")]
     pub drain_delay: Duration,
+    /// How long a shutdown waits, after the sessions ended, for pending
+    /// webhook deliveries (with durable storage they persist anyway).
+    #[serde(deserialize_with = "de_duration")]
+    pub webhook_flush: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { grace: Duration::from_secs(10), drain_delay: Duration::ZERO }
+        ShutdownConfig {
+            grace: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+            webhook_flush: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One `[[webhooks]]` endpoint: lifecycle events POSTed as signed JSON
+/// (docs/webhooks.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where events are POSTed: an `http://` or `https://` URL.
+    pub url: String,
+    /// The HMAC-SHA256 key of the `Switchboard-Signature` header, at least
+    /// 16 bytes.
+    pub secret: String,
+    /// Event types sent (`connect`, `disconnect`, `subscribe`,
+    /// `unsubscribe`, `presence.enter`, `presence.update`,
+    /// `presence.leave`, `publish`). Default: all but `publish`.
+    pub events: Vec<String>,
+    /// MQTT filters selecting the channels whose events are sent
+    /// (connect and disconnect have none and are always sent).
+    pub channels: Vec<String>,
+    /// The endpoint's name in metrics and logs, and the key of its pending
+    /// events on disk. Default: the URL without credentials and query.
+    pub name: String,
+    /// Longest wait for one delivery's answer.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Most events waiting for delivery; more are dropped (counted, logged).
+    pub queue_size: usize,
+    /// Most bytes of events waiting for delivery (their JSON bodies, about).
+    pub queue_bytes: usize,
+    /// Back-off before the first retry (full jitter: a random wait up to
+    /// this, doubling per failed attempt).
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_min: Duration,
+    /// Longest back-off between two attempts.
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_max: Duration,
+    /// An event not delivered this long after it happened is dropped.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_age: Duration,
+}
+
+/// The events a webhook gets when its `events` is not set.
+pub const DEFAULT_WEBHOOK_EVENTS: [&str; 7] =
+    ["connect", "disconnect", "subscribe", "unsubscribe", "presence.enter", "presence.update", "presence.leave"];
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            secret: String::new(),
+            events: DEFAULT_WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+            channels: vec!["#".into()],
+            name: String::new(),
+            timeout: Duration::from_secs(10),
+            queue_size: 10_000,
+            queue_bytes: 64 * 1024 * 1024,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Shortest webhook secret.
+pub const WEBHOOK_SECRET_MIN_LEN: usize = 16;
+
+impl WebhookConfig {
+    /// The parsed URL, or why it is refused.
+    pub fn parsed_url(&self) -> Result<url::Url, String> {
+        let u = url::Url::parse(&self.url).map_err(|e| format!("url {:?} is not a URL: {e}", self.url))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(format!("url {:?} must be http:// or https://", self.url));
+        }
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err(format!("url {:?} names no host", self.url));
+        }
+        if u.fragment().is_some() {
+            return Err(format!("url {:?} must not have a #fragment", self.url));
+        }
+        Ok(u)
+    }
+
+    /// The name in metrics, logs and on disk: `name`, or the URL without
+    /// credentials, query and fragment.
+    pub fn display_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        match self.parsed_url() {
+            Ok(mut u) => {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                u.set_query(None);
+                u.to_string()
+            }
+            Err(_) => self.url.clone(),
+        }
+    }
+
+    /// The event kinds listed in `events`.
+    pub fn event_kinds(&self) -> Result<Vec<crate::core::lifecycle::EventKind>, String> {
+        use crate::core::lifecycle::EventKind;
+        if self.events.is_empty() {
+            return Err("events is empty: list the events to send, or leave it out for all but publish".into());
+        }
+        self.events
+            .iter()
+            .map(|e| {
+                EventKind::from_name(e).ok_or_else(|| {
+                    let known: Vec<_> = EventKind::ALL.iter().map(|k| k.name()).collect();
+                    format!("events: unknown event {e:?} (known: {})", known.join(", "))
+                })
+            })
+            .collect()
+    }
+
+    /// Checks one endpoint (the message says what to fix, not where).
+    fn validate(&self) -> Result<(), String> {
+        self.parsed_url()?;
+        if self.secret.len() < WEBHOOK_SECRET_MIN_LEN {
+            return Err(format!(
+                "secret must be at least {WEBHOOK_SECRET_MIN_LEN} bytes (receivers check the signature with it)"
+            ));
+        }
+        self.event_kinds()?;
+        if self.channels.is_empty() {
+            return Err("channels is empty: give MQTT filters, or leave it out for every channel (\"#\")".into());
+        }
+        for f in &self.channels {
+            crate::core::channel::validate_filter(f).map_err(|e| format!("channels filter {f:?}: {e}"))?;
+        }
+        if self.name.len() > 128 || self.name.contains('\0') {
+            return Err("name must be at most 128 bytes without NUL".into());
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(300) {
+            return Err("timeout must be above zero and at most 5m".into());
+        }
+        if !(1..=1_000_000).contains(&self.queue_size) {
+            return Err("queue_size must be 1..=1000000".into());
+        }
+        if !(64 * 1024..=1 << 34).contains(&self.queue_bytes) {
+            return Err("queue_bytes must be 65536..=17179869184".into());
+        }
+        if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
+            return Err("backoff_min must be above zero and backoff_max at least backoff_min".into());
+        }
+        if self.max_age.is_zero() {
+            return Err("max_age must be above zero".into());
+        }
+        Ok(())
     }
 }
 
@@ -912,6 +1071,8 @@ pub struct Config {
     pub engine: EngineSection,
     /// `[nats]`.
     pub nats: NatsSection,
+    /// `[[webhooks]]`: lifecycle events POSTed to HTTP endpoints.
+    pub webhooks: Vec<WebhookConfig>,
     /// Set by `dev` (never from a file): TLS listeners without a configured
     /// certificate get a generated self-signed one.
     #[serde(skip)]
@@ -1198,6 +1359,16 @@ impl Config {
         }
         if self.node.name.is_empty() || self.node.name.len() > 64 {
             return bad("node.name must be 1..=64 bytes".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate().map_err(|e| ConfigError::Invalid(format!("webhooks[{i}] ({}): {e}", w.display_name())))?;
+            if !names.insert(w.display_name()) {
+                return bad(format!(
+                    "webhooks[{i}]: another webhook has the name {:?}; give each a distinct name",
+                    w.display_name()
+                ));
+            }
         }
         for r in &self.channels.rules {
             crate::core::channel::validate_filter(&r.pattern)
@@ -1531,6 +1702,49 @@ mod tests {
             // The embedded engine ignores [nats].
             assert!(Config::from_toml(&format!("[nats]\n{bad}"), Vec::new()).is_ok(), "{bad} is ignored when unused");
         }
+    }
+
+    #[test]
+    fn webhooks_are_checked_at_load() {
+        let hook = |fields: &str| format!("[[webhooks]]\nurl = \"https://hooks.example.com/sb\"\n{fields}\n");
+        let secret = "secret = \"0123456789abcdef\"";
+        let cfg = Config::from_toml(&hook(secret), Vec::new()).unwrap();
+        let w = &cfg.webhooks[0];
+        assert_eq!(w.event_kinds().unwrap().len(), 7, "every event but publish by default");
+        assert!(!w.events.iter().any(|e| e == "publish"));
+        assert_eq!((w.channels.as_slice(), w.queue_size), (["#".to_string()].as_slice(), 10_000));
+        assert_eq!(w.display_name(), "https://hooks.example.com/sb");
+        let with_creds = WebhookConfig { url: "https://u:p@h.example/x?token=t".into(), ..w.clone() };
+        assert_eq!(with_creds.display_name(), "https://h.example/x", "no credentials in metrics and logs");
+        // The env override takes a whole list of inline tables.
+        let env = vec![(
+            "SWITCHBOARD_WEBHOOKS".to_string(),
+            format!("[{{ url = \"http://127.0.0.1:9/h\", {secret}, events = [\"publish\"] }}]"),
+        )];
+        let cfg = Config::from_toml("", env).unwrap();
+        assert_eq!(cfg.webhooks[0].events, ["publish"]);
+        for (fields, says) in [
+            ("", "secret must be at least 16 bytes"),
+            ("secret = \"short\"", "secret must be at least 16 bytes"),
+            (&format!("{secret}\nevents = [\"connect\", \"presence.join\"]"), "unknown event \"presence.join\""),
+            (&format!("{secret}\nevents = []"), "events is empty"),
+            (&format!("{secret}\nchannels = [\"a/#/b\"]"), "channels filter \"a/#/b\""),
+            (&format!("{secret}\ntimeout = \"0s\""), "timeout must be above zero"),
+            (&format!("{secret}\nqueue_size = 0"), "queue_size must be 1..=1000000"),
+            (&format!("{secret}\nbackoff_min = \"2s\"\nbackoff_max = \"1s\""), "backoff_max at least backoff_min"),
+            (&format!("{secret}\nurl2 = 1"), "unknown field `url2`"),
+        ] {
+            let e = Config::from_toml(&hook(fields), Vec::new()).unwrap_err().to_string();
+            assert!(e.contains(says), "{fields:?}: {e}");
+        }
+        for url in ["ftp://h/x", "not a url", "http://h/x#frag", "file:///etc/passwd"] {
+            let text = format!("[[webhooks]]\nurl = {url:?}\n{secret}\n");
+            let e = Config::from_toml(&text, Vec::new()).unwrap_err().to_string();
+            assert!(e.contains("webhooks[0]") && e.contains("url"), "{url}: {e}");
+        }
+        let twice = format!("{}{}", hook(secret), hook(secret));
+        let e = Config::from_toml(&twice, Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("webhooks[1]") && e.contains("distinct name"), "{e}");
     }
 
     /// The example config in deploy/ must parse and match the defaults it documents.

@@ -18,12 +18,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::core::engine::Engine;
 use crate::core::engine::disk::DiskStore;
 use crate::core::engine::local::LocalEngine;
 use crate::core::engine::mqtt_sessions::{MqttSessions, StoreLimits};
 use crate::core::engine::nats::NatsEngine;
 use crate::core::engine::nats::mqtt::NatsSessions;
+use crate::core::engine::{Engine, EngineConfig};
 use crate::core::router::Router;
 use crate::edge::admin::{AdminAccess, AdminState};
 use crate::edge::admission::{Admission, Rates, Refusal, Ticket};
@@ -32,6 +32,7 @@ use crate::edge::front;
 use crate::edge::http::{HttpShared, HttpState};
 use crate::edge::timeouts::{self, Expired, HttpTimeouts, TimedIo, Tracked, Watch, Watchdog};
 use crate::edge::tls::TlsState;
+use crate::edge::webhooks::Webhooks;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,10 @@ pub struct Gateway {
     drain_delay: Duration,
     /// The MQTT sessions on NATS, whose queued writes a shutdown waits for.
     nats_sessions: Option<Arc<NatsSessions>>,
+    /// The webhook endpoints, whose pending deliveries a shutdown gives
+    /// `webhook_flush` to go out.
+    webhooks: Option<Arc<Webhooks>>,
+    webhook_flush: Duration,
 }
 
 /// How long a shutdown waits for queued MQTT session writes to NATS.
@@ -129,9 +134,14 @@ impl Gateway {
             }
             None => (None, None),
         };
+        // Before the engine, which hands presence events to them.
+        let webhooks =
+            Webhooks::start(&config.webhooks, &config.node.name, disk.clone()).map_err(ServerError::Config)?;
+        let lifecycle = webhooks.as_ref().map(Webhooks::lifecycle).unwrap_or_default();
+        let engine_config = EngineConfig { lifecycle: lifecycle.clone(), ..config.engine() };
         let nats_engine = match nats {
             true => Some(
-                NatsEngine::start(config.engine(), config.nats.options(), config.limits.max_message_size)
+                NatsEngine::start(engine_config.clone(), config.nats.options(), config.limits.max_message_size)
                     .await
                     .map_err(|e| ServerError::Engine(e.to_string()))?,
             ),
@@ -141,17 +151,17 @@ impl Gateway {
             _ if nats_engine.is_some() => nats_engine.clone().expect("the NATS engine"),
             (Some(store), Some(recovery)) => {
                 let engine = Arc::new(
-                    LocalEngine::with_store(config.engine(), store.clone(), recovery, crate::core::router::now_ms())
+                    LocalEngine::with_store(engine_config, store.clone(), recovery, crate::core::router::now_ms())
                         .map_err(|e| ServerError::Storage(e.to_string()))?,
                 );
                 engine.spawn_loader();
                 engine
             }
-            _ => Arc::new(LocalEngine::new(config.engine())),
+            _ => Arc::new(LocalEngine::new(engine_config)),
         };
         // Validated at load: a bad key configuration never gets this far.
         let auth = config.auth.verifier().map_err(|e| ServerError::Config(e.to_string()))?;
-        let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth);
+        let router = Router::new(engine, config.router_limits(), config.node.name.clone(), auth, lifecycle);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let draining = Arc::new(watch::Sender::new(false));
         let mut tasks = vec![router.spawn_sweeper(Duration::from_secs(1))];
@@ -372,6 +382,8 @@ impl Gateway {
             grace: config.shutdown.grace,
             drain_delay: config.shutdown.drain_delay,
             nats_sessions,
+            webhooks,
+            webhook_flush: config.shutdown.webhook_flush,
         })
     }
 
@@ -423,6 +435,12 @@ impl Gateway {
                     "shutdown: MQTT session writes to NATS failed; those sessions resume from their previous record"
                 );
             }
+        }
+        // The sessions' disconnect events are queued by now: a short chance
+        // to deliver them, then the workers stop (a durable outbox keeps
+        // the rest) before the store closes.
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.shutdown(self.webhook_flush).await;
         }
         // After the sessions: nothing publishes any more, and the store
         // records a clean stop.

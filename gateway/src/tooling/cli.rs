@@ -433,11 +433,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::edge::config::EngineKind::Embedded => "embedded".into(),
             };
             println!(
-                "{}: ok (http {}, admin {}, {} channel rules, engine {engine})",
+                "{}: ok (http {}, admin {}, {} channel rules, engine {engine}, {} webhooks)",
                 config.display(),
                 if cfg.listen.http.is_empty() { "off" } else { &cfg.listen.http },
                 if cfg.listen.admin.is_empty() { "off" } else { &cfg.listen.admin },
-                cfg.channels.rules.len()
+                cfg.channels.rules.len(),
+                cfg.webhooks.len()
             );
             Ok(())
         }

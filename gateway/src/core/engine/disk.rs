@@ -31,7 +31,9 @@
 //! little-endian, then serial big-endian → [`StoredMessage`]: the envelope
 //! without its epoch, which the channel's record holds), `retained` (name →
 //! the same), `ids` (name, NUL, id → [`StoredId`]), `mqtt` (client id → MQTT
-//! session record, written by [`super::mqtt_sessions`]) and `node` (the
+//! session record, written by [`super::mqtt_sessions`]), `webhooks`
+//! (endpoint name, NUL, sequence big-endian → a pending webhook event,
+//! written by the edge's webhook outbox) and `node` (the
 //! clean-shutdown marker, the layout's version, the next store key). Values
 //! are protobuf (prost) messages; there is no hand-written file format.
 //!
@@ -360,6 +362,7 @@ pub struct DiskStore {
     ids: Keyspace,
     node: Keyspace,
     mqtt: Keyspace,
+    webhooks: Keyspace,
     sync: SyncPolicy,
     /// What the store shares with its sync thread (which must not keep the
     /// store, and so the directory's lock, alive).
@@ -422,6 +425,14 @@ fn prefix(name: &str) -> Vec<u8> {
     k
 }
 
+/// A pending webhook event's key: the endpoint's name, NUL, the sequence
+/// big-endian (so an endpoint's events read back in order).
+fn webhook_key(endpoint: &str, seq: u64) -> Vec<u8> {
+    let mut k = prefix(endpoint);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 fn read_boot_id(file: &Path) -> String {
     std::fs::read_to_string(file).map(|s| s.trim().to_string()).unwrap_or_default()
 }
@@ -471,6 +482,7 @@ impl DiskStore {
             ids: ks("ids")?,
             node: ks("node")?,
             mqtt: ks("mqtt")?,
+            webhooks: ks("webhooks")?,
             db,
             path: path.clone(),
             sync: opts.sync,
@@ -808,6 +820,50 @@ impl DiskStore {
         out
     }
 
+    /// Writes a pending webhook event (endpoint, sequence → record), handed
+    /// to the OS when this returns (it survives SIGKILL; the sync policy's
+    /// fsyncs cover it against a machine crash). `Err` once the store
+    /// failed.
+    pub fn put_webhook_event(&self, endpoint: &str, seq: u64, record: &[u8]) -> Result<(), DiskError> {
+        self.check()?;
+        self.webhooks.insert(webhook_key(endpoint, seq), record).map_err(|e| self.fail("write", e))?;
+        self.dirty.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Forgets a webhook event (delivered, or given up).
+    pub fn remove_webhook_event(&self, endpoint: &str, seq: u64) {
+        if self.check().is_ok() {
+            match self.webhooks.remove(webhook_key(endpoint, seq)) {
+                Ok(()) => self.dirty.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    self.fail("write", e);
+                }
+            }
+        }
+    }
+
+    /// Every pending webhook event, in order per endpoint: (endpoint,
+    /// sequence, record). An unreadable entry is logged and skipped.
+    pub fn load_webhook_events(&self) -> Vec<(String, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for kv in self.webhooks.iter() {
+            let parsed = kv.into_inner().map_err(|e| e.to_string()).and_then(|(k, v)| {
+                let split = k.len().checked_sub(9).filter(|&at| k[at] == 0).ok_or("a malformed key")?;
+                let name = std::str::from_utf8(&k[..split]).map_err(|_| "an endpoint name that is not UTF-8")?;
+                let seq = u64::from_be_bytes(k[split + 1..].try_into().map_err(|_| "a malformed key")?);
+                Ok((name.to_string(), seq, v.to_vec()))
+            });
+            match parsed {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    tracing::error!(path = %self.path, error = %e, "cannot read a pending webhook event; skipped")
+                }
+            }
+        }
+        out
+    }
+
     /// The first failure, if the store stopped accepting writes.
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().clone()
@@ -921,7 +977,7 @@ impl DiskStore {
         // instead of replaying journals (docs/storage.md).
         let node = StoredNode { clean: true, boot_id: String::new(), layout: LAYOUT };
         let done = self.node.insert(NODE_KEY, node.encode_to_vec()).map_err(|e| self.fail("write", e));
-        for ks in [&self.channels, &self.messages, &self.retained, &self.ids, &self.mqtt, &self.node] {
+        for ks in [&self.channels, &self.messages, &self.retained, &self.ids, &self.mqtt, &self.webhooks, &self.node] {
             if let Err(e) = ks.rotate_memtable_and_wait() {
                 tracing::warn!(path = %self.path, error = %e, "cannot flush a memtable at close");
             }

@@ -451,3 +451,29 @@ fn histories_load_on_first_use_or_in_the_background() {
     assert_eq!(history(&e, "l/c", t0 + 102).messages.len(), 20);
     store.close();
 }
+
+#[test]
+fn pending_webhook_events_come_back_in_order_per_endpoint_after_a_crash() {
+    let dir = TempDir::new("webhooks");
+    let o = opts(&dir.0, SyncPolicy::Interval);
+    let (store, _) = open(&o);
+    // Names that are prefixes of each other stay apart (the NUL ends one).
+    for (name, seq) in [("http://h/a", 2), ("http://h/a", 1), ("http://h/ab", 1), ("http://h/a", 300)] {
+        store.put_webhook_event(name, seq, format!("{name}#{seq}").as_bytes()).unwrap();
+    }
+    store.remove_webhook_event("http://h/a", 2);
+    drop(store); // a crash: no close
+    let (store, recovery) = open(&o);
+    assert!(recovery.unclean);
+    let got: Vec<(String, u64, String)> =
+        store.load_webhook_events().into_iter().map(|(n, s, v)| (n, s, String::from_utf8(v).unwrap())).collect();
+    assert_eq!(
+        got,
+        [
+            ("http://h/a".to_string(), 1, "http://h/a#1".to_string()),
+            ("http://h/a".to_string(), 300, "http://h/a#300".to_string()),
+            ("http://h/ab".to_string(), 1, "http://h/ab#1".to_string()),
+        ]
+    );
+    store.close();
+}

@@ -1118,6 +1118,7 @@ impl LocalEngine {
         (key, protocol, data): (&MemberKey, proto::Protocol, Bytes),
         now: i64,
     ) {
+        crate::core::lifecycle::emit_presence(&self.cfg.lifecycle, kind, channel, key, protocol, &data, now);
         let name = channel::presence_channel(channel);
         let env = proto::Envelope {
             channel: name.clone(),

@@ -112,6 +112,9 @@ pub struct EngineConfig {
     pub retained_ttl: Duration,
     /// Most presence members on the node, every channel's together.
     pub max_presence_members: u64,
+    /// Where presence enter, update and leave events go as lifecycle
+    /// events (webhooks); off by default.
+    pub lifecycle: crate::core::lifecycle::Lifecycle,
 }
 
 impl Default for EngineConfig {
@@ -133,6 +136,7 @@ impl Default for EngineConfig {
             max_retained_bytes: 256 << 20,
             retained_ttl: Duration::ZERO,
             max_presence_members: 1_000_000,
+            lifecycle: crate::core::lifecycle::Lifecycle::default(),
         }
     }
 }
