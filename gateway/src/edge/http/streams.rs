@@ -84,8 +84,9 @@ pub struct PollSlot(Arc<parking_lot::Mutex<Option<Box<poll::KeptPoll>>>>);
 /// response's `connection_id`) parks the session here instead, and its next
 /// poll continues it from any connection. A parked session that no poll
 /// continues within [`PARKED_LINGER`] ends (as a finished poll); one that
-/// another request names but does not continue (a different cursor or
-/// stream) stays for its owner. Bounded: at most [`PARKED_MAX`] on the node
+/// a poll of its own client (same client id and token) names but does not
+/// continue (new filters, another cursor) ends at once, and one that another
+/// client names stays for its owner. Bounded: at most [`PARKED_MAX`] on the node
 /// and [`PARKED_PER_IP`] per client address; past them a session ends after
 /// its poll, as without `session=`. A drain ends them all at once.
 pub struct ParkedPolls {
@@ -129,13 +130,21 @@ impl ParkedPolls {
         let mut parked = {
             let mut inner = self.inner.lock();
             let p = inner.by_id.get(id)?;
-            if !p.kept.continues_but_token(req) {
+            if !p.kept.continues_but_token(req) && !p.kept.owned_by(req) {
                 return None;
             }
             let parked = inner.by_id.remove(id)?;
             inner.release(parked.ip);
             parked
         };
+        if !parked.kept.continues_but_token(req) {
+            // Its owner moved on (new filters, another cursor): the poll
+            // opens a fresh session and this one ends now, not after the
+            // linger (its presence then leaves unless the client enters
+            // again for the new session, within the grace).
+            drop(parked);
+            return None;
+        }
         if parked.kept.continues(req) {
             return Some(parked.kept);
         }
