@@ -5,7 +5,9 @@
 //! - each transport forced in turn — WebTransport, WebSocket, SSE, long
 //!   polling — subscribes, publishes (acknowledged at the positions then
 //!   delivered), receives every message once in order, enters presence (the
-//!   event, and exactly one member: this client), and reads history;
+//!   event, and exactly one member: this client), reads history, receives on
+//!   a subscription made while it was connecting, and gets a new
+//!   subscription's rewind of messages another subscription already had;
 //! - fallback through a proxy the script runs: no QUIC listener → WebSocket;
 //!   WebSocket upgrades refused → SSE; streamed responses held back as a
 //!   buffering proxy does → long polling; everything allowed again → back up
@@ -66,6 +68,8 @@ fn each_transport_forced_subscribes_publishes_and_has_presence_and_history() {
             serde_json::json!(["page 1", "page 2", "page 3", "rest 4", "rest 5"]),
             "{transport}: {last}"
         );
+        assert_eq!(r["early"], 1, "{transport}: a subscription made while connecting: {last}");
+        assert_eq!(r["rewound"], serde_json::json!(["page 3", "rest 4", "rest 5"]), "{transport}: {last}");
     }
 }
 

@@ -211,9 +211,15 @@ async function forced({ page, step, finish }) {
   for (const transport of ['webtransport', 'websocket', 'sse', 'poll']) {
     const ch = `forced/${transport}`;
     const me = `page-${transport}`;
-    await step(`${transport}: connect`, async () => {
-      await page.evaluate(([n, t, id]) => window.makeClient(n, { transports: [t], clientId: id }), [transport, transport, me]);
+    const early = `${ch}/early`;
+    await step(`${transport}: connect, subscribing while it connects`, async () => {
+      await page.evaluate(([n, t, id, e]) => {
+        window.makeClient(n, { transports: [t], clientId: id });
+        // Made while the transport is still connecting.
+        setTimeout(() => window.subscribeAll(n, e), 0);
+      }, [transport, transport, me, early]);
       await connected(page, transport, transport);
+      await page.waitForFunction(([n, e]) => window.sb.clients[n].c.subs.get(e)?.established, [transport, early]);
     });
     await step(`${transport}: subscribe with presence`, () => page.evaluate(([n, c]) => window.subscribeAll(n, c, { presence: true }), [transport, ch]));
     await step(`${transport}: enter presence`, () => page.evaluate(([n, c]) => window.sb.clients[n].c.presence.enter(c, { role: 'tester' }), [transport, ch]));
@@ -249,9 +255,24 @@ async function forced({ page, step, finish }) {
         return { serial: h.serial, texts: h.messages.map((m) => m.text) };
       }, [transport, ch]),
     );
+    await publish(early, 'early 1');
+    const earlyGot = await step(`${transport}: the subscription made while connecting receives`, () => received(page, transport, early, 1));
+    // A new subscription's rewind on a channel another subscription of the
+    // same client already received: it gets the rewind all the same (on SSE
+    // and polling, read while the stream stays open).
+    const rewound = await step(`${transport}: a rewind of what another subscription got`, () =>
+      page.evaluate(async ([n, c]) => {
+        const { c: client } = window.sb.clients[n];
+        const got = [];
+        await client.subscribe('forced/+', (m) => m.channel === c && got.push(m.text), { rewind: 3 }).ready;
+        const until = Date.now() + 5000;
+        while (got.length < 3 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+        return got;
+      }, [transport, ch]),
+    );
     const used = await page.evaluate((n) => window.sb.clients[n].c.transport, transport);
     await page.evaluate((n) => window.sb.clients[n].c.close(), transport);
-    results[transport] = { transport: used, messages: got.length, serials: got.map((m) => m.serial), presence, history };
+    results[transport] = { transport: used, messages: got.length, serials: got.map((m) => m.serial), presence, history, early: earlyGot.length, rewound };
   }
   finish(0, { ok: true, results });
 }

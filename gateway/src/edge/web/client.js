@@ -116,6 +116,8 @@ const PUBLISH_WINDOW = 64;
  * bound already; this covers what it cannot see.
  */
 const SINCE_SLACK_MS = 500;
+/** Answers that end a subscription for good, even one the gateway had taken before. */
+const FILTER_REFUSALS = new Set(['invalid_filter', 'reserved_channel', 'permission_denied', 'too_many_subscriptions']);
 /** Answers that refuse a subscription (not a transport failure). */
 const REFUSALS = new Set(['invalid_filter', 'reserved_channel', 'permission_denied', 'too_many_subscriptions', 'bad_request', 'bad_cursor']);
 /** Close codes after which reconnecting cannot help. */
@@ -597,11 +599,16 @@ function randomId(prefix) {
 
 const sleep = (ms, signal) =>
   new Promise((resolve) => {
-    const t = setTimeout(resolve, ms);
-    signal?.addEventListener('abort', () => {
+    if (signal?.aborted) return resolve(undefined);
+    const wake = () => {
       clearTimeout(t);
       resolve(undefined);
-    });
+    };
+    const t = setTimeout(() => {
+      signal?.removeEventListener('abort', wake);
+      resolve(undefined);
+    }, ms);
+    signal?.addEventListener('abort', wake, { once: true });
   });
 
 function withTimeout(promise, ms, what) {
@@ -678,6 +685,20 @@ export class Subscription {
     this.rewind = rewindOf(options.rewind);
     /** Whether the gateway acknowledged it once (later subscribes are resumes). */
     this.established = false;
+    /**
+     * Per channel, the last position handed to this subscription: what it
+     * resumes from, and below which it takes nothing (its own dedupe, so a
+     * new subscription's rewind is not hidden by what another one got).
+     * @type {Map<string, Position>}
+     */
+    this.positions = new Map();
+    /**
+     * Per channel, where a fresh subscription began (the `subscribed`
+     * reply): a resume starts there when nothing arrived since. Never used
+     * to drop anything.
+     * @type {Map<string, Position>}
+     */
+    this.floors = new Map();
     const d = deferred();
     /** Resolves with the first `subscribed` reply; rejects if the gateway refuses the filter. */
     this.ready = d.promise;
@@ -894,6 +915,7 @@ class WebTransportTransport extends FramedTransport {
     let hashes = o.certificateHashes;
     if (!url) {
       const info = await this.client.transportsInfo();
+      if (this.ended) throw new SwitchboardError('disconnected', 'the attempt was given up');
       const wt = info && info.webtransport;
       if (!wt) throw new SwitchboardError('unavailable', 'the gateway runs no WebTransport (QUIC) listener');
       const base = new URL(this.client.url);
@@ -909,6 +931,7 @@ class WebTransportTransport extends FramedTransport {
     const target = new URL(url);
     target.searchParams.set('auth', 'connect');
     const init = hashes ? { serverCertificateHashes: hashes } : {};
+    if (this.ended) throw new SwitchboardError('disconnected', 'the attempt was given up');
     const wt = new WebTransport(target.toString(), init);
     this.wt = wt;
     wt.closed.then(
@@ -916,6 +939,11 @@ class WebTransportTransport extends FramedTransport {
       (e) => this.end({ code: 1006, reason: String(e && e.message ? e.message : e), reconnect: true }),
     );
     await wt.ready;
+    if (this.ended) {
+      // Given up while the session was being set up.
+      wt.close({ closeCode: 0, reason: '' });
+      throw new SwitchboardError('disconnected', 'the attempt was given up');
+    }
     const control = await wt.createBidirectionalStream();
     this.writer = control.writable.getWriter();
     this.readStream(control.readable);
@@ -1011,18 +1039,23 @@ class StreamTransport {
   async plan() {
     const { filters, presence, subs } = this.streamFilters();
     const key = JSON.stringify([filters, presence]);
-    if (this.cursor && key === this.filtersKey) return { filters, presence, key, from: { cursor: this.cursor } };
+    const planned = new Set(subs.map((s) => s.filter));
+    if (this.cursor && key === this.filtersKey) return { filters, presence, key, planned, from: { cursor: this.cursor } };
     const live = !!this.filtersKey;
     const fresh = !live && !this.client.positions.size && !subs.some((s) => s.established);
-    const r0 = subs.length ? subs[0].rewind : null;
-    if (fresh && subs.every((s) => JSON.stringify(s.rewind) === JSON.stringify(r0))) {
-      for (const s of subs) s.rewound = true;
-      return { filters, presence, key, from: r0 ? { rewind: r0 } : {} };
+    const replay = (s) => JSON.stringify([s.rewind, !!s.options.retained]);
+    if (fresh && subs.every((s) => replay(s) === replay(subs[0] || s))) {
+      for (const s of subs) s.replayed = true;
+      const first = subs[0];
+      const from = {};
+      if (first && first.rewind) from.rewind = first.rewind;
+      if (first && first.options.retained) from.retained = true;
+      return { filters, presence, key, planned, from };
     }
     for (const s of subs) {
-      if (s.rewind && !s.established && !s.rewound) {
-        s.rewound = true;
-        await this.rewindOnce(s);
+      if ((s.rewind || s.options.retained) && !s.established && !s.replayed) {
+        s.replayed = true;
+        await this.replayOnce(s);
       }
     }
     const positions = new Map();
@@ -1036,16 +1069,23 @@ class StreamTransport {
       positions.delete(positions.keys().next().value);
       cursor = encodeCursor(this.client.resumeSince(live), positions);
     }
-    return { filters, presence, key, from: { cursor } };
+    return { filters, presence, key, planned, from: { cursor } };
   }
 
-  /** A subscription's rewind, read by fresh polls that answer at once. */
-  async rewindOnce(sub) {
+  /**
+   * A new subscription's rewind and retained values, read by fresh polls
+   * that answer at once (an open stream cannot replay for one filter).
+   */
+  async replayOnce(sub) {
     let cursor = '';
     for (let page = 0; page < 1000; page++) {
       const body = { channel: [sub.filter], timeout: 0 };
-      if (cursor) body.cursor = cursor;
-      else body.rewind = rewindParam(sub.rewind);
+      if (cursor) {
+        body.cursor = cursor;
+      } else {
+        if (sub.rewind) body.rewind = rewindParam(sub.rewind);
+        if (sub.options.retained) body.retained = true;
+      }
       if (this.client.options.clientId) body.client_id = this.client.options.clientId;
       const json = await this.rest('POST', '/v1/poll', { body: JSON.stringify(body), actAs: false });
       this.client.heard();
@@ -1064,8 +1104,17 @@ class StreamTransport {
     if (presence) q.set('presence', '1');
     if (from.cursor) q.set('lastEventId', from.cursor);
     if (from.rewind) q.set('rewind', rewindParam(from.rewind));
+    if (from.retained) q.set('retained', '1');
     if (this.client.options.clientId) q.set('client_id', this.client.options.clientId);
     return q;
+  }
+
+  /** With nothing to stream, a request that shows the gateway answers. */
+  async reachable() {
+    await this.rest('GET', '/v1/transports', { actAs: false });
+    this.connectionId = '';
+    this.planned = new Set();
+    return { connection_id: '' };
   }
 
   headers(extra = {}) {
@@ -1159,14 +1208,12 @@ class SseTransport extends StreamTransport {
 
   /** (Re)opens the EventSource for the current subscriptions; resolves on `connected`. */
   async stream() {
-    const { filters, presence, key, from } = await this.plan();
+    const { filters, presence, key, planned, from } = await this.plan();
     this.es?.close();
     this.es = null;
-    if (!filters.length) {
-      // Nothing to receive: REST alone (publishes, history, members).
-      this.connectionId = '';
-      return { connection_id: '' };
-    }
+    if (this.ended) throw new SwitchboardError('disconnected', 'the SSE transport ended');
+    // Nothing to receive: REST alone (publishes, history, members).
+    if (!filters.length) return this.reachable();
     const url = this.client.endpoint(`/v1/sse?${this.params(filters, presence, from)}${this.client.token ? `&token=${encodeURIComponent(this.client.token)}` : ''}`);
     const es = new EventSource(url);
     this.es = es;
@@ -1183,8 +1230,14 @@ class SseTransport extends StreamTransport {
     es.addEventListener('connected', (e) => {
       if (!remember(e)) return;
       const c = JSON.parse(e.data);
+      const changed = this.connectionId && this.connectionId !== c.connection_id;
       this.connectionId = c.connection_id;
+      this.planned = planned;
       this.streamed = true;
+      // Presence entered over REST belongs to the stream's session: a
+      // reopened stream enters it again (the gateway takes the membership
+      // over within the presence grace).
+      if (changed) this.client.reenterPresence();
       const since = cursorSince(e.lastEventId);
       if (since) this.client.observeServerTime(since);
       opened.resolve(c);
@@ -1241,10 +1294,28 @@ class SseTransport extends StreamTransport {
     }
   }
 
-  /** Subscriptions changed: the stream reopens with the new filters, from the client's positions. */
-  async resubscribe() {
-    if (this.ended) return;
-    await withTimeout(this.stream(), this.client.options.connectTimeout, 'SSE stream');
+  /**
+   * Subscriptions changed: the stream reopens with the new filters, from
+   * the client's positions. One reopening at a time: changes made while
+   * one is under way are taken by one more reopening after it.
+   */
+  resubscribe() {
+    if (this.ended) return Promise.resolve();
+    if (this.reopening) {
+      this.dirty = true;
+      return this.reopening;
+    }
+    this.reopening = (async () => {
+      try {
+        do {
+          this.dirty = false;
+          await withTimeout(this.stream(), this.client.options.connectTimeout, 'SSE stream');
+        } while (this.dirty && !this.ended);
+      } finally {
+        this.reopening = null;
+      }
+    })();
+    return this.reopening;
   }
 
   end(outcome) {
@@ -1259,18 +1330,19 @@ class PollTransport extends StreamTransport {
   async open() {
     // A first poll that answers at once: it proves the path and names the
     // session (for presence over REST).
-    const first = await this.pollOnce(0);
+    const first = (await this.pollOnce(0)) || (await this.reachable());
     this.loop();
     return { connection_id: this.connectionId, first };
   }
 
   async pollOnce(timeout) {
-    const { filters, presence, key, from } = await this.plan();
+    const { filters, presence, key, planned, from } = await this.plan();
     if (!filters.length) {
       this.connectionId = '';
+      this.planned = planned;
       return null;
     }
-    const q = this.params(filters, presence, {});
+    const q = this.params(filters, presence, { retained: from.retained });
     // The session the last answer named: the gateway continues it (with
     // presence entered for it) from whichever connection this poll takes.
     // (Empty on the first poll: park the session it opens.)
@@ -1282,29 +1354,35 @@ class PollTransport extends StreamTransport {
     const signal = this.current.signal;
     const onEnd = () => this.current?.abort();
     this.abort.signal.addEventListener('abort', onEnd);
-    // GET when it fits, POST for longer lists.
-    const url = this.client.endpoint(`/v1/poll?${q}`);
-    const byGet = url.length <= 8000;
+    // GET when it fits well inside the gateway's 8 KiB request head (the
+    // token and the browser's own headers come on top), POST otherwise.
+    const query = q.toString();
+    const byGet = query.length <= 4000;
+    // A poll the gateway holds at most `timeout`: no answer well after that
+    // means a dead path (a half-open connection), not a quiet channel.
+    const deadline = setTimeout(() => this.current?.abort(), timeout * 1000 + this.client.options.requestTimeout);
     let res;
+    let json;
     try {
-      const answer = fetch(byGet ? url : this.client.endpoint('/v1/poll'), {
+      res = await fetch(this.client.endpoint(byGet ? `/v1/poll?${query}` : '/v1/poll'), {
         method: byGet ? 'GET' : 'POST',
         headers: this.headers(byGet ? {} : { 'content-type': 'application/x-www-form-urlencoded' }),
-        body: byGet ? undefined : q.toString(),
+        body: byGet ? undefined : query,
         signal,
         cache: 'no-store',
       });
-      res = await answer;
+      json = await res.json().catch(() => null);
     } finally {
+      clearTimeout(deadline);
       this.abort.signal.removeEventListener('abort', onEnd);
     }
-    const json = await res.json().catch(() => null);
     if (!res.ok) {
       const err = json && json.error;
       throw new SwitchboardError(err ? err.code : `http_${res.status}`, err ? err.message : `HTTP ${res.status}`);
     }
     this.client.heard();
     this.streamed = true;
+    this.planned = planned;
     this.cursor = json.cursor;
     this.filtersKey = key;
     const since = cursorSince(json.cursor);
@@ -1521,7 +1599,7 @@ export class Client {
    * (`live`): now, so a new filter replays nothing from before it.
    */
   resumeSince(live = false) {
-    const local = live ? Date.now() : this.lastHeard;
+    const local = live ? Date.now() : (this.resumeMark ?? this.lastHeard);
     return Math.max(1, local + this.clockOffset - SINCE_SLACK_MS);
   }
 
@@ -1533,7 +1611,7 @@ export class Client {
   async transportsInfo() {
     if (!this.info) {
       this.info = (async () => {
-        const res = await fetch(this.endpoint('/v1/transports'), { cache: 'no-store' });
+        const res = await withTimeout(fetch(this.endpoint('/v1/transports'), { cache: 'no-store' }), this.options.connectTimeout, 'GET /v1/transports');
         if (!res.ok) throw new SwitchboardError(`http_${res.status}`, 'GET /v1/transports failed');
         const date = Date.parse(res.headers.get('date') || '');
         if (!Number.isNaN(date)) this.observeServerTime(date - 1000);
@@ -1575,7 +1653,7 @@ export class Client {
         // Refused: the gateway ends the session at expiry (4006) and the
         // reconnect fetches a token again.
       }
-    }, Math.max(1000, lifetime - margin));
+    }, Math.min(2 ** 31 - 1, Math.max(1000, lifetime - margin)));
   }
 
   async attempt(name) {
@@ -1602,6 +1680,7 @@ export class Client {
     let failures = 0;
     let delay = 0;
     let tried = 0;
+    let retriedToken = false;
     while (!this.stopped) {
       if (delay) {
         await sleep(delay, this.wakeup.signal);
@@ -1623,21 +1702,42 @@ export class Client {
       } catch (e) {
         if (this.stopped) return;
         this.emit('error', e);
-        if (e instanceof SwitchboardError && e.code === 'unauthorized' && !this.options.getToken) {
+        const unauthorized = e instanceof SwitchboardError && e.code === 'unauthorized';
+        if (unauthorized && !this.options.getToken) {
           this.setState('failed', { error: e });
+          this.stopped = true;
           return;
         }
-        if (e instanceof SwitchboardError && e.code === 'unauthorized') this.token = '';
+        if (unauthorized && !retriedToken) {
+          // The token, not the transport: the same one again with a fresh token.
+          this.token = '';
+          retriedToken = true;
+          continue;
+        }
+        retriedToken = false;
         index = (index + 1) % this.order.length;
         tried += 1;
-        // A whole round failed: back off before the next.
-        delay = tried % this.order.length === 0 ? this.backoff(++failures) : 0;
+        // A whole round failed: back off, then start again from the best.
+        if (tried % this.order.length === 0) {
+          index = 0;
+          delay = this.backoff(++failures);
+        } else {
+          delay = 0;
+        }
         continue;
       }
+      if (this.stopped) {
+        opened.t.close({ code: 1000, reason: 'closed by the page', reconnect: false });
+        return;
+      }
       tried = 0;
+      retriedToken = false;
       const started = Date.now();
       await this.adopt(opened.t, opened.c, name);
       const outcome = await this.follow();
+      // What a resume may have missed starts here (the new transport's own
+      // handshake must not move it).
+      this.resumeMark = this.lastHeard;
       if (this.stopped) return;
       this.connectionId = '';
       this.setState('disconnected', { code: outcome.code, reason: outcome.reason });
@@ -1683,32 +1783,53 @@ export class Client {
     }
   }
 
-  /** Makes `t` the transport: resubscribe, enter presence again, send what is queued. */
+  /**
+   * Makes `t` the transport: resubscribe, enter presence again, send what
+   * is queued. A transport it replaces (an upgrade) is closed only once
+   * every subscription resumed on `t`, so the move loses nothing (what both
+   * deliver is dropped as already seen).
+   */
   async adopt(t, c, name) {
     const previous = this.current;
     this.current = t;
     this.transport = name;
     this.connectionId = t.connectionId;
     if (c && c.client_id) this.clientId = c.client_id;
-    if (previous && previous !== t) {
-      previous.close({ code: 1000, reason: 'replaced', reconnect: true });
-    }
-    for (const p of this.queue) {
-      p.sent = false;
-      p.via = null;
-    }
+    this.sendEpoch = (this.sendEpoch || 0) + 1;
+    for (const p of this.queue) p.sent = false;
     this.inflight = 0;
     if (t.resubscribe) {
-      // SSE and polling opened with every subscription already.
-      for (const sub of this.subs.values()) this.established(sub, null);
+      // SSE and polling opened with the subscriptions they planned.
+      for (const sub of this.subs.values()) if (t.planned?.has(sub.filter)) this.established(sub, null);
     } else {
       await Promise.all([...this.subs.values()].map((sub) => this.sendSubscribe(sub)));
     }
+    this.resumeMark = null;
+    if (previous && previous !== t) previous.close({ code: 1000, reason: 'replaced', reconnect: true });
+    if (this.stopped || t.ended || this.current !== t) return;
     this.reenterPresence();
     this.scheduleRefresh();
     this.setState('connected', { transport: name, clientId: this.clientId, connectionId: this.connectionId });
+    this.catchUp();
     this.pump();
     this.planUpgrade();
+  }
+
+  /**
+   * Subscriptions made while the transport was connecting: WebSocket and
+   * WebTransport subscribe them now; SSE and polling reopen the stream if
+   * its filters are not the client's.
+   */
+  catchUp() {
+    const t = this.current;
+    if (!t || this.state !== 'connected') return;
+    if (t.resubscribe) {
+      const missing = [...this.subs.values()].some((s) => !t.planned?.has(s.filter));
+      const extra = [...(t.planned || [])].some((f) => !this.subs.has(f));
+      if (missing || extra) this.restream(null);
+      return;
+    }
+    for (const sub of this.subs.values()) if (!sub.established) this.sendSubscribe(sub);
   }
 
   /** On a transport below the first, probes the better ones every `upgradeAfter`. */
@@ -1771,7 +1892,7 @@ export class Client {
     for (let tries = 0; tries < 2; tries++) {
       try {
         await t.resubscribe();
-        for (const s of this.subs.values()) if (!s.established) this.established(s, null);
+        for (const s of this.subs.values()) if (!s.established && t.planned?.has(s.filter)) this.established(s, null);
         return;
       } catch (e) {
         if (t !== this.current || t.ended) return;
@@ -1798,15 +1919,24 @@ export class Client {
     sub.settle.resolve(reply);
   }
 
-  /** Positions of the channels `sub` covers, for a resume. */
+  /**
+   * Where `sub` resumes from: per channel, the last position it was handed,
+   * else where it began (a fresh subscription's `subscribed` reply).
+   * Empty after the gateway refused its positions (`bad_position`): it then
+   * resumes by time, and its own dedupe keeps anything from showing twice.
+   */
   positionsFor(sub) {
-    const out = new Map();
-    for (const [channel, p] of this.positions) if (sub.accepts(channel)) out.set(channel, p);
+    if (sub.byTimeOnly) return new Map();
+    const out = new Map(sub.floors);
+    for (const [channel, p] of sub.positions) out.set(channel, p);
     return out;
   }
 
+  /** Subscribes (or resumes) `sub` on the current transport, once at a time. */
   async sendSubscribe(sub) {
     const t = this.current;
+    if (!t || sub.sending === t) return;
+    sub.sending = t;
     const resume = sub.established;
     const positions = resume ? this.positionsFor(sub) : new Map();
     // The gateway takes at most 1 000 positions; the others resume by time.
@@ -1818,16 +1948,27 @@ export class Client {
         // A fresh subscription is in effect from these positions: a resume
         // continues from them even if nothing arrives first.
         for (const ch of reply.channels || []) {
-          if (ch.epoch && !this.positions.has(ch.channel)) this.positions.set(ch.channel, { epoch: ch.epoch, serial: ch.serial });
+          if (ch.epoch && !sub.positions.has(ch.channel)) sub.floors.set(ch.channel, { epoch: ch.epoch, serial: ch.serial });
         }
       }
       this.established(sub, reply);
     } catch (e) {
-      if (e instanceof SwitchboardError && e.code !== 'disconnected' && e.code !== 'timeout') {
-        // Refused (invalid filter, permission): the subscription is gone.
-        if (this.subs.get(sub.filter) === sub) this.subs.delete(sub.filter);
+      // Cut off: the reconnect subscribes again.
+      if (!(e instanceof SwitchboardError) || e.code === 'disconnected' || e.code === 'timeout') return;
+      if (this.subs.get(sub.filter) !== sub) return;
+      if (!sub.established || FILTER_REFUSALS.has(e.code)) {
+        // Refused for good: the subscription is gone, and the page is told.
+        this.subs.delete(sub.filter);
         sub.settle.reject(e);
+        if (sub.established) this.emit('error', new SwitchboardError(e.code, `subscription ${JSON.stringify(sub.filter)} ended: ${e.message}`));
+        return;
       }
+      if (e.code === 'bad_position') sub.byTimeOnly = true;
+      // Anything else (unavailable, internal, rate_limited, a position the
+      // gateway refused): reconnect, which resumes after the back-off.
+      if (this.current === t) t.close({ code: 1006, reason: `resubscribe failed: ${e.code}`, reconnect: true });
+    } finally {
+      if (sub.sending === t) sub.sending = null;
     }
   }
 
@@ -1854,18 +1995,31 @@ export class Client {
     }
   }
 
-  /** One envelope from any transport: dedupe by position, detect holes, hand to the page. */
+  /**
+   * One envelope from any transport. Each subscription that covers the
+   * channel gets it unless it already had that position (its own dedupe);
+   * the client-wide position (what SSE and poll cursors carry) keeps the
+   * newest, and a hole in the `prev_serial` chain there is a `missed` gap.
+   */
   deliver(m) {
-    const pos = this.positions.get(m.channel);
-    if (pos && pos.epoch === m.epoch && m.serial <= pos.serial) return;
+    const subs = [...this.subs.values()].filter((s) => s.accepts(m.channel));
+    // Nobody asked (a late delivery after an unsubscribe): no position kept.
+    if (!subs.length) return;
     if (m.timestamp) this.observeServerTime(m.timestamp);
-    if (pos && pos.epoch === m.epoch && m.prev_serial > pos.serial) {
-      this.gap({ channel: m.channel, from: pos, to: { epoch: m.epoch, serial: m.prev_serial }, reason: 'missed' });
+    const at = { epoch: m.epoch, serial: m.serial };
+    const g = this.positions.get(m.channel);
+    if (!g || g.epoch !== m.epoch || m.serial > g.serial) {
+      if (g && g.epoch === m.epoch && m.prev_serial > g.serial) {
+        this.gap({ channel: m.channel, from: g, to: { epoch: m.epoch, serial: m.prev_serial }, reason: 'missed' });
+      }
+      this.positions.set(m.channel, at);
     }
-    this.positions.set(m.channel, { epoch: m.epoch, serial: m.serial });
-    for (const sub of this.subs.values()) {
-      if (!sub.accepts(m.channel)) continue;
-      const presenceEvent = m.kind && m.kind !== 'message';
+    const presenceEvent = m.kind && m.kind !== 'message';
+    for (const sub of subs) {
+      const p = sub.positions.get(m.channel);
+      if (p && p.epoch === m.epoch && m.serial <= p.serial) continue;
+      sub.positions.set(m.channel, at);
+      sub.floors.delete(m.channel);
       const fn = presenceEvent && sub.options.onPresence ? sub.options.onPresence : sub.onMessage;
       try {
         fn(m);
@@ -1877,15 +2031,24 @@ export class Client {
     }
   }
 
-  /** A gap: the position moves to its `to`; the page hears of it. */
+  /** A gap: positions move to its `to`; the page hears of it. */
   gap(g) {
+    const subs = [...this.subs.values()].filter((s) => s.accepts(g.channel));
     if (g.to && g.to.epoch) {
-      const pos = this.positions.get(g.channel);
-      if (!pos || pos.epoch !== g.to.epoch || pos.serial < g.to.serial) this.positions.set(g.channel, { epoch: g.to.epoch, serial: g.to.serial });
+      const to = { epoch: g.to.epoch, serial: g.to.serial };
+      const advance = (map) => {
+        const pos = map.get(g.channel);
+        if (!pos || pos.epoch !== to.epoch || pos.serial < to.serial) map.set(g.channel, to);
+      };
+      if (subs.length) advance(this.positions);
+      for (const sub of subs) {
+        advance(sub.positions);
+        sub.floors.delete(g.channel);
+      }
     }
     const gap = { channel: g.channel, from: g.from, to: g.to, reason: g.reason };
     this.emit('gap', gap);
-    for (const sub of this.subs.values()) if (sub.accepts(g.channel)) sub.options.onGap?.(gap);
+    for (const sub of subs) sub.options.onGap?.(gap);
   }
 
   // --- publishing ---
@@ -1912,38 +2075,54 @@ export class Client {
       return Promise.reject(new SwitchboardError('queue_full', `${this.queue.length} publishes are waiting already (maxQueued)`));
     }
     const d = deferred();
-    this.queue.push({ channel, payload, options, id: options.id || randomId('p-'), sent: false, d });
+    this.queue.push({ channel, payload, options, id: options.id || randomId('p-'), sent: false, done: false, notBefore: 0, tries: 0, d });
     this.pump();
     return d.promise;
   }
 
+  /**
+   * Sends what is queued, in order, up to the transport's window. Each send
+   * belongs to the transport generation (`sendEpoch`) it went out on: an
+   * answer arriving after a reconnect or an upgrade settles the publish but
+   * does not touch the new generation's window.
+   */
   pump() {
     const t = this.current;
     if (!t || this.state !== 'connected') return;
+    const now = Date.now();
     for (const p of this.queue) {
       if (this.inflight >= t.publishWindow) return;
       if (p.sent) continue;
+      if (p.notBefore > now) {
+        // Waiting out a refusal to store it: later publishes wait too (order).
+        clearTimeout(this.pumpTimer);
+        this.pumpTimer = setTimeout(() => this.pump(), p.notBefore - now);
+        return;
+      }
       p.sent = true;
-      p.via = t;
+      const epoch = this.sendEpoch;
       this.inflight++;
+      let settled = false;
       const settle = () => {
-        if (p.via === t && this.current === t) this.inflight--;
-        p.via = null;
+        if (settled) return;
+        settled = true;
+        if (epoch === this.sendEpoch) this.inflight--;
       };
       t.publish(p).then(
         (ack) => {
-          if (p.done) return;
-          p.done = true;
           settle();
-          const i = this.queue.indexOf(p);
-          if (i >= 0) this.queue.splice(i, 1);
-          p.d.resolve({ channel: ack.channel, epoch: ack.epoch, serial: ack.serial, duplicate: !!ack.duplicate });
+          if (!p.done) {
+            p.done = true;
+            const i = this.queue.indexOf(p);
+            if (i >= 0) this.queue.splice(i, 1);
+            p.d.resolve({ channel: ack.channel, epoch: ack.epoch, serial: ack.serial, duplicate: !!ack.duplicate });
+          }
           this.pump();
         },
         (e) => {
-          // A late failure on a transport the publish no longer waits on.
-          if (p.done || p.via !== t) return;
           settle();
+          // A failure on a generation this publish no longer waits on.
+          if (p.done || epoch !== this.sendEpoch) return;
           const code = e instanceof SwitchboardError ? e.code : 'disconnected';
           if (code === 'not_connected' && t.resubscribe && this.current === t) {
             // The poll's session changed under the request: learn the
@@ -1952,12 +2131,17 @@ export class Client {
             t.resubscribe().then(() => this.pump(), () => {});
             return;
           }
-          if (['disconnected', 'timeout', 'unavailable'].includes(code) || code.startsWith('http_5')) {
-            // Sent again (same id: delivered once) after a reconnect, or
-            // after a pause when the gateway could not store it.
+          if (code === 'unavailable' || code.startsWith('http_5')) {
+            // The gateway could not store it: again after a pause.
             p.sent = false;
-            if (code === 'unavailable' || code.startsWith('http_5')) setTimeout(() => this.pump(), this.backoff(3));
-            else if (this.current === t) t.close({ code: 1006, reason: `publish failed: ${e.message}`, reconnect: true });
+            p.notBefore = Date.now() + this.backoff(++p.tries);
+            this.pump();
+            return;
+          }
+          if (['disconnected', 'timeout'].includes(code)) {
+            // Sent again after the reconnect (same id: delivered once).
+            p.sent = false;
+            if (this.current === t) t.close({ code: 1006, reason: `publish failed: ${e.message}`, reconnect: true });
             return;
           }
           p.done = true;
@@ -2027,24 +2211,28 @@ export class Client {
     });
   }
 
-  /** Runs `fn` on the transport once connected (retried once after a reconnect). */
+  /** Runs `fn` on the transport once connected (again after a reconnect, twice at most). */
   async whenConnected(fn) {
     for (let attempt = 0; ; attempt++) {
       if (this.stopped) throw new SwitchboardError('closed', 'the client is closed');
       if (this.state !== 'connected' || !this.current) {
         await new Promise((resolve) => {
-          const off = this.on('connected', () => {
-            off();
-            resolve(undefined);
-          });
+          const offs = ['connected', 'closed', 'failed'].map((ev) =>
+            this.on(ev, () => {
+              offs.forEach((off) => off());
+              resolve(undefined);
+            }),
+          );
         });
         continue;
       }
+      const t = this.current;
       try {
-        return await fn(this.current);
+        return await fn(t);
       } catch (e) {
-        if (attempt < 2 && e instanceof SwitchboardError && e.code === 'disconnected') continue;
-        throw e;
+        if (attempt >= 2 || !(e instanceof SwitchboardError) || e.code !== 'disconnected') throw e;
+        // Wait for the transport to be replaced, then try on the new one.
+        if (this.current === t) await Promise.race([t.closed, sleep(this.options.requestTimeout)]);
       }
     }
   }
