@@ -1201,3 +1201,61 @@ async fn a_delayed_will_is_cancelled_by_a_reconnect_on_another_node() {
     assert!(more.is_err(), "a will for the device that came back: {more:?}");
     polling.abort();
 }
+
+/// Webhooks on the NATS engine: each node posts the events of its own
+/// clients (signed, naming the node), and when a node dies with a member
+/// present, the survivor that removes the member after the grace period
+/// posts its `presence.leave` — once across the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_come_from_each_clients_node_and_a_dead_nodes_leave_from_a_survivor() {
+    const SECRET: &str = "whsec-cluster-0123456789";
+    let receiver = common::webhooks::Receiver::start(None, &[("/hook", SECRET)]).await;
+    let hooks = format!(
+        "[{{ url = \"http://{}/hook\", secret = \"{SECRET}\", events = [\"connect\", \"subscribe\", \"presence.enter\", \"presence.leave\"], channels = [\"hook/#\"] }}]",
+        receiver.addr
+    );
+    let env = [("SWITCHBOARD_CHANNELS__PRESENCE_GRACE", "1s"), ("SWITCHBOARD_WEBHOOKS", hooks.as_str())];
+    let (_turn, _nats, mut nodes) = cluster("webhooks", &env).await;
+
+    let mut alice = ws_connect(&nodes[0].http, "alice").await;
+    ws_send(&mut alice, json!({"type":"subscribe","req":1,"filter":"hook/room"})).await;
+    ws_next(&mut alice, "subscribed").await;
+    ws_send(&mut alice, json!({"type":"presence.enter","req":2,"channel":"hook/room","text":"hi"})).await;
+    ws_next(&mut alice, "publish_ack").await;
+    // (type, node) of alice's events, each delivery once.
+    let events = || {
+        let mut seen = std::collections::BTreeMap::new();
+        for g in receiver.got.lock().iter().filter(|g| g.status < 300) {
+            assert!(g.signed, "a valid signature: {}", g.body);
+            if g.body["client_id"] == "alice" {
+                seen.insert(
+                    g.delivery.clone(),
+                    (g.event.clone(), g.body["node"].as_str().unwrap_or_default().to_string()),
+                );
+            }
+        }
+        let mut v: Vec<(String, String)> = seen.into_values().collect();
+        v.sort();
+        v
+    };
+    let a = |e: &str| (e.to_string(), "a".to_string());
+    let deadline = Instant::now() + WAIT;
+    while events() != [a("connect"), a("presence.enter"), a("subscribe")] {
+        assert!(Instant::now() < deadline, "node a's events: {:?}", events());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    nodes[0].kill();
+    let deadline = Instant::now() + WAIT;
+    let leaves = || events().into_iter().filter(|(e, _)| e == "presence.leave").collect::<Vec<_>>();
+    while leaves().is_empty() {
+        assert!(Instant::now() < deadline, "a survivor posts alice's leave: {:?}", events());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once, from a survivor; nothing more within another sweep or two.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leaves = leaves();
+    assert_eq!(leaves.len(), 1, "{leaves:?}");
+    assert!(leaves[0].1 == "b" || leaves[0].1 == "c", "{leaves:?}");
+    receiver.stop();
+}

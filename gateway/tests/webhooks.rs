@@ -17,133 +17,20 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::webhooks::{Got, Receiver};
 use common::{DataDir, Node, WAIT, plain_dev, until};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET_ALL: &str = "whsec-all-0123456789abcdef";
 const SECRET_LIFECYCLE: &str = "whsec-life-0123456789abcdef";
-
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Got {
-    path: String,
-    delivery: String,
-    event: String,
-    body: Value,
-    raw: Bytes,
-    /// The signature matched the body under the path's secret, within five
-    /// minutes of now.
-    signed: bool,
-    /// The status the receiver answered.
-    status: u16,
-}
-
-/// `hex(HMAC-SHA256(secret, t + "." + body))` against the header, computed
-/// here rather than with the gateway's own code.
-fn signature_ok(secret: &str, header: &str, body: &[u8]) -> bool {
-    let mut t = None;
-    let mut v1 = Vec::new();
-    for part in header.split(',') {
-        match part.split_once('=') {
-            Some(("t", x)) => t = x.parse::<u64>().ok(),
-            Some(("v1", x)) => v1.push(x.to_string()),
-            _ => {}
-        }
-    }
-    let Some(t) = t else { return false };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    if t.abs_diff(now) > 300 {
-        return false;
-    }
-    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret.as_bytes());
-    let mut signed = format!("{t}.").into_bytes();
-    signed.extend_from_slice(body);
-    let tag = aws_lc_rs::hmac::sign(&key, &signed);
-    let want: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    v1.contains(&want)
-}
-
-/// A webhook receiver: records every request and answers `status`.
-struct Receiver {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Got>>>,
-    status: Arc<AtomicU16>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Receiver {
-    /// Listens on `on` (a port picked earlier) or a free port; `secrets`
-    /// maps request paths to the secret their signatures use.
-    async fn start(on: Option<SocketAddr>, secrets: &[(&str, &str)]) -> Receiver {
-        let listener = tokio::net::TcpListener::bind(on.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
-            .await
-            .expect("bind the receiver");
-        let addr = listener.local_addr().unwrap();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let status = Arc::new(AtomicU16::new(200));
-        let secrets: Arc<HashMap<String, String>> =
-            Arc::new(secrets.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect());
-        let (g, st) = (got.clone(), status.clone());
-        let task = tokio::spawn(async move {
-            // Connections live in the set: stopping the receiver drops
-            // them too, keep-alive ones included.
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (g, st, secrets) = (g.clone(), st.clone(), secrets.clone());
-                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (g, st, secrets) = (g.clone(), st.clone(), secrets.clone());
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let header = |n: &str| {
-                            req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
-                        };
-                        let (delivery, event, sig) = (
-                            header("switchboard-delivery"),
-                            header("switchboard-event"),
-                            header("switchboard-signature"),
-                        );
-                        let raw = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let signed = secrets.get(&path).is_some_and(|s| signature_ok(s, &sig, &raw));
-                        let status = st.load(Ordering::SeqCst);
-                        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-                        g.lock().push(Got { path, delivery, event, body, raw, signed, status });
-                        let mut resp = hyper::Response::new(Full::new(Bytes::new()));
-                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                conns.spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
-                });
-            }
-        });
-        Receiver { addr, got, status, task }
-    }
-
-    /// The requests answered 2xx on `path`.
-    fn delivered(&self, path: &str) -> Vec<Got> {
-        self.got.lock().iter().filter(|g| g.path == path && g.status < 300).cloned().collect()
-    }
-
-    /// Closes the port and every connection.
-    fn stop(self) {
-        self.task.abort();
-    }
-}
 
 /// A loopback port nobody listens on (for a receiver that is down).
 fn closed_port() -> SocketAddr {
