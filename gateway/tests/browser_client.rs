@@ -16,6 +16,8 @@
 //!   it publishes itself, and comes back to every message once, in order,
 //!   its queued publishes acknowledged; then the same across a forced change
 //!   of transport (WebSocket refused meanwhile: back on SSE);
+//! - gaps: on every transport, a `trimmed` gap (history kept less than the
+//!   page missed while offline) reaches the page, with the positions;
 //! - drain: the node drains, the client is told to go (1012) and, once a
 //!   second node is up on the same address and store, recovers every
 //!   message with no gap;
@@ -111,6 +113,21 @@ fn the_client_recovers_every_message_after_going_offline_and_across_a_transport_
     assert_eq!(acks.len(), 2, "{last}");
     for ack in acks {
         assert_eq!(ack["duplicate"], false, "sent once after the reconnect: {last}");
+    }
+}
+
+#[test]
+fn a_gap_history_cannot_fill_reaches_the_page_on_every_transport() {
+    let gw = DevGateway::start_env(&[("SWITCHBOARD_CHANNELS__HISTORY_SIZE", "3")]);
+    let result = client_scenario("gaps", &gw.http);
+    let last = result.to_string();
+    for transport in ["webtransport", "websocket", "sse", "poll"] {
+        let r = &result["results"][transport];
+        // Serials 3..8 were published while away; history kept 6..8, too
+        // late for a position at 2: a `trimmed` gap from 2 to 8, then live.
+        assert_eq!(r["gaps"], serde_json::json!([{"reason": "trimmed", "from": 2, "to": 8}]), "{transport}: {last}");
+        assert_eq!(r["texts"], serde_json::json!(["kept 1", "kept 2", "after"]), "{transport}: {last}");
+        assert_eq!(r["serials"], serde_json::json!([1, 2, 9]), "{transport}: {last}");
     }
 }
 

@@ -19,6 +19,12 @@
 //       online it has every message once, in order, and its queued publishes
 //       are acknowledged; then the same across a forced change of transport
 //       (offline, WebSocket upgrades refused meanwhile: back on SSE).
+//   node tests/browser/client.mjs gaps     HTTP_BASE
+//       a gateway keeping 3 messages per channel: on each transport forced
+//       in turn, the page goes offline while 6 messages are published, and
+//       back online it is told of the `trimmed` gap (from its position to
+//       the channel's), then receives what follows; nothing is skipped in
+//       silence.
 //   node tests/browser/client.mjs drain    HTTP_BASE ADMIN_BASE
 //       through the proxy: the node drains (admin `POST /v1/drain`); the
 //       client is told to go (1012), and once a second node is up on the
@@ -44,9 +50,9 @@ const OVERALL_MS = 90_000;
 const STEP_MS = 20_000;
 
 const [scenario, httpBase, third] = process.argv.slice(2);
-const known = ['forced', 'fallback', 'recovery', 'tokens', 'drain'];
+const known = ['forced', 'fallback', 'recovery', 'tokens', 'drain', 'gaps'];
 if (!known.includes(scenario) || !httpBase || (['tokens', 'drain'].includes(scenario) && !third)) {
-  console.log(JSON.stringify({ ok: false, reason: 'usage: client.mjs forced|fallback|recovery HTTP_BASE | tokens HTTP_BASE SECRET | drain HTTP_BASE ADMIN_BASE' }));
+  console.log(JSON.stringify({ ok: false, reason: 'usage: client.mjs forced|fallback|recovery|gaps HTTP_BASE | tokens HTTP_BASE SECRET | drain HTTP_BASE ADMIN_BASE' }));
   process.exit(2);
 }
 
@@ -468,7 +474,40 @@ async function drain({ page, step, finish }) {
   finish(0, { ok: true, ...out });
 }
 
+async function gaps({ page, step, finish }) {
+  const context = page.context();
+  const results = {};
+  await step('load the client', () => installClient(page, httpBase));
+  for (const transport of ['webtransport', 'websocket', 'sse', 'poll']) {
+    const ch = `gap/${transport}`;
+    await step(`${transport}: connect and subscribe`, async () => {
+      await page.evaluate(([n, t, c]) => {
+        window.makeClient(n, { transports: [t], retryMax: 1000 });
+        window.subscribeAll(n, c);
+      }, [transport, transport, ch]);
+      await connected(page, transport, transport);
+      await page.waitForFunction(([n, c]) => window.sb.clients[n].c.subs.get(c).established, [transport, ch]);
+    });
+    await publish(ch, 'kept 1');
+    await publish(ch, 'kept 2');
+    await step(`${transport}: receive before`, () => received(page, transport, ch, 2));
+    await context.setOffline(true);
+    await step(`${transport}: notice offline`, () => page.waitForFunction((n) => window.sb.clients[n].c.state !== 'connected', transport));
+    // History keeps 3: serials 3..5 are trimmed by the time it is back.
+    for (let i = 1; i <= 6; i++) await publish(ch, `away ${i}`);
+    await context.setOffline(false);
+    await step(`${transport}: reconnect`, () => connected(page, transport, transport));
+    await step(`${transport}: told of the gap`, () => page.waitForFunction((n) => window.sb.clients[n].log.gaps.length > 0, transport));
+    await publish(ch, 'after');
+    const got = await step(`${transport}: receive after`, () => received(page, transport, ch, 3));
+    const gap = await page.evaluate((n) => window.sb.clients[n].log.gaps.map((g) => ({ reason: g.reason, from: g.from && g.from.serial, to: g.to && g.to.serial })), transport);
+    await page.evaluate((n) => window.sb.clients[n].c.close(), transport);
+    results[transport] = { texts: got.map((m) => m.text), serials: got.map((m) => m.serial), gaps: gap };
+  }
+  finish(0, { ok: true, results });
+}
+
 run(OVERALL_MS, STEP_MS, async (ctx) => {
-  const main = { forced, fallback, recovery, tokens, drain }[scenario];
+  const main = { forced, fallback, recovery, tokens, drain, gaps }[scenario];
   await main(ctx);
 });
