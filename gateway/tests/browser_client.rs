@@ -18,6 +18,9 @@
 //!   of transport (WebSocket refused meanwhile: back on SSE);
 //! - gaps: on every transport, a `trimmed` gap (history kept less than the
 //!   page missed while offline) reaches the page, with the positions;
+//! - a dead path: a proxy stops carrying anything on the open connections
+//!   (nothing closes); WebSocket pings, SSE `ping` events and a poll's
+//!   deadline notice it, and the client recovers every message;
 //! - drain: the node drains, the client is told to go (1012) and, once a
 //!   second node is up on the same address and store, recovers every
 //!   message with no gap;
@@ -128,6 +131,22 @@ fn a_gap_history_cannot_fill_reaches_the_page_on_every_transport() {
         assert_eq!(r["gaps"], serde_json::json!([{"reason": "trimmed", "from": 2, "to": 8}]), "{transport}: {last}");
         assert_eq!(r["texts"], serde_json::json!(["kept 1", "kept 2", "after"]), "{transport}: {last}");
         assert_eq!(r["serials"], serde_json::json!([1, 2, 9]), "{transport}: {last}");
+    }
+}
+
+#[test]
+fn a_path_that_dies_in_silence_is_noticed_and_recovered() {
+    let (_gw, banner) = plain_dev(&[], None, &[("SWITCHBOARD_SSE__KEEPALIVE", "1s")], WAIT);
+    let result = client_scenario("silent", &banner.http);
+    let last = result.to_string();
+    for transport in ["websocket", "sse", "poll"] {
+        assert_eq!(result["results"][transport]["messages"], 5, "{transport}: {last}");
+    }
+    // WebSocket and SSE end the dead transport and reconnect; a poll past
+    // its deadline is simply polled again.
+    for transport in ["websocket", "sse"] {
+        let d = &result["results"][transport]["disconnects"];
+        assert!(d.as_array().is_some_and(|d| !d.is_empty()), "{transport}: {last}");
     }
 }
 

@@ -15,7 +15,10 @@
 //! | `disconnect` | `{"type":"disconnect","code","reason","reconnect"}`: the server ends the stream (4000 slow consumer, 1012 drain, 4003 closed by an administrator, 4005 cursor full); a browser's `EventSource` reconnects and resumes whatever `reconnect` says — the field is for clients that can decide |
 //!
 //! A `retry:` line opens the stream, and a `: keep-alive` comment goes out
-//! whenever nothing else did for [`SseConfig::keepalive`]. Whatever is ready
+//! whenever nothing else did for [`SseConfig::keepalive`] — or, when the
+//! request says `heartbeat=1`, a `ping` event (`data: {"type":"ping"}`, no
+//! `id:`, so `Last-Event-ID` is unchanged), which a page can watch to notice
+//! a connection that died without a word (`EventSource` hides comments). Whatever is ready
 //! is written as one chunk (one write), and messages reuse the JSON frame the
 //! WebSocket front end sends, encoded once per publication.
 //!
@@ -126,6 +129,8 @@ struct State {
     keepalive: tokio::time::Interval,
     /// When the stream last sent anything.
     last_sent: tokio::time::Instant,
+    /// Keep-alives as `ping` events (`heartbeat=1`).
+    heartbeat: bool,
     shutdown: watch::Receiver<bool>,
     /// Accepted, not yet written, oldest first.
     events: std::collections::VecDeque<StreamEvent>,
@@ -199,6 +204,7 @@ pub async fn open(
         first: Some(first.freeze()),
         keepalive,
         last_sent: tokio::time::Instant::now(),
+        heartbeat: req.heartbeat,
         shutdown,
         events: replay.into(),
         closing: None,
@@ -236,7 +242,9 @@ pub async fn open(
                         continue;
                     }
                     st.last_sent = tokio::time::Instant::now();
-                    return Some((Bytes::from_static(b": keep-alive\n\n"), st));
+                    let beat: &'static [u8] =
+                        if st.heartbeat { b"event: ping\ndata: {\"type\":\"ping\"}\n\n" } else { b": keep-alive\n\n" };
+                    return Some((Bytes::from_static(beat), st));
                 }
             }
         }

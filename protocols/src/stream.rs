@@ -62,6 +62,9 @@ pub struct StreamRequest {
     pub token: String,
     /// Long-poll wait (`timeout=` seconds), if given.
     pub timeout: Option<Duration>,
+    /// SSE: keep-alives as `ping` events a page can see (`heartbeat=1`)
+    /// instead of comments, which `EventSource` hides.
+    pub heartbeat: bool,
     /// Long polling: the session the previous response named
     /// (`session=`, its `connection_id`), to continue wherever this poll
     /// arrives on the node (see `poll::KeptPoll`); empty on a first poll
@@ -132,6 +135,7 @@ impl StreamRequest {
                 "rewind" => req.rewind = Some(parse_rewind(v)?),
                 "presence" => req.presence = flag(v)?,
                 "retained" => req.retained = flag(v)?,
+                "heartbeat" => req.heartbeat = flag(v)?,
                 "client_id" => req.client_id = v.clone(),
                 "token" => req.token = v.clone(),
                 // Bounded like a client id: it names a session, nothing more.

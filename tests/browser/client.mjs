@@ -25,6 +25,13 @@
 //       back online it is told of the `trimmed` gap (from its position to
 //       the channel's), then receives what follows; nothing is skipped in
 //       silence.
+//   node tests/browser/client.mjs silent   HTTP_BASE
+//       through the proxy (a gateway with 1 s SSE keep-alives): for
+//       WebSocket, SSE and long polling in turn, the proxy stops carrying
+//       anything on the connections open (nothing is closed, no error comes);
+//       the client notices by its own checks (WebSocket pings, SSE `ping`
+//       events, a poll's deadline), reconnects, and has every message
+//       published meanwhile once, in order.
 //   node tests/browser/client.mjs drain    HTTP_BASE ADMIN_BASE
 //       through the proxy: the node drains (admin `POST /v1/drain`); the
 //       client is told to go (1012), and once a second node is up on the
@@ -50,9 +57,9 @@ const OVERALL_MS = 90_000;
 const STEP_MS = 20_000;
 
 const [scenario, httpBase, third] = process.argv.slice(2);
-const known = ['forced', 'fallback', 'recovery', 'tokens', 'drain', 'gaps'];
+const known = ['forced', 'fallback', 'recovery', 'tokens', 'drain', 'gaps', 'silent'];
 if (!known.includes(scenario) || !httpBase || (['tokens', 'drain'].includes(scenario) && !third)) {
-  console.log(JSON.stringify({ ok: false, reason: 'usage: client.mjs forced|fallback|recovery|gaps HTTP_BASE | tokens HTTP_BASE SECRET | drain HTTP_BASE ADMIN_BASE' }));
+  console.log(JSON.stringify({ ok: false, reason: 'usage: client.mjs forced|fallback|recovery|gaps|silent HTTP_BASE | tokens HTTP_BASE SECRET | drain HTTP_BASE ADMIN_BASE' }));
   process.exit(2);
 }
 
@@ -92,6 +99,8 @@ async function startProxy(upstream) {
   const target = new URL(upstream);
   const mode = { refuseUpgrades: false, holdStreams: false };
   const sockets = new Set();
+  // What `freezeAll` stops: every exchange in progress.
+  const links = new Set();
   const server = http.createServer((req, res) => {
     const held = mode.holdStreams && req.url.startsWith('/v1/sse');
     const up = http.request(
@@ -104,6 +113,12 @@ async function startProxy(upstream) {
         }
         res.writeHead(upRes.statusCode, upRes.headers);
         upRes.pipe(res);
+        const link = () => {
+          upRes.unpipe(res);
+          upRes.pause();
+        };
+        links.add(link);
+        res.on('close', () => links.delete(link));
       },
     );
     up.on('error', () => res.destroy());
@@ -126,6 +141,14 @@ async function startProxy(upstream) {
       if (head.length) up.write(head);
       up.pipe(socket);
       socket.pipe(up);
+      const link = () => {
+        up.unpipe(socket);
+        socket.unpipe(up);
+        up.pause();
+        socket.pause();
+      };
+      links.add(link);
+      up.on('close', () => links.delete(link));
     });
     sockets.add(up);
     up.on('close', () => sockets.delete(up));
@@ -137,6 +160,15 @@ async function startProxy(upstream) {
   return {
     base,
     mode,
+    /**
+     * Stops every exchange in progress without closing anything: the
+     * connections stay open and carry nothing more (a path that died in
+     * silence). New ones pass.
+     */
+    freezeAll() {
+      for (const link of links) link();
+      links.clear();
+    },
     /** Cuts every connection through it (clients see their transport drop). */
     dropAll() {
       for (const s of sockets) s.destroy();
@@ -507,7 +539,47 @@ async function gaps({ page, step, finish }) {
   finish(0, { ok: true, results });
 }
 
+async function silent({ page, step, finish }) {
+  const proxy = await startProxy(httpBase);
+  const results = {};
+  try {
+    await step('load the client through the proxy', () => installClient(page, proxy.base));
+    for (const transport of ['websocket', 'sse', 'poll']) {
+      const ch = `silent/${transport}`;
+      const texts = [];
+      await step(`${transport}: connect and subscribe`, async () => {
+        await page.evaluate(([n, t, c]) => {
+          window.makeClient(n, { transports: [t], pingInterval: 1000, requestTimeout: 1500, pollTimeout: 2, retryMax: 1000 });
+          window.subscribeAll(n, c);
+        }, [transport, transport, ch]);
+        await connected(page, transport, transport);
+        await page.waitForFunction(([n, c]) => window.sb.clients[n].c.subs.get(c).established, [transport, ch]);
+      });
+      for (let i = 1; i <= 2; i++) texts.push((await publish(ch, `before ${i}`), `before ${i}`));
+      await step(`${transport}: receive before`, () => received(page, transport, ch, 2));
+      proxy.freezeAll();
+      for (let i = 1; i <= 3; i++) texts.push((await publish(ch, `silent ${i}`), `silent ${i}`));
+      if (transport !== 'poll') {
+        // A poll past its deadline is just polled again, on a new
+        // connection: no disconnect to see there.
+        await step(`${transport}: notice the dead path`, () =>
+          page.waitForFunction((n) => window.sb.clients[n].log.disconnects.length > 0, transport),
+        );
+        await step(`${transport}: reconnect`, () => connected(page, transport, transport));
+      }
+      const got = await step(`${transport}: receive everything once`, () => received(page, transport, ch, texts.length));
+      exactly(got, texts, transport);
+      const disconnects = await page.evaluate((n) => window.sb.clients[n].log.disconnects, transport);
+      await page.evaluate((n) => window.sb.clients[n].c.close(), transport);
+      results[transport] = { messages: got.length, disconnects };
+    }
+  } finally {
+    proxy.close();
+  }
+  finish(0, { ok: true, results });
+}
+
 run(OVERALL_MS, STEP_MS, async (ctx) => {
-  const main = { forced, fallback, recovery, tokens, drain, gaps }[scenario];
+  const main = { forced, fallback, recovery, tokens, drain, gaps, silent }[scenario];
   await main(ctx);
 });

@@ -102,6 +102,37 @@ async fn headers_retry_connected_and_keepalive_comments() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// With `heartbeat=1` the keep-alives are `ping` events a page can see
+/// (and watch, to notice a connection that died in silence), with no `id:`:
+/// what a browser would send as `Last-Event-ID` stays the last real event's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_sends_ping_events_instead_of_comments() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|cfg| cfg.sse.keepalive = Duration::from_millis(150)).await?;
+    let resp = sse_request(&gw.http, &query(&[("channel", "hb"), ("heartbeat", "1")]), None).await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while text.matches("event: ping\n").count() < 2 {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no two pings within {WAIT:?}: {text:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("stream ended: {text:?}"))??;
+        text.push_str(std::str::from_utf8(&chunk)?);
+    }
+    assert!(!text.contains(": keep-alive"), "{text:?}");
+    // After `connected`, only pings: each `event: ping` + `data: {"type":"ping"}`, no id.
+    let after = text.split_once("event: connected\n").expect("connected first").1;
+    let after = after.split_once("\n\n").expect("the connected event ends").1;
+    for event in after.split("\n\n").filter(|e| !e.is_empty()) {
+        assert_eq!(event, "event: ping\ndata: {\"type\":\"ping\"}", "{text:?}");
+    }
+    // Off by default, and refused when malformed.
+    let bad = sse_request(&gw.http, &query(&[("channel", "hb"), ("heartbeat", "yes please")]), None).await?;
+    assert_eq!(bad.status().as_u16(), 400);
+    Ok(())
+}
+
 /// A keep-alive goes out only after a whole `sse.keepalive` of silence: a
 /// stream busy with messages gets none, and one follows once they stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,7 +189,7 @@ fn transports(state: &HttpState) -> Response<Body> {
     let body = json!({
         "webtransport": webtransport,
         "websocket": {"path": "/v1/ws", "subprotocols": ["switchboard.v1.json", "switchboard.v1.proto"]},
-        "sse": {"path": "/v1/sse"},
+        "sse": {"path": "/v1/sse", "keepalive_ms": state.sse.keepalive.as_millis() as u64},
         "poll": {"path": "/v1/poll"},
         "https": port(l.https),
         "mqtt": port(l.mqtt),

@@ -1214,7 +1214,11 @@ class SseTransport extends StreamTransport {
     if (this.ended) throw new SwitchboardError('disconnected', 'the SSE transport ended');
     // Nothing to receive: REST alone (publishes, history, members).
     if (!filters.length) return this.reachable();
-    const url = this.client.endpoint(`/v1/sse?${this.params(filters, presence, from)}${this.client.token ? `&token=${encodeURIComponent(this.client.token)}` : ''}`);
+    const q = this.params(filters, presence, from);
+    // Keep-alives as events the watchdog below can see.
+    q.set('heartbeat', '1');
+    if (this.client.token) q.set('token', this.client.token);
+    const url = this.client.endpoint(`/v1/sse?${q}`);
     const es = new EventSource(url);
     this.es = es;
     const opened = deferred();
@@ -1248,6 +1252,7 @@ class SseTransport extends StreamTransport {
     };
     es.addEventListener('message', onMessage);
     es.addEventListener('presence', onMessage);
+    es.addEventListener('ping', (e) => remember(e));
     es.addEventListener('gap', (e) => {
       if (remember(e)) this.client.gap(JSON.parse(e.data));
     });
@@ -1259,6 +1264,7 @@ class SseTransport extends StreamTransport {
     let connected = false;
     opened.promise.then(() => {
       connected = true;
+      this.watch(es);
     }, () => {});
     es.onerror = async () => {
       if (es !== this.es) return;
@@ -1274,6 +1280,28 @@ class SseTransport extends StreamTransport {
       this.end(this.goodbye || { code: 1006, reason: 'SSE stream ended', reconnect: true });
     };
     return opened.promise;
+  }
+
+  /**
+   * Notices a stream that died without a word (a half-open connection: no
+   * error event ever comes): the gateway sends a `ping` event after each
+   * `keepalive_ms` of silence (`GET /v1/transports`, 15 s by default), so
+   * nothing at all for 2.5 times that ends the transport, and the client
+   * reconnects and resumes.
+   */
+  async watch(es) {
+    clearInterval(this.watchdog);
+    const info = await this.client.transportsInfo().catch(() => null);
+    if (es !== this.es || this.ended) return;
+    const keepalive = (info && info.sse && info.sse.keepalive_ms) || 15000;
+    const silence = keepalive * 2.5;
+    this.watchdog = setInterval(() => {
+      if (es !== this.es || this.ended) return clearInterval(this.watchdog);
+      if (this.client.quietFor() > silence) {
+        es.close();
+        this.end({ code: 4004, reason: `nothing from the SSE stream for ${silence} ms`, reconnect: true });
+      }
+    }, Math.min(1000, keepalive));
   }
 
   /** Why `GET url` failed: the gateway's error when it answered one, else `unavailable`. */
@@ -1319,6 +1347,7 @@ class SseTransport extends StreamTransport {
   }
 
   end(outcome) {
+    clearInterval(this.watchdog);
     this.es?.close();
     super.end(outcome);
   }
