@@ -191,6 +191,127 @@ fn idle_and_churn_complete() {
     assert_eq!(r["deliveries"], r["published"], "{r}");
 }
 
+/// Every TCP protocol over TLS (`https://`, `mqtts://`, dev's certificate
+/// with `--insecure`): exact accounting as in plain runs, and one full
+/// handshake per connection in the report's `tls` figures.
+#[test]
+fn fanout_over_tls_on_every_tcp_protocol() {
+    let gw = DevGateway::start();
+    let (https, mqtts, pid) = (format!("https://{}", gw.https), format!("mqtts://{}", gw.mqtts), gw.pid().to_string());
+    for proto in ["ws", "sse", "poll", "mqtt"] {
+        let r =
+            fanout_with(&["--proto", proto, "--url", &https, "--mqtt-url", &mqtts, "--insecure", "--server-pid", &pid]);
+        let tls = &r["tls"];
+        // 6 subscribers and 2 publishers, each on its own TLS connection
+        // (REST publishers may open a few more from their pool).
+        let n = tls["handshakes"].as_u64().expect("tls.handshakes");
+        assert!(n >= 8, "{proto}: {r}");
+        assert_eq!(tls["failed"], 0, "{proto}: {r}");
+        assert_eq!(tls["full"].as_u64(), Some(n - tls["resumed"].as_u64().unwrap_or(0)), "{proto}: {r}");
+        assert!(tls["p50_us"].as_u64().is_some_and(|v| v > 0), "{proto}: {r}");
+    }
+}
+
+/// With `--ca` the bench verifies the server's chain: a gateway serving
+/// `switchboard cert dev`'s server certificate is reached with that CA, and
+/// another CA is refused (every handshake fails, counted).
+#[test]
+fn a_tls_target_is_verified_against_the_ca_given() {
+    let dir = temp_dir("bench-ca");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    for out in [&a, &b] {
+        let (status, _) = run_to_end(&["cert", "dev", "--out", out.to_str().unwrap()], Duration::from_secs(30));
+        assert!(status.success());
+    }
+    let certs = format!(
+        "[{{ cert = {:?}, key = {:?} }}]",
+        a.join("server.pem").display().to_string(),
+        a.join("server.key").display().to_string()
+    );
+    let gw = DevGateway::start_env(&[("SWITCHBOARD_TLS__CERTIFICATES", &certs)]);
+    let https = format!("https://{}", gw.https);
+    let idle = |ca: &Path| {
+        bench_json(&[
+            "bench",
+            "idle",
+            "--proto",
+            "sse",
+            "--conns",
+            "3",
+            "--hold",
+            "100ms",
+            "--url",
+            &https,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let good = idle(&a.join("ca.pem"));
+    assert_eq!((good["connections"].as_u64(), good["client_errors"].as_u64()), (Some(3), Some(0)), "{good}");
+    assert_eq!(good["tls"]["failed"], 0, "{good}");
+    let (status, out) = run_to_end(
+        &[
+            "bench",
+            "idle",
+            "--proto",
+            "sse",
+            "--conns",
+            "1",
+            "--hold",
+            "100ms",
+            "--url",
+            &https,
+            "--ca",
+            b.join("ca.pem").to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(90),
+    );
+    let refused =
+        out.lines().rev().find(|l| l.starts_with('{')).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    assert!(
+        !status.success() || refused.as_ref().is_some_and(|r| r["tls"]["failed"].as_u64() >= Some(1)),
+        "another CA must not verify: {status} {out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reconnects over TLS resume their sessions unless `--tls-resumption off`.
+#[test]
+fn churn_over_tls_resumes_sessions_unless_told_not_to() {
+    let gw = DevGateway::start();
+    let https = format!("https://{}", gw.https);
+    let churn = |resumption: &str| {
+        bench_json(&[
+            "bench",
+            "churn",
+            "--proto",
+            "ws",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--url",
+            &https,
+            "--insecure",
+            "--tls-resumption",
+            resumption,
+            "--json",
+        ])
+    };
+    let on = churn("on");
+    assert_eq!(on["lost"], 0, "{on}");
+    assert!(on["tls"]["resumed"].as_u64().is_some_and(|n| n > 0), "{on}");
+    let off = churn("off");
+    assert_eq!(off["tls"]["resumed"], 0, "{off}");
+    assert!(off["tls"]["full"].as_u64().is_some_and(|n| n > 1), "{off}");
+    // A TLS target with neither --ca nor --insecure is refused, clearly.
+    let (status, _) =
+        run_to_end(&["bench", "idle", "--proto", "ws", "--conns", "1", "--url", &https], Duration::from_secs(30));
+    assert!(!status.success());
+}
+
 #[test]
 fn fanout_mqtt_3_1_1() {
     let gw = DevGateway::start();

@@ -44,8 +44,30 @@ pub struct Target {
     /// The WebTransport endpoint (`--proto wt` runs only).
     pub wt: Option<super::wt::WtTarget>,
     /// Source addresses 127.0.0.1..=127.0.0.N, or none (let the kernel choose).
-    src_count: u8,
-    next_src: AtomicUsize,
+    sources: SourceCycle,
+}
+
+/// Source addresses 127.0.0.1..=127.0.0.N, round robin (`--src-addrs`).
+#[derive(Debug)]
+pub struct SourceCycle {
+    count: u8,
+    next: AtomicUsize,
+}
+
+impl SourceCycle {
+    /// Over `count` addresses (1: none, the kernel chooses).
+    pub fn new(count: u8) -> SourceCycle {
+        SourceCycle { count, next: AtomicUsize::new(0) }
+    }
+
+    /// The next source address, if spreading is on.
+    pub fn next(&self) -> Option<IpAddr> {
+        if self.count <= 1 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % usize::from(self.count);
+        Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + i as u8)))
+    }
 }
 
 impl Target {
@@ -59,18 +81,13 @@ impl Target {
             mqtt_version: MqttVersion::V5,
             flavour: Flavour::Switchboard,
             wt: None,
-            src_count: src_addrs,
-            next_src: AtomicUsize::new(0),
+            sources: SourceCycle::new(src_addrs),
         }
     }
 
     /// The next source address, round robin, if spreading is on.
     pub fn next_source(&self) -> Option<IpAddr> {
-        if self.src_count <= 1 {
-            return None;
-        }
-        let i = self.next_src.fetch_add(1, Ordering::Relaxed) % usize::from(self.src_count);
-        Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + i as u8)))
+        self.sources.next()
     }
 
     /// The WebTransport endpoint; an error when the run was not set up for it.

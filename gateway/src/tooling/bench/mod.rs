@@ -33,8 +33,10 @@ pub mod publish;
 pub mod recovery;
 pub mod report;
 pub mod syscalls;
+pub mod tls;
 pub mod wt;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -115,6 +117,15 @@ impl Proto {
     }
 }
 
+/// A switch.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// Protocols `publish` speaks: each acknowledges a publish.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum AckProto {
@@ -180,12 +191,19 @@ pub enum SyscallSource {
 /// Flags every scenario shares.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// Gateway HTTP listener (WebSocket, SSE, long polling, REST).
+    /// Gateway HTTP listener (WebSocket, SSE, long polling, REST);
+    /// `https://` speaks TLS to it (see `--ca`, `--insecure`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// Gateway MQTT listener.
+    /// Gateway MQTT listener; `mqtts://` speaks TLS to it.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt_url: String,
+    /// CA bundle (PEM) that TLS targets' certificates must chain to.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// TLS session resumption (tickets, session ids) on reconnects.
+    #[arg(long, value_enum, default_value = "on")]
+    pub tls_resumption: OnOff,
     /// Subscribers connect to these HTTP listeners instead, round robin
     /// (comma-separated; other nodes of a cluster, while publishers stay on
     /// `--url`). `fanout` and `cross` only.
@@ -205,7 +223,8 @@ pub struct CommonArgs {
     /// `/v1/wt/cert-hash` (what `switchboard dev` generates).
     #[arg(long)]
     pub cert_hash: Option<String>,
-    /// `--proto wt` accepts any certificate.
+    /// Accept any server certificate: `--proto wt`, and `https://` /
+    /// `mqtts://` targets (dev's generated certificate).
     #[arg(long, conflicts_with = "cert_hash")]
     pub insecure: bool,
     /// nats-server client listener (`--proto nats`).
@@ -399,7 +418,26 @@ impl CommonArgs {
     /// The gateway as a [`clients::Target`] for a run that speaks `protos`
     /// (WebTransport endpoints are only made when one of them is `wt`).
     pub async fn target(&self, protos: &[Proto]) -> Result<clients::Target, BenchError> {
-        let mut t = clients::Target::new(host_port(&self.url), host_port(&self.mqtt_url), self.src_addrs);
+        let (mut http, mut mqtt) = (host_port(&self.url), host_port(&self.mqtt_url));
+        let (tls_http, tls_mqtt) = (self.url.starts_with("https://"), self.mqtt_url.starts_with("mqtts://"));
+        if tls_http || tls_mqtt {
+            // The clients connect to local shims that speak TLS to the server.
+            let options = tls::TlsOptions {
+                ca: self.ca.clone(),
+                insecure: self.insecure,
+                resumption: self.tls_resumption == OnOff::On,
+            };
+            let config = options.client_config()?;
+            let sources = clients::SourceCycle::new(self.src_addrs);
+            let next: Arc<dyn Fn() -> Option<std::net::IpAddr> + Send + Sync> = Arc::new(move || sources.next());
+            if tls_http {
+                http = tls::shim(&http, config.clone(), next.clone()).await?.to_string();
+            }
+            if tls_mqtt {
+                mqtt = tls::shim(&mqtt, config, next).await?.to_string();
+            }
+        }
+        let mut t = clients::Target::new(http, mqtt, self.src_addrs);
         t.nats = host_port(&self.nats_url);
         t.mqtt_version = self.mqtt_version;
         t.flavour = self.target;
@@ -449,8 +487,10 @@ pub fn worker_threads() -> usize {
 
 /// Raises the open-file limit for `conns` connections (plus slack for
 /// everything else the process opens), as far as the hard limit allows.
+/// A TLS run holds three sockets per connection (the client's, the shim's
+/// end of it, the TLS connection: see [`tls`]).
 fn raise_nofile(conns: u64) {
-    let want = conns + 256;
+    let want = conns * 3 + 256;
     match rlimit::increase_nofile_limit(want) {
         Ok(n) if n < want => tracing::warn!(limit = n, want, "open-file limit is below the connections asked for"),
         Ok(_) => {}
@@ -496,7 +536,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let (report, json) = match args.scenario {
+    let (mut report, json) = match args.scenario {
         Scenario::Fanout { proto, load, common } => {
             raise_nofile(u64::from(load.channels) * u64::from(load.subs_per_channel) + u64::from(load.pubs));
             (fanout::run(proto.publisher(), proto, &load, &common).await?, common.json)
@@ -523,6 +563,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (publish::run(proto, &load, &common).await?, common.json)
         }
     };
+    report.tls = tls::figures();
     if json {
         println!("{}", report.to_json());
     } else {

@@ -169,6 +169,9 @@ pub struct Report {
     pub invalid_reason: Option<String>,
     /// Loud problems (loss, duplicates, reordering, errors), one line each.
     pub problems: Vec<String>,
+    /// TLS handshakes, when the run spoke TLS (`https://`, `mqtts://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::Figures>,
 }
 
 impl Report {
@@ -439,6 +442,16 @@ impl Report {
         }
         if let Some(v) = self.rss_per_conn_bytes {
             row(&mut out, "server RSS/connection", format!("{:.1} KiB", v / 1024.0));
+        }
+        if let Some(t) = &self.tls {
+            row(
+                &mut out,
+                "TLS handshakes",
+                format!(
+                    "{} ({} full, {} resumed, {} failed)  p50 {} µs  p99 {} µs  max {} µs  {:.0}/s",
+                    t.handshakes, t.full, t.resumed, t.failed, t.p50_us, t.p99_us, t.max_us, t.per_sec
+                ),
+            );
         }
         let _ = writeln!(out, "  {:<28} {}", "valid", if self.invalid { "NO (see INVALID above)" } else { "yes" });
         out
