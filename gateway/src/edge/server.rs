@@ -479,15 +479,21 @@ struct Tls {
 impl Tls {
     /// The TLS handshake, bounded by the deadline; `None` (counted and
     /// logged) when it fails.
+    ///
+    /// Both the handshake and the stream it yields live on the heap: a
+    /// connection's task is as large as its largest state, and inline they
+    /// made every idle TLS connection's task carry the handshake's state
+    /// (the whole rustls connection mid-handshake) for its life, beside the
+    /// stream itself.
     async fn accept(
         &self,
         stream: tokio::net::TcpStream,
         listener: &'static str,
         peer: SocketAddr,
-    ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    ) -> Option<Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
         let acceptor = tokio_rustls::TlsAcceptor::from((self.config)());
-        let why = match tokio::time::timeout(self.timeout, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => return Some(s),
+        let why = match tokio::time::timeout(self.timeout, Box::pin(acceptor.accept(stream))).await {
+            Ok(Ok(s)) => return Some(Box::new(s)),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, listener, error = %e, "TLS handshake failed");
                 "error"
