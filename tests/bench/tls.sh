@@ -2,7 +2,7 @@
 # TLS against plain TCP on one gateway (#16): server CPU per delivery in
 # fan-out over WebSocket, MQTT 3.1.1, SSE and long polling, idle RSS per
 # connection (MQTT, WebSocket, SSE; with and without session resumption),
-# and connection churn over WSS. The gateway (`switchboard dev`, a generated
+# connection churn over WSS, and reconnect storms with recovery. The gateway (`switchboard dev`, a generated
 # ECDSA P-256 certificate, HTTPS and MQTTS on) runs on core 0, the bench on
 # core 1; every run gets a fresh gateway. One JSON report per run in OUT.
 #
@@ -54,4 +54,13 @@ for r in on off; do
   run churn-ws-tls-$r churn --proto ws --rate 500 --duration 10s --url https://127.0.0.1:38443 --insecure --tls-resumption $r
 done
 run churn-ws-plain churn --proto ws --rate 500 --duration 10s --url http://127.0.0.1:38080
+# Reconnect storms with recovery: 5 000 subscribers drop, 10 messages are
+# published, all reconnect (256 at a time) with their positions.
+for p in ws sse mqtt; do
+  P="--url http://127.0.0.1:38080"; T="--url https://127.0.0.1:38443 --insecure"
+  if [ $p = mqtt ]; then P="$P --mqtt-url mqtt://127.0.0.1:31883"; T="--url http://127.0.0.1:38080 --mqtt-url mqtts://127.0.0.1:38883 --insecure"; fi
+  run storm-$p-plain recovery --proto $p --subs 5000 --missed 10 $P
+  run storm-$p-tls-on recovery --proto $p --subs 5000 --missed 10 $T --tls-resumption on
+  run storm-$p-tls-off recovery --proto $p --subs 5000 --missed 10 $T --tls-resumption off
+done
 echo finished
