@@ -10,6 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -313,9 +314,32 @@ async fn drain_acks(mut stream: SplitStream<Ws>) -> u64 {
     errors
 }
 
+/// The TLS configuration every bench HTTP client is built with: none is
+/// ever used (the bench speaks plain HTTP; TLS targets go through
+/// [`super::tls`]'s shim), but without one reqwest builds its own for each
+/// client, loading the platform's root certificates every time — about as
+/// much CPU per client as a reconnect costs, which made a storm of SSE
+/// reconnects measure the bench.
+fn no_tls() -> rustls::ClientConfig {
+    static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("aws-lc-rs supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .clone()
+}
+
 /// An HTTP client (keep-alive), bound to the next source address.
 pub fn http_client(t: &Target) -> Result<reqwest::Client, BenchError> {
-    let mut b = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(4).timeout(Duration::from_secs(90));
+    let mut b = reqwest::Client::builder()
+        .tls_backend_preconfigured(no_tls())
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(4)
+        .timeout(Duration::from_secs(90));
     if let Some(ip) = t.next_source() {
         b = b.local_address(ip);
     }
