@@ -277,6 +277,25 @@ fn a_tls_target_is_verified_against_the_ca_given() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SSE and long polling over HTTP/2 (`--http2`, ALPN h2): exact accounting,
+/// and every TLS connection negotiated h2.
+#[test]
+fn fanout_over_http2() {
+    let gw = DevGateway::start();
+    let (https, pid) = (format!("https://{}", gw.https), gw.pid().to_string());
+    for proto in ["sse", "poll"] {
+        let r = fanout_with(&["--proto", proto, "--url", &https, "--insecure", "--http2", "--server-pid", &pid]);
+        let tls = &r["tls"];
+        assert_eq!(tls["h2"], tls["handshakes"], "{proto}: {r}");
+        assert!(tls["h2"].as_u64().is_some_and(|n| n >= 7), "{proto}: {r}");
+    }
+    let (status, _) = run_to_end(
+        &["bench", "fanout", "--proto", "ws", "--url", &https, "--insecure", "--http2", "--duration", "1s"],
+        Duration::from_secs(30),
+    );
+    assert!(!status.success(), "WebSocket over --http2 is refused");
+}
+
 /// Reconnects over TLS resume their sessions unless `--tls-resumption off`.
 #[test]
 fn churn_over_tls_resumes_sessions_unless_told_not_to() {

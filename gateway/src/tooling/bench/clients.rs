@@ -44,6 +44,8 @@ pub struct Target {
     pub flavour: Flavour,
     /// The WebTransport endpoint (`--proto wt` runs only).
     pub wt: Option<super::wt::WtTarget>,
+    /// HTTP clients speak HTTP/2 (`--http2`, through the TLS shim).
+    pub http2: bool,
     /// Source addresses 127.0.0.1..=127.0.0.N, or none (let the kernel choose).
     sources: SourceCycle,
 }
@@ -82,6 +84,7 @@ impl Target {
             mqtt_version: MqttVersion::V5,
             flavour: Flavour::Switchboard,
             wt: None,
+            http2: false,
             sources: SourceCycle::new(src_addrs),
         }
     }
@@ -342,6 +345,10 @@ pub fn http_client(t: &Target) -> Result<reqwest::Client, BenchError> {
         .timeout(Duration::from_secs(90));
     if let Some(ip) = t.next_source() {
         b = b.local_address(ip);
+    }
+    if t.http2 {
+        // To the shim in clear text; it negotiated h2 with the server.
+        b = b.http2_prior_knowledge();
     }
     Ok(b.build()?)
 }

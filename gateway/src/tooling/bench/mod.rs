@@ -204,6 +204,11 @@ pub struct CommonArgs {
     /// TLS session resumption (tickets, session ids) on reconnects.
     #[arg(long, value_enum, default_value = "on")]
     pub tls_resumption: OnOff,
+    /// HTTP/2 (ALPN h2) to an `https://` `--url`: SSE, long polling and
+    /// REST publishes, one connection per client as over HTTP/1.1.
+    /// WebSocket needs HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
     /// Subscribers connect to these HTTP listeners instead, round robin
     /// (comma-separated; other nodes of a cluster, while publishers stay on
     /// `--url`). `fanout` and `cross` only.
@@ -431,13 +436,24 @@ impl CommonArgs {
             let sources = clients::SourceCycle::new(self.src_addrs);
             let next: Arc<dyn Fn() -> Option<std::net::IpAddr> + Send + Sync> = Arc::new(move || sources.next());
             if tls_http {
-                http = tls::shim(&http, config.clone(), next.clone()).await?.to_string();
+                let mut http_config = config.clone();
+                if self.http2 {
+                    Arc::make_mut(&mut http_config).alpn_protocols = vec![b"h2".to_vec()];
+                }
+                http = tls::shim(&http, http_config, next.clone()).await?.to_string();
             }
             if tls_mqtt {
                 mqtt = tls::shim(&mqtt, config, next).await?.to_string();
             }
         }
+        if self.http2 && !tls_http {
+            return Err(BenchError::Usage("--http2 needs an https:// --url".into()));
+        }
+        if self.http2 && protos.contains(&Proto::Ws) {
+            return Err(BenchError::Usage("--http2: WebSocket runs on HTTP/1.1 (drop --http2 for --proto ws)".into()));
+        }
         let mut t = clients::Target::new(http, mqtt, self.src_addrs);
+        t.http2 = self.http2;
         t.nats = host_port(&self.nats_url);
         t.mqtt_version = self.mqtt_version;
         t.flavour = self.target;

@@ -448,8 +448,8 @@ impl Report {
                 &mut out,
                 "TLS handshakes",
                 format!(
-                    "{} ({} full, {} resumed, {} failed)  p50 {} µs  p99 {} µs  max {} µs  {:.0}/s",
-                    t.handshakes, t.full, t.resumed, t.failed, t.p50_us, t.p99_us, t.max_us, t.per_sec
+                    "{} ({} full, {} resumed, {} failed, {} h2)  p50 {} µs  p99 {} µs  max {} µs  {:.0}/s",
+                    t.handshakes, t.full, t.resumed, t.failed, t.h2, t.p50_us, t.p99_us, t.max_us, t.per_sec
                 ),
             );
         }

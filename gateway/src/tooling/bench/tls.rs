@@ -125,6 +125,8 @@ struct Handshake {
     started: Instant,
     took: Duration,
     resumed: bool,
+    /// The server chose HTTP/2 (ALPN h2).
+    h2: bool,
 }
 
 /// Every handshake of the run, and the failures.
@@ -150,6 +152,8 @@ pub struct Figures {
     pub resumed: u64,
     /// Handshakes that failed (the client's connection was dropped).
     pub failed: u64,
+    /// Connections on which the server chose HTTP/2 (ALPN `h2`, `--http2`).
+    pub h2: u64,
     /// Median handshake time (TCP connect to TLS established), µs.
     pub p50_us: u64,
     /// 99th percentile, µs.
@@ -179,6 +183,7 @@ pub fn figures() -> Option<Figures> {
         full: n - resumed,
         resumed,
         failed: s.failed,
+        h2: s.done.iter().filter(|h| h.h2).count() as u64,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         max_us: took.last().copied().unwrap_or(0),
@@ -215,8 +220,10 @@ pub async fn shim(
                 };
                 match tokio::time::timeout(super::clients::HANDSHAKE_TIMEOUT, tls).await {
                     Ok(Ok(mut tls)) => {
-                        let resumed = tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
-                        stats().lock().done.push(Handshake { started, took: started.elapsed(), resumed });
+                        let conn = tls.get_ref().1;
+                        let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+                        let h2 = conn.alpn_protocol() == Some(b"h2");
+                        stats().lock().done.push(Handshake { started, took: started.elapsed(), resumed, h2 });
                         let mut client = client;
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut tls).await;
                     }
