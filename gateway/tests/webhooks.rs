@@ -11,7 +11,8 @@
 //!   up a 1 000-message fan-out: the hot path drops what its queue cannot
 //!   hold instead of waiting.
 //! - With durable storage, events queued while the receiver is down
-//!   survive a SIGKILL of the gateway and arrive after the restart.
+//!   survive a SIGKILL of the gateway, and a start without the webhook
+//!   configured, and arrive after the restart that configures it again.
 //! - A drain (SIGTERM) delivers the sessions' disconnects, even one that
 //!   needs a retry, before the process exits.
 
@@ -407,6 +408,10 @@ async fn queued_events_survive_a_sigkill_with_durable_storage() {
     }
     node.proc.child.kill().unwrap(); // SIGKILL, by PID
     node.proc.child.wait().unwrap();
+    // A start without the webhook configured (the variable left out) keeps
+    // its pending events on disk for when it is configured again.
+    let mut bare = Node::start(&dir.0, None, &[]);
+    bare.signal("-TERM");
 
     let receiver = Receiver::start(Some(addr), &[("/durable", SECRET_ALL)]).await;
     let _node = Node::start(&dir.0, None, &env);

@@ -155,6 +155,11 @@ impl Lifecycle {
         Lifecycle(Some(sink))
     }
 
+    /// Whether any sink is attached (a webhook is configured).
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Whether an event of `kind` on `channel` would be taken.
     pub fn wants(&self, kind: EventKind, channel: &str) -> bool {
         self.0.as_ref().is_some_and(|s| s.wants(kind, channel))

@@ -1009,8 +1009,14 @@ impl WebhookConfig {
         if self.name.len() > 128 || self.name.contains('\0') {
             return Err("name must be at most 128 bytes without NUL".into());
         }
-        if self.timeout.is_zero() || self.timeout > Duration::from_secs(300) {
-            return Err("timeout must be above zero and at most 5m".into());
+        // The name keys the endpoint's pending events on disk.
+        if self.display_name().len() > 1024 {
+            return Err(
+                "the URL is over 1 024 bytes: give the endpoint a shorter name (it keys its events on disk)".into()
+            );
+        }
+        if self.timeout < Duration::from_millis(100) || self.timeout > Duration::from_secs(300) {
+            return Err("timeout must be 100ms..=5m".into());
         }
         if !(1..=1_000_000).contains(&self.queue_size) {
             return Err("queue_size must be 1..=1000000".into());
@@ -1018,8 +1024,11 @@ impl WebhookConfig {
         if !(64 * 1024..=1 << 34).contains(&self.queue_bytes) {
             return Err("queue_bytes must be 65536..=17179869184".into());
         }
-        if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
-            return Err("backoff_min must be above zero and backoff_max at least backoff_min".into());
+        if self.backoff_min < Duration::from_millis(10) || self.backoff_max < self.backoff_min {
+            return Err("backoff_min must be at least 10ms and backoff_max at least backoff_min".into());
+        }
+        if self.backoff_max > Duration::from_secs(24 * 3600) {
+            return Err("backoff_max must be at most 24h".into());
         }
         if self.max_age.is_zero() {
             return Err("max_age must be above zero".into());
@@ -1359,6 +1368,9 @@ impl Config {
         }
         if self.node.name.is_empty() || self.node.name.len() > 64 {
             return bad("node.name must be 1..=64 bytes".into());
+        }
+        if self.shutdown.webhook_flush > Duration::from_secs(300) {
+            return bad("shutdown.webhook_flush must be at most 5m".into());
         }
         let mut names = std::collections::HashSet::new();
         for (i, w) in self.webhooks.iter().enumerate() {
@@ -1729,7 +1741,10 @@ mod tests {
             (&format!("{secret}\nevents = [\"connect\", \"presence.join\"]"), "unknown event \"presence.join\""),
             (&format!("{secret}\nevents = []"), "events is empty"),
             (&format!("{secret}\nchannels = [\"a/#/b\"]"), "channels filter \"a/#/b\""),
-            (&format!("{secret}\ntimeout = \"0s\""), "timeout must be above zero"),
+            (&format!("{secret}\ntimeout = \"0s\""), "timeout must be 100ms..=5m"),
+            (&format!("{secret}\ntimeout = \"1ms\""), "timeout must be 100ms..=5m"),
+            (&format!("{secret}\nbackoff_min = \"1ns\""), "backoff_min must be at least 10ms"),
+            (&format!("{secret}\nbackoff_max = \"30d\""), "backoff_max must be at most 24h"),
             (&format!("{secret}\nqueue_size = 0"), "queue_size must be 1..=1000000"),
             (&format!("{secret}\nbackoff_min = \"2s\"\nbackoff_max = \"1s\""), "backoff_max at least backoff_min"),
             (&format!("{secret}\nurl2 = 1"), "unknown field `url2`"),

@@ -100,7 +100,12 @@ pub fn encode(event: &Event, id: &str, node: &str) -> Result<Vec<u8>, serde_json
                 content_type: &message.content_type,
                 headers: &message.headers,
                 retain: message.retain,
-                payload: JsonPayload::new(&message.payload),
+                // Absent when empty, as the docs say (and as presence data).
+                payload: if message.payload.is_empty() {
+                    JsonPayload::default()
+                } else {
+                    JsonPayload::new(&message.payload)
+                },
             });
         }
     }

@@ -83,7 +83,18 @@ async fn post(target: Arc<Target>, event: StoredEvent) -> Attempt {
         .send()
         .await;
     match sent {
-        Ok(r) if r.status().is_success() => Attempt::Delivered,
+        Ok(mut r) if r.status().is_success() => {
+            // Read (and drop) the answer's body, at most 64 KiB, so the
+            // connection goes back to the pool for the next event.
+            let mut read = 0usize;
+            while let Ok(Some(chunk)) = r.chunk().await {
+                read += chunk.len();
+                if read > 64 * 1024 {
+                    break;
+                }
+            }
+            Attempt::Delivered
+        }
         Ok(r) => Attempt::Failed(format!("HTTP {}", r.status().as_u16())),
         Err(e) if e.is_timeout() => Attempt::Failed("no answer within the timeout".into()),
         Err(e) => Attempt::Failed(error_chain(&e)),

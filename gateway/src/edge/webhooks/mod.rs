@@ -76,8 +76,8 @@ const USER_AGENT: &str = concat!("switchboard/", env!("CARGO_PKG_VERSION"));
 
 impl Webhooks {
     /// Starts a worker per endpoint of `configs` (validated), with the
-    /// events `store` kept from before (the store's events of endpoints no
-    /// longer configured are dropped, with a `warn` line). `None` when no
+    /// events `store` kept from before (the store's events of endpoints not
+    /// configured now stay on disk, with a `warn` line). `None` when no
     /// webhook is configured.
     pub fn start(
         configs: &[WebhookConfig],
@@ -122,14 +122,12 @@ impl Webhooks {
             workers.push(tokio::spawn(worker.run()));
             endpoints.push(endpoint);
         }
-        if let Some(store) = &store {
-            for (name, events) in stored {
-                tracing::warn!(endpoint = %name, dropped = events.len(),
-                    "pending webhook events of an endpoint no longer configured; dropped");
-                for (seq, _) in events {
-                    store.remove_webhook_event(&name, seq);
-                }
-            }
+        // Events of endpoints not configured now stay on disk: a start with
+        // the list missing (an environment variable left out) must not
+        // throw them away; configuring the endpoint again delivers them.
+        for (name, events) in stored {
+            tracing::warn!(endpoint = %name, pending = events.len(),
+                "pending webhook events of an endpoint that is not configured; kept on disk until it is again");
         }
         if endpoints.is_empty() {
             return Ok(None);

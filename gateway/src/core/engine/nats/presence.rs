@@ -201,9 +201,20 @@ impl Presence {
 impl NatsEngine {
     /// Appends a presence event to `$presence/<channel>`.
     async fn presence_event(&self, e: &Entry, kind: proto::Kind, now: i64) -> Result<(), CoreError> {
-        let member = (e.client_id.as_str().into(), e.connection_id.as_str().into());
         let protocol = proto::Protocol::try_from(e.protocol).unwrap_or_default();
-        crate::core::lifecycle::emit_presence(&self.cfg.lifecycle, kind, &e.channel, &member, protocol, &e.data(), now);
+        if self.cfg.lifecycle.is_on() {
+            // Built only for a webhook: the member's ids and decoded data.
+            let member = (e.client_id.as_str().into(), e.connection_id.as_str().into());
+            crate::core::lifecycle::emit_presence(
+                &self.cfg.lifecycle,
+                kind,
+                &e.channel,
+                &member,
+                protocol,
+                &e.data(),
+                now,
+            );
+        }
         let env = proto::Envelope {
             channel: channel::presence_channel(&e.channel),
             payload: e.data(),
