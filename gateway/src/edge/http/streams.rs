@@ -98,13 +98,13 @@ pub struct ParkedPolls {
 struct ParkedInner {
     by_id: std::collections::HashMap<String, Parked>,
     per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
-    generation: u64,
 }
 
 struct Parked {
     kept: Box<poll::KeptPoll>,
     ip: std::net::IpAddr,
-    generation: u64,
+    /// When it was parked (it ends [`PARKED_LINGER`] later).
+    at: tokio::time::Instant,
 }
 
 /// How long a parked session waits for its next poll.
@@ -115,9 +115,45 @@ pub const PARKED_MAX: usize = 100_000;
 pub const PARKED_PER_IP: usize = 256;
 
 impl ParkedPolls {
-    /// An empty registry whose sessions end when `shutdown` flips.
+    /// An empty registry whose sessions end when `shutdown` flips. One task
+    /// ends the sessions whose linger ran out, once a second (not a timer
+    /// per park: a park per poll would keep a poll rate × 30 s of them).
     pub fn new(shutdown: watch::Receiver<bool>) -> Arc<ParkedPolls> {
-        Arc::new(ParkedPolls { inner: parking_lot::Mutex::new(ParkedInner::default()), shutdown })
+        let parked = Arc::new(ParkedPolls { inner: parking_lot::Mutex::new(ParkedInner::default()), shutdown });
+        let weak = Arc::downgrade(&parked);
+        let mut stop = parked.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopping = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
+                let Some(me) = weak.upgrade() else { return };
+                let now = tokio::time::Instant::now();
+                let expired: Vec<Parked> = {
+                    let mut inner = me.inner.lock();
+                    let ids: Vec<String> = inner
+                        .by_id
+                        .iter()
+                        .filter(|(_, p)| stopping || now.duration_since(p.at) >= PARKED_LINGER)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    let gone: Vec<Parked> = ids.iter().filter_map(|id| inner.by_id.remove(id)).collect();
+                    for p in &gone {
+                        inner.release(p.ip);
+                    }
+                    gone
+                };
+                // Ends the sessions outside the lock.
+                drop(expired);
+                if stopping {
+                    return;
+                }
+            }
+        });
+        parked
     }
 
     /// Takes the session `req` names, if it is parked here and `req`
@@ -125,7 +161,7 @@ impl ParkedPolls {
     /// refreshed its token) refreshes the session in place first, as
     /// `POST /v1/refresh` does: the token must name the same client; if the
     /// core refuses it, the session stays parked for its owner.
-    async fn take(self: &Arc<Self>, req: &StreamRequest, router: &Router) -> Option<Box<poll::KeptPoll>> {
+    async fn take(&self, req: &StreamRequest, router: &Router) -> Option<Box<poll::KeptPoll>> {
         let id = req.session.as_deref()?;
         let mut parked = {
             let mut inner = self.inner.lock();
@@ -162,46 +198,24 @@ impl ParkedPolls {
     }
 
     /// Parks `kept` for its next poll (or ends it, over the bounds).
-    fn park(self: &Arc<Self>, kept: Box<poll::KeptPoll>, ip: std::net::IpAddr) {
+    fn park(&self, kept: Box<poll::KeptPoll>, ip: std::net::IpAddr) {
         let id = kept.connection_id().to_string();
-        let generation = {
+        let replaced = {
             let mut inner = self.inner.lock();
             let held = inner.per_ip.get(&ip).copied().unwrap_or(0);
             if inner.by_id.len() >= PARKED_MAX || held >= PARKED_PER_IP || *self.shutdown.borrow() {
                 tracing::debug!(%ip, parked = inner.by_id.len(), "poll session not parked: over the bound");
                 return;
             }
-            inner.generation += 1;
-            let generation = inner.generation;
             *inner.per_ip.entry(ip).or_default() += 1;
-            if let Some(old) = inner.by_id.insert(id.clone(), Parked { kept, ip, generation }) {
+            let replaced = inner.by_id.insert(id, Parked { kept, ip, at: tokio::time::Instant::now() });
+            if let Some(old) = &replaced {
                 inner.release(old.ip);
             }
-            generation
+            replaced
         };
-        let me = self.clone();
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(PARKED_LINGER) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-            let expired = {
-                let mut inner = me.inner.lock();
-                match inner.by_id.get(&id) {
-                    Some(p) if p.generation == generation => {
-                        let p = inner.by_id.remove(&id);
-                        if let Some(p) = &p {
-                            inner.release(p.ip);
-                        }
-                        p
-                    }
-                    _ => None,
-                }
-            };
-            // Ends the session outside the lock.
-            drop(expired);
-        });
+        // Ends a session it replaced outside the lock.
+        drop(replaced);
     }
 
     /// Sessions parked now.
