@@ -442,15 +442,17 @@ async fn a_drain_delivers_the_disconnects_before_the_process_exits() {
     let (mut gw, banner) = plain_dev(&[], None, &[("SWITCHBOARD_WEBHOOKS", hooks.as_str())], WAIT);
     let mut ws = ws_connect(&banner.http, "erin").await;
     ws_call(&mut ws, json!({"type": "subscribe", "filter": "drain/x"}), 1).await;
+    ws_call(&mut ws, json!({"type": "presence.enter", "channel": "drain/x", "text": "here"}), 2).await;
     let reader = tokio::spawn(async move { while ws.next().await.is_some() {} });
     let types = || -> Vec<String> {
         receiver.delivered("/drain").iter().map(|g| g.body["type"].as_str().unwrap_or_default().to_string()).collect()
     };
-    until("connect and subscribe delivered", || types() == ["connect", "subscribe"]).await;
+    until("connect, subscribe and enter delivered", || types() == ["connect", "subscribe", "presence.enter"]).await;
 
     // SIGTERM: the server closes the session, and its disconnect — refused
     // once (503), so it waits in the queue — is delivered within
-    // [shutdown] webhook_flush, before the exit.
+    // [shutdown] webhook_flush, before the exit; so is the leave of its
+    // member, which was within its presence grace when the node stopped.
     receiver.status.store(503, Ordering::SeqCst);
     let (got, status) = (receiver.got.clone(), receiver.status.clone());
     let heal = tokio::spawn(async move {
@@ -459,9 +461,17 @@ async fn a_drain_delivers_the_disconnects_before_the_process_exits() {
     });
     tokio::task::spawn_blocking(move || gw.signal("-TERM")).await.unwrap();
     heal.await.unwrap();
-    assert_eq!(types(), ["connect", "subscribe", "disconnect"]);
-    let last = receiver.delivered("/drain").pop().unwrap();
-    assert_eq!((last.body["client_id"].as_str(), last.body["clean"].as_bool()), (Some("erin"), Some(false)));
+    assert_eq!(types(), ["connect", "subscribe", "presence.enter", "disconnect", "presence.leave"]);
+    let delivered = receiver.delivered("/drain");
+    let disconnect = &delivered[3];
+    assert_eq!(
+        (disconnect.body["client_id"].as_str(), disconnect.body["clean"].as_bool()),
+        (Some("erin"), Some(false))
+    );
+    assert_eq!(
+        (delivered[4].body["client_id"].as_str(), delivered[4].body["channel"].as_str()),
+        (Some("erin"), Some("drain/x"))
+    );
     reader.abort();
     receiver.stop();
 }

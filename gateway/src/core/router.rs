@@ -383,6 +383,12 @@ impl Router {
         self.engine.health()
     }
 
+    /// The node is stopping and every session closed: members still within
+    /// their presence grace leave now (see [`Engine::leave_pending_presence`]).
+    pub fn leave_pending_presence(&self) {
+        self.engine.leave_pending_presence(now_ms());
+    }
+
     /// Flushes and closes the engine (after every session closed).
     pub fn close_engine(&self) {
         self.engine.close();

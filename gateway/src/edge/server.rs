@@ -439,6 +439,9 @@ impl Gateway {
         // The sessions' disconnect events are queued by now: a short chance
         // to deliver them, then the workers stop (a durable outbox keeps
         // the rest) before the store closes.
+        // Members within their grace period would never come back to this
+        // process: their leaves go out now, before the webhooks' flush.
+        self.router.leave_pending_presence();
         if let Some(webhooks) = &self.webhooks {
             webhooks.shutdown(self.webhook_flush).await;
         }

@@ -1454,6 +1454,19 @@ impl Engine for LocalEngine {
         }
     }
 
+    fn leave_pending_presence(&self, now_ms: i64) {
+        // Presence is not kept across a restart: whoever is still within
+        // the grace period will not come back to this process.
+        loop {
+            let Some((at, ch, key)) = self.pending_leaves.lock().pop_front() else { break };
+            let cell = self.channels.read().get(&ch).cloned();
+            let still = cell.is_some_and(|c| c.lock().members.get(&key).is_some_and(|m| m.leave_at == Some(at)));
+            if still {
+                self.remove_member(&ch, &key, now_ms);
+            }
+        }
+    }
+
     fn close(&self) {
         if let Some(store) = &self.store {
             store.close();

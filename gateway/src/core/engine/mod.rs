@@ -223,6 +223,12 @@ pub trait Engine: Send + Sync + 'static {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+    /// The node is stopping: members still within their presence grace
+    /// (sessions that ended abruptly, or were closed by the drain) leave
+    /// now, so their leave is announced (and reaches webhooks) before the
+    /// node goes. An engine whose presence outlives the node (NATS: the
+    /// survivors announce a dead node's leaves) does nothing.
+    fn leave_pending_presence(&self, _now_ms: i64) {}
     /// Flushes and releases what the engine holds (clean shutdown).
     fn close(&self) {}
 }
