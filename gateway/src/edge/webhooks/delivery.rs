@@ -201,9 +201,15 @@ impl Worker {
         let id = delivery_id();
         match super::body::encode(&q.event, &id, &self.target.node) {
             Ok(body) => {
+                // The bound counts what the body really takes from here on.
+                let cost = body.len();
+                if !self.endpoint.recount(q.cost, cost) {
+                    self.endpoint.overflowed(q.event.kind, cost);
+                    return;
+                }
                 let kind = q.event.kind.name().to_string();
                 let stored = StoredEvent { id, kind, time_ms: q.event.time_ms, body: Bytes::from(body) };
-                self.outbox.push(stored, q.cost);
+                self.outbox.push(stored, cost);
             }
             Err(e) => {
                 // Typed structs of strings: nothing serde_json refuses.

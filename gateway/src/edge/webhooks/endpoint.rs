@@ -160,6 +160,27 @@ impl Endpoint {
         self.metrics.depth.increment(n as f64);
     }
 
+    /// An event's body, now encoded, takes `actual` bytes where `estimate`
+    /// was counted: the count is corrected, and `false` says the event no
+    /// longer fits the byte bound (the caller drops it with
+    /// [`Endpoint::overflowed`]). Heavily escaped payloads are where the
+    /// estimate falls short.
+    pub fn recount(&self, estimate: usize, actual: usize) -> bool {
+        if actual <= estimate {
+            self.bytes.fetch_sub(estimate - actual, Ordering::Relaxed);
+            return true;
+        }
+        let before = self.bytes.fetch_add(actual - estimate, Ordering::Relaxed);
+        before + (actual - estimate) <= self.max_bytes
+    }
+
+    /// An admitted event (counted at `cost`) did not fit the byte bound
+    /// once encoded: dropped, counted and logged as a full queue.
+    pub fn overflowed(&self, kind: EventKind, cost: usize) {
+        self.done(cost);
+        self.dropped(kind, "queue_full");
+    }
+
     /// An event left the queue (delivered or given up).
     pub fn done(&self, cost: usize) {
         self.uncount(cost);
@@ -198,5 +219,31 @@ impl Endpoint {
                  emitted during shutdown)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The byte count follows the encoded body's real size, and an event
+    /// whose body outgrew the estimate past the bound is refused.
+    #[test]
+    fn recount_corrects_the_estimate_and_refuses_what_no_longer_fits() {
+        let cfg = WebhookConfig {
+            url: "http://127.0.0.1:9/h".into(),
+            secret: "0123456789abcdef".into(),
+            queue_bytes: 1000,
+            ..Default::default()
+        };
+        let (e, _rx) = Endpoint::new(&cfg).expect("endpoint");
+        e.count_loaded(1, 100);
+        assert!(e.recount(100, 60), "a smaller body fits");
+        assert_eq!(e.bytes.load(Ordering::Relaxed), 60);
+        assert!(e.recount(60, 1000), "exactly the bound fits");
+        assert_eq!(e.bytes.load(Ordering::Relaxed), 1000);
+        assert!(!e.recount(1000, 1001), "one byte over does not");
+        e.overflowed(EventKind::Publish, 1001);
+        assert_eq!((e.bytes.load(Ordering::Relaxed), e.depth()), (0, 0), "dropped: nothing counted any more");
     }
 }
