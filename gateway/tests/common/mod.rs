@@ -263,30 +263,9 @@ pub fn run_browser_script(root: &Path, script: &str, args: &[String], wait: Dura
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn node");
-    let mut out = node.stdout.take().expect("stdout");
-    let mut err = node.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let deadline = Instant::now() + wait;
-    let status = loop {
-        if let Some(status) = node.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = node.kill();
-            let _ = node.wait();
-            panic!("{script} did not exit within {wait:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let out = read_all(node.stdout.take().expect("stdout"));
+    let err = read_all(node.stderr.take().expect("stderr"));
+    let status = wait_or_kill(&mut node, wait, script);
     let out = out.join().expect("stdout reader");
     let err = err.join().expect("stderr reader");
     let last = out.lines().last().unwrap_or_default();
@@ -317,25 +296,36 @@ pub fn run_to_end(args: &[&str], limit: Duration) -> (std::process::ExitStatus, 
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn switchboard");
-    let mut out = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
+    let reader = read_all(child.stdout.take().expect("stdout"));
+    let status = wait_or_kill(&mut child, limit, &format!("switchboard {args:?}"));
+    (status, reader.join().expect("stdout reader"))
+}
+
+/// Reads a child's pipe to its end on a thread of its own (so a full pipe
+/// never stalls the child).
+fn read_all(mut pipe: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        let _ = pipe.read_to_string(&mut s);
         s
-    });
+    })
+}
+
+/// Waits at most `limit` for `child` to exit; past it, kills it (by PID)
+/// and panics naming `what`.
+fn wait_or_kill(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
+            return status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("switchboard {args:?} did not finish within {limit:?}");
+            panic!("{what} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, reader.join().expect("stdout reader"))
+    }
 }
 
 /// A directory for one test's store, removed afterwards.
