@@ -217,16 +217,6 @@ impl ParkedPolls {
         // Ends a session it replaced outside the lock.
         drop(replaced);
     }
-
-    /// Sessions parked now.
-    pub fn len(&self) -> usize {
-        self.inner.lock().by_id.len()
-    }
-
-    /// Whether none is parked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl ParkedInner {

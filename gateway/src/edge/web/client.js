@@ -1088,14 +1088,19 @@ class StreamTransport {
       }
       if (this.client.options.clientId) body.client_id = this.client.options.clientId;
       const json = await this.rest('POST', '/v1/poll', { body: JSON.stringify(body), actAs: false });
-      this.client.heard();
-      const since = cursorSince(json.cursor);
-      if (since) this.client.observeServerTime(since);
-      for (const g of json.gaps || []) this.client.gap(g);
-      for (const m of json.messages || []) this.client.deliver(m);
+      this.absorb(json);
       cursor = json.cursor;
       if (!json.more) return;
     }
+  }
+
+  /** A poll's answer: the gateway's clock from its cursor, then its gaps and messages. */
+  absorb(json) {
+    this.client.heard();
+    const since = cursorSince(json.cursor);
+    if (since) this.client.observeServerTime(since);
+    for (const g of json.gaps || []) this.client.gap(g);
+    for (const m of json.messages || []) this.client.deliver(m);
   }
 
   params(filters, presence, from) {
@@ -1409,15 +1414,11 @@ class PollTransport extends StreamTransport {
       const err = json && json.error;
       throw new SwitchboardError(err ? err.code : `http_${res.status}`, err ? err.message : `HTTP ${res.status}`);
     }
-    this.client.heard();
     this.streamed = true;
     this.planned = planned;
     this.cursor = json.cursor;
     this.filtersKey = key;
-    const since = cursorSince(json.cursor);
-    if (since) this.client.observeServerTime(since);
-    for (const g of json.gaps || []) this.client.gap(g);
-    for (const m of json.messages || []) this.client.deliver(m);
+    this.absorb(json);
     if (json.connection_id && json.connection_id !== this.connectionId) {
       const changed = !!this.connectionId;
       this.connectionId = json.connection_id;
